@@ -1,0 +1,54 @@
+"""Declarative parameter checks, done once at the public boundary.
+
+Messages follow one shape: "The 'NAME' parameter of FUNC must be WHAT. Got VALUE instead."
+Never ``assert`` on user input: asserts vanish under ``python -O``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection
+from typing import Any
+
+from edgeslim.errors import ConfigError
+
+
+def _fail(name: str, func: str, what: str, value: Any) -> ConfigError:
+    return ConfigError(f"The '{name}' parameter of {func} must be {what}. Got {value!r} instead.")
+
+
+def check_fraction(value: Any, name: str, func: str, *, closed_right: bool = False) -> float:
+    """A float in [0, 1) (or [0, 1] with ``closed_right``)."""
+    right = "]" if closed_right else ")"
+    what = f"a float in the range [0.0, 1.0{right}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise _fail(name, func, what, value)
+    ok = 0.0 <= value <= 1.0 if closed_right else 0.0 <= value < 1.0
+    if not ok:
+        raise _fail(name, func, what, value)
+    return float(value)
+
+
+def check_int_range(value: Any, name: str, func: str, lo: int, hi: int) -> int:
+    """An int in [lo, hi]."""
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise _fail(name, func, f"an int in the range [{lo}, {hi}]", value)
+    return int(value)
+
+
+def check_positive(value: Any, name: str, func: str, *, allow_zero: bool = False) -> float:
+    """A finite float > 0 (or >= 0)."""
+    what = "a finite float >= 0" if allow_zero else "a finite float > 0"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _fail(name, func, what, value)
+    if value < 0 or (value == 0 and not allow_zero):
+        raise _fail(name, func, what, value)
+    return float(value)
+
+
+def check_choice(value: Any, name: str, func: str, choices: Collection[str]) -> str:
+    """One of a fixed set of strings."""
+    if value not in choices:
+        allowed = ", ".join(repr(c) for c in sorted(choices))
+        raise _fail(name, func, f"one of {allowed}", value)
+    return str(value)

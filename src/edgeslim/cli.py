@@ -1,0 +1,57 @@
+"""The ``edgeslim`` command line.
+
+Each verb lives in its own module under ``edgeslim.commands`` and registers itself on the one
+typer app; imports of heavy dependencies (torch, onnxruntime) happen inside the commands, so
+``edgeslim --help`` and the edge verbs stay fast and torch-free. Errors raised on purpose
+(``EdgeslimError``) are printed as one line with no traceback and mapped to exit codes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+from rich.console import Console
+
+from edgeslim.errors import EdgeslimError
+
+app = typer.Typer(
+    name="edgeslim",
+    help="Compress neural networks, package them as signed bundles, serve them at the edge.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+# Modules under edgeslim.commands that define ``register(app)``.
+COMMAND_MODULES = ["zoo", "compress", "demo"]
+
+for _name in COMMAND_MODULES:
+    importlib.import_module(f"edgeslim.commands.{_name}").register(app)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the app, turning ``EdgeslimError`` into a message and an exit code."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except EdgeslimError as exc:
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return exc.exit_code
+    except typer.Exit as exc:
+        return int(exc.exit_code or 0)
+    except typer.Abort:
+        Console(stderr=True).print("aborted")
+        return 130
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            return exc.exit_code
+        raise
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

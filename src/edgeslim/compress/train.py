@@ -1,0 +1,99 @@
+"""Training and evaluation loops shared by every technique (fine-tuning, QAT, distillation).
+
+One loop, with a progress bar, so each technique only supplies its loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgeslim.progress import progress_bar
+
+__all__ = ["LossFn", "accuracy", "fit", "predict"]
+
+# loss(model, inputs, labels) -> scalar tensor
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def _split(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(batch, dict):
+        return batch["x"], batch["y"]
+    x, y = batch[0], batch[1]
+    return torch.as_tensor(x), torch.as_tensor(y)
+
+
+def fit(
+    model: nn.Module,
+    data: Iterable[Any],
+    *,
+    epochs: int,
+    lr: float = 1e-3,
+    loss_fn: LossFn | None = None,
+    params: Iterable[nn.Parameter] | None = None,
+    weight_decay: float = 0.0,
+    after_step: Callable[[], None] | None = None,
+    before_epoch: Callable[[int], None] | None = None,
+    desc: str = "fine-tuning",
+    progress: bool = True,
+) -> nn.Module:
+    """Train ``model`` on ``(x, y)`` batches with Adam and cosine decay; returns it in eval mode.
+
+    ``after_step`` runs after every optimiser step (pruning uses it to hold masks);
+    ``before_epoch(epoch)`` runs at the start of each epoch (gradual schedules use it).
+    """
+    loss_fn = loss_fn or _cross_entropy
+    opt = torch.optim.Adam(
+        list(params) if params is not None else model.parameters(),
+        lr=lr,
+        weight_decay=weight_decay,
+    )
+    try:
+        steps_per_epoch = len(data)  # type: ignore[arg-type]
+    except TypeError:
+        steps_per_epoch = None
+    total = steps_per_epoch * epochs if steps_per_epoch else None
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
+    model.train()
+    with progress_bar(desc, total=total, enabled=progress) as advance:
+        for epoch in range(epochs):
+            if before_epoch is not None:
+                before_epoch(epoch)
+            for batch in data:
+                x, y = _split(batch)
+                opt.zero_grad(set_to_none=True)
+                loss = loss_fn(model, x, y)
+                loss.backward()
+                opt.step()
+                if after_step is not None:
+                    after_step()
+                advance(1, loss=float(loss.detach()))
+            sched.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: Iterable[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels over ``(x, y)`` batches, in eval mode."""
+    was_training = model.training
+    model.eval()
+    outs, labels = [], []
+    for batch in data:
+        x, y = _split(batch)
+        outs.append(model(x))
+        labels.append(y)
+    model.train(was_training)
+    return torch.cat(outs), torch.cat(labels)
+
+
+def accuracy(model: nn.Module, data: Iterable[Any]) -> float:
+    """Top-1 accuracy in [0, 1] over ``(x, y)`` batches."""
+    logits, labels = predict(model, data)
+    return float((logits.argmax(1) == labels).float().mean())
