@@ -1,0 +1,224 @@
+"""The recipe step registry: each step's keys, cheap checks, and how it runs.
+
+The keys here are the recipe file's contract. Each ``run`` calls the one public verb of its
+technique (``edgeslim.compress.*``); each ``check`` validates values before any step runs.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgeslim._validate import (
+    check_choice,
+    check_fraction,
+    check_int_range,
+    check_positive,
+)
+from edgeslim.errors import ConfigError
+
+__all__ = ["STEPS", "RecipeContext", "StepSpec"]
+
+
+@dataclass
+class RecipeContext:
+    """State threaded through the steps: the model being compressed and what it is judged on."""
+
+    model: Any
+    teacher: Any
+    workload: Any
+    bits: int = 32
+    progress: bool = True
+    log: list[dict[str, Any]] = field(default_factory=list)
+
+    def need_train(self, step: str) -> Any:
+        if self.workload.train is None:
+            raise ConfigError(
+                f"The step {step!r} trains, but the workload {self.workload.name!r} has no "
+                "training data. Use data-free steps or give data with labels."
+            )
+        return self.workload.train
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    run: Callable[..., dict[str, Any] | None]
+    defaults: dict[str, Any]
+    check: Callable[..., None] | None = None
+    summary: str = ""
+
+    def keys(self) -> set[str]:
+        return set(self.defaults)
+
+
+def _epochs(v: Any, step: str) -> None:
+    check_int_range(v, "epochs", step, 0, 10_000)
+
+
+# -- prune (unstructured magnitude, the seed's weight clipping) --------------------------------
+
+_PRUNE = {"sparsity": None, "threshold": None, "scope": "global", "schedule": "oneshot",
+          "epochs": 0, "lr": 1e-3, "steps": 4, "ignored_layers": None}
+
+
+def _check_prune(**p: Any) -> None:
+    if (p.get("sparsity") is None) == (p.get("threshold") is None):
+        raise ConfigError("prune takes exactly one of 'sparsity' or 'threshold'.")
+    if p.get("sparsity") is not None:
+        check_fraction(p["sparsity"], "sparsity", "prune")
+    if p.get("threshold") is not None:
+        check_positive(p["threshold"], "threshold", "prune", allow_zero=True)
+    check_choice(p.get("scope", "global"), "scope", "prune", {"global", "layer"})
+    check_choice(p.get("schedule", "oneshot"), "schedule", "prune", {"oneshot", "gradual"})
+    _epochs(p.get("epochs", 0), "prune")
+    check_positive(p.get("lr", 1e-3), "lr", "prune")
+
+
+def _run_prune(ctx: RecipeContext, **p: Any) -> dict[str, Any]:
+    from edgeslim.compress.prune import prune
+
+    train = ctx.need_train("prune") if p["epochs"] or p["schedule"] == "gradual" else None
+    result = prune(
+        ctx.model,
+        sparsity=p["sparsity"],
+        threshold=p["threshold"],
+        scope=p["scope"],
+        schedule=p["schedule"],
+        train_data=train,
+        epochs=p["epochs"],
+        lr=p["lr"],
+        steps=p["steps"],
+        ignored_layers=p["ignored_layers"],
+        progress=ctx.progress,
+    )
+    ctx.model = result.model
+    return {"objective_L": result.objective, "sparsity": result.sparsity}
+
+
+# -- prune_structured --------------------------------------------------------------------------
+
+_STRUCT = {"ratio": 0.5, "importance": "l2", "scope": "layer", "ignored_layers": None}
+
+
+def _check_struct(**p: Any) -> None:
+    check_fraction(p.get("ratio", 0.5), "ratio", "prune_structured")
+    check_choice(p.get("importance", "l2"), "importance", "prune_structured",
+                 {"l1", "l2", "taylor", "activation"})
+    check_choice(p.get("scope", "layer"), "scope", "prune_structured", {"global", "layer"})
+
+
+def _run_struct(ctx: RecipeContext, **p: Any) -> dict[str, Any]:
+    from edgeslim.compress.structured import prune_structured
+
+    data = ctx.workload.train if p["importance"] in ("taylor", "activation") else None
+    result = prune_structured(
+        ctx.model,
+        ctx.workload.example_inputs,
+        ratio=p["ratio"],
+        importance=p["importance"],
+        scope=p["scope"],
+        ignored_layers=p["ignored_layers"],
+        data=data,
+        progress=ctx.progress,
+    )
+    ctx.model = result.model
+    return result.report if isinstance(result.report, dict) else {}
+
+
+# -- distill -----------------------------------------------------------------------------------
+
+_DISTILL = {"epochs": 10, "lr": 1e-3, "temperature": 4.0, "alpha": 0.9, "loss": "kl",
+            "features": None}
+
+
+def _check_distill(**p: Any) -> None:
+    _epochs(p.get("epochs", 10), "distill")
+    check_positive(p.get("temperature", 4.0), "temperature", "distill")
+    check_fraction(p.get("alpha", 0.9), "alpha", "distill", closed_right=True)
+    check_choice(p.get("loss", "kl"), "loss", "distill", {"kl", "mse", "feature"})
+    check_positive(p.get("lr", 1e-3), "lr", "distill")
+
+
+def _run_distill(ctx: RecipeContext, **p: Any) -> None:
+    from edgeslim.compress.distill import distill
+
+    ctx.model = distill(
+        ctx.model,
+        ctx.teacher,
+        ctx.need_train("distill"),
+        loss=p["loss"],
+        temperature=p["temperature"],
+        alpha=p["alpha"],
+        epochs=p["epochs"],
+        lr=p["lr"],
+        features=p["features"],
+        progress=ctx.progress,
+    )
+
+
+# -- quantize (QAT in torch) -------------------------------------------------------------------
+
+_QUANT = {"bits": 8, "act_bits": None, "epochs": 2, "lr": 1e-4}
+
+
+def _check_quant(**p: Any) -> None:
+    check_int_range(p.get("bits", 8), "bits", "quantize", 2, 8)
+    if p.get("act_bits") is not None:
+        check_int_range(p["act_bits"], "act_bits", "quantize", 2, 8)
+    _epochs(p.get("epochs", 2), "quantize")
+    check_positive(p.get("lr", 1e-4), "lr", "quantize")
+
+
+def _run_quant(ctx: RecipeContext, **p: Any) -> None:
+    from edgeslim.compress.qat import quantize_qat, strip_qat
+
+    qat = quantize_qat(
+        ctx.model,
+        ctx.need_train("quantize"),
+        bits=p["bits"],
+        act_bits=p["act_bits"],
+        epochs=p["epochs"],
+        lr=p["lr"],
+        progress=ctx.progress,
+    )
+    ctx.model = strip_qat(qat)
+    ctx.bits = p["bits"]
+
+
+# -- finetune ----------------------------------------------------------------------------------
+
+_FINETUNE = {"epochs": 3, "lr": 1e-3}
+
+
+def _check_finetune(**p: Any) -> None:
+    _epochs(p.get("epochs", 3), "finetune")
+    check_positive(p.get("lr", 1e-3), "lr", "finetune")
+
+
+def _run_finetune(ctx: RecipeContext, **p: Any) -> None:
+    from edgeslim.compress.train import fit
+
+    fit(ctx.model, ctx.need_train("finetune"), epochs=p["epochs"], lr=p["lr"],
+        progress=ctx.progress)
+
+
+STEPS: dict[str, StepSpec] = {
+    "prune": StepSpec(_run_prune, _PRUNE, _check_prune,
+                      "unstructured magnitude pruning (weight clipping)"),
+    "prune_structured": StepSpec(_run_struct, _STRUCT, _check_struct,
+                                 "remove neurons/channels/heads (DepGraph)"),
+    "distill": StepSpec(_run_distill, _DISTILL, _check_distill,
+                        "knowledge distillation from the original model"),
+    "quantize": StepSpec(_run_quant, _QUANT, _check_quant,
+                         "quantization-aware training, weights snapped to the grid"),
+    "finetune": StepSpec(_run_finetune, _FINETUNE, _check_finetune, "train on labels"),
+}
+
+
+def run_step(ctx: RecipeContext, name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Run one validated step with its defaults filled in; returns what it reports."""
+    spec = STEPS[name]
+    full = {**copy.deepcopy(spec.defaults), **params}
+    return spec.run(ctx, **full) or {}
