@@ -1,0 +1,279 @@
+"""Preprocessing and postprocessing steps declared as data in a bundle's manifest.
+
+A step is ``{"op": NAME, **params}``. The registry below is the one place that knows the ops;
+``validate_steps`` checks a list of steps (the bundle writer calls it at build time, so a bad
+step is refused before a bundle exists) and ``Pipeline`` / ``PostPipeline`` run them on a node.
+
+Preprocessing ops (raw input -> model inputs):
+
+- images (raw: JPEG/PNG bytes): ``image.decode``, ``image.resize``, ``image.center_crop``,
+  ``image.scale``, ``image.normalize``, ``image.layout``;
+- text (raw: a string or list of strings): ``text.tokenize``;
+- sensor streams (raw: JSON array ``(T,)`` or ``(T, C)``, ``null`` = missing):
+  ``sensor.impute``, ``sensor.clip``, ``sensor.smooth``, ``sensor.zscore``,
+  ``sensor.downsample``, ``sensor.window``;
+- any numeric array: ``reshape``, ``transpose``, ``expand_dims``, ``cast``.
+
+Postprocessing ops (model outputs -> answer): ``mean_pool``, ``l2_normalize``, ``softmax``,
+``topk``.
+
+Example::
+
+    >>> steps = [{"op": "sensor.impute", "method": "zero"}, {"op": "reshape", "shape": [1, -1]}]
+    >>> validate_steps(steps)
+    >>> Pipeline(steps, inputs=[{"name": "x", "dtype": "float32"}]).apply([1.0, None])["x"]
+    array([[1., 0.]], dtype=float32)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from edgeslim.edge.preprocess import array as _array  # noqa: F401  (registers ops)
+from edgeslim.edge.preprocess import image as _image  # noqa: F401
+from edgeslim.edge.preprocess import post as _post  # noqa: F401
+from edgeslim.edge.preprocess import sensor as _sensor
+from edgeslim.edge.preprocess import text as _text  # noqa: F401
+from edgeslim.edge.preprocess._spec import (
+    ARRAY,
+    BYTES,
+    FINAL_KINDS,
+    HWC,
+    REGISTRY,
+    SERIES,
+    TEXT,
+    TOKENS,
+    BuildContext,
+    OpSpec,
+)
+from edgeslim.errors import ConfigError, InferenceError
+
+__all__ = [
+    "REGISTRY",
+    "Pipeline",
+    "PostPipeline",
+    "allowed_ops",
+    "validate_steps",
+]
+
+_STAGE_LABEL = {"pre": "preprocessing", "post": "postprocessing"}
+
+
+def allowed_ops(stage: str | None = None) -> list[str]:
+    """Names of the registered ops, for ``stage`` ``"pre"``/``"post"`` or all."""
+    return sorted(n for n, s in REGISTRY.items() if stage is None or s.stage == stage)
+
+
+def _check(
+    steps: Any, stage: str | None, files: Collection[str] | None
+) -> tuple[str, list[tuple[OpSpec, dict[str, Any]]]]:
+    """Validate and normalise ``steps``; returns the stage and ``(spec, params)`` pairs."""
+    if stage is not None and stage not in _STAGE_LABEL:
+        raise ConfigError(f"stage must be 'pre' or 'post'; got {stage!r}")
+    if not isinstance(steps, (list, tuple)):
+        raise ConfigError(
+            f"processing steps must be a list of {{'op': NAME, ...}} objects; "
+            f"got {type(steps).__name__}"
+        )
+    out: list[tuple[OpSpec, dict[str, Any]]] = []
+    kind: str | None = None
+    for i, step in enumerate(steps):
+        label = _STAGE_LABEL.get(stage or "", "processing")
+        if not isinstance(step, Mapping) or not isinstance(step.get("op"), str):
+            raise ConfigError(
+                f"{label} step {i} must be an object with a string 'op'; got {step!r}"
+            )
+        op = step["op"]
+        spec = REGISTRY.get(op)
+        if spec is None:
+            raise ConfigError(
+                f"{label} step {i}: unknown op {op!r}; allowed ops: "
+                + ", ".join(allowed_ops(stage))
+            )
+        if stage is None:
+            stage = spec.stage
+            label = _STAGE_LABEL[stage]
+        if spec.stage != stage:
+            raise ConfigError(
+                f"{label} step {i}: op {op!r} is a {_STAGE_LABEL[spec.stage]} op; "
+                f"{label} ops are: " + ", ".join(allowed_ops(stage))
+            )
+        where = f"{label} step {i} (op '{op}')"
+        unknown = sorted(set(step) - {"op"} - set(spec.params))
+        if unknown:
+            raise ConfigError(
+                f"{where} has no parameter {unknown[0]!r}; allowed parameters: "
+                + (", ".join(spec.params) or "none")
+            )
+        params: dict[str, Any] = {}
+        for name, p in spec.params.items():
+            if name in step:
+                params[name] = p.check(step[name], name, where)
+            elif p.required:
+                raise ConfigError(f"{where} needs the parameter {name!r} ({p.doc})")
+            else:
+                params[name] = p.default
+        if spec.stage == "pre":
+            if kind is not None and kind not in spec.accepts:
+                prev = out[-1][0].name
+                raise ConfigError(
+                    f"{where} takes {' or '.join(sorted(spec.accepts))} input, but step {i - 1} "
+                    f"(op '{prev}') gives {kind}; reorder the steps"
+                )
+            kind = spec.produces
+        if files is not None and op == "text.tokenize" and params["tokenizer"] not in files:
+            raise ConfigError(
+                f"{where} names the file {params['tokenizer']!r}, which the bundle does not "
+                f"carry; files: {', '.join(sorted(files)) or 'none'}"
+            )
+        out.append((spec, params))
+    if stage == "pre" and kind is not None and kind not in FINAL_KINDS:
+        hint = {
+            "image": "add image.scale (and image.layout)",
+            "bytes": "add image.decode",
+            "text": "add text.tokenize",
+        }.get(kind, "")
+        raise ConfigError(f"preprocessing ends with {kind}, which is no model input; {hint}")
+    return stage or "pre", out
+
+
+def validate_steps(
+    steps: list[dict[str, Any]],
+    *,
+    stage: str | None = None,
+    files: Collection[str] | None = None,
+) -> None:
+    """Raise ``ConfigError`` unless ``steps`` is a valid pre- or postprocessing list.
+
+    ``stage`` is ``"pre"`` or ``"post"``; by default it is taken from the first step and every
+    step must share it. ``files``, when given, are the names of the extra files the bundle
+    carries, so a step naming a missing file (``text.tokenize``'s ``tokenizer``) is refused.
+    The message names the step index, the op, the bad parameter and what is allowed.
+    """
+    _check(steps, stage, files)
+
+
+def _input_specs(inputs: Sequence[Any] | None) -> list[tuple[str, np.dtype | None]]:
+    specs = []
+    for item in inputs or []:
+        if isinstance(item, str):
+            specs.append((item, None))
+        else:
+            name = item["name"] if isinstance(item, Mapping) else item.name
+            dt = item.get("dtype") if isinstance(item, Mapping) else getattr(item, "dtype", None)
+            specs.append((name, np.dtype(dt) if dt is not None else None))
+    return specs
+
+
+class Pipeline:
+    """Runs preprocessing steps on one raw payload, giving the model's input arrays.
+
+    ``inputs`` are the model inputs from the manifest (``{"name", "dtype", ...}`` dicts or
+    names): a single array result goes to the only input, a token dict is filtered to the
+    declared names, and every array is cast to the declared dtype. ``files`` maps bundle file
+    names to bytes (for ``text.tokenize``).
+    """
+
+    def __init__(
+        self,
+        steps: list[dict[str, Any]],
+        *,
+        inputs: Sequence[Any] | None = None,
+        files: Mapping[str, bytes] | None = None,
+    ) -> None:
+        _, checked = _check(steps, "pre", None)
+        self.inputs = _input_specs(inputs)
+        ctx = BuildContext(files=dict(files or {}), input_names=[n for n, _ in self.inputs])
+        self._fns = [spec.build(params, ctx) for spec, params in checked]
+        first = checked[0][0].accepts if checked else frozenset({ARRAY})
+        self.raw_kind: str = (
+            BYTES if BYTES in first else TEXT if TEXT in first else
+            SERIES if first == frozenset({SERIES}) else ARRAY
+        )
+        """What the raw payload must be: ``bytes`` (an image), ``text``, ``series``, ``array``."""
+
+    def apply(self, raw: Any) -> dict[str, np.ndarray]:
+        """Raw payload -> ``{input name: array}``; bad payloads raise ``InferenceError``."""
+        if self.raw_kind == SERIES:
+            value: Any = _sensor.to_series(raw)
+        elif self.raw_kind == ARRAY:
+            value = _to_array(raw)
+        else:
+            value = raw
+        for fn in self._fns:
+            value = fn(value)
+        return self._to_inputs(value)
+
+    def _to_inputs(self, value: Any) -> dict[str, np.ndarray]:
+        if isinstance(value, dict):
+            if not self.inputs:
+                return value
+            missing = [n for n, _ in self.inputs if n not in value]
+            if missing:
+                raise InferenceError(
+                    f"preprocessing gives {sorted(value)} but the model also needs {missing}"
+                )
+            return {n: _cast(value[n], dt) for n, dt in self.inputs}
+        if len(self.inputs) > 1:
+            raise InferenceError(
+                f"preprocessing gives one array but the model has {len(self.inputs)} inputs: "
+                f"{[n for n, _ in self.inputs]}"
+            )
+        name, dt = self.inputs[0] if self.inputs else ("input", None)
+        return {name: _cast(np.asarray(value), dt)}
+
+
+def _to_array(raw: Any) -> np.ndarray:
+    if isinstance(raw, np.ndarray):
+        return raw
+    try:
+        arr = np.array(raw, dtype=np.float64)
+    except (ValueError, TypeError) as exc:
+        raise InferenceError(f"the payload is not a rectangular array of numbers: {exc}") from None
+    if arr.size > _sensor.MAX_SAMPLES:
+        raise InferenceError(f"the payload has {arr.size} values; at most {_sensor.MAX_SAMPLES}")
+    return arr
+
+
+def _cast(arr: np.ndarray, dt: np.dtype | None) -> np.ndarray:
+    if dt is None or arr.dtype == dt:
+        return np.ascontiguousarray(arr)
+    return np.ascontiguousarray(arr.astype(dt))
+
+
+class PostPipeline:
+    """Runs postprocessing steps on the model's outputs.
+
+    ``apply(outputs, context)`` takes ``{output name: array}`` and the model inputs (the
+    context, e.g. ``attention_mask`` for ``mean_pool``) and returns the results: the outputs,
+    transformed, plus ``"topk"`` when that step runs.
+    """
+
+    def __init__(
+        self,
+        steps: list[dict[str, Any]],
+        *,
+        outputs: Sequence[Any] | None = None,
+        labels: list[str] | None = None,
+    ) -> None:
+        _, checked = _check(steps, "post", None)
+        names = [n for n, _ in _input_specs(outputs)]
+        ctx = BuildContext(labels=list(labels) if labels else None, output_names=names)
+        self._fns = [spec.build(params, ctx) for spec, params in checked]
+
+    def apply(
+        self, outputs: Mapping[str, np.ndarray], context: Mapping[str, np.ndarray] | None = None
+    ) -> dict[str, Any]:
+        results: dict[str, Any] = dict(outputs)
+        ctx = dict(context or {})
+        for fn in self._fns:
+            results = fn(results, ctx)
+        return results
+
+
+# Kinds re-exported for callers that route raw payloads.
+KINDS = {"bytes": BYTES, "text": TEXT, "series": SERIES, "array": ARRAY, "hwc": HWC,
+         "tokens": TOKENS}

@@ -1,0 +1,84 @@
+"""Generic array steps usable after any numeric step: reshape, transpose, expand_dims, cast."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from edgeslim.edge.preprocess._spec import (
+    ARRAY,
+    HWC,
+    SERIES,
+    BuildContext,
+    OpSpec,
+    Param,
+    axis,
+    dtype,
+    int_list,
+    register,
+)
+from edgeslim.errors import InferenceError
+
+_NUMERIC = frozenset({ARRAY, HWC, SERIES})
+
+
+def _reshape(params: dict[str, Any], ctx: BuildContext) -> Any:
+    shape = tuple(params["shape"])
+
+    def step(x: np.ndarray) -> np.ndarray:
+        try:
+            return x.reshape(shape)
+        except ValueError:
+            raise InferenceError(
+                f"reshape cannot turn shape {list(x.shape)} ({x.size} values) into "
+                f"{list(shape)}"
+            ) from None
+
+    return step
+
+
+def _transpose(params: dict[str, Any], ctx: BuildContext) -> Any:
+    axes = tuple(params["axes"])
+
+    def step(x: np.ndarray) -> np.ndarray:
+        if sorted(axes) != list(range(x.ndim)):
+            raise InferenceError(
+                f"transpose axes {list(axes)} do not permute the {x.ndim} axes of shape "
+                f"{list(x.shape)}"
+            )
+        return np.ascontiguousarray(np.transpose(x, axes))
+
+    return step
+
+
+def _expand_dims(params: dict[str, Any], ctx: BuildContext) -> Any:
+    ax = params["axis"]
+    return lambda x: np.expand_dims(x, ax)
+
+
+def _cast(params: dict[str, Any], ctx: BuildContext) -> Any:
+    dt = np.dtype(params["dtype"])
+    return lambda x: x.astype(dt)
+
+
+register(OpSpec(
+    "reshape", "pre", _NUMERIC, ARRAY,
+    {"shape": Param(int_list(1, allow_minus_one=True), doc="new shape; one -1 is inferred")},
+    _reshape, "reshape (row-major)",
+))
+register(OpSpec(
+    "transpose", "pre", _NUMERIC, ARRAY,
+    {"axes": Param(int_list(1), doc="permutation of the axes")},
+    _transpose, "permute axes",
+))
+register(OpSpec(
+    "expand_dims", "pre", _NUMERIC, ARRAY,
+    {"axis": Param(axis, 0, "where the new axis goes")},
+    _expand_dims, "insert an axis of length 1 (e.g. the batch axis)",
+))
+register(OpSpec(
+    "cast", "pre", _NUMERIC, ARRAY,
+    {"dtype": Param(dtype, doc="numpy dtype name")},
+    _cast, "convert the element type (the model's input dtype is applied at the end anyway)",
+))

@@ -1,0 +1,213 @@
+"""Image preprocessing: decode JPEG/PNG, resize, center-crop, scale, normalise, layout.
+
+The semantics follow the usual ImageNet-style evaluation transform: ``image.resize`` with an
+int resizes the *shorter* side to that size keeping the aspect ratio (the longer side is
+truncated to an int), ``image.center_crop`` takes the central window (offsets rounded),
+``image.scale`` turns the image into a float32 ``(H, W, C)`` array times ``factor`` (1/255 by
+default, so [0, 1]), ``image.normalize`` subtracts ``mean`` and divides by ``std`` per channel
+and ``image.layout`` moves to ``NCHW`` (or ``NHWC``/``CHW``/``HWC``), adding the batch axis.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+
+from edgeslim.edge.preprocess._spec import (
+    ARRAY,
+    BYTES,
+    HWC,
+    IMAGE,
+    BuildContext,
+    OpSpec,
+    Param,
+    choice,
+    int_range,
+    number_or_list,
+    positive,
+    register,
+    size_or_pair,
+)
+from edgeslim.errors import InferenceError
+
+_INTERPOLATION = ("bilinear", "bicubic", "nearest", "box", "lanczos")
+_FORMATS = ["JPEG", "PNG"]
+
+
+def _pil() -> Any:
+    from PIL import Image
+
+    return Image
+
+
+def _decode(params: dict[str, Any], ctx: BuildContext) -> Any:
+    Image = _pil()
+    mode = params["mode"]
+    max_pixels = params["max_pixels"]
+
+    def step(raw: Any) -> Any:
+        if not isinstance(raw, (bytes, bytearray, memoryview)):
+            raise InferenceError(
+                f"image.decode expects the encoded image bytes (JPEG or PNG); "
+                f"got {type(raw).__name__}"
+            )
+        try:
+            img = Image.open(io.BytesIO(bytes(raw)), formats=_FORMATS)
+        except Exception as exc:
+            raise InferenceError(
+                f"could not decode the image: {exc}; send JPEG or PNG bytes"
+            ) from None
+        w, h = img.size
+        if w * h > max_pixels:
+            raise InferenceError(
+                f"the image is {w}x{h} = {w * h} pixels; at most {max_pixels} are allowed"
+            )
+        try:
+            img.load()
+            return img.convert(mode)
+        except Exception as exc:
+            raise InferenceError(f"could not decode the image: {exc}") from None
+
+    return step
+
+
+def _resample(name: str) -> Any:
+    R = _pil().Resampling
+    return {
+        "bilinear": R.BILINEAR,
+        "bicubic": R.BICUBIC,
+        "nearest": R.NEAREST,
+        "box": R.BOX,
+        "lanczos": R.LANCZOS,
+    }[name]
+
+
+def resize_shape(h: int, w: int, size: int | tuple[int, int]) -> tuple[int, int]:
+    """Target ``(height, width)``: an int sets the shorter side, a pair is exact."""
+    if isinstance(size, tuple):
+        return size
+    if h <= w:
+        return size, max(1, int(size * w / h))
+    return max(1, int(size * h / w)), size
+
+
+def _resize(params: dict[str, Any], ctx: BuildContext) -> Any:
+    size = params["size"]
+    resample = _resample(params["interpolation"])
+
+    def step(img: Any) -> Any:
+        w, h = img.size
+        nh, nw = resize_shape(h, w, size)
+        if (nh, nw) == (h, w):
+            return img
+        return img.resize((nw, nh), resample=resample)
+
+    return step
+
+
+def crop_box(h: int, w: int, size: int | tuple[int, int]) -> tuple[int, int, int, int]:
+    """``(top, left, height, width)`` of the central crop."""
+    ch, cw = (size, size) if isinstance(size, int) else size
+    if ch > h or cw > w:
+        raise InferenceError(
+            f"image.center_crop of {ch}x{cw} does not fit in a {h}x{w} image; "
+            f"resize it first (image.resize with size >= {max(ch, cw)})"
+        )
+    return round((h - ch) / 2.0), round((w - cw) / 2.0), ch, cw
+
+
+def _center_crop(params: dict[str, Any], ctx: BuildContext) -> Any:
+    size = params["size"]
+
+    def step(img: Any) -> Any:
+        w, h = img.size
+        top, left, ch, cw = crop_box(h, w, size)
+        return img.crop((left, top, left + cw, top + ch))
+
+    return step
+
+
+def _scale(params: dict[str, Any], ctx: BuildContext) -> Any:
+    factor = np.float32(params["factor"])
+
+    def step(img: Any) -> np.ndarray:
+        arr = np.asarray(img, dtype=np.float32)
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+        return arr * factor
+
+    return step
+
+
+def _normalize(params: dict[str, Any], ctx: BuildContext) -> Any:
+    mean = np.asarray(params["mean"], dtype=np.float32).reshape(-1)
+    std = np.asarray(params["std"], dtype=np.float32).reshape(-1)
+
+    def step(arr: np.ndarray) -> np.ndarray:
+        c = arr.shape[-1]
+        for label, v in (("mean", mean), ("std", std)):
+            if v.size not in (1, c):
+                raise InferenceError(
+                    f"image.normalize has {v.size} '{label}' values but the image has {c} "
+                    f"channels; give 1 or {c}"
+                )
+        return (arr - mean) / std
+
+    return step
+
+
+_LAYOUTS = {"NCHW": (2, 0, 1), "NHWC": (0, 1, 2), "CHW": (2, 0, 1), "HWC": (0, 1, 2)}
+
+
+def _layout(params: dict[str, Any], ctx: BuildContext) -> Any:
+    layout = params["layout"]
+    perm = _LAYOUTS[layout]
+
+    def step(arr: np.ndarray) -> np.ndarray:
+        out = np.ascontiguousarray(np.transpose(arr, perm))
+        return out[None] if layout.startswith("N") else out
+
+    return step
+
+
+register(OpSpec(
+    "image.decode", "pre", frozenset({BYTES}), IMAGE,
+    {
+        "mode": Param(choice("RGB", "L"), "RGB", "colour mode after decoding"),
+        "max_pixels": Param(int_range(1, 1 << 30), 40_000_000, "refuse larger images"),
+    },
+    _decode, "decode JPEG/PNG bytes to an image in `mode`",
+))
+register(OpSpec(
+    "image.resize", "pre", frozenset({IMAGE}), IMAGE,
+    {
+        "size": Param(size_or_pair, doc="shorter side (int) or exact [height, width]"),
+        "interpolation": Param(choice(*_INTERPOLATION), "bilinear"),
+    },
+    _resize, "resize; an int sets the shorter side, keeping the aspect ratio",
+))
+register(OpSpec(
+    "image.center_crop", "pre", frozenset({IMAGE}), IMAGE,
+    {"size": Param(size_or_pair, doc="crop size (int for square) or [height, width]")},
+    _center_crop, "take the central window",
+))
+register(OpSpec(
+    "image.scale", "pre", frozenset({IMAGE}), HWC,
+    {"factor": Param(positive(), 1.0 / 255.0, "multiply pixel values by this")},
+    _scale, "to a float32 (H, W, C) array times `factor` (default 1/255, so [0, 1])",
+))
+register(OpSpec(
+    "image.normalize", "pre", frozenset({HWC}), HWC,
+    {
+        "mean": Param(number_or_list(), doc="per-channel mean (or one value)"),
+        "std": Param(number_or_list(positive_only=True), doc="per-channel std (or one value)"),
+    },
+    _normalize, "(x - mean) / std per channel",
+))
+register(OpSpec(
+    "image.layout", "pre", frozenset({HWC}), ARRAY,
+    {"layout": Param(choice(*_LAYOUTS), "NCHW", "target layout; N adds the batch axis")},
+    _layout, "HWC to the model's layout, adding the batch axis for N* layouts",
+))

@@ -1,0 +1,119 @@
+"""Text preprocessing with the ``tokenizers`` library (Rust, no torch).
+
+``text.tokenize`` loads the ``tokenizer.json`` carried in the bundle (its file name is the
+``tokenizer`` parameter, its bytes come from the bundle's files), encodes one string or a list
+of strings, truncates to ``max_length`` and pads to ``max_length`` (or to the longest in the
+batch), giving int64 ``input_ids``, ``attention_mask`` and ``token_type_ids`` of shape
+``(batch, length)``. Only the arrays the model declares as inputs are passed on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from edgeslim.edge.preprocess._spec import (
+    TEXT,
+    TOKENS,
+    BuildContext,
+    OpSpec,
+    Param,
+    boolean,
+    choice,
+    int_range,
+    nonempty_str,
+    optional,
+    register,
+)
+from edgeslim.errors import ConfigError, InferenceError
+
+MAX_TEXTS = 1024
+
+
+def _load_tokenizer(name: str, files: Any) -> Any:
+    from tokenizers import Tokenizer
+
+    if name not in files:
+        have = ", ".join(sorted(files)) or "none"
+        raise ConfigError(
+            f"text.tokenize needs the file {name!r} from the bundle; the bundle carries: {have}"
+        )
+    data = files[name]
+    try:
+        text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else str(data)
+        return Tokenizer.from_str(text)
+    except Exception as exc:
+        raise ConfigError(f"{name!r} is not a valid tokenizer.json: {exc}") from None
+
+
+def _pad_id(tok: Any, explicit: int | None) -> int:
+    if explicit is not None:
+        return explicit
+    padding = tok.padding
+    if padding and padding.get("pad_id") is not None:
+        return int(padding["pad_id"])
+    for token in ("[PAD]", "<pad>", "<PAD>"):
+        idx = tok.token_to_id(token)
+        if idx is not None:
+            return int(idx)
+    return 0
+
+
+def _texts(raw: Any) -> list[str]:
+    if isinstance(raw, str):
+        return [raw]
+    if isinstance(raw, list) and raw and all(isinstance(t, str) for t in raw):
+        if len(raw) > MAX_TEXTS:
+            raise InferenceError(f"at most {MAX_TEXTS} texts per request; got {len(raw)}")
+        return raw
+    raise InferenceError(
+        f"text.tokenize expects a string or a non-empty list of strings; got {type(raw).__name__}"
+    )
+
+
+def _tokenize(params: dict[str, Any], ctx: BuildContext) -> Any:
+    tok = _load_tokenizer(params["tokenizer"], ctx.files)
+    max_length = params["max_length"]
+    tok.no_padding()
+    tok.no_truncation()
+    pad_id = _pad_id(tok, params["pad_id"])
+    by_max = params["padding"] == "max_length"
+    truncate = params["truncation"]
+    special = params["add_special_tokens"]
+
+    def step(raw: Any) -> dict[str, np.ndarray]:
+        texts = _texts(raw)
+        encs = tok.encode_batch(texts, add_special_tokens=special)
+        lengths = [len(e.ids) for e in encs]
+        if not truncate and max(lengths) > max_length:
+            raise InferenceError(
+                f"a text has {max(lengths)} tokens, more than max_length={max_length}, "
+                f"and truncation is off"
+            )
+        width = max_length if by_max else min(max(lengths), max_length)
+        ids = np.full((len(encs), width), pad_id, dtype=np.int64)
+        mask = np.zeros((len(encs), width), dtype=np.int64)
+        types = np.zeros((len(encs), width), dtype=np.int64)
+        for i, enc in enumerate(encs):
+            n = min(len(enc.ids), width)
+            ids[i, :n] = enc.ids[:n]
+            mask[i, :n] = 1
+            types[i, :n] = enc.type_ids[:n]
+        return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+    return step
+
+
+register(OpSpec(
+    "text.tokenize", "pre", frozenset({TEXT}), TOKENS,
+    {
+        "tokenizer": Param(nonempty_str, "tokenizer.json", "file name in the bundle"),
+        "max_length": Param(int_range(1, 8192), 128, "truncate/pad to this many tokens"),
+        "padding": Param(choice("max_length", "longest"), "max_length"),
+        "truncation": Param(boolean, True),
+        "add_special_tokens": Param(boolean, True),
+        "pad_id": Param(optional(int_range(0, 1 << 31)), None, "default: the tokenizer's"),
+    },
+    _tokenize, "tokenize to int64 input_ids / attention_mask / token_type_ids (B, L)",
+))
