@@ -116,6 +116,8 @@ def _check(
                 raise ConfigError(f"{where} needs the parameter {name!r} ({p.doc})")
             else:
                 params[name] = p.default
+        if spec.verify is not None:
+            spec.verify(params, where)
         if spec.stage == "pre":
             if kind is not None and kind not in spec.accepts:
                 prev = out[-1][0].name

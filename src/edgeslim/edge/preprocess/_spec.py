@@ -61,6 +61,8 @@ class OpSpec:
     params: Mapping[str, Param]
     build: Callable[[dict[str, Any], BuildContext], Callable[..., Any]]
     doc: str = ""
+    verify: Callable[[dict[str, Any], str], None] | None = None
+    """Cross-parameter check ``verify(params, where)`` raising ``ConfigError``."""
 
 
 @dataclass

