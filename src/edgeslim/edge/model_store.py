@@ -1,0 +1,239 @@
+"""The models a node serves, and their hot swap.
+
+``ModelStore.load(path)`` loads a bundle *beside* the one being served: read and check it
+(signature when a public key is configured, hashes), build an onnxruntime session, warm it up,
+run the manifest's probe, build the pre/postprocessing pipelines, and only then switch the
+name to the new model in one assignment. Requests that already hold the old model finish on
+it (the old session is freed when the last of them lets go); any failure leaves the old model
+serving and raises the error. Loads are serialised; serving never waits for a load.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Mapping
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edgeslim.bundle import Bundle, read_bundle
+from edgeslim.bundle.signing import PublicKeyLike
+from edgeslim.edge.batcher import Batcher
+from edgeslim.edge.metrics import Metrics
+from edgeslim.edge.preprocess import Pipeline, PostPipeline
+from edgeslim.edge.runtime import Runner
+from edgeslim.edge.v2 import InferRequest, V2Error, v2_datatype, v2_shape
+from edgeslim.errors import BundleError, ConfigError, EdgeslimError
+
+PLATFORM = "onnxruntime_onnx"
+
+
+@dataclass
+class ServedModel:
+    """One loaded, warmed-up model with its pipelines, batcher and V2 metadata."""
+
+    runner: Runner
+    pipeline: Pipeline
+    post: PostPipeline
+    batcher: Batcher | None
+    executor: Executor
+    source: str | None
+    loaded_at: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        r = self.runner
+        self.name: str = r.name
+        self.version: str = r.version
+        self.sha256: str = str(r.manifest.get("model", {}).get("sha256", ""))
+        self._inputs = {
+            s.name: (v2_datatype(s.dtype), s.shape, np.dtype(s.dtype)) for s in r.inputs
+        }
+        self.output_names = [s.name for s in r.outputs]
+        self.metadata: dict[str, Any] = {
+            "name": self.name,
+            "versions": [self.version],
+            "platform": PLATFORM,
+            "inputs": [{"name": s.name, "datatype": v2_datatype(s.dtype),
+                        "shape": v2_shape(s.shape)} for s in r.inputs],
+            "outputs": [{"name": s.name, "datatype": v2_datatype(s.dtype),
+                         "shape": v2_shape(s.shape)} for s in r.outputs],
+        }
+
+    @property
+    def dynamic_batch(self) -> bool:
+        """True when every input and output has a symbolic first dim."""
+        return has_dynamic_batch(self.runner)
+
+    def info(self) -> dict[str, Any]:
+        """What a node agent reports about the model."""
+        return {"name": self.name, "version": self.version, "sha256": self.sha256,
+                "source": self.source, "loaded_at": self.loaded_at,
+                "batching": self.batcher is not None, "task": self.runner.manifest.get("task")}
+
+    # ------------------------------------------------------------------ V2 requests
+
+    def feeds(self, req: InferRequest) -> dict[str, np.ndarray]:
+        """The request's tensors as model feeds; ``V2Error`` naming any mismatch."""
+        feeds: dict[str, np.ndarray] = {}
+        for t in req.inputs:
+            spec = self._inputs.get(t.name)
+            if spec is None:
+                raise V2Error(f"model '{self.name}' has no input '{t.name}'; its inputs are "
+                              f"{list(self._inputs)}"[:400])
+            datatype, shape, _ = spec
+            if t.datatype != datatype:
+                raise V2Error(f"input '{t.name}' has datatype {t.datatype}, but model "
+                              f"'{self.name}' expects {datatype}")
+            want = v2_shape(shape)
+            if len(t.shape) != len(want) or any(
+                w not in (-1, g) for w, g in zip(want, t.shape, strict=True)
+            ):
+                raise V2Error(f"input '{t.name}' has shape {t.shape}, but model "
+                              f"'{self.name}' expects {want} (-1: any size)")
+            feeds[t.name] = t.array
+        missing = [n for n in self._inputs if n not in feeds]
+        if missing:
+            raise V2Error(f"model '{self.name}' also needs the inputs {missing}")
+        return feeds
+
+    def wanted_outputs(self, req: InferRequest) -> list[str]:
+        if not req.outputs:
+            return self.output_names
+        names = [o.name for o in req.outputs]
+        unknown = [n for n in names if n not in self.output_names]
+        if unknown:
+            raise V2Error(f"model '{self.name}' has no output {unknown[0]!r}; its outputs are "
+                          f"{self.output_names}"[:400])
+        return names
+
+    def run_sync(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One onnxruntime run (in a worker thread); ``InferenceError`` on bad inputs."""
+        return self.runner.run(feeds)
+
+    async def infer(self, feeds: dict[str, np.ndarray], *, expected: bool = False
+                    ) -> dict[str, np.ndarray]:
+        """Run through the batcher when there is one, else in the executor."""
+        if self.batcher is not None:
+            return await self.batcher.submit(feeds, expected=expected)
+        import asyncio
+
+        return await asyncio.get_running_loop().run_in_executor(self.executor, self.run_sync,
+                                                                feeds)
+
+
+def has_dynamic_batch(runner: Runner) -> bool:
+    specs = [*runner.inputs, *runner.outputs]
+    return all(s.rank > 0 and isinstance(s.shape[0], str) for s in specs)
+
+
+class ModelStore:
+    """Models by name, loaded and swapped atomically.
+
+    ``threads`` sets onnxruntime intra-op threads per model; ``max_batch`` > 1 turns on
+    dynamic batching for models with a dynamic batch axis, waiting up to
+    ``batch_window_ms`` for company (see ``Batcher``).
+    """
+
+    def __init__(
+        self,
+        executor: Executor,
+        *,
+        public_key: PublicKeyLike | None = None,
+        threads: int | None = None,
+        max_batch: int = 32,
+        batch_window_ms: float = 2.0,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.executor = executor
+        self.public_key = public_key
+        self.threads = threads
+        self.max_batch = max_batch
+        self.batch_window_ms = batch_window_ms
+        self.metrics = metrics
+        self._models: dict[str, ServedModel] = {}
+        self._load_lock = threading.Lock()
+
+    def get(self, name: str) -> ServedModel | None:
+        return self._models.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self._models)
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+    def build(self, source: str | os.PathLike | Bundle) -> ServedModel:
+        """Load, verify, warm up and probe a bundle without serving it yet."""
+        bundle = source if isinstance(source, Bundle) else read_bundle(
+            source, public_key=self.public_key)
+        if self.public_key is not None and not bundle.verified:
+            runner = Runner(bundle, public_key=self.public_key, intra_op_num_threads=self.threads)
+        else:
+            runner = Runner(bundle, intra_op_num_threads=self.threads)
+        runner.probe()
+        m = runner.manifest
+        try:
+            pipeline = Pipeline(m.get("preprocessing") or [], inputs=m["inputs"],
+                                files=bundle.files)
+            post = PostPipeline(m.get("postprocessing") or [], outputs=m["outputs"],
+                                labels=m.get("labels"))
+        except ConfigError as exc:
+            raise BundleError(f"bundle '{bundle.name}' has unusable processing steps: {exc}"
+                              ) from None
+        batcher = None
+        if self.max_batch > 1 and has_dynamic_batch(runner):
+            on_batch = None
+            if self.metrics is not None:
+                hist = self.metrics.batch_size.labels(runner.name)
+                on_batch = hist.observe
+            model_ref: list[ServedModel] = []
+            batcher = Batcher(lambda feeds: model_ref[0].run_sync(feeds), self.executor,
+                              max_batch=self.max_batch, window_ms=self.batch_window_ms,
+                              on_batch=on_batch)
+        served = ServedModel(runner, pipeline, post, batcher, self.executor,
+                             str(bundle.path) if bundle.path else None)
+        if batcher is not None:
+            model_ref.append(served)
+        return served
+
+    def load(self, source: str | os.PathLike | Bundle, *, name: str | None = None
+             ) -> ServedModel:
+        """Build a model and switch to it; on any failure the current model keeps serving.
+
+        ``name``, when given, must be the bundle's model name (``ConfigError`` otherwise).
+        Raises the load's ``EdgeslimError`` (``BundleError``, ``SignatureError``, ...).
+        """
+        with self._load_lock:
+            label = name or "?"
+            try:
+                served = self.build(source)
+                label = served.name
+                if name is not None and served.name != name:
+                    raise ConfigError(f"the bundle holds model '{served.name}', not '{name}'; "
+                                      f"load it as '{served.name}'")
+            except EdgeslimError:
+                if self.metrics is not None:
+                    self.metrics.loads.labels(label, "failed").inc()
+                raise
+            self._models[served.name] = served  # the atomic switch
+            if self.metrics is not None:
+                self.metrics.loads.labels(served.name, "ok").inc()
+                self.metrics.set_model(served.name, served.version, served.sha256)
+            return served
+
+    def unload(self, name: str) -> bool:
+        """Stop serving ``name``; in-flight requests finish. False when it was not loaded."""
+        with self._load_lock:
+            gone = self._models.pop(name, None)
+            if gone is not None and self.metrics is not None:
+                self.metrics.drop_model(name)
+            return gone is not None
+
+    def index(self) -> list[Mapping[str, Any]]:
+        """V2 repository index entries."""
+        return [{"name": m.name, "version": m.version, "state": "READY"}
+                for m in self._models.values()]

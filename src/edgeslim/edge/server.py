@@ -1,0 +1,495 @@
+"""The edge node's HTTP server: Open Inference Protocol (KServe V2 REST) on starlette/uvicorn.
+
+Endpoints (``{name}`` is a model name; ``/versions/{version}`` may follow it in the V2 paths):
+
+==========================================  ================================================
+``GET  /v2/health/live``                    200 while the process serves (no token needed)
+``GET  /v2/health/ready``                   200 when at least one model is loaded, else 503
+``GET  /v2``                                server metadata (name, version, extensions)
+``GET  /v2/models/{name}``                  model metadata: versions, platform, inputs, outputs
+``GET  /v2/models/{name}/ready``            200 when the model is loaded
+``POST /v2/models/{name}/infer``            inference: JSON tensors or binary tensor data
+``POST /v2/models/{name}/raw``              raw payload (image bytes, text, sensor JSON array)
+                                            through the manifest's pre- and postprocessing
+``POST /v2/repository/index``               loaded models
+``POST /v2/repository/models/{name}/load``  hot swap: ``{"parameters": {"bundle": PATH}}``
+``POST /v2/repository/models/{name}/unload``
+``GET  /metrics``                           Prometheus text
+==========================================  ================================================
+
+With a token configured every endpoint but the two health checks needs
+``Authorization: Bearer TOKEN``. Every error is ``{"error": "..."}`` with a 4xx status naming the
+problem; a 500 only for a bug, and the node keeps serving either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import zlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import numpy as np
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from edgeslim.edge.metrics import CONTENT_TYPE, Metrics
+from edgeslim.edge.model_store import ModelStore, ServedModel
+from edgeslim.edge.v2 import (
+    HEADER_LENGTH,
+    V2Error,
+    encode_infer_response,
+    parse_header_length,
+    parse_infer_request,
+)
+from edgeslim.errors import BundleError, ConfigError, InferenceError, SignatureError
+
+log = logging.getLogger("edgeslim.edge.server")
+
+OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
+SERVER_NAME = "edgeslim"
+EXTENSIONS = ["binary_tensor_data", "model_repository", "edgeslim_raw"]
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The V2 error response."""
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("edgeslim")
+    except Exception:
+        return "0"
+
+
+class _Auth:
+    """Bearer-token check in front of the app (pure ASGI, constant-time comparison)."""
+
+    def __init__(self, app: Any, token: str | None) -> None:
+        self.app = app
+        self.expected = f"Bearer {token}".encode() if token else None
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if (
+            self.expected is not None
+            and scope["type"] == "http"
+            and scope["path"] not in OPEN_PATHS
+        ):
+            given = b""
+            for key, value in scope["headers"]:
+                if key == b"authorization":
+                    given = value
+                    break
+            if not hmac.compare_digest(given, self.expected):
+                msg = "missing bearer token" if not given else "invalid bearer token"
+                resp = error(401, f"{msg}: send 'Authorization: Bearer TOKEN'",
+                             {"WWW-Authenticate": "Bearer"})
+                await resp(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, at most ``limit`` bytes (also after gzip/deflate decoding)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            n = int(declared)
+        except ValueError:
+            raise V2Error(f"Content-Length is not an integer: {declared!r}"[:200]) from None
+        if n > limit:
+            raise V2Error(f"the body is {n} bytes; this server accepts at most {limit}", 413)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise V2Error(f"the body is over {limit} bytes, the most this server accepts", 413)
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise V2Error(f"Content-Encoding {encoding!r} is not supported; use gzip, deflate "
+                      f"or none"[:200], 415)
+    d = zlib.decompressobj(31 if encoding == "gzip" else 15)
+    try:
+        out = d.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise V2Error(f"the {encoding} body does not decompress: {exc}") from None
+    if len(out) > limit or d.unconsumed_tail:
+        raise V2Error(f"the body decompresses to over {limit} bytes", 413)
+    return out
+
+
+class EdgeApp:
+    """The starlette application over a ``ModelStore`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: ModelStore,
+        metrics: Metrics,
+        *,
+        token: str | None = None,
+        max_body_bytes: int = 16 << 20,
+    ) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.max_body = max_body_bytes
+        self.max_elements = max(1, max_body_bytes)  # a tensor cannot hold more than the body
+        ep = self._endpoint
+        v = "/v2/models/{name}/versions/{version}"
+        routes = [
+            Route("/v2/health/live", ep("live", self.live), methods=["GET"]),
+            Route("/v2/health/ready", ep("ready", self.ready), methods=["GET"]),
+            Route("/v2", ep("server_metadata", self.server_metadata), methods=["GET"]),
+            Route("/v2/models/{name}", ep("model_metadata", self.model_metadata),
+                  methods=["GET"]),
+            Route(v, ep("model_metadata", self.model_metadata), methods=["GET"]),
+            Route("/v2/models/{name}/ready", ep("model_ready", self.model_ready),
+                  methods=["GET"]),
+            Route(v + "/ready", ep("model_ready", self.model_ready), methods=["GET"]),
+            Route("/v2/models/{name}/infer", ep("infer", self.infer), methods=["POST"]),
+            Route(v + "/infer", ep("infer", self.infer), methods=["POST"]),
+            Route("/v2/models/{name}/raw", ep("raw", self.raw), methods=["POST"]),
+            Route(v + "/raw", ep("raw", self.raw), methods=["POST"]),
+            Route("/v2/repository/index", ep("repository", self.index), methods=["POST"]),
+            Route("/v2/repository/models/{name}/load", ep("load", self.load),
+                  methods=["POST"]),
+            Route("/v2/repository/models/{name}/unload", ep("unload", self.unload),
+                  methods=["POST"]),
+            Route("/metrics", ep("metrics", self.prometheus), methods=["GET"]),
+        ]
+        starlette = Starlette(routes=routes, exception_handlers={
+            HTTPException: self._http_exception,
+            Exception: self._crash,
+        })
+        self.asgi = _Auth(starlette, token)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        await self.asgi(scope, receive, send)
+
+    # ------------------------------------------------------------------- plumbing
+
+    async def _http_exception(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        status = exc.status_code
+        msg = {404: f"no endpoint {request.url.path!r}"[:200],
+               405: f"{request.method} is not allowed on {request.url.path!r}"[:200]}.get(
+            status, str(exc.detail))
+        self.metrics.observe("unknown", "", status, 0.0)
+        return error(status, msg, dict(exc.headers or {}))
+
+    async def _crash(self, request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s", request.url.path)
+        return error(500, f"internal error: {type(exc).__name__}")
+
+    def _endpoint(self, label: str, fn: Handler) -> Handler:
+        metrics = self.metrics
+
+        async def handle(request: Request) -> Response:
+            t0 = time.perf_counter()
+            metrics.inflight.inc()
+            try:
+                resp = await fn(request)
+            except V2Error as exc:
+                resp = error(exc.status, exc.message)
+            except (InferenceError, ConfigError) as exc:
+                resp = error(400, str(exc))
+            except SignatureError as exc:
+                resp = error(403, str(exc))
+            except BundleError as exc:
+                resp = error(422, str(exc))
+            except Exception as exc:  # a bug: answer, log, keep serving
+                log.exception("unhandled error in %s", label)
+                resp = error(500, f"internal error in {label}: {type(exc).__name__}")
+            finally:
+                metrics.inflight.dec()
+            name = request.path_params.get("name", "")
+            model = name if name and self.store.get(name) is not None else ""
+            metrics.observe(label, model, resp.status_code, time.perf_counter() - t0)
+            return resp
+
+        return handle
+
+    def _model(self, request: Request) -> ServedModel:
+        name = request.path_params["name"]
+        model = self.store.get(name)
+        if model is None:
+            raise V2Error(f"unknown model {name!r}; this server has {self.store.names()}"[:300],
+                          404)
+        version = request.path_params.get("version")
+        if version is not None and version != model.version:
+            raise V2Error(f"model '{name}' has no version {version!r}; it serves version "
+                          f"{model.version!r}"[:300], 404)
+        return model
+
+    # ------------------------------------------------------------------ endpoints
+
+    async def live(self, request: Request) -> Response:
+        return JSONResponse({"live": True})
+
+    async def ready(self, request: Request) -> Response:
+        ok = len(self.store) > 0
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+    async def server_metadata(self, request: Request) -> Response:
+        return JSONResponse({"name": SERVER_NAME, "version": _version(),
+                             "extensions": EXTENSIONS})
+
+    async def model_metadata(self, request: Request) -> Response:
+        return JSONResponse(self._model(request).metadata)
+
+    async def model_ready(self, request: Request) -> Response:
+        model = self._model(request)
+        return JSONResponse({"name": model.name, "ready": True})
+
+    async def infer(self, request: Request) -> Response:
+        model = self._model(request)
+        body = await read_body(request, self.max_body)
+        header_length = parse_header_length(request.headers.get(HEADER_LENGTH), len(body))
+        batcher = model.batcher
+        if batcher is not None:
+            batcher.expect()
+        try:
+            req = parse_infer_request(body, header_length, max_elements=self.max_elements)
+            feeds = model.feeds(req)
+            names = model.wanted_outputs(req)
+        except BaseException:
+            if batcher is not None:
+                batcher.unexpect()
+            raise
+        outputs = await model.infer(feeds, expected=True)
+        content, headers = encode_infer_response(
+            model.name, model.version, req, {n: outputs[n] for n in names})
+        media = headers.pop("content-type")
+        return Response(content, headers=headers, media_type=media)
+
+    async def raw(self, request: Request) -> Response:
+        model = self._model(request)
+        body = await read_body(request, self.max_body)
+        kind = model.pipeline.raw_kind
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind == "bytes":
+            payload: Any = body
+        elif kind == "text" and ctype == "text/plain":
+            try:
+                payload = body.decode("utf-8")
+            except UnicodeDecodeError:
+                raise V2Error("the text/plain body is not UTF-8") from None
+        else:
+            try:
+                payload = json.loads(body)
+            except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+                want = "a JSON string or list of strings" if kind == "text" else "a JSON array"
+                raise V2Error(f"model '{model.name}' takes {want}; the body is not valid "
+                              f"JSON: {exc}"[:300]) from None
+        feeds = await asyncio.to_thread(model.pipeline.apply, payload)
+        outputs = await model.infer(model.runner.check_inputs(feeds))
+        results = model.post.apply(outputs, feeds)
+        doc: dict[str, Any] = {"model_name": model.name, "model_version": model.version,
+                               "outputs": {}}
+        for key, value in results.items():
+            if isinstance(value, np.ndarray):
+                doc["outputs"][key] = value.tolist()
+            else:
+                doc[key] = value
+        return JSONResponse(doc)
+
+    async def index(self, request: Request) -> Response:
+        return JSONResponse(self.store.index())
+
+    async def load(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        body = await read_body(request, 1 << 20)
+        try:
+            doc = json.loads(body) if body.strip() else {}
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise V2Error(f"the load request is not valid JSON: {exc}"[:300]) from None
+        params = doc.get("parameters") if isinstance(doc, dict) else None
+        path = (params or {}).get("bundle") if isinstance(params, dict) else None
+        if path is None and isinstance(doc, dict):
+            path = doc.get("bundle")
+        if not isinstance(path, str) or not path:
+            raise V2Error('the load request needs {"parameters": {"bundle": "/path/model.eslim"}}')
+        served = await asyncio.to_thread(self.store.load, path, name=name)
+        return JSONResponse({"loaded": served.info()})
+
+    async def unload(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        if not self.store.unload(name):
+            raise V2Error(f"unknown model {name!r}; this server has {self.store.names()}"[:300],
+                          404)
+        return JSONResponse({"unloaded": name})
+
+    async def prometheus(self, request: Request) -> Response:
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+
+class EdgeServer:
+    """An edge node's inference server, for the CLI and for embedding in a node agent.
+
+    ``bundles`` are loaded before serving. ``port=0`` picks a free port (see ``port`` after
+    ``start()``). ``token`` turns on bearer auth; ``public_key`` makes every load verify the
+    bundle's signature. ``max_batch`` > 1 batches concurrent requests for models with a dynamic
+    batch axis (``batch_window_ms`` is the most a request waits for company); ``threads`` are
+    onnxruntime intra-op threads per model; ``workers`` run model calls.
+
+    Example (a node agent)::
+
+        server = EdgeServer(["digits.eslim"], port=8000, token="s3cret").start()
+        server.swap("/var/lib/edgeslim/digits-v2.eslim")   # zero-downtime hot swap
+        server.stop()
+    """
+
+    def __init__(
+        self,
+        bundles: list[Any] | tuple[Any, ...] = (),
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        token: str | None = None,
+        public_key: Any = None,
+        max_batch: int = 32,
+        batch_window_ms: float = 2.0,
+        max_body_mb: float = 16.0,
+        threads: int | None = None,
+        workers: int = 1,
+    ) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from edgeslim._validate import check_int_range, check_positive
+
+        check_int_range(port, "port", "EdgeServer", 0, 65535)
+        check_int_range(max_batch, "max_batch", "EdgeServer", 1, 65536)
+        check_positive(batch_window_ms, "batch_window_ms", "EdgeServer", allow_zero=True)
+        check_positive(max_body_mb, "max_body_mb", "EdgeServer")
+        check_int_range(workers, "workers", "EdgeServer", 1, 256)
+        if threads is not None:
+            check_int_range(threads, "threads", "EdgeServer", 1, 256)
+        if token is not None and (not isinstance(token, str) or not token.strip()
+                                  or not token.isprintable()):
+            raise ConfigError("The 'token' parameter of EdgeServer must be a non-empty "
+                              "printable string.")
+        self.host = host
+        self._port = port
+        self.executor = ThreadPoolExecutor(max_workers=workers,
+                                           thread_name_prefix="edgeslim-infer")
+        self.metrics = Metrics()
+        self.store = ModelStore(self.executor, public_key=public_key, threads=threads,
+                                max_batch=max_batch, batch_window_ms=batch_window_ms,
+                                metrics=self.metrics)
+        for bundle in bundles:
+            self.store.load(bundle)
+        self.app = EdgeApp(self.store, self.metrics, token=token,
+                           max_body_bytes=int(max_body_mb * (1 << 20)))
+        self._server: Any = None
+        self._thread: Any = None
+
+    # --------------------------------------------------------------- models
+
+    def swap(self, bundle: Any, *, name: str | None = None) -> dict[str, Any]:
+        """Load ``bundle`` beside the served model and switch to it (see ``ModelStore.load``).
+
+        Blocking (read, verify, warm-up, probe); safe to call from any thread while serving.
+        Returns the new model's ``info()``; on failure raises and the old model keeps serving.
+        """
+        return self.store.load(bundle, name=name).info()
+
+    load = swap
+
+    def unload(self, name: str) -> bool:
+        return self.store.unload(name)
+
+    def models(self) -> list[dict[str, Any]]:
+        """``info()`` of every served model."""
+        return [m.info() for n in self.store.names() if (m := self.store.get(n)) is not None]
+
+    # -------------------------------------------------------------- serving
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self._port}"
+
+    def _socket(self) -> Any:
+        import socket
+
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.host, self._port))
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(f"Cannot listen on {self.host}:{self._port}: "
+                              f"{exc.strerror or exc}.") from None
+        self._port = sock.getsockname()[1]
+        return sock
+
+    def _uvicorn(self) -> Any:
+        import uvicorn
+
+        config = uvicorn.Config(self.app, lifespan="off", access_log=False,
+                                log_level="warning", timeout_keep_alive=30,
+                                server_header=False)
+        return uvicorn.Server(config)
+
+    def start(self, timeout: float = 30.0) -> EdgeServer:
+        """Serve in a background thread; return once the socket accepts connections."""
+        import threading
+
+        if self._thread is not None:
+            raise ConfigError("This EdgeServer is already started.")
+        sock = self._socket()
+        self._server = self._uvicorn()
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]},
+                                        name="edgeslim-server", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise ConfigError(f"The edge server did not start on {self.url}.")
+            time.sleep(0.01)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop serving (in-flight requests get ``timeout`` seconds) and free the workers."""
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._server = self._thread = None
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def serve_forever(self) -> None:
+        """Serve in this thread until SIGINT/SIGTERM (the CLI)."""
+        sock = self._socket()
+        self._server = self._uvicorn()
+        try:
+            self._server.run(sockets=[sock])
+        finally:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self) -> EdgeServer:
+        return self.start() if self._thread is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

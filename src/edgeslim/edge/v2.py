@@ -1,0 +1,328 @@
+"""The Open Inference Protocol (KServe V2) over REST: types and the request/response codec.
+
+Covers JSON tensors and the binary tensor data extension as stock clients
+(``tritonclient.http``) speak them:
+
+- a request body is a JSON header, optionally followed by raw tensor bytes; the header's length
+  is then in the ``Inference-Header-Content-Length`` HTTP header, and each input carried in
+  binary gives its byte count in ``parameters.binary_data_size`` (inputs in order, row-major,
+  little-endian);
+- an output is sent in binary when its request entry has ``parameters.binary_data: true`` or,
+  for outputs not listed, when the request has ``parameters.binary_data_output: true``; the
+  response then carries ``Inference-Header-Content-Length`` and each binary output's
+  ``parameters.binary_data_size``.
+
+Every malformed request raises ``V2Error`` (an HTTP status and a message naming the problem),
+which the server turns into ``{"error": "..."}``. Numeric tensors only (BOOL, UINT*, INT*, FP16,
+FP32, FP64); BYTES and BF16 are refused with a message.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+MAX_RANK = 16
+
+#: V2 datatype name -> numpy dtype (little-endian on the wire).
+V2_TO_NUMPY: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+}
+NUMPY_TO_V2: dict[str, str] = {dt.name: name for name, dt in V2_TO_NUMPY.items()}
+_UNSUPPORTED = {"BYTES": "string tensors", "BF16": "bfloat16"}
+
+
+class V2Error(Exception):
+    """A request the protocol layer refuses: ``status`` (4xx) and a message for the client."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def v2_datatype(dtype: Any) -> str:
+    """The V2 name of a numpy dtype (``float32`` -> ``FP32``)."""
+    name = np.dtype(dtype).name
+    if name not in NUMPY_TO_V2:
+        raise V2Error(f"dtype {name} has no V2 datatype", 500)
+    return NUMPY_TO_V2[name]
+
+
+def v2_shape(shape: Sequence[Any]) -> list[int]:
+    """Manifest/ORT shape to V2: symbolic or unknown dims become -1."""
+    return [d if isinstance(d, int) and not isinstance(d, bool) and d >= 0 else -1 for d in shape]
+
+
+@dataclass
+class InputTensor:
+    """One decoded request input: ``array`` has ``shape`` and the datatype's numpy dtype."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    array: np.ndarray
+
+
+@dataclass
+class OutputRequest:
+    name: str
+    binary: bool | None = None  # None: follow the request-level binary_data_output
+
+
+@dataclass
+class InferRequest:
+    id: str | None
+    inputs: list[InputTensor]
+    outputs: list[OutputRequest] = field(default_factory=list)
+    binary_output: bool = False
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+def _obj(value: Any, where: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise V2Error(f"{where} must be a JSON object; got {type(value).__name__}")
+    return value
+
+
+def _params(d: Mapping[str, Any], where: str) -> Mapping[str, Any]:
+    p = d.get("parameters", {})
+    if p is None:
+        return {}
+    return _obj(p, f"{where}.parameters")
+
+
+def _shape(value: Any, where: str, max_elements: int) -> list[int]:
+    if (
+        not isinstance(value, list)
+        or len(value) > MAX_RANK
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value)
+    ):
+        raise V2Error(
+            f"{where}.shape must be a list of at most {MAX_RANK} ints >= 0; got {value!r}"[:300]
+        )
+    count = math.prod(value)
+    if count > max_elements:
+        raise V2Error(f"{where}.shape {value} has {count} elements; at most {max_elements}", 413)
+    return list(value)
+
+
+def _datatype(value: Any, where: str) -> str:
+    if value in _UNSUPPORTED:
+        raise V2Error(f"{where}.datatype {value} ({_UNSUPPORTED[value]}) is not supported; "
+                      f"send numeric tensors ({', '.join(V2_TO_NUMPY)})")
+    if value not in V2_TO_NUMPY:
+        raise V2Error(
+            f"{where}.datatype must be one of {', '.join(V2_TO_NUMPY)}; got {value!r}"[:300]
+        )
+    return str(value)
+
+
+def _flatten(data: Any, out: list[Any], where: str, depth: int = 0) -> None:
+    if depth > MAX_RANK:
+        raise V2Error(f"{where}.data nests deeper than {MAX_RANK} levels")
+    for item in data:
+        if isinstance(item, list):
+            _flatten(item, out, where, depth + 1)
+        else:
+            out.append(item)
+
+
+def _json_array(data: Any, datatype: str, shape: list[int], where: str) -> np.ndarray:
+    """JSON ``data`` (flat or nested, row-major) to an array, checking count and value types."""
+    if not isinstance(data, list):
+        data = [data]
+    flat: list[Any] = []
+    _flatten(data, flat, where)
+    count = math.prod(shape)
+    if len(flat) != count:
+        raise V2Error(
+            f"{where} has {len(flat)} values in 'data' but its shape {shape} needs {count}"
+        )
+    dt = V2_TO_NUMPY[datatype]
+    for v in flat:
+        if not _fits(v, datatype, dt):
+            what = {"BOOL": "true/false"}.get(datatype, "integers" if dt.kind in "iu" else
+                                              "numbers")
+            raise V2Error(f"{where} is {datatype} but 'data' holds {v!r}; send {what}"[:300])
+    try:
+        if dt.kind in "iu":
+            info = np.iinfo(dt)
+            if flat and (min(flat) < info.min or max(flat) > info.max):
+                raise OverflowError
+        arr = np.array(flat, dtype=dt)
+    except (OverflowError, ValueError):
+        raise V2Error(f"{where} holds a value out of the range of {datatype}") from None
+    return arr.reshape(shape)
+
+
+def _fits(v: Any, datatype: str, dt: np.dtype) -> bool:
+    if datatype == "BOOL":
+        return isinstance(v, bool)
+    if dt.kind in "iu":
+        return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def parse_header_length(value: str | None, body_size: int) -> int | None:
+    """The ``Inference-Header-Content-Length`` value, checked against the body size."""
+    if value is None:
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise V2Error(f"{HEADER_LENGTH} must be an integer; got {value!r}"[:200]) from None
+    if not 0 < n <= body_size:
+        raise V2Error(f"{HEADER_LENGTH} is {n} but the body has {body_size} bytes")
+    return n
+
+
+def parse_infer_request(
+    body: bytes, header_length: int | None, *, max_elements: int = 1 << 26
+) -> InferRequest:
+    """Decode a V2 infer request body (JSON, or JSON header + binary tensor data)."""
+    head = body if header_length is None else body[:header_length]
+    blob = memoryview(body)[len(head):] if header_length is not None else memoryview(b"")
+    try:
+        doc = json.loads(head)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise V2Error(f"the request body is not valid JSON: {exc}"[:300]) from None
+    except RecursionError:
+        raise V2Error("the request JSON nests too deeply") from None
+    doc = _obj(doc, "the request")
+    params = _params(doc, "the request")
+    rid = doc.get("id")
+    if rid is not None and not isinstance(rid, str):
+        raise V2Error(f"'id' must be a string; got {type(rid).__name__}")
+    raw_inputs = doc.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise V2Error("the request needs 'inputs': a non-empty list of tensors")
+    inputs: list[InputTensor] = []
+    offset = 0
+    for i, item in enumerate(raw_inputs):
+        where = f"inputs[{i}]"
+        item = _obj(item, where)
+        name = item.get("name")
+        if not isinstance(name, str) or not name:
+            raise V2Error(f"{where}.name must be a non-empty string")
+        where = f"input '{name}'"[:200]
+        datatype = _datatype(item.get("datatype"), where)
+        shape = _shape(item.get("shape"), where, max_elements)
+        ip = _params(item, where)
+        size = ip.get("binary_data_size")
+        if size is not None:
+            if "data" in item:
+                raise V2Error(f"{where} has both 'data' and binary_data_size; send one")
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise V2Error(f"{where} binary_data_size must be an int >= 0; got {size!r}")
+            if offset + size > len(blob):
+                raise V2Error(
+                    f"{where} declares {size} binary bytes but only {len(blob) - offset} remain "
+                    f"after the JSON header (check {HEADER_LENGTH})"
+                )
+            dt = V2_TO_NUMPY[datatype]
+            need = math.prod(shape) * dt.itemsize
+            if size != need:
+                raise V2Error(
+                    f"{where} is {datatype} of shape {shape}, which takes {need} bytes; "
+                    f"binary_data_size is {size}"
+                )
+            arr = np.frombuffer(blob[offset : offset + size], dtype=dt).reshape(shape)
+            offset += size
+        else:
+            if "data" not in item:
+                raise V2Error(f"{where} has neither 'data' nor binary_data_size")
+            arr = _json_array(item["data"], datatype, shape, where)
+        inputs.append(InputTensor(name, datatype, shape, arr))
+    if offset != len(blob):
+        raise V2Error(
+            f"the body carries {len(blob) - offset} binary bytes that no input claims "
+            f"(binary_data_size values add up to {offset})"
+        )
+    names = [t.name for t in inputs]
+    if len(set(names)) != len(names):
+        raise V2Error(f"inputs repeat a name: {names}"[:300])
+    outputs: list[OutputRequest] = []
+    raw_outputs = doc.get("outputs")
+    if raw_outputs is not None:
+        if not isinstance(raw_outputs, list):
+            raise V2Error("'outputs' must be a list of {name, parameters}")
+        for j, out in enumerate(raw_outputs):
+            out = _obj(out, f"outputs[{j}]")
+            oname = out.get("name")
+            if not isinstance(oname, str) or not oname:
+                raise V2Error(f"outputs[{j}].name must be a non-empty string")
+            op = _params(out, f"outputs[{j}]")
+            binary = op.get("binary_data")
+            if binary is not None and not isinstance(binary, bool):
+                raise V2Error(f"output '{oname}' binary_data must be true or false"[:200])
+            if op.get("classification"):
+                raise V2Error("the classification extension is not supported; use the "
+                              "raw endpoint with a topk postprocessing step")
+            outputs.append(OutputRequest(oname, binary))
+    binary_output = params.get("binary_data_output", False)
+    if not isinstance(binary_output, bool):
+        raise V2Error("parameters.binary_data_output must be true or false")
+    return InferRequest(rid, inputs, outputs, binary_output, dict(params))
+
+
+def encode_infer_response(
+    model_name: str,
+    model_version: str,
+    request: InferRequest,
+    outputs: Mapping[str, np.ndarray],
+) -> tuple[bytes, dict[str, str]]:
+    """The response body and extra headers for ``outputs`` (already filtered and ordered)."""
+    wanted = {o.name: o for o in request.outputs}
+    entries: list[dict[str, Any]] = []
+    chunks: list[bytes] = []
+    for name, arr in outputs.items():
+        arr = np.asarray(arr)
+        entry: dict[str, Any] = {
+            "name": name,
+            "datatype": v2_datatype(arr.dtype),
+            "shape": list(arr.shape),
+        }
+        req = wanted.get(name)
+        binary = req.binary if req is not None and req.binary is not None else (
+            request.binary_output)
+        if binary:
+            data = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
+            entry["parameters"] = {"binary_data_size": len(data)}
+            chunks.append(data)
+        else:
+            entry["data"] = arr.ravel().tolist()
+        entries.append(entry)
+    doc: dict[str, Any] = {"model_name": model_name, "model_version": model_version,
+                           "outputs": entries}
+    if request.id is not None:
+        doc["id"] = request.id
+    head = json.dumps(doc, separators=(",", ":")).encode()
+    if not chunks:
+        return head, {"content-type": "application/json"}
+    return b"".join([head, *chunks]), {
+        "content-type": "application/octet-stream",
+        HEADER_LENGTH: str(len(head)),
+    }
+
+
+def error_body(message: str) -> dict[str, str]:
+    """The V2 error object."""
+    return {"error": message}
