@@ -14,12 +14,24 @@ from edgeslim.export.onnx import (
     export_onnx,
     onnx_param_bytes,
 )
+from edgeslim.export.specs import (
+    ZOO_SPEC_NAMES,
+    IOSpec,
+    TensorSpec,
+    export_zoo_model,
+    zoo_io_spec,
+)
 
 __all__ = [
     "MAX_OPSET",
     "MIN_OPSET",
+    "ZOO_SPEC_NAMES",
     "ExportResult",
+    "IOSpec",
+    "TensorSpec",
     "compare_with_onnxruntime",
     "export_onnx",
+    "export_zoo_model",
     "onnx_param_bytes",
+    "zoo_io_spec",
 ]

@@ -29,6 +29,7 @@ import numpy as np
 
 from edgeslim._validate import check_int_range, check_positive
 from edgeslim.errors import ConfigError, ModelError
+from edgeslim.export.fold import fold_constants
 
 __all__ = [
     "MAX_OPSET",
@@ -214,6 +215,7 @@ def export_onnx(
     dynamic_axes: Mapping[str, Any] | None = None,
     opset: int = 17,
     fold_batchnorm: bool = True,
+    fold_constant_nodes: bool = True,
     check: bool = True,
     atol: float = 1e-4,
     rtol: float = 1e-4,
@@ -224,9 +226,10 @@ def export_onnx(
     ``example_inputs``: a tensor or tuple of tensors, batch first, one per ``input_names``.
     ``dynamic_axes``: ``{name: {axis: "symbol"}}`` as in ``torch.onnx.export``; None makes
     axis 0 of every input and output dynamic as ``"batch"``. ``fold_batchnorm=False`` keeps
-    BatchNormalization nodes. With ``check`` the model and the file are compared on the
-    example inputs, on the example inputs with one more batch row, and on each extra input
-    tuple in ``check_inputs``.
+    BatchNormalization nodes; ``fold_constant_nodes`` turns small constant subgraphs and
+    ``Constant`` nodes into initializers (``edgeslim.export.fold``). With ``check`` the model
+    and the file are compared on the example inputs, on the example inputs with one more
+    batch row, and on each extra input tuple in ``check_inputs``.
 
     >>> import torch
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 2))
@@ -285,6 +288,9 @@ def export_onnx(
                 ) from exc
 
         proto = onnx.load(str(path))
+        folded = fold_constants(proto) if fold_constant_nodes else 0
+        if folded:
+            onnx.save(proto, str(path))
         try:
             onnx.checker.check_model(str(path))
             onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
