@@ -1,9 +1,64 @@
-"""``edgeslim compress``."""
+"""``edgeslim compress MODEL [--recipe FILE | --preset NAME] -o OUT.eslim``."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import typer
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    @app.command("compress")
+    def compress_cmd(
+        model: str = typer.Argument(
+            ..., help="zoo name, path to a .onnx file, or package.module:callable"
+        ),
+        out: Path = typer.Option(..., "-o", "--out", help="where to write the .eslim bundle"),
+        recipe: Path | None = typer.Option(None, "--recipe", help="recipe YAML file"),
+        preset: str | None = typer.Option(
+            None, "--preset", help="fp32 | int8 (default) | deep-compression"
+        ),
+        name: str | None = typer.Option(None, "--name", help="model name in the bundle"),
+        sign_key: Path | None = typer.Option(
+            None, "--sign-key", help="Ed25519 private key (edgeslim keygen)"
+        ),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+    ) -> None:
+        """Compress MODEL with a recipe or preset and write a (signed) bundle."""
+        from rich.console import Console
+
+        from edgeslim.pipeline import compress
+        from edgeslim.recipe import load_recipe
+        from edgeslim.recipe.run import render_table
+
+        console = Console()
+        rec = load_recipe(recipe) if recipe is not None else None
+        result = compress(model, out=out, recipe=rec, preset=preset, name=name,
+                          sign_key=sign_key, progress=not quiet)
+        metric_name = next(iter(result.onnx_metrics))
+        if result.rows:
+            console.print(render_table(result.rows, metric_name))
+        print_bundle_summary(console, result)
+
+
+def print_bundle_summary(console, result) -> None:  # type: ignore[no-untyped-def]
+    """The ONNX-side figures: what the node will run."""
+    from rich.table import Table
+
+    m = result.onnx_metrics
+    metric_name = next(iter(m))
+    table = Table(title=f"bundle {result.bundle}")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    if f"original_{metric_name}" in m:
+        table.add_row(f"original {metric_name} (torch)", f"{m[f'original_{metric_name}']:.4f}")
+    table.add_row(f"{metric_name} on onnxruntime", f"{m[metric_name]:.4f}")
+    table.add_row("latency p50, batch 1 (ms)", f"{m['latency_ms_p50_batch1']:.3f}")
+    table.add_row("fp32 model.onnx (bytes)", f"{m['fp32_onnx_bytes']:,}")
+    table.add_row("model.onnx (bytes)", f"{m['onnx_bytes']:,}")
+    table.add_row(".eslim file (bytes)", f"{m['bundle_bytes']:,}")
+    ratio = m["fp32_onnx_bytes"] / m["bundle_bytes"]
+    table.add_row("smaller than fp32 model.onnx", f"{ratio:.1f}x")
+    for entry in result.manifest["compression"]:
+        table.add_row(f"step: {entry['step']}", str(entry["params"]))
+    console.print(table)

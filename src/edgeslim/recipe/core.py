@@ -90,10 +90,31 @@ class Recipe:
         self.validate()
 
     def validate(self) -> None:
-        if not self.steps:
-            raise ConfigError("A recipe needs at least one step under 'steps:'.")
+        from edgeslim.recipe.steps import STEPS
+
+        seen_onnx = None
         for i, step in enumerate(self.steps):
             step.validate(i)
+            if STEPS[step.name].stage == "onnx":
+                seen_onnx = step.name
+            elif seen_onnx is not None:
+                raise ConfigError(
+                    f"Step {i + 1} ({step.name!r}) trains the torch model, but it comes after "
+                    f"{seen_onnx!r}, which works on the exported ONNX graph. List every torch "
+                    "step (prune, prune_structured, distill, quantize, finetune) first."
+                )
+
+    @property
+    def torch_steps(self) -> list[Step]:
+        from edgeslim.recipe.steps import STEPS
+
+        return [s for s in self.steps if STEPS[s.name].stage == "torch"]
+
+    @property
+    def onnx_steps(self) -> list[Step]:
+        from edgeslim.recipe.steps import STEPS
+
+        return [s for s in self.steps if STEPS[s.name].stage == "onnx"]
 
     @classmethod
     def from_dict(cls, raw: Any, *, source: str = "recipe") -> Recipe:

@@ -60,7 +60,7 @@ def weights_size_bytes(model: nn.Module, bits: int = 32) -> int:
 
 @torch.no_grad()
 def _latency_ms(model: nn.Module, example: Any, repeats: int = 50) -> float:
-    args = example if isinstance(example, tuple) else (example,)
+    args = tuple(example) if isinstance(example, (tuple, list)) else (example,)
     model.eval()
     for _ in range(5):
         model(*args)

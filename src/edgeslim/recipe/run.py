@@ -42,9 +42,10 @@ def run_recipe(
     ctx = RecipeContext(model=copy.deepcopy(model), teacher=original, workload=workload,
                         progress=progress)
     rows = [measure("original", original, workload)]
-    for i, step in enumerate(recipe.steps):
+    steps = recipe.torch_steps
+    for i, step in enumerate(steps):
         if progress:
-            n = len(recipe.steps)
+            n = len(steps)
             console.print(f"[bold cyan]step {i + 1}/{n}[/] {step.name} {step.params}")
         report = run_step(ctx, step.name, step.params)
         ctx.model.eval()

@@ -42,12 +42,31 @@ class RecipeContext:
         return self.workload.train
 
 
+@dataclass
+class OnnxContext:
+    """State of the ONNX stage: the exported model (``onnx.ModelProto``) and its workload."""
+
+    model: Any
+    workload: Any
+    compression: str = "deflate"
+    progress: bool = True
+    report_dir: Any = None
+    log: list[dict[str, Any]] = field(default_factory=list)
+
+
 @dataclass(frozen=True)
 class StepSpec:
+    """A step: how it runs, its keys with defaults, a cheap check, and its stage.
+
+    ``stage`` is ``"torch"`` (runs on the ``nn.Module``) or ``"onnx"`` (runs after export on
+    the ONNX graph); a recipe lists every torch step before the first onnx step.
+    """
+
     run: Callable[..., dict[str, Any] | None]
     defaults: dict[str, Any]
     check: Callable[..., None] | None = None
     summary: str = ""
+    stage: str = "torch"
 
     def keys(self) -> set[str]:
         return set(self.defaults)
@@ -204,6 +223,25 @@ def _run_finetune(ctx: RecipeContext, **p: Any) -> None:
         progress=ctx.progress)
 
 
+# -- pack (ONNX: Deep-Compression weight sharing + entropy-coded zip) --------------------------
+
+_PACK = {"bits": 5, "min_size": 256}
+
+
+def _check_pack(**p: Any) -> None:
+    check_int_range(p.get("bits", 5), "bits", "pack", 1, 8)
+    check_int_range(p.get("min_size", 256), "min_size", "pack", 1, 2**31)
+
+
+def _run_pack(octx: OnnxContext, **p: Any) -> dict[str, Any]:
+    from edgeslim.packing import share_weights
+
+    octx.model, report = share_weights(octx.model, bits=p["bits"], min_size=p["min_size"])
+    octx.compression = "lzma"
+    return {"packed_tensors": len(report.packed), "float_bytes": report.float_bytes,
+            "code_bytes": report.code_bytes}
+
+
 STEPS: dict[str, StepSpec] = {
     "prune": StepSpec(_run_prune, _PRUNE, _check_prune,
                       "unstructured magnitude pruning (weight clipping)"),
@@ -214,10 +252,12 @@ STEPS: dict[str, StepSpec] = {
     "quantize": StepSpec(_run_quant, _QUANT, _check_quant,
                          "quantization-aware training, weights snapped to the grid"),
     "finetune": StepSpec(_run_finetune, _FINETUNE, _check_finetune, "train on labels"),
+    "pack": StepSpec(_run_pack, _PACK, _check_pack,
+                     "weight sharing (k-means codebooks) + lzma entropy coding", stage="onnx"),
 }
 
 
-def run_step(ctx: RecipeContext, name: str, params: dict[str, Any]) -> dict[str, Any]:
+def run_step(ctx: Any, name: str, params: dict[str, Any]) -> dict[str, Any]:
     """Run one validated step with its defaults filled in; returns what it reports."""
     spec = STEPS[name]
     full = {**copy.deepcopy(spec.defaults), **params}

@@ -1,0 +1,126 @@
+"""Deep-Compression-style packing of an ONNX model: weight sharing plus entropy coding.
+
+After Han et al. 2016 ("Deep Compression"): pruned weights are clustered per layer with
+k-means into ``2**bits - 1`` shared values plus an exact zero, stored as ``uint8`` codes with a
+small float codebook, and the bundle's zip entry is lzma-compressed, which plays the part of
+the paper's Huffman coding (the long runs of the zero code cost almost nothing).
+
+The graph stays plain ONNX that stock onnxruntime runs: each packed weight is rebuilt by
+``Gather(codebook, Cast(codes, int32))``, which onnxruntime constant-folds when the session is
+created, so inference speed is that of the float model. This module is the project's own
+contribution; it needs numpy and onnx only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edgeslim._validate import check_int_range
+
+__all__ = ["PackReport", "kmeans_codebook", "share_weights"]
+
+_WEIGHT_INPUT = {"Conv": 1, "Gemm": 1, "MatMul": 1, "ConvTranspose": 1}
+
+
+@dataclass
+class PackReport:
+    """Which initializers were packed, with their sizes before/after (bytes, uncompressed)."""
+
+    packed: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def float_bytes(self) -> int:
+        return int(sum(v["float_bytes"] for v in self.packed.values()))
+
+    @property
+    def code_bytes(self) -> int:
+        return int(sum(v["code_bytes"] for v in self.packed.values()))
+
+
+def kmeans_codebook(
+    w: np.ndarray, bits: int, *, iters: int = 30
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cluster the non-zeros of ``w`` into ``2**bits - 1`` values; zeros keep code 0.
+
+    Returns ``(codebook, codes)``: ``codebook[0] == 0`` exactly, ``codes`` uint8 with
+    ``w``'s shape, and ``codebook[codes]`` approximates ``w`` (zeros reproduced exactly).
+    Centroids start evenly spaced between the extremes (the paper's linear initialisation,
+    which keeps the rare large weights represented).
+    """
+    check_int_range(bits, "bits", "kmeans_codebook", 1, 8)
+    flat = w.astype(np.float64).ravel()
+    nz = flat != 0
+    values = flat[nz]
+    k = min(2**bits - 1, max(1, len(np.unique(values))) if values.size else 1)
+    codes = np.zeros(flat.shape, dtype=np.uint8)
+    if values.size == 0:
+        return np.zeros(1, dtype=np.float32), codes.reshape(w.shape)
+    centroids = np.linspace(values.min(), values.max(), k)
+    for _ in range(iters):
+        assign = np.abs(values[:, None] - centroids[None, :]).argmin(1)
+        sums = np.bincount(assign, weights=values, minlength=k)
+        counts = np.bincount(assign, minlength=k)
+        moved = np.where(counts > 0, sums / np.maximum(counts, 1), centroids)
+        if np.allclose(moved, centroids):
+            break
+        centroids = moved
+    assign = np.abs(values[:, None] - centroids[None, :]).argmin(1)
+    # a centroid may land on 0.0 exactly; keep it distinct from the zero code anyway
+    codebook = np.concatenate([[0.0], centroids]).astype(np.float32)
+    codes[nz] = (assign + 1).astype(np.uint8)
+    return codebook, codes.reshape(w.shape)
+
+
+def share_weights(model, *, bits: int = 5, min_size: int = 256):  # type: ignore[no-untyped-def]
+    """Return a copy of ONNX ``model`` whose large weights are codebook-coded.
+
+    Only float32 initializers of at least ``min_size`` elements that feed the weight input of a
+    Conv/Gemm/MatMul are packed; biases and small tensors stay float. ``bits`` in [1, 8].
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    check_int_range(bits, "bits", "share_weights", 1, 8)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    weight_names = {
+        node.input[_WEIGHT_INPUT[node.op_type]]
+        for node in graph.node
+        if node.op_type in _WEIGHT_INPUT and len(node.input) > _WEIGHT_INPUT[node.op_type]
+    }
+    report = PackReport()
+    keep, decoders = [], []
+    for init in graph.initializer:
+        arr = numpy_helper.to_array(init)
+        if (
+            init.name not in weight_names
+            or arr.dtype != np.float32
+            or arr.size < min_size
+        ):
+            keep.append(init)
+            continue
+        codebook, codes = kmeans_codebook(arr, bits)
+        cb_name, code_name, idx_name = (f"{init.name}__codebook", f"{init.name}__codes",
+                                        f"{init.name}__idx")
+        keep.append(numpy_helper.from_array(codebook, cb_name))
+        keep.append(numpy_helper.from_array(codes, code_name))
+        int32 = onnx.TensorProto.INT32
+        decoders.append(helper.make_node("Cast", [code_name], [idx_name], to=int32))
+        decoders.append(helper.make_node("Gather", [cb_name, idx_name], [init.name], axis=0))
+        report.packed[init.name] = {
+            "elements": float(arr.size),
+            "float_bytes": float(arr.nbytes),
+            "code_bytes": float(codes.nbytes + codebook.nbytes),
+            "levels": float(len(codebook)),
+            "sparsity": float((arr == 0).mean()),
+        }
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(decoders + nodes)
+    onnx.checker.check_model(out)
+    return out, report
