@@ -1,0 +1,165 @@
+"""The controller's HTTP API (starlette): bundles by sha256 with Range, nodes, deployments.
+
+| method | path                          | what                                                  |
+|--------|-------------------------------|-------------------------------------------------------|
+| GET    | ``/healthz``                  | ``{"ok": true, "broker": "connected" ...}``           |
+| POST   | ``/bundles[?force=1]``        | body = the ``.eslim`` bytes; stores it by sha256       |
+| GET    | ``/bundles``                  | stored bundles                                        |
+| GET    | ``/bundles/SHA``              | the bundle bytes; ``Range: bytes=N-`` resumes (206)    |
+| GET    | ``/nodes``                    | every node (``online`` computed from ``last_seen``)    |
+| POST   | ``/deployments``              | ``{"bundle": SHA, "selector": {}, "params": {...}}``  |
+| GET    | ``/deployments[/ID]``         | deployments with their targets                        |
+| POST   | ``/deployments/ID/rollback``  | roll back (``latest`` for the newest)                 |
+| GET    | ``/records?kind=&node=&since=``| stored outbox records (telemetry, reports, results)  |
+
+Errors are JSON ``{"error": MESSAGE}`` with 400 (bad input), 404, 409 (conflict) or 422
+(a bundle that does not verify). Bundles are immutable, so their responses carry a strong
+``ETag`` (the sha256) and ``Cache-Control: immutable``; Range handling is starlette's.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from edgeslim.errors import BundleError, ConfigError, EdgeslimError, SignatureError
+from edgeslim.fleet.rollout import RolloutParams
+
+if TYPE_CHECKING:
+    from edgeslim.fleet.controller import Controller
+
+__all__ = ["build_app"]
+
+MAX_UPLOAD = 2 << 30
+
+
+def build_app(c: Controller) -> Any:
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.requests import Request
+    from starlette.responses import FileResponse, JSONResponse, Response
+    from starlette.routing import Route
+
+    def error(exc: Exception) -> JSONResponse:
+        if isinstance(exc, SignatureError):
+            status = 422
+        elif isinstance(exc, ConfigError) and (
+            "still running" in str(exc) or "already" in str(exc)
+        ):
+            status = 409
+        elif isinstance(exc, ConfigError) and str(exc).startswith("No "):
+            status = 404
+        elif isinstance(exc, (BundleError, ConfigError, EdgeslimError)):
+            status = 400
+        else:
+            raise exc
+        return JSONResponse({"error": str(exc)}, status_code=status)
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"ok": True, "broker": c.link.state.value, "time": time.time()})
+
+    async def upload(request: Request) -> Response:
+        size = int(request.headers.get("content-length") or 0)
+        if size > MAX_UPLOAD:
+            return JSONResponse({"error": f"bundle of {size} bytes over {MAX_UPLOAD}"}, 413)
+        data = await request.body()
+        force = request.query_params.get("force", "0") in ("1", "true", "yes")
+        try:
+            info = await run_in_threadpool(c.add_bundle, data, force=force)
+        except EdgeslimError as exc:
+            return error(exc)
+        return JSONResponse(info, status_code=201)
+
+    def list_bundles(request: Request) -> Response:
+        return JSONResponse(c.registry.bundles())
+
+    async def get_bundle(request: Request) -> Response:
+        sha = request.path_params["sha"]
+        try:
+            path = c.bundle_path(sha)
+        except ConfigError as exc:
+            return error(exc)
+        if not path.exists():
+            return JSONResponse({"error": f"No bundle {sha}"}, status_code=404)
+        c.downloads.append((sha, request.headers.get("range")))
+        headers = {"ETag": f'"{sha}"', "Cache-Control": "public, max-age=31536000, immutable"}
+        return FileResponse(path, headers=headers, media_type="application/zip")
+
+    def list_nodes(request: Request) -> Response:
+        now = time.time()
+        out = []
+        for n in c.registry.nodes():
+            d = n.to_dict()
+            d["online"] = n.state != "offline" and now - n.last_seen <= c.offline_after
+            d["age_s"] = round(now - n.last_seen, 3)
+            out.append(d)
+        return JSONResponse(out)
+
+    async def create_deployment(request: Request) -> Response:
+        try:
+            body = await request.json()
+            if not isinstance(body, dict) or not isinstance(body.get("bundle"), str):
+                raise ConfigError('A deployment needs a JSON body {"bundle": SHA256, ...}.')
+            selector = body.get("selector") or {}
+            if not isinstance(selector, dict):
+                raise ConfigError(f"'selector' must be an object of labels. Got {selector!r}.")
+            params = RolloutParams.from_dict(dict(body.get("params") or {}))
+            dep = await run_in_threadpool(
+                c.deploy, body["bundle"], {str(k): str(v) for k, v in selector.items()}, params
+            )
+        except ValueError as exc:
+            if isinstance(exc, EdgeslimError):
+                return error(exc)
+            return JSONResponse({"error": f"bad JSON body: {exc}"}, status_code=400)
+        except EdgeslimError as exc:
+            return error(exc)
+        row = c.registry.deployment(dep)
+        return JSONResponse(row.to_dict() if row else {"id": dep}, status_code=201)
+
+    def list_deployments(request: Request) -> Response:
+        return JSONResponse([d.to_dict() for d in c.registry.deployments()])
+
+    def get_deployment(request: Request) -> Response:
+        try:
+            dep = int(request.path_params["dep"])
+        except ValueError:
+            return JSONResponse({"error": "deployment id must be an integer"}, status_code=400)
+        row = c.registry.deployment(dep)
+        if row is None:
+            return JSONResponse({"error": f"No deployment {dep}"}, status_code=404)
+        return JSONResponse(row.to_dict())
+
+    def rollback(request: Request) -> Response:
+        raw = request.path_params["dep"]
+        try:
+            dep = c.rollback(None if raw == "latest" else int(raw))
+        except ValueError as exc:
+            if isinstance(exc, EdgeslimError):
+                return error(exc)
+            return JSONResponse({"error": "deployment id must be an integer or 'latest'"}, 400)
+        except EdgeslimError as exc:
+            return error(exc)
+        row = c.registry.deployment(dep)
+        return JSONResponse(row.to_dict() if row else {"id": dep}, status_code=202)
+
+    def records(request: Request) -> Response:
+        q = request.query_params
+        try:
+            since = float(q.get("since", "0"))
+        except ValueError:
+            return JSONResponse({"error": "'since' must be Unix seconds"}, status_code=400)
+        return JSONResponse(c.registry.records(node=q.get("node"), kind=q.get("kind"), since=since))
+
+    routes = [
+        Route("/healthz", healthz),
+        Route("/bundles", upload, methods=["POST"]),
+        Route("/bundles", list_bundles, methods=["GET"]),
+        Route("/bundles/{sha}", get_bundle, methods=["GET", "HEAD"]),
+        Route("/nodes", list_nodes),
+        Route("/deployments", create_deployment, methods=["POST"]),
+        Route("/deployments", list_deployments, methods=["GET"]),
+        Route("/deployments/{dep}", get_deployment),
+        Route("/deployments/{dep}/rollback", rollback, methods=["POST"]),
+        Route("/records", records),
+    ]
+    return Starlette(routes=routes)

@@ -1,0 +1,407 @@
+"""The fleet controller: registry, bundle store, rollouts; MQTT to nodes, HTTP to people.
+
+Threads: the MQTT link (network), ``ingest`` (applies broker messages to the registry in
+batches, then acks telemetry), one ``Rollout`` per active deployment, and uvicorn serving the
+HTTP API (``edgeslim.fleet.api``). The controller holds no state that is not in SQLite: after
+a restart it reads the registry and republishes every node's desired state.
+
+>>> c = Controller("mqtt://controller:pw@127.0.0.1:1883", "fleet-data",   # doctest: +SKIP
+...                public_key="keys/signing.pub", http_port=8700).start()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import queue
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from edgeslim.errors import BundleError, ConfigError, SignatureError
+from edgeslim.fleet.backoff import Backoff
+from edgeslim.fleet.link import MqttLink
+from edgeslim.fleet.protocol import (
+    PREFIX,
+    Ack,
+    BrokerURL,
+    Desired,
+    ProtocolError,
+    Record,
+    Status,
+    check_node_id,
+    check_sha256,
+    decode,
+    encode,
+    node_from_topic,
+    topic,
+)
+from edgeslim.fleet.registry import Registry
+from edgeslim.fleet.rollout import FINAL_STATES, Rollout, RolloutParams, pick_canaries
+
+__all__ = ["Controller"]
+
+log = logging.getLogger("edgeslim.fleet.controller")
+
+
+class Controller:
+    """Registry + bundle store + rollouts, reachable over MQTT (nodes) and HTTP (operators).
+
+    ``offline_after`` (s): a node silent that long is shown stale and is not targeted.
+    """
+
+    def __init__(
+        self,
+        broker: str | BrokerURL,
+        data_dir: str | os.PathLike[str],
+        *,
+        public_key: str | os.PathLike[str] | None = None,
+        http_host: str = "127.0.0.1",
+        http_port: int = 0,
+        offline_after: float = 30.0,
+        backoff: Backoff | None = None,
+        client_id: str = "edgeslim-controller",
+    ) -> None:
+        self.broker = broker if isinstance(broker, BrokerURL) else BrokerURL.parse(broker)
+        self.data = Path(data_dir)
+        self.bundles_dir = self.data / "bundles"
+        self.bundles_dir.mkdir(parents=True, exist_ok=True)
+        self.public_key = None
+        if public_key is not None:
+            from edgeslim.bundle import load_public_key
+
+            self.public_key = load_public_key(public_key)
+        self.offline_after = offline_after
+        self.registry = Registry(self.data / "registry.db")
+        self._queue: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self._changed = threading.Condition()
+        self._stop = threading.Event()
+        self._rollouts: dict[int, Rollout] = {}
+        self._rollout_lock = threading.Lock()
+        self.downloads: deque[tuple[str, str | None]] = deque(maxlen=10_000)  # (sha, Range)
+        self.link = MqttLink(
+            self.broker,
+            client_id,
+            subscriptions=[
+                (f"{PREFIX}/nodes/+/status", 1),
+                (f"{PREFIX}/nodes/+/telemetry", 1),
+                (f"{PREFIX}/results/#", 0),
+            ],
+            on_message=self._on_message,
+            on_connected=self._on_connected,
+            backoff=backoff,
+            name="controller",
+        )
+        self._ingest = threading.Thread(target=self._ingest_loop, name="ingest", daemon=True)
+        from edgeslim.fleet._http import ServerThread
+        from edgeslim.fleet.api import build_app
+
+        self.http = ServerThread(build_app(self), http_host, http_port, name="controller-http")
+        self.results: deque[dict[str, Any]] = deque(maxlen=1000)  # recent shared results
+
+    @property
+    def url(self) -> str:
+        return self.http.url
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self, wait: float = 10.0) -> Controller:
+        self._ingest.start()
+        self.http.start()
+        self.link.start(wait=wait)
+        # Deployments interrupted by a controller restart are rolled back: the soak they were
+        # in cannot be trusted after a gap.
+        for dep in self.registry.deployments():
+            if dep.state not in FINAL_STATES:
+                self._launch(
+                    dep.id, RolloutParams.from_dict(dep.params), abort="controller restarted"
+                )
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._rollout_lock:
+            rollouts = list(self._rollouts.values())
+        for r in rollouts:
+            r.join(2.0)
+        self.link.stop()
+        self.http.stop()
+        self._ingest.join(5.0)
+        self.registry.close()
+
+    def __enter__(self) -> Controller:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ change notification
+    def notify(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
+
+    def wait_change(self, timeout: float) -> None:
+        """Block until the registry changed (ingest committed) or ``timeout`` seconds passed."""
+        with self._changed:
+            self._changed.wait(timeout)
+
+    # ------------------------------------------------------------------ MQTT side
+    def _on_message(self, name: str, payload: bytes) -> None:
+        self._queue.put((name, payload))  # never block the network thread
+
+    def _on_connected(self) -> None:
+        # The broker may have restarted without its retained messages: publish them again.
+        for node, (dep, sha) in self.registry.latest_desired().items():
+            b = self.registry.bundle(sha)
+            if b is not None:
+                self.publish_desired(node, dep, sha, b, rollback=False, republish=True)
+
+    def publish_desired(
+        self,
+        node: str,
+        dep: int,
+        sha: str,
+        bundle: dict[str, Any],
+        rollback: bool,
+        republish: bool = False,
+    ) -> bool:
+        msg = Desired(
+            deployment=dep,
+            sha256=sha,
+            name=bundle["name"],
+            size=bundle["size"],
+            rollback=rollback,
+            ts=time.time(),
+        )
+        return self.link.publish(topic("desired", node), encode(msg), qos=1, retain=True)
+
+    def revert_node(self, node: str, dep: int, previous_sha: str | None) -> None:
+        """Desired state back to ``previous_sha``; with none, clear the retained desired."""
+        if previous_sha:
+            b = self.registry.bundle(previous_sha) or {"name": "", "size": 0}
+            self.publish_desired(node, dep, previous_sha, b, rollback=True)
+        else:
+            self.link.publish(topic("desired", node), b"", qos=1, retain=True)
+
+    def _ingest_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                first = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            batch = [first]
+            while len(batch) < 2000:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self._apply(batch)
+            except Exception:  # a bad batch is logged; its telemetry is resent and retried
+                log.exception("ingest of %d message(s) failed", len(batch))
+            self.notify()
+
+    def _apply(self, batch: list[tuple[str, bytes]]) -> None:
+        acks: dict[str, list[str]] = {}
+        now = time.time()
+        with self.registry.tx() as db:
+            for name, payload in batch:
+                if name.startswith(f"{PREFIX}/results/"):
+                    with contextlib.suppress(ProtocolError):
+                        self.results.append(decode(payload))
+                    continue
+                parsed = node_from_topic(name)
+                if parsed is None or not payload:
+                    continue
+                node, kind = parsed
+                try:
+                    data = decode(payload)
+                    if kind == "status":
+                        st = Status.from_dict(data)
+                        if st.id != node:
+                            raise ProtocolError(f"status of {st.id!r} on the topic of {node!r}")
+                        if st.state == "offline":
+                            Registry.mark_offline(db, node)
+                        else:
+                            Registry.upsert_status(db, st, now)
+                    elif kind == "telemetry":
+                        acks.setdefault(node, []).extend(self._apply_records(db, node, data, now))
+                except (ProtocolError, ConfigError) as exc:
+                    log.warning("dropped a message on %s: %s", name, exc)
+        # Committed: only now tell the nodes they may forget these records.
+        for node, ids in acks.items():
+            self.link.publish(topic("ack", node), encode(Ack(ids=ids)), qos=1)
+
+    def _apply_records(self, db: Any, node: str, data: dict[str, Any], now: float) -> list[str]:
+        check_node_id(node)
+        raw = data.get("records")
+        if not isinstance(raw, list):
+            raise ProtocolError("a telemetry batch needs a 'records' list")
+        ids: list[str] = []
+        stats = None
+        for item in raw:
+            rid = item.get("id") if isinstance(item, dict) else None
+            try:
+                rec = Record.from_dict(item)
+            except (ProtocolError, ConfigError, TypeError, ValueError) as exc:
+                log.warning("node %s sent a malformed record (acked and dropped): %s", node, exc)
+                if isinstance(rid, str):
+                    ids.append(rid)  # ack it, or the node would resend it forever
+                continue
+            ids.append(rec.id)
+            new = Registry.insert_records(db, node, [rec], now)
+            if rec.kind == "telemetry":
+                stats = rec.body
+            elif rec.kind == "report" and new:
+                self._apply_report(db, node, rec.body, now)
+        Registry.touch(db, node, now, stats)
+        return ids
+
+    @staticmethod
+    def _apply_report(db: Any, node: str, body: dict[str, Any], now: float) -> None:
+        dep = body.get("deployment")
+        if not isinstance(dep, int):
+            return
+        outcome = body.get("outcome")
+        detail = str(body.get("reason", ""))[:500]
+        if body.get("rollback"):
+            if outcome in ("installed", "already"):
+                db.execute(
+                    "UPDATE targets SET state='reverted', detail=?, updated=? "
+                    "WHERE deployment=? AND node=? AND state='rolled_back'",
+                    (detail or "serving the previous bundle", now, dep, node),
+                )
+            return
+        state = "installed" if outcome in ("installed", "already") else "failed"
+        Registry.report_target(db, dep, node, state, detail, now)  # never undoes a rollback
+
+    # ------------------------------------------------------------------ bundles
+    def bundle_path(self, sha: str) -> Path:
+        return self.bundles_dir / f"{check_sha256(sha)}.eslim"
+
+    def add_bundle(self, data: bytes, *, force: bool = False) -> dict[str, Any]:
+        """Store a bundle under its sha256; verify it against the controller's public key.
+
+        A bundle whose signature does not verify is refused (``SignatureError``) unless
+        ``force``: then it is stored unverified, and every node will still refuse it.
+        """
+        from edgeslim.bundle import read_bundle
+
+        sha = hashlib.sha256(data).hexdigest()
+        tmp = self.bundles_dir / f".{sha}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            verified = False
+            try:
+                b = read_bundle(
+                    tmp, public_key=self.public_key, require_signature=self.public_key is not None
+                )
+                verified = bool(b.verified)
+                manifest, name, version = b.manifest, b.name, b.version
+            except SignatureError:
+                if not force:
+                    raise
+                b = read_bundle(tmp)
+                manifest, name, version = b.manifest, b.name, b.version
+            except BundleError:
+                if not force:
+                    raise
+                manifest, name, version = {}, "unreadable", "?"
+            os.replace(tmp, self.bundle_path(sha))
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        self.registry.add_bundle(sha, name, version, len(data), verified, manifest)
+        return {"sha256": sha, "name": name, "version": version, "size": len(data),
+                "verified": verified}  # fmt: skip
+
+    # ------------------------------------------------------------------ deployments
+    def online_nodes(self, selector: dict[str, str] | None = None) -> list[Any]:
+        now = time.time()
+        return [
+            n
+            for n in self.registry.nodes(selector)
+            if n.state != "offline" and now - n.last_seen <= self.offline_after
+        ]
+
+    def deploy(
+        self, sha: str, selector: dict[str, str] | None = None, params: RolloutParams | None = None
+    ) -> int:
+        """Start a staged rollout of a stored bundle to the online nodes matching ``selector``."""
+        p = (params or RolloutParams()).validate()
+        check_sha256(sha, "bundle", "deploy")
+        bundle = self.registry.bundle(sha)
+        if bundle is None:
+            raise ConfigError(f"No bundle with sha256 {sha} on the controller; upload it first.")
+        if not bundle["verified"] and self.public_key is not None and not p.force:
+            raise SignatureError(
+                f"Bundle {sha[:12]} did not verify against the controller's public key; "
+                "refusing to deploy it (force=True deploys it anyway; nodes will still verify)."
+            )
+        with self._rollout_lock:
+            active = [d for d, r in self._rollouts.items() if r.is_alive()]
+            if active:
+                raise ConfigError(
+                    f"Deployment {active[0]} is still running; wait for it or roll it back first."
+                )
+            nodes = self.online_nodes(selector)
+            if not nodes:
+                raise ConfigError(f"No online node matches the selector {selector or {}}.")
+            ids = [n.id for n in nodes]
+            canaries = set(pick_canaries(ids, p.canary, sha))
+            targets = [
+                (n.id, "canary" if n.id in canaries else "rest", n.bundle_sha) for n in nodes
+            ]
+            dep = self.registry.create_deployment(
+                sha, selector or {}, p.canary, p.to_dict(), targets
+            )
+            self._launch(dep, p)
+        return dep
+
+    def _launch(self, dep: int, p: RolloutParams, abort: str | None = None) -> None:
+        r = Rollout(self, dep, p)
+        self._rollouts[dep] = r
+        if abort:
+            r.abort(abort)
+        r.start()
+
+    def rollout_finished(self, dep: int) -> None:
+        self.notify()
+
+    def rollback(self, dep: int | None = None, reason: str = "rollback requested") -> int:
+        """Roll back deployment ``dep`` (default: the latest); returns its id."""
+        if dep is None:
+            deps = self.registry.deployments(limit=1)
+            if not deps:
+                raise ConfigError("There is no deployment to roll back.")
+            dep = deps[0].id
+        row = self.registry.deployment(dep)
+        if row is None:
+            raise ConfigError(f"No deployment with id {dep}.")
+        with self._rollout_lock:
+            r = self._rollouts.get(dep)
+            if r is not None and r.is_alive():
+                r.abort(reason)
+                return dep
+            if row.state in ("rolled_back", "rolling_back"):
+                raise ConfigError(f"Deployment {dep} is already {row.state}.")
+            r = Rollout(self, dep, RolloutParams.from_dict(row.params), rollback_reason=reason)
+            self._rollouts[dep] = r
+            r.start()
+        return dep
+
+    def wait_deployment(self, dep: int, timeout: float) -> str:
+        """Block until deployment ``dep`` reaches a final state or ``timeout``; return its state."""
+        deadline = time.monotonic() + timeout
+        while True:
+            row = self.registry.deployment(dep)
+            state = row.state if row else "missing"
+            if state in FINAL_STATES or time.monotonic() > deadline:
+                return state
+            self.wait_change(0.2)

@@ -1,0 +1,553 @@
+"""The node agent: serve a model, follow the controller's desired state, never lose a record.
+
+Start-up order is what makes a restart safe: recover the bundle store (drop temporary files a
+kill -9 left), load the bundle ``current`` names (falling back along its history), start the
+V2 server, and only then talk to the broker. So the node answers with its last good model at
+once, whether or not the broker or the controller is reachable.
+
+Threads: the MQTT link, the outbox forwarder, ``worker`` (converges on the desired state:
+download with resume -> verify -> probe -> swap -> point ``current`` -> report), ``ticker``
+(status heartbeat and telemetry records) and, with ``share_results``, ``results``.
+
+Example::
+
+    cfg = NodeConfig(node_id="edge-1", broker="mqtt://node:pw@127.0.0.1:1883",
+                     controller="http://127.0.0.1:8700", data_dir="node-1",
+                     public_key="keys/signing.pub", port=9001)
+    node = Node(cfg).start()   # serves V2 on :9001, follows the controller
+    node.stop()
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import os
+import platform
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeslim._validate import check_int_range, check_positive
+from edgeslim.errors import BundleError, ConfigError, EdgeslimError
+from edgeslim.fleet.backoff import Backoff
+from edgeslim.fleet.link import MqttLink
+from edgeslim.fleet.offload import FleetMiddleware, Peers
+from edgeslim.fleet.outbox import Forwarder, Outbox
+from edgeslim.fleet.protocol import (
+    PREFIX,
+    Ack,
+    BrokerURL,
+    Desired,
+    ModelRef,
+    ProtocolError,
+    Result,
+    Status,
+    check_node_id,
+    decode,
+    encode,
+    node_from_topic,
+    topic,
+)
+from edgeslim.fleet.store import BundleStore
+
+__all__ = ["Node", "NodeConfig", "NodeState", "auto_labels"]
+
+log = logging.getLogger("edgeslim.fleet.node")
+
+
+class NodeState(enum.Enum):
+    """What the node is doing; it serves requests in every state but STARTING and STOPPED."""
+
+    STARTING = "starting"
+    EMPTY = "empty"  # serving nothing yet (no bundle ever installed)
+    SERVING = "serving"
+    DOWNLOADING = "downloading"
+    INSTALLING = "installing"  # verify, warm up, probe, swap
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+@dataclass
+class NodeConfig:
+    """Settings of one node agent (seconds; bytes per second for ``max_download_rate``)."""
+
+    node_id: str
+    broker: str
+    controller: str
+    data_dir: str | os.PathLike[str]
+    public_key: str | os.PathLike[str]
+    host: str = "127.0.0.1"
+    port: int = 0
+    labels: dict[str, str] = field(default_factory=dict)
+    heartbeat_s: float = 5.0
+    telemetry_s: float = 5.0
+    threads: int = 1  # onnxruntime intra-op threads
+    max_download_rate: float | None = None
+    download_attempts: int = 5
+    offload_threshold: int = 0  # in-flight infer requests before offloading; 0 = never
+    cloud_url: str | None = None
+    share_results: bool = False
+    measure_reference: bool = True
+    backoff_initial: float = 0.5
+    backoff_cap: float = 30.0
+    connect_wait: float = 5.0  # start(): how long to wait for the first CONNACK
+
+    def validate(self) -> NodeConfig:
+        f = "fleet node"
+        check_node_id(self.node_id, f)
+        check_int_range(self.port, "port", f, 0, 65535)
+        check_positive(self.heartbeat_s, "heartbeat_s", f)
+        check_positive(self.telemetry_s, "telemetry_s", f)
+        check_int_range(self.threads, "threads", f, 1, 256)
+        check_int_range(self.download_attempts, "download_attempts", f, 1, 1000)
+        check_int_range(self.offload_threshold, "offload_threshold", f, 0, 10**6)
+        if self.max_download_rate is not None:
+            check_positive(self.max_download_rate, "max_download_rate", f)
+        if not str(self.controller).startswith(("http://", "https://")):
+            raise ConfigError(
+                "The '--controller' option must be an http(s) URL. "
+                f"Got {self.controller!r} instead."
+            )
+        if not Path(self.public_key).is_file():
+            raise ConfigError(
+                f"The '--public-key' file {str(self.public_key)!r} does not exist; a node only "
+                "installs bundles signed by the key it pins (edgeslim keygen writes one)."
+            )
+        BrokerURL.parse(self.broker)
+        return self
+
+
+def _memory_mb() -> int:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20)
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def reference_latency_us(runs: int = 50) -> float:
+    """Median latency (microseconds) of the bundled reference model (64-64-10 MLP, 1 thread)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(
+        str(Path(__file__).with_name("reference.onnx")), opts, providers=["CPUExecutionProvider"]
+    )
+    x = np.linspace(0.0, 1.0, 64, dtype=np.float32).reshape(1, 64)
+    for _ in range(5):
+        sess.run(None, {"x": x})
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        sess.run(None, {"x": x})
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return round(times[len(times) // 2] * 1e6, 1)
+
+
+def auto_labels(measure: bool = True) -> dict[str, str]:
+    """What a node says about itself: device class, cores, memory, reference-model latency."""
+    labels = {
+        "device_class": platform.machine() or "unknown",
+        "cores": str(os.cpu_count() or 1),
+        "memory_mb": str(_memory_mb()),
+    }
+    if measure:
+        try:
+            labels["ref_latency_us"] = str(reference_latency_us())
+        except Exception as exc:  # an odd runtime must not keep a node from starting
+            log.warning("could not measure the reference model: %s", exc)
+    return labels
+
+
+class Node:
+    """A fleet node agent (see the module docstring). ``start()``, then ``stop()``."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.cfg = config.validate()
+        self.id = config.node_id
+        self.data = Path(config.data_dir)
+        self.data.mkdir(parents=True, exist_ok=True)
+        self.store = BundleStore(self.data)
+        self.controller = str(config.controller).rstrip("/")
+        self._state = NodeState.STARTING
+        self._health_note = ""  # why the last install failed ("" when it did not)
+        self._desired: Desired | None = None
+        self._handled: tuple[int, str, bool] | None = None
+        self._work = threading.Event()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._results: queue.SimpleQueue[tuple[str | None, bytes]] = queue.SimpleQueue()
+        self.labels: dict[str, str] = {}
+        self.peers = Peers(self.id, max_age=max(30.0, 3 * config.heartbeat_s))
+        self.outbox: Outbox | None = None
+        self.forwarder: Forwarder | None = None
+        self.link: MqttLink | None = None
+        self.serving: Any = None
+        self.middleware: FleetMiddleware | None = None
+        self.installs = 0  # successful swaps since start
+
+    # ------------------------------------------------------------------ state
+    @property
+    def state(self) -> NodeState:
+        return self._state
+
+    def _set_state(self, state: NodeState) -> None:
+        if state is not self._state:
+            self._state = state
+            self.publish_status()
+
+    @property
+    def model(self) -> ModelRef | None:
+        return self.serving.model if self.serving is not None else None
+
+    @property
+    def url(self) -> str:
+        return str(self.serving.url) if self.serving is not None else ""
+
+    def status(self) -> Status:
+        model = self.model
+        health = "down" if model is None else ("degraded" if self._health_note else "ok")
+        return Status(
+            id=self.id,
+            state=self._state.value,
+            health=health,
+            labels=self.labels,
+            model=model,
+            http=self.url,
+            queue=self.middleware.inflight if self.middleware else 0,
+            ts=time.time(),
+        )
+
+    def publish_status(self) -> bool:
+        if self.link is None:
+            return False
+        return self.link.publish(
+            topic("status", self.id), encode(self.status()), qos=1, retain=True
+        )
+
+    def record(self, kind: str, body: dict[str, Any]) -> str:
+        """Commit a record to the outbox (forwarded when the broker is reachable); its id."""
+        if self.outbox is None:
+            raise ConfigError("The node is not started.")
+        return self.outbox.put(kind, body).id
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> Node:
+        from edgeslim.bundle import load_public_key
+        from edgeslim.fleet.serving import Serving
+
+        removed = self.store.recover()
+        if removed:
+            log.info("%s: removed %d temporary file(s) left by a crash", self.id, len(removed))
+        self.outbox = Outbox(self.data / "outbox.db")
+        pub = load_public_key(self.cfg.public_key)
+
+        def wrap(app: Any) -> Any:
+            self.middleware = FleetMiddleware(
+                app,
+                node_id=self.id,
+                model_sha=lambda: self.model.sha256 if self.model else None,
+                peers=self.peers,
+                threshold=self.cfg.offload_threshold,
+                cloud_url=self.cfg.cloud_url,
+                on_result=self._on_result if self.cfg.share_results else None,
+            )
+            return self.middleware
+
+        self.serving = Serving(
+            host=self.cfg.host,
+            port=self.cfg.port,
+            public_key=pub,
+            threads=self.cfg.threads,
+            wrap=wrap,
+        )
+        self._restore()
+        self.serving.start()
+        self._state = NodeState.SERVING if self.model else NodeState.EMPTY
+        self.labels = {**auto_labels(self.cfg.measure_reference), **self.cfg.labels}
+
+        broker = BrokerURL.parse(self.cfg.broker)
+        will = Status(id=self.id, state="offline", labels=self.labels, ts=time.time())
+        self.link = MqttLink(
+            broker,
+            self.id,
+            subscriptions=[
+                (topic("desired", self.id), 1),
+                (topic("ack", self.id), 1),
+                (f"{PREFIX}/nodes/+/status", 0),
+            ],
+            on_message=self._on_message,
+            on_connected=self._on_connected,
+            will=(topic("status", self.id), encode(will), 1, True),
+            backoff=Backoff(initial=self.cfg.backoff_initial, cap=self.cfg.backoff_cap),
+            name=f"node {self.id}",
+        )
+        self.forwarder = Forwarder(
+            self.outbox, self.id, topic("telemetry", self.id), self._publish1
+        )
+        self.forwarder.start()
+        for target, name in ((self._worker, "worker"), (self._ticker, "ticker")):
+            self._spawn(target, name)
+        if self.cfg.share_results:
+            self._spawn(self._results_loop, "results")
+        self.link.start(wait=self.cfg.connect_wait)
+        return self
+
+    def _spawn(self, target: Any, name: str) -> None:
+        t = threading.Thread(target=target, name=f"{self.id}-{name}", daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _restore(self) -> None:
+        """Serve the last good bundle: ``current``, else the newest of its history that loads."""
+        for sha in self.store.candidates():
+            try:
+                ref = self.serving.swap(self.store.path(sha), sha)
+            except EdgeslimError as exc:
+                log.error("%s: installed bundle %s does not load: %s", self.id, sha[:12], exc)
+                continue
+            ptr = self.store.current()
+            if ptr is not None and ptr.sha256 != sha:
+                self.store.set_current(sha, ref.name)  # fell back: make it the pointer again
+            log.info("%s: serving %s (%s) from disk", self.id, ref.name, sha[:12])
+            return
+
+    def stop(self) -> None:
+        """Stop cleanly: goodbye status (offline), link, threads, server, outbox."""
+        self._state = NodeState.STOPPING
+        self._stop.set()
+        self._work.set()
+        for t in self._threads:
+            t.join(5.0)
+        if self.forwarder is not None:
+            self.forwarder.stop()
+        if self.link is not None:
+            bye = Status(id=self.id, state="offline", labels=self.labels, ts=time.time())
+            self.link.stop(final=[(topic("status", self.id), encode(bye), 1, True)])
+        if self.serving is not None:
+            self.serving.stop()
+        if self.outbox is not None:
+            self.outbox.close()
+        self._state = NodeState.STOPPED
+
+    def __enter__(self) -> Node:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ MQTT
+    def _publish1(self, name: str, payload: bytes) -> bool:
+        return self.link is not None and self.link.publish(name, payload, qos=1)
+
+    def _on_connected(self) -> None:
+        self.publish_status()
+        if self.forwarder is not None:
+            self.forwarder.on_connected()
+
+    def _on_message(self, name: str, payload: bytes) -> None:
+        parsed = node_from_topic(name)
+        if parsed is None:
+            return
+        node, kind = parsed
+        try:
+            if kind == "status":
+                self.peers.update(node, Status.from_dict(decode(payload)) if payload else None)
+            elif node != self.id:
+                return
+            elif kind == "ack" and self.forwarder is not None:
+                self.forwarder.on_ack(Ack.from_dict(decode(payload)).ids)
+            elif kind == "desired":
+                self._desired = Desired.from_dict(decode(payload)) if payload else None
+                self._work.set()
+        except (ProtocolError, ConfigError) as exc:
+            log.warning("%s: dropped a message on %s: %s", self.id, name, exc)
+
+    # ------------------------------------------------------------------ convergence
+    def _worker(self) -> None:
+        while not self._stop.is_set():
+            self._work.wait(1.0)
+            self._work.clear()
+            d = self._desired
+            if d is None or self._stop.is_set():
+                continue
+            key = (d.deployment, d.sha256, d.rollback)
+            if key == self._handled:
+                continue
+            try:
+                self._converge(d)
+            except Exception as exc:  # a bug here must not stop the node from serving
+                log.exception("%s: converging on %s failed", self.id, d.sha256[:12])
+                self._report(d, "failed", f"node error: {exc}", 0.0)
+            self._handled = key
+
+    def _report(self, d: Desired, outcome: str, reason: str, seconds: float) -> None:
+        self.record(
+            "report",
+            {
+                "deployment": d.deployment,
+                "bundle": d.sha256,
+                "rollback": d.rollback,
+                "outcome": outcome,
+                "reason": reason,
+                "seconds": round(seconds, 3),
+                "serving": self.model.bundle if self.model else None,
+            },
+        )
+        self.publish_status()
+
+    def _converge(self, d: Desired) -> None:
+        t0 = time.monotonic()
+        current = self.model
+        if current is not None and current.bundle == d.sha256:
+            self._health_note = ""
+            self._report(d, "already", "already serving it", 0.0)
+            return
+        refused = self.store.rejected(d.sha256)
+        if refused is not None:
+            self._report(d, "refused", refused, 0.0)
+            return
+        try:
+            path = self._download(d)
+        except BundleError as exc:
+            self._fail(d, "failed", str(exc), t0, reject=False)
+            return
+        if path is None:  # stopped, or the desired state moved on
+            return
+        self._set_state(NodeState.INSTALLING)
+        try:
+            ref = self.serving.swap(path, d.sha256)
+        except EdgeslimError as exc:
+            # Signature, hashes, corrupt archive, warm-up or probe: this bundle never serves.
+            self._fail(d, "refused", f"{type(exc).__name__}: {exc}", t0, reject=True)
+            return
+        self.store.set_current(d.sha256, ref.name)
+        self.installs += 1
+        self._health_note = ""
+        self._set_state(NodeState.SERVING)
+        log.info("%s: now serving %s (%s)", self.id, ref.name, d.sha256[:12])
+        self._report(d, "installed", "", time.monotonic() - t0)
+
+    def _fail(self, d: Desired, outcome: str, reason: str, t0: float, *, reject: bool) -> None:
+        log.warning("%s: bundle %s %s: %s", self.id, d.sha256[:12], outcome, reason)
+        if reject:
+            self.store.reject(d.sha256, reason)
+            cur = self.model
+            if cur is None or cur.bundle != d.sha256:
+                self.store.path(d.sha256).unlink(missing_ok=True)
+        self._health_note = reason
+        self._state = NodeState.SERVING if self.model else NodeState.EMPTY
+        self._report(d, outcome, reason, time.monotonic() - t0)
+
+    def _download(self, d: Desired) -> Path | None:
+        """The bundle file, fetched (and resumed) as needed; None when no longer wanted."""
+        import httpx
+
+        if self.store.has(d.sha256):
+            return self.store.path(d.sha256)
+        self._set_state(NodeState.DOWNLOADING)
+        backoff = Backoff(initial=self.cfg.backoff_initial, cap=self.cfg.backoff_cap)
+        url = f"{self.controller}/bundles/{d.sha256}"
+        last: Exception | None = None
+        with httpx.Client(timeout=httpx.Timeout(30.0, connect=5.0)) as client:
+            for attempt in range(self.cfg.download_attempts):
+                if self._stop.is_set() or self._desired is not d:
+                    return None
+                try:
+                    offset = self.store.resume_offset(d.sha256)
+                    if offset:
+                        log.info("%s: resuming %s at byte %d", self.id, d.sha256[:12], offset)
+                    return self.store.download(
+                        url,
+                        d.sha256,
+                        client=client,
+                        max_rate=self.cfg.max_download_rate,
+                        stop=self._stop,
+                    )
+                except (httpx.HTTPError, OSError, BundleError) as exc:
+                    last = exc
+                    if self._stop.is_set():
+                        return None
+                    log.info("%s: download attempt %d failed: %s", self.id, attempt + 1, exc)
+                    if self._stop.wait(backoff.next_delay()):
+                        return None
+        raise BundleError(
+            f"download of {d.sha256[:12]} failed {self.cfg.download_attempts} times: {last}"
+        )
+
+    # ------------------------------------------------------------------ telemetry
+    def _ticker(self) -> None:
+        next_beat = next_tel = time.monotonic()
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now >= next_beat:
+                self.publish_status()
+                next_beat = now + self.cfg.heartbeat_s
+            if now >= next_tel:
+                self._telemetry()
+                next_tel = now + self.cfg.telemetry_s
+            self._stop.wait(max(0.01, min(next_beat, next_tel) - time.monotonic()))
+
+    def _telemetry(self) -> None:
+        if self.middleware is None or self.outbox is None:
+            return
+        body = self.middleware.window.snapshot()
+        m = self.model
+        body.update(
+            model_sha=m.sha256 if m else None,
+            bundle=m.bundle if m else None,
+            queue=self.middleware.inflight,
+            outbox=self.outbox.count(),
+        )
+        try:
+            self.outbox.put("telemetry", body)
+        except Exception:
+            log.exception("%s: could not store telemetry", self.id)
+
+    def _on_result(self, model_sha: str | None, body: bytes) -> None:
+        self._results.put((model_sha, body))  # called on the event loop: never block it
+
+    def _results_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                first = self._results.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            items = [first]
+            while len(items) < 500:
+                try:
+                    items.append(self._results.get_nowait())
+                except queue.Empty:
+                    break
+            shared = []
+            for sha, raw in items:
+                try:
+                    doc = json.loads(raw)
+                except ValueError:
+                    continue
+                shared.append(
+                    (
+                        sha,
+                        Result(
+                            node=self.id,
+                            model_sha=sha or "",
+                            request_id=str(doc.get("id", "")),
+                            outputs=doc.get("outputs"),
+                        ),
+                    )
+                )
+            if self.outbox is not None and shared:
+                self.outbox.put_many([("result", r.to_dict()) for _, r in shared])
+            if self.link is not None:
+                for sha, r in shared:
+                    if sha:
+                        self.link.publish(topic("results", sha), encode(r), qos=0)

@@ -1,0 +1,239 @@
+"""A node's durable outbox (SQLite, WAL) and the forwarder that drains it over MQTT.
+
+Every record a node produces (stats, deployment reports, inference results) is committed here
+before anything else happens to it; ``put`` returns only after the commit (``synchronous =
+FULL``), so a record that was accepted survives a kill -9 or a power cut. The forwarder sends
+the oldest unacknowledged records, one batch in flight at a time, and deletes a record only
+when the controller's ack names it - and the controller acks only what it has committed. The
+result: nothing is lost, records arrive in ``seq`` order, and a record resent after a lost
+ack is recognised by its ``id`` and stored once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from edgeslim.fleet.protocol import RECORD_KINDS, Batch, Record, encode
+
+__all__ = ["Forwarder", "Outbox"]
+
+log = logging.getLogger("edgeslim.fleet.outbox")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    seq  INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused, even after deletes
+    id   TEXT NOT NULL UNIQUE,
+    kind TEXT NOT NULL,
+    ts   REAL NOT NULL,
+    body TEXT NOT NULL
+);
+"""
+
+
+class Outbox:
+    """Ordered, durable records with unique ids; thread-safe.
+
+    >>> box = Outbox(":memory:")
+    >>> r = box.put("event", {"msg": "hello"})
+    >>> [x.seq for x in box.pending(10)] == [r.seq]
+    True
+    >>> box.ack([r.id]), box.count()
+    (1, 0)
+    """
+
+    def __init__(self, path: str | Path, *, synchronous: str = "FULL") -> None:
+        if synchronous not in ("FULL", "NORMAL", "EXTRA"):
+            from edgeslim.errors import ConfigError
+
+            raise ConfigError(
+                "The 'synchronous' parameter of Outbox must be one of 'EXTRA', 'FULL', 'NORMAL'. "
+                f"Got {synchronous!r} instead."
+            )
+        if str(path) != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.path = str(path)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA synchronous={synchronous}")
+        self._db.executescript(_SCHEMA)
+        self._listeners: list[Callable[[], None]] = []
+
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` (no arguments, must not block) after each committed put."""
+        self._listeners.append(callback)
+
+    def put(self, kind: str, body: dict[str, Any], *, ts: float | None = None) -> Record:
+        """Commit one record and return it (with its ``seq`` and ``id``)."""
+        return self.put_many([(kind, body)], ts=ts)[0]
+
+    def put_many(
+        self, items: Iterable[tuple[str, dict[str, Any]]], *, ts: float | None = None
+    ) -> list[Record]:
+        """Commit several records in one transaction (one fsync)."""
+        now = time.time() if ts is None else ts
+        rows = []
+        for kind, body in items:
+            if kind not in RECORD_KINDS:
+                from edgeslim.errors import ConfigError
+
+                raise ConfigError(
+                    f"The 'kind' parameter of Outbox.put must be one of {RECORD_KINDS}. "
+                    f"Got {kind!r} instead."
+                )
+            rows.append(
+                (uuid.uuid4().hex, kind, now, json.dumps(body, separators=(",", ":")), body)
+            )
+        out: list[Record] = []
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for rid, kind, t, text, body in rows:
+                    cur = self._db.execute(
+                        "INSERT INTO outbox (id, kind, ts, body) VALUES (?, ?, ?, ?)",
+                        (rid, kind, t, text),
+                    )
+                    out.append(
+                        Record(id=rid, seq=int(cur.lastrowid or 0), kind=kind, ts=t, body=body)
+                    )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        for cb in self._listeners:
+            cb()
+        return out
+
+    def pending(self, limit: int, after_seq: int = 0) -> list[Record]:
+        """The oldest ``limit`` records with ``seq > after_seq``, in ``seq`` order."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, id, kind, ts, body FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
+                (after_seq, limit),
+            ).fetchall()
+        return [Record(id=i, seq=s, kind=k, ts=t, body=json.loads(b)) for s, i, k, t, b in rows]
+
+    def ack(self, ids: Iterable[str]) -> int:
+        """Delete the records the controller has saved; returns how many were deleted."""
+        ids = list(ids)
+        if not ids:
+            return 0
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            n = 0
+            for i in range(0, len(ids), 500):
+                chunk = ids[i : i + 500]
+                marks = ",".join("?" * len(chunk))
+                n += self._db.execute(f"DELETE FROM outbox WHERE id IN ({marks})", chunk).rowcount
+            self._db.execute("COMMIT")
+        return n
+
+    def count(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+class Forwarder:
+    """Drains an ``Outbox`` through a publish function, one batch in flight, resending on loss.
+
+    ``publish(topic, payload) -> bool`` returns False when the link is down. The forwarder
+    thread wakes on a new record, on ``on_connected()``, on an ack, or every ``tick`` seconds.
+    A batch not acknowledged within ``ack_timeout`` seconds, or in flight when the link was
+    lost, is sent again (the controller drops the duplicates by id).
+    """
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        node_id: str,
+        topic: str,
+        publish: Callable[[str, bytes], bool],
+        *,
+        batch: int = 200,
+        ack_timeout: float = 5.0,
+        tick: float = 0.5,
+    ) -> None:
+        self.outbox = outbox
+        self.node_id = node_id
+        self.topic = topic
+        self._publish = publish
+        self.batch = batch
+        self.ack_timeout = ack_timeout
+        self.tick = tick
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._inflight: set[str] = set()
+        self._sent_at = 0.0
+        self._thread: threading.Thread | None = None
+        self.sent_batches = 0
+        self.resent_batches = 0
+        outbox.subscribe(self._wake.set)
+
+    def start(self) -> Forwarder:
+        self._thread = threading.Thread(target=self._run, name="outbox-forwarder", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def on_connected(self) -> None:
+        """The link came (back) up: whatever was in flight may be lost, send it again."""
+        with self._lock:
+            self._inflight.clear()
+        self._wake.set()
+
+    def on_ack(self, ids: list[str]) -> None:
+        """The controller committed these ids: delete them, free the window."""
+        self.outbox.ack(ids)
+        with self._lock:
+            self._inflight.difference_update(ids)
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.tick)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            try:
+                self._step()
+            except Exception:  # keep forwarding after a transient error (e.g. disk full)
+                log.exception("outbox forwarder step failed")
+
+    def _step(self) -> None:
+        with self._lock:
+            if self._inflight and time.monotonic() - self._sent_at < self.ack_timeout:
+                return
+            resend = bool(self._inflight)
+        records = self.outbox.pending(self.batch)
+        if not records:
+            with self._lock:
+                self._inflight.clear()
+            return
+        payload = encode(Batch(node=self.node_id, records=records))
+        if not self._publish(self.topic, payload):
+            with self._lock:
+                self._inflight.clear()  # link down: resend when on_connected wakes us
+            return
+        with self._lock:
+            self._inflight = {r.id for r in records}
+            self._sent_at = time.monotonic()
+        self.sent_batches += 1
+        self.resent_batches += int(resend)

@@ -1,0 +1,235 @@
+"""A node's bundles on disk: resumable downloads, atomic installs, a ``current`` pointer.
+
+Layout under the node's data directory::
+
+    bundles/SHA.eslim     installed bundles, named by their sha256 (immutable)
+    downloads/SHA.part    a download in progress (resumed with HTTP Range after a crash)
+    current               JSON {"sha256", "name", "history": [older good shas]}
+    rejected/SHA          why a bundle was refused (so a retained desired state that names
+                          it is not downloaded again and again)
+
+Every file that matters is written to a temporary name, fsynced, then ``os.replace``d and
+the directory fsynced, so a kill -9 at any instant leaves either the old or the new file,
+never half of one. On start, ``recover()`` drops temporary files; ``current`` then names the
+last bundle that passed its checks, which the node serves at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeslim.errors import BundleError
+from edgeslim.fleet.protocol import check_sha256
+
+__all__ = ["BundleStore", "Pointer", "atomic_write"]
+
+log = logging.getLogger("edgeslim.fleet.store")
+
+CHUNK = 64 * 1024
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so a crash leaves the old content or the new, nothing else."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+@dataclass(frozen=True)
+class Pointer:
+    """What ``current`` says: the bundle to serve and the good ones before it (newest first)."""
+
+    sha256: str
+    name: str = ""
+    history: list[str] = field(default_factory=list)
+
+
+class BundleStore:
+    """Content-addressed bundle files of one node (see the module docstring for the layout)."""
+
+    def __init__(self, root: str | os.PathLike[str], *, keep: int = 3) -> None:
+        self.root = Path(root)
+        self.bundles = self.root / "bundles"
+        self.downloads = self.root / "downloads"
+        self.rejected_dir = self.root / "rejected"
+        for d in (self.bundles, self.downloads, self.rejected_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self.keep = keep
+
+    # ------------------------------------------------------------------ recovery
+    def recover(self) -> list[Path]:
+        """Remove temporary files a crash left behind; returns what was removed."""
+        removed = []
+        for d in (self.root, self.bundles, self.downloads, self.rejected_dir):
+            for p in d.glob(".*.tmp"):
+                with contextlib.suppress(OSError):
+                    p.unlink()
+                    removed.append(p)
+        return removed
+
+    # ------------------------------------------------------------------ pointer
+    def current(self) -> Pointer | None:
+        path = self.root / "current"
+        try:
+            data = json.loads(path.read_text())
+            return Pointer(
+                sha256=check_sha256(data["sha256"]),
+                name=str(data.get("name", "")),
+                history=[h for h in data.get("history", []) if isinstance(h, str)],
+            )
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError) as exc:  # cannot happen with atomic writes
+            log.error("ignoring an unreadable %s: %s", path, exc)
+            return None
+
+    def set_current(self, sha: str, name: str) -> Pointer:
+        """Point ``current`` at an installed bundle (atomically); older good ones go to history."""
+        check_sha256(sha)
+        if not self.path(sha).exists():
+            raise BundleError(f"Cannot point at bundle {sha[:12]}: it is not installed.")
+        old = self.current()
+        history: list[str] = []
+        if old is not None:
+            history = [h for h in [old.sha256, *old.history] if h != sha][: self.keep]
+        ptr = Pointer(sha256=sha, name=name, history=history)
+        body = {"sha256": sha, "name": name, "history": history, "updated": time.time()}
+        atomic_write(self.root / "current", json.dumps(body).encode())
+        self.gc()
+        return ptr
+
+    def candidates(self) -> list[str]:
+        """Installed bundles to try at start, best first: current, then its history."""
+        ptr = self.current()
+        if ptr is None:
+            return []
+        return [s for s in [ptr.sha256, *ptr.history] if self.path(s).exists()]
+
+    # ------------------------------------------------------------------ files
+    def path(self, sha: str) -> Path:
+        return self.bundles / f"{check_sha256(sha)}.eslim"
+
+    def has(self, sha: str) -> bool:
+        return self.path(sha).exists()
+
+    def gc(self) -> None:
+        """Delete installed bundles that are neither current nor in the kept history."""
+        ptr = self.current()
+        keep = set([ptr.sha256, *ptr.history]) if ptr else set()
+        for p in self.bundles.glob("*.eslim"):
+            if p.stem not in keep:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+
+    def reject(self, sha: str, reason: str) -> None:
+        atomic_write(self.rejected_dir / check_sha256(sha), reason.encode()[:2000])
+        with contextlib.suppress(OSError):
+            (self.downloads / f"{sha}.part").unlink()
+
+    def rejected(self, sha: str) -> str | None:
+        try:
+            return (self.rejected_dir / check_sha256(sha)).read_text()
+        except FileNotFoundError:
+            return None
+
+    # ------------------------------------------------------------------ download
+    def download(
+        self,
+        url: str,
+        sha: str,
+        *,
+        client: Any,
+        max_rate: float | None = None,
+        stop: threading.Event | None = None,
+        on_progress: Callable[[int, int | None], None] | None = None,
+    ) -> Path:
+        """Fetch ``url`` into ``downloads/SHA.part``, resuming with ``Range``; install it.
+
+        ``client`` is an ``httpx.Client``. ``max_rate`` caps bytes per second (constrained
+        links). The finished file must hash to ``sha`` or it is deleted and ``BundleError``
+        raised; a matching file is fsynced and moved to ``bundles/SHA.eslim`` atomically.
+        """
+        check_sha256(sha)
+        if self.has(sha):
+            return self.path(sha)
+        part = self.downloads / f"{sha}.part"
+        have = part.stat().st_size if part.exists() else 0
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        started = time.monotonic()
+        got = 0
+        with client.stream("GET", url, headers=headers) as resp:
+            if resp.status_code == 416:  # we already have every byte (or more): start over
+                part.unlink(missing_ok=True)
+                raise BundleError(f"The server refused the range {have}- for {sha[:12]}; retrying")
+            if resp.status_code == 404:
+                raise BundleError(f"The controller has no bundle {sha[:12]} ({url}).")
+            if resp.status_code not in (200, 206):
+                raise BundleError(f"Downloading {url} failed with HTTP {resp.status_code}.")
+            mode = "ab"
+            if resp.status_code == 200 and have:  # the server ignored Range: start again
+                mode, have = "wb", 0
+            total = resp.headers.get("content-length")
+            total_size = have + int(total) if total is not None else None
+            with open(part, mode) as f:
+                for chunk in resp.iter_bytes(CHUNK):
+                    if stop is not None and stop.is_set():
+                        raise BundleError("download interrupted by shutdown")
+                    f.write(chunk)
+                    got += len(chunk)
+                    if on_progress is not None:
+                        on_progress(have + got, total_size)
+                    if max_rate:
+                        ahead = got / max_rate - (time.monotonic() - started)
+                        if ahead > 0 and (stop or threading.Event()).wait(ahead):
+                            raise BundleError("download interrupted by shutdown")
+                f.flush()
+                os.fsync(f.fileno())
+        digest = hashlib.sha256()
+        with open(part, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() != sha:
+            part.unlink(missing_ok=True)
+            raise BundleError(
+                f"The downloaded bundle hashes to {digest.hexdigest()[:12]}, not {sha[:12]}: "
+                "corrupt in transit or on the controller; refused."
+            )
+        os.replace(part, self.path(sha))
+        _fsync_dir(self.bundles)
+        return self.path(sha)
+
+    def resume_offset(self, sha: str) -> int:
+        """Bytes of ``sha`` already downloaded (0 when none)."""
+        part = self.downloads / f"{check_sha256(sha)}.part"
+        return part.stat().st_size if part.exists() else 0
+
+    def describe(self) -> dict[str, Any]:
+        ptr = self.current()
+        return {
+            "current": ptr.sha256 if ptr else None,
+            "history": ptr.history if ptr else [],
+            "installed": sorted(p.stem for p in self.bundles.glob("*.eslim")),
+            "partial": sorted(p.stem for p in self.downloads.glob("*.part")),
+        }
