@@ -431,8 +431,8 @@ def read_bundle(
         except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, zlib.error,
                 lzma.LZMAError, struct.error, NotImplementedError, ValueError,
                 OverflowError, OSError) as exc:
-            raise BundleError(f"{label} is not a readable .eslim bundle (a zip): "
-                              f"{exc}.") from None
+            raise BundleError(f"{label} is not a readable .eslim bundle: it is truncated or "
+                              f"not a zip archive ({exc}).") from None
 
 
 def sign_bundle(
