@@ -479,9 +479,11 @@ class EdgeServer:
         self._server = self._thread = None
         self.executor.shutdown(wait=False, cancel_futures=True)
 
-    def serve_forever(self) -> None:
-        """Serve in this thread until SIGINT/SIGTERM (the CLI)."""
+    def serve_forever(self, announce: Callable[[str], None] | None = None) -> None:
+        """Serve in this thread until SIGINT/SIGTERM (the CLI); ``announce(url)`` once bound."""
         sock = self._socket()
+        if announce is not None:
+            announce(self.url)
         self._server = self._uvicorn()
         try:
             self._server.run(sockets=[sock])

@@ -1,0 +1,60 @@
+"""``edgeslim serve BUNDLE``: answer the Open Inference Protocol (KServe V2 REST) over HTTP.
+
+Exit codes: 0 after a clean shutdown (Ctrl-C / SIGTERM); 2 a bad bundle or argument; 4 a
+signature problem under ``--public-key``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+
+from edgeslim.errors import SignatureError
+
+TOKEN_ENV = "EDGESLIM_TOKEN"
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("serve")
+    def serve_cmd(
+        bundles: list[Path] = typer.Argument(..., help="One or more .eslim bundles to serve."),
+        port: int = typer.Option(8000, "--port", "-p", help="TCP port (0: any free port)."),
+        host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+        token: str = typer.Option(
+            None, "--token", envvar=TOKEN_ENV, show_envvar=True,
+            help="Require 'Authorization: Bearer TOKEN' (health checks stay open)."),
+        max_batch: int = typer.Option(
+            32, "--max-batch", help="Most rows per batched model run (1: no batching)."),
+        batch_window_ms: float = typer.Option(
+            2.0, "--batch-window-ms",
+            help="Most time a request waits for others to batch with (ms)."),
+        max_body_mb: float = typer.Option(16.0, "--max-body-mb", help="Largest request body."),
+        threads: int = typer.Option(
+            None, "--threads", help="onnxruntime intra-op threads per model (default: cores)."),
+        public_key: Path = typer.Option(
+            None, "--public-key", help="Refuse bundles not signed with this Ed25519 key."),
+    ) -> None:
+        """Serve bundles over HTTP: /v2/models/NAME/infer, /v2/health/*, /metrics."""
+        from rich.console import Console
+
+        from edgeslim.edge.server import EdgeServer
+
+        try:
+            server = EdgeServer(
+                [str(b) for b in bundles], host=host, port=port, token=token or None,
+                public_key=str(public_key) if public_key is not None else None,
+                max_batch=max_batch, batch_window_ms=batch_window_ms,
+                max_body_mb=max_body_mb, threads=threads,
+            )
+        except SignatureError as exc:
+            exc.exit_code = 4
+            raise
+        console = Console(stderr=True)
+        for m in server.models():
+            console.print(f"serving {m['name']} version {m['version']} "
+                          f"(batching {'on' if m['batching'] else 'off'})", highlight=False)
+        auth = "bearer token required" if token else "no auth"
+        server.serve_forever(lambda url: console.print(
+            f"listening on {url} ({auth}); pid {os.getpid()}", highlight=False))

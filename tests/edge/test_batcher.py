@@ -1,0 +1,136 @@
+"""Dynamic batching: results equal per-request runs, batches form, failures stay isolated."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from edgeslim.edge.batcher import Batcher, batch_key
+
+W = np.random.default_rng(0).normal(size=(8, 3)).astype(np.float32)
+
+
+class Model:
+    """x @ W, recording the rows of each call; a row of NaN makes the call fail."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.calls: list[int] = []
+        self.delay = delay
+        self.lock = threading.Lock()
+
+    def __call__(self, feeds):
+        x = feeds["x"]
+        with self.lock:
+            self.calls.append(x.shape[0])
+        if self.delay:
+            time.sleep(self.delay)
+        if np.isnan(x).any():
+            raise ValueError("NaN input")
+        return {"y": x @ W, "first": x[:, :1] * 2}
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with ThreadPoolExecutor(1) as ex:
+        yield ex
+
+
+def test_concurrent_requests_are_batched_and_split_back(pool):
+    model = Model(delay=0.01)
+    batcher = Batcher(model, pool, max_batch=16, window_ms=5)
+    rng = np.random.default_rng(1)
+    xs = [rng.normal(size=(int(rng.integers(1, 4)), 8)).astype(np.float32) for _ in range(20)]
+
+    async def main():
+        return await asyncio.gather(*(batcher.submit({"x": x}) for x in xs))
+
+    outs = _run(main())
+    for x, out in zip(xs, outs, strict=True):
+        np.testing.assert_allclose(out["y"], x @ W, rtol=1e-6)
+        np.testing.assert_array_equal(out["first"], x[:, :1] * 2)
+    assert sum(model.calls) == sum(len(x) for x in xs)
+    assert len(model.calls) < len(xs) and max(model.calls) <= 16
+
+
+def test_one_failing_request_does_not_fail_the_others(pool):
+    model = Model()
+    batcher = Batcher(model, pool, max_batch=32, window_ms=5)
+    xs = [np.ones((1, 8), np.float32) * i for i in range(6)]
+    xs[3] = np.full((1, 8), np.nan, np.float32)
+
+    async def main():
+        for _ in range(6):
+            batcher.expect()
+        return await asyncio.gather(*(batcher.submit({"x": x}, expected=True) for x in xs),
+                                    return_exceptions=True)
+
+    outs = _run(main())
+    assert isinstance(outs[3], ValueError)
+    for i in (0, 1, 2, 4, 5):
+        np.testing.assert_allclose(outs[i]["y"], xs[i] @ W, rtol=1e-6)
+    assert model.calls[0] == 6 and batcher.fallbacks == 1  # one batch, then one by one
+
+
+def test_incompatible_shapes_never_share_a_batch(pool):
+    model = Model()
+    batcher = Batcher(lambda f: {"y": f["x"].sum(axis=1)}, pool, max_batch=8, window_ms=1)
+    a = np.ones((2, 8), np.float32)
+    b = np.ones((2, 5), np.float32)
+
+    async def main():
+        return await asyncio.gather(batcher.submit({"x": a}), batcher.submit({"x": b}))
+
+    ra, rb = _run(main())
+    np.testing.assert_array_equal(ra["y"], [8, 8])
+    np.testing.assert_array_equal(rb["y"], [5, 5])
+    assert batch_key({"x": a}) != batch_key({"x": b}) and not model.calls
+
+
+def test_lone_request_does_not_wait_for_the_window(pool):
+    model = Model()
+    batcher = Batcher(model, pool, max_batch=8, window_ms=2000)  # a huge window
+
+    async def main():
+        t0 = time.perf_counter()
+        await batcher.submit({"x": np.ones((1, 8), np.float32)})
+        return time.perf_counter() - t0
+
+    assert _run(main()) < 1.0  # nobody else was admitted, so the 2 s window is skipped
+
+
+def test_window_waits_for_admitted_requests(pool):
+    model = Model()
+    batcher = Batcher(model, pool, max_batch=8, window_ms=2000)
+
+    async def late(x):
+        await asyncio.sleep(0.05)
+        return await batcher.submit({"x": x}, expected=True)
+
+    async def main():
+        batcher.expect()  # a second request has been admitted and is on its way
+        return await asyncio.gather(batcher.submit({"x": np.ones((1, 8), np.float32)}),
+                                    late(np.zeros((1, 8), np.float32)))
+
+    _run(main())
+    assert model.calls == [2]  # both ran in one batch
+
+
+def test_max_batch_one_runs_each_request_alone(pool):
+    model = Model()
+    batcher = Batcher(model, pool, max_batch=1, window_ms=5)
+
+    async def main():
+        return await asyncio.gather(*(batcher.submit({"x": np.ones((1, 8), np.float32)})
+                                      for _ in range(5)))
+
+    _run(main())
+    assert model.calls == [1] * 5

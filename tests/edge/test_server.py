@@ -1,0 +1,219 @@
+"""The edge server over real HTTP: stock tritonclient, raw endpoints, errors, auth, metrics."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from edgeslim.bundle import read_bundle
+from tests.edge.conftest import TOKEN, png_bytes
+
+th = pytest.importorskip("tritonclient.http")
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _ort(path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(read_bundle(path).model_bytes, opts,
+                                providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def triton(server):
+    c = th.InferenceServerClient(server.url.removeprefix("http://"))
+    yield c
+    c.close()
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_tritonclient_gets_outputs_bit_identical_to_onnxruntime(triton, edge_bundles, binary):
+    x = np.random.default_rng(5).normal(size=(3, 64)).astype(np.float32)
+    inp = th.InferInput("input", [3, 64], "FP32")
+    inp.set_data_from_numpy(x, binary_data=binary)
+    out = th.InferRequestedOutput("logits", binary_data=binary)
+    res = triton.infer("linear", [inp], outputs=[out], headers=AUTH, request_id="r1")
+    ref = _ort(edge_bundles["linear"]).run(None, {"input": x})[0]
+    got = res.as_numpy("logits")
+    assert got.dtype == np.float32 and got.shape == (3, 10)
+    assert got.tobytes() == ref.tobytes()
+    assert res.get_response()["model_version"] == "1" and res.get_response()["id"] == "r1"
+    ids = np.array([[1, 2, 0]], np.int64)
+    ti = [th.InferInput("input_ids", [1, 3], "INT64"),
+          th.InferInput("attention_mask", [1, 3], "INT64")]
+    ti[0].set_data_from_numpy(ids, binary_data=binary)
+    ti[1].set_data_from_numpy(np.array([[1, 1, 0]], np.int64), binary_data=binary)
+    emb = triton.infer("text", ti, headers=AUTH).as_numpy("token_embeddings")
+    ref = _ort(edge_bundles["text"]).run(None, {"input_ids": ids,
+                                                "attention_mask": np.array([[1, 1, 0]])})[0]
+    assert emb.tobytes() == ref.tobytes()
+
+
+def test_health_and_metadata_through_tritonclient(triton, server):
+    assert triton.is_server_live() and triton.is_server_ready(headers=AUTH)
+    assert triton.is_model_ready("linear", headers=AUTH)
+    assert not triton.is_model_ready("nope", headers=AUTH)
+    meta = triton.get_model_metadata("image", headers=AUTH)
+    assert meta == {
+        "name": "image", "versions": ["1"], "platform": "onnxruntime_onnx",
+        "inputs": [{"name": "pixels", "datatype": "FP32", "shape": [-1, 3, 16, 16]}],
+        "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 4]}],
+    }
+    assert triton.get_server_metadata(headers=AUTH)["name"] == "edgeslim"
+    assert server.store.get("linear").batcher is not None
+    assert server.store.get("linear1").batcher is None  # batch-1-only model: no batching
+
+
+def _infer_body(**change):
+    tensor = {"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [0.5] * 64}
+    tensor.update(change)
+    return {"inputs": [tensor]}
+
+
+BAD = [
+    ("linear", _infer_body(name="inp"), 400, "no input 'inp'"),
+    ("linear", _infer_body(shape=[1, 63], data=[0.5] * 63), 400, "expects [-1, 64]"),
+    ("linear", _infer_body(datatype="FP64"), 400, "expects FP32"),
+    ("linear", _infer_body(data=[0.5] * 10), 400, "has 10 values"),
+    ("linear1", _infer_body(shape=[2, 64], data=[0.5] * 128), 400, "expects [1, 64]"),
+    ("linear", {"inputs": [_infer_body()["inputs"][0]], "outputs": [{"name": "prob"}]}, 400,
+     "no output 'prob'"),
+    ("nope", _infer_body(), 404, "unknown model 'nope'"),
+    ("linear", b"{\"inputs\": [", 400, "not valid JSON"),
+    ("linear", b"\xff\xfe", 400, "not valid JSON"),
+]
+
+
+@pytest.mark.parametrize(("model", "body", "status", "phrase"), BAD)
+def test_bad_requests_get_v2_errors_naming_the_problem(client, model, body, status, phrase):
+    kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+    r = client.post(f"/v2/models/{model}/infer", **kw)
+    assert r.status_code == status, r.text
+    assert phrase in r.json()["error"]
+    assert client.get("/v2/health/live").status_code == 200
+
+
+def test_binary_header_problems_and_oversize_bodies(client):
+    head = json.dumps(_infer_body()).encode()
+    r = client.post("/v2/models/linear/infer", content=head,
+                    headers={"Inference-Header-Content-Length": str(len(head) + 5)})
+    assert r.status_code == 400 and "Inference-Header-Content-Length" in r.json()["error"]
+    big = b"[" + b"0," * 600_000 + b"0]"  # 1.2 MB > the 1 MiB limit
+    r = client.post("/v2/models/linear/infer", content=big)
+    assert r.status_code == 413 and "at most 1048576" in r.json()["error"]
+    r = client.post("/v2/models/linear/infer", content=iter([big[:700_000], big[700_000:]]))
+    assert r.status_code == 413  # chunked, no Content-Length
+    r = client.post("/v2/models/linear/infer", content=b"x", headers={"Content-Encoding": "br"})
+    assert r.status_code == 415
+    import gzip
+
+    r = client.post("/v2/models/linear/infer", content=gzip.compress(b"\0" * 3_000_000),
+                    headers={"Content-Encoding": "gzip"})
+    assert r.status_code == 413 and "decompresses" in r.json()["error"]
+    r = client.post("/v2/models/linear/infer", content=gzip.compress(head),
+                    headers={"Content-Encoding": "gzip"})
+    assert r.status_code == 200
+
+
+def test_auth(server):
+    import httpx
+
+    with httpx.Client(base_url=server.url) as anon:
+        assert anon.get("/v2/health/live").status_code == 200
+        assert anon.get("/v2/health/ready").status_code == 200
+        r = anon.get("/v2/models/linear")
+        assert r.status_code == 401 and "bearer token" in r.json()["error"]
+        assert r.headers["www-authenticate"] == "Bearer"
+        bad = {"Authorization": "Bearer nope"}
+        assert anon.post("/v2/models/linear/infer", json=_infer_body(),
+                         headers=bad).status_code == 401
+        assert anon.get("/metrics").status_code == 401
+        assert anon.post("/v2/repository/models/linear/unload").status_code == 401
+
+
+def test_raw_image_applies_manifest_pre_and_postprocessing(client, edge_bundles):
+    from edgeslim.edge.preprocess import Pipeline
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, size=(30, 40, 3), dtype=np.uint8)
+    img[..., 2] = 255  # blue dominates
+    data = png_bytes(img)
+    r = client.post("/v2/models/image/raw", content=data, headers={"Content-Type": "image/png"})
+    assert r.status_code == 200, r.text
+    m = read_bundle(edge_bundles["image"]).manifest
+    x = Pipeline(m["preprocessing"], inputs=m["inputs"]).apply(data)["pixels"]
+    logits = _ort(edge_bundles["image"]).run(None, {"pixels": x})[0]
+    doc = r.json()
+    np.testing.assert_allclose(doc["outputs"]["logits"], logits, rtol=1e-6)
+    best = int(np.argmax(logits[0]))
+    assert doc["topk"][0] == [{"index": best, "label": m["labels"][best],
+                               "score": pytest.approx(float(logits[0, best]))}]
+    r = client.post("/v2/models/image/raw", content=b"GIF89a not really")
+    assert r.status_code == 400 and "could not decode" in r.json()["error"]
+
+
+def test_raw_text_gives_pooled_normalised_embeddings(client, edge_bundles):
+    from tests.edge._bundles import embedding_table
+
+    r = client.post("/v2/models/text/raw", json=["the edge node", "small model runs here now"])
+    assert r.status_code == 200, r.text
+    emb = np.array(r.json()["outputs"]["token_embeddings"])
+    table = embedding_table()
+    # [CLS]=2 the=9 edge=4 node=5 [SEP]=3 ; [CLS] small=8 model=6 runs=12 here=13 now=14 [SEP]
+    for row, ids in zip(emb, [[2, 9, 4, 5, 3], [2, 8, 6, 12, 13, 14, 3]], strict=True):
+        ref = table[ids].mean(axis=0)
+        np.testing.assert_allclose(row, ref / np.linalg.norm(ref), rtol=1e-5, atol=1e-6)
+    plain = client.post("/v2/models/text/raw", content=b"the edge node",
+                        headers={"Content-Type": "text/plain"})
+    np.testing.assert_allclose(plain.json()["outputs"]["token_embeddings"][0], emb[0],
+                               rtol=1e-6)
+    r = client.post("/v2/models/text/raw", json={"text": 1})
+    assert r.status_code == 400 and "string" in r.json()["error"]
+
+
+def test_raw_sensor_stream(client, edge_bundles):
+    from edgeslim.edge.preprocess import Pipeline, PostPipeline
+
+    t = np.arange(160, dtype=float)
+    series = np.sin(t / 7).tolist()
+    series[10] = None
+    r = client.post("/v2/models/sensor/raw", json=series)
+    assert r.status_code == 200, r.text
+    m = read_bundle(edge_bundles["sensor"]).manifest
+    x = Pipeline(m["preprocessing"], inputs=m["inputs"]).apply(series)
+    assert x["input"].shape == (4, 64)  # windows at 0, 32, 64, 96
+    ref = PostPipeline(m["postprocessing"], labels=m["labels"]).apply(
+        {"logits": _ort(edge_bundles["sensor"]).run(None, x)[0]})
+    np.testing.assert_allclose(r.json()["outputs"]["logits"], ref["logits"], rtol=1e-5)
+    assert r.json()["topk"] == json.loads(json.dumps(ref["topk"]))
+    r = client.post("/v2/models/sensor/raw", json=[1.0, 2.0])
+    assert r.status_code == 400 and "at least 64 samples" in r.json()["error"]
+
+
+def test_metrics_expose_requests_latency_batches_and_model_version(client, edge_bundles):
+    client.post("/v2/models/linear/infer", json=_infer_body())
+    text = client.get("/metrics").text
+    sha = read_bundle(edge_bundles["linear"]).manifest["model"]["sha256"]
+    assert f'edgeslim_model_info{{model="linear",sha256="{sha}",version="1"}} 1.0' in text
+    assert 'edgeslim_requests_total{code="200",endpoint="infer",model="linear"}' in text
+    assert 'edgeslim_request_errors_total{code="404",endpoint="infer",model=""}' in text
+    assert 'edgeslim_request_latency_seconds_bucket{endpoint="infer",le="0.005",model="linear"}' \
+        in text
+    assert 'edgeslim_batch_size_count{model="linear"}' in text
+
+
+def test_repository_index_and_unknown_routes(client):
+    idx = client.post("/v2/repository/index").json()
+    assert {e["name"] for e in idx} == {"linear", "linear1", "image", "text", "sensor"}
+    r = client.get("/v2/models/linear/versions/7")
+    assert r.status_code == 404 and "no version '7'" in r.json()["error"]
+    assert client.get("/v2/models/linear/versions/1").status_code == 200
+    r = client.get("/v3/whatever")
+    assert r.status_code == 404 and r.json()["error"].startswith("no endpoint")
+    assert client.get("/v2/models/linear/infer").status_code == 405
+    r = client.post("/v2/repository/models/linear/load", json={"parameters": {}})
+    assert r.status_code == 400 and "bundle" in r.json()["error"]

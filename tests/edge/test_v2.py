@@ -1,0 +1,129 @@
+"""The V2 codec against the stock client's own encoder and decoder (tritonclient.http)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from edgeslim.edge.v2 import (
+    V2Error,
+    encode_infer_response,
+    parse_header_length,
+    parse_infer_request,
+    v2_shape,
+)
+
+th = pytest.importorskip("tritonclient.http")
+from tritonclient.http._utils import _get_inference_request  # noqa: E402
+
+DTYPES = ["FP32", "FP64", "FP16", "INT64", "INT32", "INT8", "UINT8", "UINT16", "BOOL"]
+
+
+def _client_body(arrays, binary: bool, outputs=None):
+    inputs = []
+    for name, (dt, arr) in arrays.items():
+        inp = th.InferInput(name, list(arr.shape), dt)
+        inp.set_data_from_numpy(arr, binary_data=binary)
+        inputs.append(inp)
+    return _get_inference_request(inputs, "req-7", outputs, 0, False, False, 0, None, None)
+
+
+def _sample(dt: str, shape, seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    np_dt = th.triton_to_np_dtype(dt)
+    if dt == "BOOL":
+        return rng.random(shape) > 0.5
+    if np.dtype(np_dt).kind in "iu":
+        return rng.integers(0, 100, size=shape).astype(np_dt)
+    return rng.normal(size=shape).astype(np_dt)
+
+
+@pytest.mark.parametrize("binary", [False, True])
+@pytest.mark.parametrize("dt", DTYPES)
+def test_parse_matches_tritonclient_encoding(dt, binary):
+    a = _sample(dt, (2, 3, 4))
+    b = _sample("FP32", (5,), seed=1)
+    body, json_size = _client_body({"a": (dt, a), "b": ("FP32", b)}, binary)
+    req = parse_infer_request(body, json_size)
+    assert req.id == "req-7" and [t.name for t in req.inputs] == ["a", "b"]
+    got = req.inputs[0].array
+    assert got.dtype == a.dtype and got.shape == a.shape
+    np.testing.assert_array_equal(got, a)
+    np.testing.assert_array_equal(req.inputs[1].array, b)
+    assert req.binary_output is True  # tritonclient asks for binary outputs by default
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_encoded_response_decodes_bit_identically_in_tritonclient(binary):
+    out = np.random.default_rng(3).normal(size=(3, 10)).astype(np.float32)
+    ids = np.arange(6, dtype=np.int64).reshape(2, 3)
+    req_outputs = [th.InferRequestedOutput("logits", binary_data=binary),
+                   th.InferRequestedOutput("ids", binary_data=not binary)]
+    body, size = _client_body({"x": ("FP32", out)}, True, req_outputs)
+    req = parse_infer_request(body, size)
+    content, headers = encode_infer_response("m", "3", req, {"logits": out, "ids": ids})
+    hl = headers.get("Inference-Header-Content-Length")
+    result = th.InferResult.from_response_body(content, header_length=int(hl) if hl else None)
+    got = result.as_numpy("logits")
+    assert got.tobytes() == out.tobytes()
+    np.testing.assert_array_equal(result.as_numpy("ids"), ids)
+    resp = result.get_response()
+    assert resp["model_name"] == "m" and resp["model_version"] == "3" and resp["id"] == "req-7"
+
+
+def _json_body(inputs, **extra) -> bytes:
+    return json.dumps({"inputs": inputs, **extra}).encode()
+
+
+GOOD = {"name": "x", "datatype": "FP32", "shape": [2, 2], "data": [1, 2, 3, 4]}
+
+
+@pytest.mark.parametrize(
+    ("body", "header", "pattern"),
+    [
+        (b"{not json", None, "not valid JSON"),
+        (b"[]", None, "must be a JSON object"),
+        (_json_body([]), None, "non-empty list"),
+        (_json_body([{**GOOD, "datatype": "FP31"}]), None, "datatype must be one of"),
+        (_json_body([{**GOOD, "datatype": "BYTES"}]), None, "not supported"),
+        (_json_body([{**GOOD, "shape": [2, -2]}]), None, "shape must be a list"),
+        (_json_body([{**GOOD, "data": [1, 2, 3]}]), None, "has 3 values .* needs 4"),
+        (_json_body([{**GOOD, "data": [1, 2, "a", 4]}]), None, "holds 'a'"),
+        (_json_body([{**GOOD, "datatype": "INT8", "data": [1, 2, 3, 400]}]), None,
+         "out of the range of INT8"),
+        (_json_body([{**GOOD, "datatype": "INT64", "data": [1, 2, 3.5, 4]}]), None,
+         "send integers"),
+        (_json_body([GOOD, GOOD]), None, "repeat a name"),
+        (_json_body([{k: v for k, v in GOOD.items() if k != "data"}]), None,
+         "neither 'data' nor binary_data_size"),
+        (_json_body([{**GOOD, "shape": [1 << 20, 1 << 20]}]), None, "elements; at most"),
+    ],
+)
+def test_malformed_requests_raise_v2_error_naming_the_problem(body, header, pattern):
+    with pytest.raises(V2Error, match=pattern) as info:
+        parse_infer_request(body, header, max_elements=1 << 24)
+    assert 400 <= info.value.status < 500
+
+
+def test_binary_size_mismatches_are_refused():
+    head = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [2],
+                                   "parameters": {"binary_data_size": 8}}]}).encode()
+    ok = parse_infer_request(head + np.float32([1, 2]).tobytes(), len(head))
+    np.testing.assert_array_equal(ok.inputs[0].array, [1, 2])
+    with pytest.raises(V2Error, match="only 4 remain"):
+        parse_infer_request(head + b"\0" * 4, len(head))
+    with pytest.raises(V2Error, match="no input claims"):
+        parse_infer_request(head + b"\0" * 12, len(head))
+    bad = head.replace(b'"binary_data_size": 8', b'"binary_data_size": 4')
+    with pytest.raises(V2Error, match="takes 8 bytes"):
+        parse_infer_request(bad + b"\0" * 4, len(bad))
+    with pytest.raises(V2Error, match="is 999 but the body has"):
+        parse_header_length("999", 10)
+    with pytest.raises(V2Error, match="must be an integer"):
+        parse_header_length("ten", 10)
+
+
+def test_v2_shape_marks_symbolic_dims():
+    assert v2_shape(["batch", 3, None, 224]) == [-1, 3, -1, 224]
