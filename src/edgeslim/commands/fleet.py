@@ -1,0 +1,336 @@
+"""``edgeslim fleet``: controller, node, deploy, status, rollback, demo.
+
+The long-running verbs (``controller``, ``node``) log to standard error and stop cleanly on
+SIGINT or SIGTERM. ``deploy``, ``status`` and ``rollback`` talk to the controller's HTTP API.
+Exit codes: 0 success, 1 a deployment that was rolled back or failed, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from edgeslim.errors import ConfigError
+
+fleet_app = typer.Typer(
+    name="fleet",
+    help="Run a fleet: a controller and edge nodes over MQTT; staged rollouts with rollback.",
+    no_args_is_help=True,
+)
+
+_BROKER_HELP = "MQTT broker URL: mqtt://USER:PASS@HOST:PORT"
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(fleet_app, name="fleet")
+
+
+def _logging(level: str) -> None:
+    import logging
+
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def _wait_for_signal() -> None:
+    """Block until SIGINT or SIGTERM."""
+    import signal
+    import threading
+
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    while not done.wait(0.5):
+        pass
+
+
+def _client(controller: str) -> Any:
+    import httpx
+
+    if not controller.startswith(("http://", "https://")):
+        raise ConfigError(f"--controller must be an http(s) URL. Got {controller!r} instead.")
+    return httpx.Client(base_url=controller.rstrip("/"), timeout=30.0)
+
+
+def _call(client: Any, method: str, path: str, **kw: Any) -> Any:
+    import httpx
+
+    try:
+        r = client.request(method, path, **kw)
+    except httpx.HTTPError as exc:
+        raise ConfigError(f"Cannot reach the controller at {client.base_url}: {exc}") from None
+    if r.status_code >= 400:
+        try:
+            msg = r.json().get("error", r.text)
+        except ValueError:
+            msg = r.text
+        raise ConfigError(f"The controller answered {r.status_code}: {msg}")
+    return r.json()
+
+
+# ---------------------------------------------------------------------- long-running verbs
+@fleet_app.command("controller")
+def controller_cmd(
+    broker: str = typer.Option(..., "--broker", help=_BROKER_HELP),
+    http_port: int = typer.Option(8700, "--http-port", help="HTTP API port."),
+    http_host: str = typer.Option("127.0.0.1", "--http-host", help="HTTP API address."),
+    data: Path = typer.Option(..., "--data", help="Directory for the registry and bundles."),
+    public_key: Path | None = typer.Option(
+        None, "--public-key", help="Ed25519 public key (PEM) that uploaded bundles must verify."
+    ),
+    offline_after: float = typer.Option(30.0, help="Seconds of silence before a node is stale."),
+    log_level: str = typer.Option("info", help="debug, info, warning or error."),
+) -> None:
+    """Run the fleet controller until SIGINT/SIGTERM."""
+    from edgeslim.fleet.controller import Controller
+
+    _logging(log_level)
+    c = Controller(
+        broker,
+        data,
+        public_key=public_key,
+        http_host=http_host,
+        http_port=http_port,
+        offline_after=offline_after,
+    )
+    c.start()
+    print(f"controller: HTTP {c.url}, broker {c.broker}", file=sys.stderr, flush=True)
+    try:
+        _wait_for_signal()
+    finally:
+        c.stop()
+
+
+@fleet_app.command("node")
+def node_cmd(
+    broker: str = typer.Option(..., "--broker", help=_BROKER_HELP),
+    node_id: str = typer.Option(..., "--id", help="Node id: [A-Za-z0-9_.-]{1,64}."),
+    port: int = typer.Option(8000, "--port", help="KServe V2 HTTP port."),
+    host: str = typer.Option("127.0.0.1", "--host", help="KServe V2 HTTP address."),
+    data: Path = typer.Option(..., "--data", help="Directory for bundles and the outbox."),
+    public_key: Path = typer.Option(..., "--public-key", help="Pinned Ed25519 public key."),
+    controller: str = typer.Option(..., "--controller", help="Controller HTTP URL."),
+    labels: str = typer.Option("", "--labels", help="Extra labels: k=v,k2=v2."),
+    heartbeat: float = typer.Option(5.0, help="Seconds between status heartbeats."),
+    telemetry: float = typer.Option(5.0, help="Seconds between telemetry records."),
+    threads: int = typer.Option(1, help="onnxruntime intra-op threads."),
+    max_download_rate: float | None = typer.Option(None, help="Download cap, bytes/s."),
+    offload_threshold: int = typer.Option(
+        0, help="In-flight requests before offloading to a peer (0: never)."
+    ),
+    cloud: str | None = typer.Option(None, help="Cloud-tier V2 base URL for offloading."),
+    share_results: bool = typer.Option(False, help="Publish outputs on edgeslim/results/SHA."),
+    measure: bool = typer.Option(True, help="Measure the reference model for the labels."),
+    log_level: str = typer.Option("info", help="debug, info, warning or error."),
+) -> None:
+    """Run a node agent until SIGINT/SIGTERM: serve V2, follow the controller."""
+    from edgeslim.fleet.node import Node, NodeConfig
+    from edgeslim.fleet.protocol import parse_labels
+
+    _logging(log_level)
+    cfg = NodeConfig(
+        node_id=node_id,
+        broker=broker,
+        controller=controller,
+        data_dir=data,
+        public_key=public_key,
+        host=host,
+        port=port,
+        labels=parse_labels(labels),
+        heartbeat_s=heartbeat,
+        telemetry_s=telemetry,
+        threads=threads,
+        max_download_rate=max_download_rate,
+        offload_threshold=offload_threshold,
+        cloud_url=cloud,
+        share_results=share_results,
+        measure_reference=measure,
+    )
+    node = Node(cfg).start()
+    model = node.model
+    print(
+        f"node {node.id}: V2 on {node.url}, serving "
+        f"{model.name + ' ' + model.bundle[:12] if model else 'nothing yet'}",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        _wait_for_signal()
+    finally:
+        node.stop()
+
+
+# ---------------------------------------------------------------------- operator verbs
+def _upload_or_sha(client: Any, bundle: str, force: bool) -> str:
+    import re
+
+    if re.fullmatch(r"[0-9a-f]{64}", bundle) and not Path(bundle).exists():
+        return bundle
+    path = Path(bundle)
+    if not path.is_file():
+        raise ConfigError(f"BUNDLE must be a .eslim file or a sha256 on the controller: {bundle!r}")
+    info = _call(
+        client,
+        "POST",
+        "/bundles",
+        content=path.read_bytes(),
+        params={"force": "1" if force else "0"},
+    )
+    return str(info["sha256"])
+
+
+def _wait_final(client: Any, dep: int, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        row = _call(client, "GET", f"/deployments/{dep}")
+        if row["state"] in ("succeeded", "rolled_back", "failed"):
+            return dict(row)
+        if time.monotonic() > deadline:
+            raise ConfigError(f"Deployment {dep} still {row['state']} after {timeout:g} s.")
+        time.sleep(0.3)
+
+
+def _print_deployment(row: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"deployment {row['id']}: {row['state']}  {row['reason']}".strip())
+    for col in ("node", "phase", "state", "previous", "detail"):
+        t.add_column(col)
+    for tg in row["targets"]:
+        prev = (tg["previous_sha"] or "-")[:12]
+        t.add_row(tg["node"], tg["phase"], tg["state"], prev, tg["detail"][:80])
+    wide_console().print(t)
+
+
+@fleet_app.command("deploy")
+def deploy_cmd(
+    bundle: str = typer.Argument(..., help="A .eslim file (uploaded first) or a stored sha256."),
+    controller: str = typer.Option(..., "--controller", help="Controller HTTP URL."),
+    selector: str = typer.Option("", "--selector", help="Target labels: k=v,k2=v2."),
+    canary: float = typer.Option(0.1, "--canary", help="Fraction of targets installed first."),
+    soak: float = typer.Option(10.0, "--soak", help="Seconds the canaries serve before the rest."),
+    max_error_rate: float = typer.Option(0.01, help="Allowed rise of the canary error rate."),
+    max_p99_ratio: float = typer.Option(3.0, help="Allowed canary/baseline p99 ratio."),
+    install_timeout: float = typer.Option(120.0, help="Seconds a node has to report."),
+    parallel: int = typer.Option(100, help="Nodes installing at once."),
+    force: bool = typer.Option(False, help="Deploy a bundle the controller cannot verify."),
+    wait: bool = typer.Option(True, help="Wait for the deployment to finish."),
+    timeout: float = typer.Option(600.0, help="Seconds to wait."),
+    as_json: bool = typer.Option(False, "--json", help="Print the deployment as JSON."),
+) -> None:
+    """Roll BUNDLE out: canaries first, then the rest; automatic rollback on failure."""
+    from edgeslim.fleet.protocol import parse_labels
+
+    with _client(controller) as client:
+        sha = _upload_or_sha(client, bundle, force)
+        body = {
+            "bundle": sha,
+            "selector": parse_labels(selector),
+            "params": {
+                "canary": canary,
+                "soak_s": soak,
+                "max_error_rate": max_error_rate,
+                "max_p99_ratio": max_p99_ratio,
+                "install_timeout_s": install_timeout,
+                "parallel": parallel,
+                "force": force,
+            },
+        }
+        row = _call(client, "POST", "/deployments", json=body)
+        if wait:
+            row = _wait_final(client, int(row["id"]), timeout)
+    if as_json:
+        print(json.dumps(row, indent=2))
+    else:
+        _print_deployment(row)
+    if wait and row["state"] != "succeeded":
+        raise typer.Exit(1)
+
+
+def wide_console() -> Any:
+    """A rich console at least 150 columns wide when output is not a terminal (logs, CI)."""
+    from rich.console import Console
+
+    c = Console()
+    return c if c.is_terminal else Console(width=150)
+
+
+def status_table(nodes: list[dict[str, Any]], title: str = "fleet") -> Any:
+    """A rich table of ``GET /nodes`` rows."""
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in ("node", "labels", "model", "version", "model sha256", "bundle", "health", "state",
+                "last seen"):  # fmt: skip
+        t.add_column(col, overflow="fold")
+    for n in nodes:
+        labels = ",".join(
+            f"{k}={v}" for k, v in sorted(n["labels"].items()) if k != "ref_latency_us"
+        )
+        health = n["health"] if n.get("online", True) else "offline"
+        style = {"ok": "green", "degraded": "yellow"}.get(health, "red")
+        t.add_row(
+            n["id"],
+            labels,
+            n.get("model_name") or "-",
+            n.get("model_version") or "-",
+            (n.get("model_sha") or "-")[:12],
+            (n.get("bundle_sha") or "-")[:12],
+            f"[{style}]{health}[/]",
+            n["state"],
+            f"{n.get('age_s', 0):.1f} s ago",
+        )
+    return t
+
+
+@fleet_app.command("status")
+def status_cmd(
+    controller: str = typer.Option(..., "--controller", help="Controller HTTP URL."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """List every node: id, labels, model name and sha256, health, last seen."""
+    with _client(controller) as client:
+        nodes = _call(client, "GET", "/nodes")
+    if as_json:
+        print(json.dumps(nodes, indent=2))
+        return
+    wide_console().print(status_table(nodes))
+
+
+@fleet_app.command("rollback")
+def rollback_cmd(
+    controller: str = typer.Option(..., "--controller", help="Controller HTTP URL."),
+    deployment: str = typer.Option("latest", "--deployment", help="Deployment id or 'latest'."),
+    wait: bool = typer.Option(True, help="Wait until the rollback is done."),
+    timeout: float = typer.Option(120.0, help="Seconds to wait."),
+) -> None:
+    """Roll a deployment back: every node it touched returns to its previous bundle."""
+    with _client(controller) as client:
+        row = _call(client, "POST", f"/deployments/{deployment}/rollback")
+        if wait:
+            row = _wait_final(client, int(row["id"]), timeout)
+    _print_deployment(row)
+
+
+@fleet_app.command("demo")
+def demo_cmd(
+    nodes: int = typer.Option(3, "--nodes", help="Node processes to start."),
+    bundle: list[Path] = typer.Option(
+        [], "--bundle", help="Two signed bundles (v1, v2) instead of compressing digits-mlp."
+    ),
+    key: Path | None = typer.Option(None, "--key-dir", help="Key dir for --bundle (signing.pub)."),
+    workdir: Path | None = typer.Option(None, "--workdir", help="Keep everything here."),
+) -> None:
+    """Broker + controller + NODES nodes on this machine; roll out v1 then v2 under traffic."""
+    from edgeslim.fleet.demo import run_demo
+
+    run_demo(nodes=nodes, bundles=bundle, key_dir=key, workdir=workdir)

@@ -1,0 +1,278 @@
+"""``edgeslim fleet demo``: a whole fleet on one machine, rolled forward under traffic.
+
+Starts Mosquitto, a controller and N node processes, compresses digits-mlp into two signed
+bundles (fp32 as v1, int8 as v2) unless given bundles, rolls v1 out, then v2 with a canary
+while a client sends inference requests to every node, prints the status table, and shuts
+everything down. Also home of helpers the tests and the scale bench share (``spawn_node``,
+``infer_request``, ``TrafficClient``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from edgeslim.errors import ConfigError
+
+__all__ = ["TrafficClient", "infer_request", "run_demo", "spawn_node", "wait_until"]
+
+
+def wait_until(predicate: Any, timeout: float, interval: float = 0.1, what: str = "") -> Any:
+    """Poll ``predicate()`` until truthy (returned) or raise ``TimeoutError`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+def spawn_node(
+    node_id: str,
+    *,
+    broker: str,
+    controller: str,
+    data: Path,
+    public_key: Path,
+    port: int,
+    labels: str = "",
+    extra: list[str] | None = None,
+    log: Path | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start ``edgeslim fleet node`` as a child process (its own process group)."""
+    cmd = [
+        sys.executable, "-m", "edgeslim.cli", "fleet", "node",
+        "--broker", broker, "--id", node_id, "--port", str(port), "--data", str(data),
+        "--public-key", str(public_key), "--controller", controller,
+    ]  # fmt: skip
+    if labels:
+        cmd += ["--labels", labels]
+    cmd += extra or []
+    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - handed to the child
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    try:
+        return subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            start_new_session=True,
+        )  # fmt: skip
+    finally:
+        if log:
+            out.close()  # type: ignore[union-attr]
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """SIGTERM, wait, then SIGKILL."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def infer_request(manifest: dict[str, Any], rows: int = 1) -> dict[str, Any]:
+    """A V2 infer body built from the manifest's probe inputs (first ``rows`` rows)."""
+    import numpy as np
+
+    from edgeslim.edge.v2 import NUMPY_TO_V2
+
+    probe = manifest.get("probe")
+    if not probe:
+        raise ConfigError(f"Bundle '{manifest.get('name')}' has no probe to build a request from.")
+    inputs = []
+    for spec in manifest["inputs"]:
+        arr = np.asarray(probe["inputs"][spec["name"]], dtype=spec["dtype"])[:rows]
+        inputs.append({
+            "name": spec["name"], "datatype": NUMPY_TO_V2[arr.dtype.name],
+            "shape": list(arr.shape), "data": arr.ravel().tolist(),
+        })  # fmt: skip
+    return {"inputs": inputs}
+
+
+class TrafficClient(threading.Thread):
+    """Sends V2 infer requests round-robin to ``urls`` until stopped; counts every outcome.
+
+    ``failures`` lists (url, status or exception text) of every request that did not get 200.
+    """
+
+    def __init__(self, urls: list[str], model: str, body: dict[str, Any], pause: float = 0.0):
+        super().__init__(name="traffic", daemon=True)
+        self.urls = list(urls)
+        self.model = model
+        self.body = body
+        self.pause = pause
+        self.ok = 0
+        self.failures: list[tuple[str, str]] = []
+        self.versions: dict[str, int] = {}
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        import httpx
+
+        with httpx.Client(timeout=10.0) as client:
+            i = 0
+            while not self._halt.is_set():
+                url = self.urls[i % len(self.urls)]
+                i += 1
+                try:
+                    r = client.post(f"{url}/v2/models/{self.model}/infer", json=self.body)
+                    if r.status_code == 200:
+                        self.ok += 1
+                        v = str(r.json().get("model_version"))
+                        self.versions[v] = self.versions.get(v, 0) + 1
+                    else:
+                        self.failures.append((url, f"HTTP {r.status_code}: {r.text[:200]}"))
+                except httpx.HTTPError as exc:
+                    self.failures.append((url, repr(exc)))
+                if self.pause:
+                    self._halt.wait(self.pause)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(15.0)
+
+
+def _make_bundles(work: Path, key: Path, console: Any) -> tuple[Path, Path]:
+    from edgeslim.errors import MissingDependencyError, require
+
+    try:
+        require("torch", "compress", "Building the demo bundles")
+    except MissingDependencyError as exc:
+        raise MissingDependencyError(
+            f"{exc} Or pass two bundles: --bundle v1.eslim --bundle v2.eslim"
+        ) from None
+    from edgeslim.errors import EdgeslimError
+    from edgeslim.pipeline import compress
+
+    console.print("compressing digits-mlp with preset fp32 -> v1.eslim ...")
+    v1 = Path(compress("digits-mlp", out=work / "v1.eslim", preset="fp32", sign_key=key,
+                       name="digits-mlp", progress=False).bundle)  # fmt: skip
+    console.print("compressing digits-mlp with preset int8 -> v2.eslim ...")
+    try:
+        v2 = Path(compress("digits-mlp", out=work / "v2.eslim", preset="int8", sign_key=key,
+                           name="digits-mlp", progress=False).bundle)  # fmt: skip
+    except EdgeslimError as exc:  # keep the demo about the fleet: re-version v1 instead
+        console.print(f"[yellow]int8 compression failed ({exc}); v2 = v1's model as version 2")
+        v2 = _reversion(v1, work / "v2.eslim", key, "2")
+    return v1, v2
+
+
+def _reversion(src: Path, out: Path, key: Path, version: str) -> Path:
+    """The bundle ``src`` with a new version string (so a new sha256), signed with ``key``."""
+    from edgeslim.bundle import read_bundle, write_bundle
+
+    b = read_bundle(src)
+    m = {k: v for k, v in b.manifest.items() if k not in ("model", "files", "format", "created")}
+    m["version"] = version
+    return write_bundle(
+        out, model_onnx=b.model_bytes, manifest=m, extra_files=b.files, sign_key=key
+    )
+
+
+def run_demo(
+    *,
+    nodes: int = 3,
+    bundles: list[Path] | None = None,
+    key_dir: Path | None = None,
+    workdir: Path | None = None,
+) -> None:
+    """See the module docstring. Raises ``MissingDependencyError`` without Mosquitto."""
+    import httpx
+
+    from edgeslim.bundle import generate_keypair, read_bundle
+    from edgeslim.commands.fleet import status_table, wide_console
+    from edgeslim.fleet.broker import Broker, free_port, mosquitto_path
+    from edgeslim.fleet.controller import Controller
+    from edgeslim.fleet.rollout import RolloutParams
+
+    console = wide_console()
+    mosquitto_path()  # a clear message on how to install it, before any work
+    if bundles and len(bundles) != 2:
+        raise ConfigError(f"--bundle must be given twice (v1 and v2). Got {len(bundles)}.")
+    own = workdir is None
+    work = Path(workdir or tempfile.mkdtemp(prefix="edgeslim-fleet-demo-"))
+    work.mkdir(parents=True, exist_ok=True)
+    procs: list[subprocess.Popen[bytes]] = []
+    broker = controller = traffic = None
+    try:
+        if bundles:
+            if key_dir is None:
+                raise ConfigError(
+                    "--bundle needs --key-dir holding the signing.pub they verify with."
+                )
+            pub = key_dir / "signing.pub"
+            v1, v2 = bundles
+        else:
+            key, pub = generate_keypair(work / "keys")
+            v1, v2 = _make_bundles(work, Path(key), console)
+        manifest = read_bundle(v1).manifest
+        broker = Broker({"controller": os.urandom(8).hex(), "node": os.urandom(8).hex()},
+                        workdir=work / "broker").start()  # fmt: skip
+        console.print(f"broker: mosquitto on 127.0.0.1:{broker.port}")
+        controller = Controller(broker.url("controller"), work / "controller", public_key=pub,
+                                offline_after=15.0).start()  # fmt: skip
+        console.print(f"controller: {controller.url}")
+        ports = [free_port() for _ in range(nodes)]
+        for i, port in enumerate(ports):
+            procs.append(spawn_node(
+                f"edge-{i + 1}", broker=broker.url("node"), controller=controller.url,
+                data=work / f"node-{i + 1}", public_key=Path(pub), port=port,
+                labels=f"site=demo,tier={'a' if i % 2 == 0 else 'b'}",
+                extra=["--heartbeat", "1", "--telemetry", "1"], log=work / f"node-{i + 1}.log",
+            ))  # fmt: skip
+        wait_until(lambda: len(controller.online_nodes()) == nodes, 90, 0.2, "the nodes to join")
+        console.print(f"{nodes} nodes joined")
+        params = RolloutParams(canary=1 / nodes, soak_s=3.0, install_timeout_s=60.0)
+        with httpx.Client(base_url=controller.url) as client:
+            shas = [client.post("/bundles", content=Path(b).read_bytes()).json()["sha256"]
+                    for b in (v1, v2)]  # fmt: skip
+        for version, sha in zip(("v1", "v2"), shas, strict=True):
+            if version == "v2":
+                urls = [f"http://127.0.0.1:{p}" for p in ports]
+                traffic = TrafficClient(urls, manifest["name"], infer_request(manifest))
+                traffic.start()
+                console.print("traffic: a client sends requests to every node from now on")
+            t0 = time.monotonic()
+            dep = controller.deploy(sha, params=params)
+            state = controller.wait_deployment(dep, 180)
+            row = controller.registry.deployment(dep)
+            console.print(f"deploy {version} ({sha[:12]}): {state} in "
+                          f"{time.monotonic() - t0:.1f} s {row.reason if row else ''}")  # fmt: skip
+        if traffic is not None:
+            time.sleep(1.0)
+            traffic.stop()
+            console.print(f"traffic: {traffic.ok} answered, {len(traffic.failures)} failed, "
+                          f"by model version {traffic.versions}")  # fmt: skip
+        now = time.time()
+        rows = []
+        for n in controller.registry.nodes():
+            d = n.to_dict()
+            d["online"] = n.state != "offline"
+            d["age_s"] = now - n.last_seen
+            rows.append(d)
+        console.print(status_table(rows, title="edgeslim fleet status"))
+    finally:
+        if traffic is not None and traffic.is_alive():
+            traffic.stop()
+        for p in procs:
+            stop_process(p)
+        if controller is not None:
+            controller.stop()
+        if broker is not None:
+            broker.stop()
+        if own:
+            shutil.rmtree(work, ignore_errors=True)
+        with contextlib.suppress(Exception):
+            console.print("demo: everything stopped")
