@@ -106,7 +106,7 @@ def _params(d: Mapping[str, Any], where: str) -> Mapping[str, Any]:
     p = d.get("parameters", {})
     if p is None:
         return {}
-    return _obj(p, f"{where}.parameters")
+    return _obj(p, f"{where}: 'parameters'")
 
 
 def _shape(value: Any, where: str, max_elements: int) -> list[int]:
@@ -116,28 +116,28 @@ def _shape(value: Any, where: str, max_elements: int) -> list[int]:
         or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value)
     ):
         raise V2Error(
-            f"{where}.shape must be a list of at most {MAX_RANK} ints >= 0; got {value!r}"[:300]
+            f"{where}: 'shape' must be a list of at most {MAX_RANK} ints >= 0; got {value!r}"[:300]
         )
     count = math.prod(value)
     if count > max_elements:
-        raise V2Error(f"{where}.shape {value} has {count} elements; at most {max_elements}", 413)
+        raise V2Error(f"{where}: 'shape' {value} has {count} elements; at most {max_elements}", 413)
     return list(value)
 
 
 def _datatype(value: Any, where: str) -> str:
     if value in _UNSUPPORTED:
-        raise V2Error(f"{where}.datatype {value} ({_UNSUPPORTED[value]}) is not supported; "
+        raise V2Error(f"{where}: 'datatype' {value} ({_UNSUPPORTED[value]}) is not supported; "
                       f"send numeric tensors ({', '.join(V2_TO_NUMPY)})")
     if value not in V2_TO_NUMPY:
         raise V2Error(
-            f"{where}.datatype must be one of {', '.join(V2_TO_NUMPY)}; got {value!r}"[:300]
+            f"{where}: 'datatype' must be one of {', '.join(V2_TO_NUMPY)}; got {value!r}"[:300]
         )
     return str(value)
 
 
 def _flatten(data: Any, out: list[Any], where: str, depth: int = 0) -> None:
     if depth > MAX_RANK:
-        raise V2Error(f"{where}.data nests deeper than {MAX_RANK} levels")
+        raise V2Error(f"{where}: 'data' nests deeper than {MAX_RANK} levels")
     for item in data:
         if isinstance(item, list):
             _flatten(item, out, where, depth + 1)
@@ -221,7 +221,7 @@ def parse_infer_request(
         item = _obj(item, where)
         name = item.get("name")
         if not isinstance(name, str) or not name:
-            raise V2Error(f"{where}.name must be a non-empty string")
+            raise V2Error(f"{where}: 'name' must be a non-empty string")
         where = f"input '{name}'"[:200]
         datatype = _datatype(item.get("datatype"), where)
         shape = _shape(item.get("shape"), where, max_elements)

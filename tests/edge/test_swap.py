@@ -1,0 +1,125 @@
+"""Hot swap under concurrent load: zero failed requests, failed loads keep the old model."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from edgeslim.bundle import generate_keypair, read_bundle
+from tests.edge._bundles import linear_bundle
+
+TOKEN = "swap-token"
+X = np.linspace(-1, 1, 64, dtype=np.float32).reshape(1, 64)
+
+
+@pytest.fixture(scope="module")
+def signed(tmp_path_factory):
+    d = tmp_path_factory.mktemp("swap")
+    key, pub = generate_keypair(d / "keys")
+    paths = {
+        "v1": linear_bundle(d / "v1.eslim", seed=0, version="1", sign_key=key),
+        "v2": linear_bundle(d / "v2.eslim", seed=1, version="2", sign_key=key),
+        "unsigned": linear_bundle(d / "unsigned.eslim", seed=2, version="3"),
+        "other": linear_bundle(d / "other.eslim", name="other", sign_key=key),
+    }
+    corrupt = d / "corrupt.eslim"
+    corrupt.write_bytes(paths["v2"].read_bytes()[:-300])
+    paths["corrupt"] = corrupt
+    paths["missing"] = d / "missing.eslim"
+    return paths, pub
+
+
+def _expected(path):
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(read_bundle(path).model_bytes, providers=["CPUExecutionProvider"])
+    return sess.run(None, {"input": X})[0]
+
+
+def test_zero_failed_requests_during_repeated_swaps(signed):
+    import httpx
+
+    from edgeslim.edge.server import EdgeServer
+
+    paths, pub = signed
+    expected = {"1": _expected(paths["v1"]), "2": _expected(paths["v2"])}
+    assert not np.allclose(expected["1"], expected["2"])
+    server = EdgeServer([paths["v1"]], token=TOKEN, public_key=pub, threads=1).start()
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64],
+                        "data": X.ravel().tolist()}]}
+    stop = threading.Event()
+    failures: list[str] = []
+    seen: dict[str, int] = {"1": 0, "2": 0}
+    lock = threading.Lock()
+
+    def client_loop():
+        with httpx.Client(base_url=server.url, headers=headers, timeout=30) as c:
+            for _ in range(3000):  # bounded; normally ended by `stop`
+                if stop.is_set():
+                    return
+                r = c.post("/v2/models/linear/infer", json=body)
+                with lock:
+                    if r.status_code != 200:
+                        failures.append(f"{r.status_code} {r.text[:200]}")
+                        continue
+                    doc = r.json()
+                    version = doc["model_version"]
+                    got = np.array(doc["outputs"][0]["data"], np.float32).reshape(1, 10)
+                    if not np.allclose(got, expected[version], rtol=1e-5, atol=1e-6):
+                        failures.append(f"version {version} answered with the wrong model")
+                    seen[version] += 1
+
+    threads = [threading.Thread(target=client_loop) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        with httpx.Client(base_url=server.url, headers=headers, timeout=60) as admin:
+            bad = {"unsigned": 403, "corrupt": 422, "missing": 422, "other": 400}
+            for i in range(6):
+                time.sleep(0.15)
+                target = "v2" if i % 2 == 0 else "v1"
+                if i % 3 == 0:  # the Python method the node agent calls
+                    info = server.swap(paths[target], name="linear")
+                else:
+                    r = admin.post("/v2/repository/models/linear/load",
+                                   json={"parameters": {"bundle": str(paths[target])}})
+                    assert r.status_code == 200, r.text
+                    info = r.json()["loaded"]
+                assert info["version"] == target[1:]
+                kind = list(bad)[i % len(bad)]
+                r = admin.post("/v2/repository/models/linear/load",
+                               json={"parameters": {"bundle": str(paths[kind])}})
+                assert r.status_code == bad[kind], (kind, r.text)
+                assert admin.get("/v2/models/linear").json()["versions"] == [target[1:]]
+            time.sleep(0.15)
+            metrics = admin.get("/metrics").text
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+        server.stop()
+    assert failures == []
+    assert seen["1"] > 20 and seen["2"] > 20, seen
+    assert 'edgeslim_model_loads_total{model="linear",result="ok"} 7.0' in metrics
+    assert 'edgeslim_model_info{model="linear"' in metrics and 'version="1"}' in metrics
+    assert 'version="2"}' not in metrics  # the old version's info series is gone
+
+
+def test_failed_swap_from_python_raises_and_keeps_serving(signed):
+    from edgeslim.edge.server import EdgeServer
+    from edgeslim.errors import BundleError, SignatureError
+
+    paths, pub = signed
+    with EdgeServer([paths["v1"]], public_key=pub, threads=1) as server:
+        with pytest.raises(SignatureError):
+            server.swap(paths["unsigned"])
+        with pytest.raises(BundleError):
+            server.swap(paths["corrupt"])
+        assert [m["version"] for m in server.models()] == ["1"]
+        assert server.swap(paths["other"])["name"] == "other"  # a second model beside it
+        assert sorted(m["name"] for m in server.models()) == ["linear", "other"]
+        assert server.unload("other") and not server.unload("other")
