@@ -15,6 +15,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from edgeslim.bundle import Limits, read_bundle
 from edgeslim.cli import main
@@ -266,3 +268,37 @@ def test_not_a_file(tmp_path):
         read_bundle(tmp_path)
     with pytest.raises(BundleError, match="does not exist"):
         read_bundle(tmp_path / "missing.eslim")
+
+
+@pytest.fixture(scope="module")
+def valid_bytes(tmp_path_factory):
+    from edgeslim.bundle import write_bundle
+
+    out = {}
+    for c in ("stored", "deflate", "lzma"):
+        path = write_bundle(tmp_path_factory.mktemp("fz") / "b.eslim", model_onnx=MODEL,
+                            manifest={k: v for k, v in GOOD.items()
+                                      if k not in ("model", "files", "format")},
+                            extra_files={"tok.json": b'{"a": 1}' * 40}, compression=c)
+        out[c] = path.read_bytes()
+    return out
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_bundles_fail_only_with_bundle_error(valid_bytes, data):
+    """Random byte flips and cuts: either the bundle still reads intact, or BundleError."""
+    c = data.draw(st.sampled_from(sorted(valid_bytes)))
+    blob = bytearray(valid_bytes[c])
+    for _ in range(data.draw(st.integers(1, 4))):
+        pos = data.draw(st.integers(0, len(blob) - 1))
+        blob[pos] = data.draw(st.integers(0, 255))
+    if data.draw(st.booleans()):
+        blob = blob[: data.draw(st.integers(0, len(blob)))]
+    try:
+        b = read_bundle(bytes(blob))
+    except BundleError as exc:
+        assert "\n" not in str(exc)
+    else:  # whatever was changed, what comes out is what the hashes vouch for
+        assert b.model_bytes == MODEL and b.files == {"tok.json": b'{"a": 1}' * 40}
