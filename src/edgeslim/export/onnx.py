@@ -269,6 +269,10 @@ def export_onnx(
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             # The model is in eval mode; PRESERVE only keeps BatchNorm nodes unfolded.
             warnings.filterwarnings("ignore", message=".*constant folding be turned off.*")
+            # Left-over constant subgraphs are folded below, and every export is checked
+            # numerically, so the exporter's own caveats need not reach the user.
+            warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
+            warnings.filterwarnings("ignore", message="Exporting aten::index operator")
             try:
                 torch.onnx.export(
                     model,
@@ -288,8 +292,12 @@ def export_onnx(
                 ) from exc
 
         proto = onnx.load(str(path))
-        folded = fold_constants(proto) if fold_constant_nodes else 0
-        if folded:
+        with torch.no_grad():
+            out_shapes = [tuple(t.shape) for t in _flatten(model(*inputs))]
+        changed = _declare_shapes(proto, out_names, out_shapes, axes)
+        if fold_constant_nodes:
+            changed = fold_constants(proto) > 0 or changed
+        if changed:
             onnx.save(proto, str(path))
         try:
             onnx.checker.check_model(str(path))
@@ -324,6 +332,35 @@ def export_onnx(
         size_bytes=path.stat().st_size,
         seconds=time.perf_counter() - start,
     )
+
+
+def _declare_shapes(
+    proto: Any,
+    names: tuple[str, ...],
+    shapes: list[tuple[int, ...]],
+    axes: dict[str, dict[int, str]],
+) -> bool:
+    """Write each output's shape into the graph: the symbol on dynamic axes, the size seen on
+    the example run on every other axis (the exporter leaves some as generated symbols)."""
+    if len(shapes) != len(proto.graph.output):
+        raise ModelError(
+            f"The model returned {len(shapes)} tensors but the ONNX graph has "
+            f"{len(proto.graph.output)} outputs ({list(names)!r} were named)."
+        )
+    changed = False
+    for out, shape in zip(proto.graph.output, shapes, strict=True):
+        dims = out.type.tensor_type.shape.dim
+        if len(dims) != len(shape):
+            continue  # leave a rank the exporter disagrees on to the numerical check
+        dynamic = axes.get(out.name, {})
+        for axis, (dim, size) in enumerate(zip(dims, shape, strict=True)):
+            if axis in dynamic and dim.dim_param != dynamic[axis]:
+                dim.dim_param = dynamic[axis]
+                changed = True
+            elif axis not in dynamic and (dim.dim_param or dim.dim_value != size):
+                dim.dim_value = size
+                changed = True
+    return changed
 
 
 def onnx_param_bytes(model: Any, *, float_only: bool = True) -> int:
