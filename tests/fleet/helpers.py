@@ -36,8 +36,11 @@ def forward(w: dict[str, np.ndarray], x: np.ndarray, repeats: int = 0) -> np.nda
     return h @ w["W"] + w["b"]
 
 
-def model_bytes(w: dict[str, np.ndarray], repeats: int = 0) -> bytes:
-    """ONNX bytes: logits = (input [@ H (@ H2, tanh) x repeats]) @ W + b; batch is symbolic."""
+def model_bytes(w: dict[str, np.ndarray], repeats: int = 0, batch: int | None = None) -> bytes:
+    """ONNX bytes: logits = (input [@ H (@ H2, tanh) x repeats]) @ W + b.
+
+    The batch dim is symbolic unless ``batch`` fixes it.
+    """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -55,8 +58,8 @@ def model_bytes(w: dict[str, np.ndarray], repeats: int = 0) -> bytes:
     graph = helper.make_graph(
         nodes,
         "fleet-test",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 64])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch or "batch", 64])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch or "batch", 10])],
         [numpy_helper.from_array(v, k) for k, v in w.items()],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -75,11 +78,12 @@ def make_bundle(
     hidden: int = 0,
     repeats: int = 0,
     pad_bytes: int = 0,
+    batch: int | None = None,
 ) -> Path:
     """A signed bundle; ``probe_seed`` != ``seed`` gives a probe that the model fails.
 
     ``pad_bytes`` adds an incompressible extra file (to make downloads slow enough to
-    interrupt).
+    interrupt); ``batch=2`` fixes the batch dim, so requests of one row fail (HTTP 400).
     """
     from edgeslim.bundle import write_bundle
 
@@ -90,8 +94,8 @@ def make_bundle(
         "name": NAME,
         "version": version,
         "task": "sensor-classification",
-        "inputs": [{"name": "input", "dtype": "float32", "shape": ["batch", 64]}],
-        "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", 10]}],
+        "inputs": [{"name": "input", "dtype": "float32", "shape": [batch or "batch", 64]}],
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": [batch or "batch", 10]}],
         "probe": {
             "inputs": {"input": x.tolist()},
             "outputs": {"logits": forward(pw, x, repeats).tolist()},
@@ -100,7 +104,11 @@ def make_bundle(
     }
     extra = {"padding.bin": np.random.default_rng(seed).bytes(pad_bytes)} if pad_bytes else None
     return write_bundle(
-        path, model_onnx=model_bytes(w, repeats), manifest=manifest, sign_key=key, extra_files=extra
+        path,
+        model_onnx=model_bytes(w, repeats, batch),
+        manifest=manifest,
+        sign_key=key,
+        extra_files=extra,
     )
 
 

@@ -256,23 +256,37 @@ class Rollout(threading.Thread):
         return failed
 
     def _soak(self, canary: list[str], rest: list[str]) -> str | None:
+        """Watch the canaries for ``soak_s``; the reason to roll back, or None.
+
+        Only telemetry windows that began after the soak began count (a window that covers
+        the install itself would blame the new bundle for the load of installing it). The
+        baseline is the nodes still on the old bundle over the same time, or, when every
+        target is a canary, the canaries' own windows before the deployment.
+        """
         start = time.time()
         deadline = time.monotonic() + self.p.soak_s
         while time.monotonic() < deadline:
             self._check_abort()
             self.c.wait_change(min(0.5, max(0.0, deadline - time.monotonic())))
-        sha = self.c.registry.deployment(self.dep_id).bundle_sha  # type: ignore[union-attr]
-        records = self.c.registry.records(kind="telemetry", since=start)
+        dep = self.c.registry.deployment(self.dep_id)
+        if dep is None:
+            raise RuntimeError(f"deployment {self.dep_id} disappeared")
+        sha = dep.bundle_sha
+
+        def began(r: dict[str, Any]) -> float:
+            return float(r["ts"]) - float(r["body"].get("window_s", 0.0))
+
+        records = [r for r in self.c.registry.records(kind="telemetry", since=start)
+                   if began(r) >= start - 0.05]  # fmt: skip
         can = [r["body"] for r in records if r["node"] in canary and r["body"].get("bundle") == sha]
         rest_set = set(rest)
         base = [r["body"] for r in records if r["node"] in rest_set]
-        if not base:  # everyone is a canary: compare with the canaries' own window before
-            dep = self.c.registry.deployment(self.dep_id)
-            before = self.c.registry.records(kind="telemetry", since=dep.created - self.p.soak_s)  # type: ignore[union-attr]
+        if not base:
+            before = self.c.registry.records(kind="telemetry", since=dep.created - 60.0)
             base = [
                 r["body"]
                 for r in before
-                if r["node"] in canary and r["body"].get("bundle") != sha and r["ts"] < start
+                if r["node"] in canary and r["body"].get("bundle") != sha and r["ts"] <= dep.created
             ]
         canary_stats = window_stats(can)
         base_stats = window_stats(base) if base else None

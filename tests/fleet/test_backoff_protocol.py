@@ -1,0 +1,151 @@
+"""Backoff envelope and jitter; protocol messages, topics, URLs and labels."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edgeslim.errors import ConfigError
+from edgeslim.fleet.backoff import Backoff, wait_or_stop
+from edgeslim.fleet.protocol import (
+    Ack,
+    Batch,
+    BrokerURL,
+    Desired,
+    ModelRef,
+    ProtocolError,
+    Record,
+    Status,
+    decode,
+    encode,
+    node_from_topic,
+    parse_labels,
+    topic,
+)
+
+SHA_A = "a" * 64
+SHA_B = "b" * 64
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    initial=st.floats(0.01, 5.0),
+    ratio=st.floats(1.0, 100.0),
+    factor=st.floats(1.0, 4.0),
+    attempts=st.integers(1, 80),
+    seed=st.integers(0, 2**31),
+)
+def test_backoff_delays_stay_in_the_jittered_envelope(initial, ratio, factor, attempts, seed):
+    cap = initial * ratio
+    b = Backoff(initial=initial, cap=cap, factor=factor, rng=random.Random(seed))
+    for n in range(attempts):
+        env = min(cap, initial * factor**n)
+        d = b.next_delay()
+        assert env / 2 - 1e-9 <= d <= env + 1e-9
+        assert d <= cap + 1e-9
+    assert b.attempts == attempts
+    b.reset()
+    assert b.attempts == 0
+    assert b.next_delay() <= initial + 1e-9
+
+
+def test_backoff_without_jitter_doubles_then_caps():
+    b = Backoff(initial=0.5, cap=4.0, jitter=False)
+    assert [b.next_delay() for _ in range(6)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+    # A huge attempt count must not overflow.
+    b.attempts = 10_000
+    assert b.next_delay() == 4.0
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        ({"initial": 0}, "'initial'"),
+        ({"cap": -1}, "'cap'"),
+        ({"initial": 2.0, "cap": 1.0}, "'cap' parameter of Backoff must be a float >= initial"),
+        ({"factor": 0.5}, "'factor'"),
+    ],
+)
+def test_backoff_rejects_bad_parameters(kwargs, needle):
+    with pytest.raises(ConfigError, match=needle):
+        Backoff(**kwargs)
+
+
+def test_wait_or_stop_returns_at_once_on_shutdown():
+    stop = threading.Event()
+    threading.Timer(0.05, stop.set).start()
+    t0 = time.monotonic()
+    assert wait_or_stop(stop, 30.0) is True
+    assert time.monotonic() - t0 < 5.0
+    assert wait_or_stop(threading.Event(), 0.01) is False
+
+
+def test_messages_round_trip_through_json():
+    model = ModelRef(name="m", version="2", sha256=SHA_A, bundle=SHA_B)
+    s = Status(id="n-1", state="serving", health="ok", labels={"a": "b"}, model=model,
+               http="http://127.0.0.1:1", queue=3, ts=1.5)  # fmt: skip
+    assert Status.from_dict(decode(encode(s))) == s
+    d = Desired(deployment=7, sha256=SHA_B, name="m", size=10, rollback=True, ts=2.0)
+    assert Desired.from_dict(decode(encode(d))) == d
+    r = Record(id="x", seq=3, kind="report", ts=1.0, body={"k": 1})
+    b = Batch(node="n-1", records=[r])
+    assert Batch.from_dict(decode(encode(b))) == b
+    assert Ack.from_dict(decode(encode(Ack(ids=["x", "y"])))).ids == ["x", "y"]
+
+
+@pytest.mark.parametrize(
+    "payload, needle",
+    [
+        (b"\xff\xfe", "UTF-8 JSON"),
+        (b"[1, 2]", "JSON object"),
+        (b'{"id": "n/1", "state": "x"}', "'id'"),
+        (b'{"id": "n1"}', "'state'"),
+        (b'{"id": "n1", "state": "s", "model": {"name": "m", "sha256": "xyz", "bundle": "b"}}',
+         "sha256"),
+        (b'{"id": "n1", "state": "s", "labels": [1]}', "labels"),
+    ],
+)  # fmt: skip
+def test_bad_status_messages_are_refused_with_the_field_named(payload, needle):
+    with pytest.raises((ProtocolError, ConfigError), match=needle):
+        Status.from_dict(decode(payload))
+
+
+def test_records_need_a_known_kind_and_an_object_body():
+    with pytest.raises(ProtocolError, match="Unknown record kind"):
+        Record.from_dict({"id": "x", "seq": 1, "kind": "gossip", "ts": 1.0, "body": {}})
+    with pytest.raises(ProtocolError, match="body"):
+        Record.from_dict({"id": "x", "seq": 1, "kind": "event", "ts": 1.0, "body": [1]})
+    with pytest.raises(ProtocolError, match="'seq'"):
+        Record.from_dict({"id": "x", "seq": True, "kind": "event", "ts": 1.0, "body": {}})
+
+
+def test_topics_and_their_parsing():
+    assert topic("status", "n1") == "edgeslim/nodes/n1/status"
+    assert topic("results", SHA_A) == f"edgeslim/results/{SHA_A}"
+    assert node_from_topic("edgeslim/nodes/n1/telemetry") == ("n1", "telemetry")
+    assert node_from_topic("edgeslim/results/abc") is None
+    with pytest.raises(ConfigError, match="'kind'"):
+        topic("gossip", "n1")
+
+
+def test_broker_url_parsing_decodes_and_redacts_the_password():
+    u = BrokerURL.parse("mqtt://node:p%40ss%3Aw@127.0.0.1:1884")
+    assert (u.host, u.port, u.username, u.password) == ("127.0.0.1", 1884, "node", "p@ss:w")
+    assert "p@ss" not in str(u) and "p@ss" not in repr(u)
+    assert BrokerURL.parse("mqtt://h").port == 1883
+    with pytest.raises(ConfigError, match=r"mqtt://USER:PASS@HOST:PORT") as exc:
+        BrokerURL.parse("http://u:secret@h:1")
+    assert "secret" not in str(exc.value)
+
+
+def test_labels_parse_and_refuse_malformed_pairs():
+    assert parse_labels("device=pi4, site=lab,,") == {"device": "pi4", "site": "lab"}
+    assert parse_labels("") == {}
+    for bad in ("novalue", "a b=c", "k=v=w"):
+        with pytest.raises(ConfigError, match="key=value"):
+            parse_labels(bad)

@@ -1,0 +1,104 @@
+"""The Mosquitto fixture, the ACL and the MQTT link's states, reconnects and last will."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from edgeslim.errors import ConfigError
+from edgeslim.fleet.backoff import Backoff, LinkState
+from edgeslim.fleet.demo import wait_until
+from edgeslim.fleet.link import MqttLink
+from edgeslim.fleet.protocol import BrokerURL, Status, encode, topic
+from tests.fleet.conftest import needs_broker
+
+pytestmark = needs_broker
+
+
+def _link(url: str, client_id: str, **kw) -> MqttLink:
+    kw.setdefault("backoff", Backoff(initial=0.1, cap=0.5))
+    return MqttLink(BrokerURL.parse(url), client_id, name=client_id, **kw)
+
+
+def test_wrong_password_on_first_connect_is_a_config_error(broker):
+    url = broker.url("node").replace("@", "x@", 1)  # password + "x"
+    link = _link(url, "n1")
+    with pytest.raises(ConfigError, match=r"refused .*Check the user and password"):
+        link.start(wait=5)
+    assert link.state is LinkState.CLOSED
+
+
+def test_unreachable_broker_is_not_an_error_and_the_link_keeps_trying(broker):
+    broker.stop()
+    link = _link(broker.url("node"), "n1")
+    link.start(wait=0.5)  # returns: an edge node must come up without its broker
+    assert link.state in (LinkState.BACKOFF, LinkState.CONNECTING)
+    assert link.publish("edgeslim/nodes/n1/status", b"{}") is False
+    broker.start()
+    assert link.wait_connected(10)
+    link.stop()
+    assert link.state is LinkState.CLOSED
+
+
+def test_acl_keeps_a_node_to_its_own_topics(broker):
+    seen: list[str] = []
+    ctl = _link(broker.url("controller"), "ctl", subscriptions=[("edgeslim/#", 1)],
+                on_message=lambda t, p: seen.append(t)).start(wait=5)  # fmt: skip
+    node = _link(broker.url("node"), "n1").start(wait=5)
+    node.publish(topic("status", "n2"), b'{"forged": true}')  # someone else's topic: dropped
+    node.publish(topic("desired", "n1"), b"{}")  # only the controller may set desired states
+    node.publish(topic("status", "n1"), b'{"own": true}')
+    wait_until(lambda: topic("status", "n1") in seen, 5, what="the node's own status")
+    time.sleep(0.3)
+    assert topic("status", "n2") not in seen and topic("desired", "n1") not in seen
+    node.stop()
+    ctl.stop()
+
+
+def test_link_reconnects_after_a_broker_crash_and_resets_backoff_on_connack(broker):
+    connected = []
+    lost = threading.Event()
+    link = _link(broker.url("node"), "n1", on_connected=lambda: connected.append(time.time()),
+                 on_lost=lost.set)  # fmt: skip
+    link.start(wait=5)
+    assert link.state is LinkState.CONNECTED and link.connects == 1
+    broker.kill()
+    assert lost.wait(5)
+    wait_until(lambda: link.backoff.attempts >= 2, 10, what="failed reconnect attempts")
+    assert link.state in (LinkState.BACKOFF, LinkState.CONNECTING)
+    broker.start()
+    assert link.wait_connected(10)
+    assert link.connects == 2 and link.losses == 1 and len(connected) == 2
+    assert link.backoff.attempts == 0  # reset by the CONNACK, not by the TCP connect
+    link.stop()
+
+
+def test_last_will_marks_a_killed_node_offline(broker):
+    statuses: list[dict] = []
+    ctl = _link(broker.url("controller"), "ctl", subscriptions=[("edgeslim/nodes/+/status", 1)],
+                on_message=lambda t, p: statuses.append(json.loads(p))).start(wait=5)  # fmt: skip
+    will = encode(Status(id="n9", state="offline"))
+    code = textwrap.dedent(
+        f"""
+        import os, signal, time, json
+        from edgeslim.fleet.link import MqttLink
+        from edgeslim.fleet.protocol import BrokerURL
+        link = MqttLink(BrokerURL.parse({broker.url("node")!r}), "n9",
+                        will=("edgeslim/nodes/n9/status", {will!r}, 1, True)).start(wait=5)
+        up = json.dumps({{"id": "n9", "state": "serving"}}).encode()
+        link.publish("edgeslim/nodes/n9/status", up, retain=True)
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], timeout=60, capture_output=True)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    wait_until(lambda: [s["state"] for s in statuses][-1:] == ["offline"], 10, what="the will")
+    assert [s["state"] for s in statuses] == ["serving", "offline"]
+    ctl.stop()

@@ -1,0 +1,69 @@
+"""The controller's HTTP API: content-addressed bundles with Range, verification, errors."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from edgeslim.fleet.rollout import RolloutParams
+from tests.fleet.conftest import needs_broker, sha_of
+
+pytestmark = needs_broker
+
+
+@pytest.fixture
+def api(controller):
+    with httpx.Client(base_url=controller.url, timeout=10) as client:
+        yield client
+
+
+def test_upload_is_content_addressed_and_ranges_resume(api, bundles):
+    data = bundles["v1"].read_bytes()
+    r = api.post("/bundles", content=data)
+    assert r.status_code == 201
+    info = r.json()
+    assert info["sha256"] == sha_of(bundles["v1"]) and info["verified"] is True
+    assert info["name"] == "digits-linear" and info["size"] == len(data)
+    whole = api.get(f"/bundles/{info['sha256']}")
+    assert whole.status_code == 200 and whole.content == data
+    assert whole.headers["etag"] == f'"{info["sha256"]}"'
+    assert whole.headers["accept-ranges"] == "bytes"
+    part = api.get(f"/bundles/{info['sha256']}", headers={"Range": "bytes=100-"})
+    assert part.status_code == 206 and part.content == data[100:]
+    assert part.headers["content-range"] == f"bytes 100-{len(data) - 1}/{len(data)}"
+    past = api.get(f"/bundles/{info['sha256']}", headers={"Range": f"bytes={len(data) + 5}-"})
+    assert past.status_code == 416
+    assert [b["sha256"] for b in api.get("/bundles").json()] == [info["sha256"]]
+
+
+def test_bundles_that_do_not_verify_are_refused_unless_forced(api, bundles):
+    for role in ("foreign", "unsigned"):
+        r = api.post("/bundles", content=bundles[role].read_bytes())
+        assert r.status_code == 422, r.text
+        assert "signature" in r.json()["error"].lower() or "signed" in r.json()["error"]
+    r = api.post("/bundles", params={"force": "1"}, content=bundles["foreign"].read_bytes())
+    assert r.status_code == 201 and r.json()["verified"] is False
+    corrupt = api.post("/bundles", content=b"PK\x03\x04 not a zip")
+    assert corrupt.status_code == 400
+
+
+def test_api_errors_name_the_problem(api, controller, bundles):
+    assert api.get("/bundles/" + "0" * 64).status_code == 404
+    assert api.get("/bundles/not-a-sha").status_code == 400
+    r = api.post("/deployments", json={"bundle": "0" * 64})
+    assert r.status_code == 404 and "upload it first" in r.json()["error"]
+    r = api.post("/deployments", json={"bundle": "0" * 64, "params": {"canary": 2}})
+    assert r.status_code == 400 and "'canary'" in r.json()["error"]
+    r = api.post("/deployments", json={"bundle": "0" * 64, "params": {"colour": 1}})
+    assert r.status_code == 400 and "Unknown rollout parameters ['colour']" in r.json()["error"]
+    r = api.post("/deployments", content=b"{not json")
+    assert r.status_code == 400
+    sha = api.post("/bundles", content=bundles["v1"].read_bytes()).json()["sha256"]
+    r = api.post("/deployments", json={"bundle": sha, "selector": {"site": "mars"}})
+    assert r.status_code == 404 and "No online node" in r.json()["error"]
+    forced = api.post("/bundles", params={"force": "1"}, content=bundles["foreign"].read_bytes())
+    with pytest.raises(Exception, match="did not verify"):
+        controller.deploy(forced.json()["sha256"], params=RolloutParams())
+    assert api.get("/deployments/99").status_code == 404
+    assert api.post("/deployments/latest/rollback").status_code == 400
+    assert api.get("/healthz").json()["broker"] == "connected"
