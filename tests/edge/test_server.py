@@ -64,8 +64,8 @@ def test_health_and_metadata_through_tritonclient(triton, server):
         "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 4]}],
     }
     assert triton.get_server_metadata(headers=AUTH)["name"] == "edgeslim"
-    assert server.store.get("linear").batcher is not None
-    assert server.store.get("linear1").batcher is None  # batch-1-only model: no batching
+    assert server.store.get("linear").batcher.max_batch == 32
+    assert server.store.get("linear1").batcher.max_batch == 1  # batch-1-only: no batching
 
 
 def _infer_body(**change):

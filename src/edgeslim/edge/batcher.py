@@ -10,12 +10,18 @@ for the same model have been admitted by the server and not yet submitted (``exp
 lone client at concurrency 1 pays no window at all. Requests whose non-batch shapes or dtypes
 differ are never mixed. When a batched run fails, or an output lacks the batch axis, each
 request of that batch is run on its own, so one bad request fails alone.
+
+A fast model (its recent runs took under ``inline_ms``) called by a lone request runs right on
+the event loop: handing a 50-microsecond run to a worker thread and back costs more than the
+run itself. As soon as a second request is in flight, runs go to the worker threads again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import math
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -68,10 +74,14 @@ class Batcher:
         *,
         max_batch: int = 32,
         window_ms: float = 2.0,
+        inline_ms: float = 1.0,
         on_batch: Callable[[int], None] | None = None,
     ) -> None:
         self.max_batch = check_int_range(max_batch, "max_batch", "Batcher", 1, 65536)
         self.window = check_positive(window_ms, "window_ms", "Batcher", allow_zero=True) / 1e3
+        self.inline = check_positive(inline_ms, "inline_ms", "Batcher", allow_zero=True) / 1e3
+        self.run_seconds = math.inf  # moving average of recent model runs
+        self._active = 0
         self._run_fn = run
         self._executor = executor
         self._on_batch = on_batch
@@ -106,23 +116,42 @@ class Batcher:
         """
         if expected:
             self._expected = max(0, self._expected - 1)
-        kr = batch_key(inputs)
-        loop = asyncio.get_running_loop()
-        if kr is None or self.max_batch == 1:
-            return await self._call(loop, inputs)
-        key, rows = kr
-        fut: asyncio.Future[Arrays] = loop.create_future()
-        self._pending.append(_Item(inputs, rows, key, fut))
-        self._wake()
-        if self._task is None:
-            self._task = loop.create_task(self._consume())
-        return await fut
+        self._active += 1
+        try:
+            if (self._active == 1 and self._expected == 0 and self._task is None
+                    and self.run_seconds <= self.inline):
+                self._count(inputs)
+                return self._timed(inputs)
+            kr = batch_key(inputs)
+            loop = asyncio.get_running_loop()
+            if kr is None or self.max_batch == 1:
+                return await self._call(loop, inputs)
+            key, rows = kr
+            fut: asyncio.Future[Arrays] = loop.create_future()
+            self._pending.append(_Item(inputs, rows, key, fut))
+            self._wake()
+            if self._task is None:
+                self._task = loop.create_task(self._consume())
+            return await fut
+        finally:
+            self._active -= 1
+
+    def _count(self, inputs: Arrays) -> None:
+        if self._on_batch is not None:
+            first = next(iter(inputs.values()), None)
+            rows = first.shape[0] if first is not None and first.ndim else 1
+            self._on_batch(int(rows) or 1)
+
+    def _timed(self, inputs: Arrays) -> Arrays:
+        t0 = time.perf_counter()
+        out = self._run_fn(inputs)
+        dt = time.perf_counter() - t0
+        self.run_seconds = dt if math.isinf(self.run_seconds) else 0.8 * self.run_seconds + 0.2 * dt
+        return out
 
     async def _call(self, loop: asyncio.AbstractEventLoop, inputs: Arrays) -> Arrays:
-        rows = next(iter(inputs.values())).shape[0] if inputs else 1
-        if self._on_batch is not None:
-            self._on_batch(int(rows) if rows else 1)
-        return await loop.run_in_executor(self._executor, self._run_fn, inputs)
+        self._count(inputs)
+        return await loop.run_in_executor(self._executor, self._timed, inputs)
 
     # ---------------------------------------------------------------------- consumer
 

@@ -39,7 +39,7 @@ class ServedModel:
     runner: Runner
     pipeline: Pipeline
     post: PostPipeline
-    batcher: Batcher | None
+    batcher: Batcher
     executor: Executor
     source: str | None
     loaded_at: float = field(default_factory=time.time)
@@ -72,7 +72,8 @@ class ServedModel:
         """What a node agent reports about the model."""
         return {"name": self.name, "version": self.version, "sha256": self.sha256,
                 "source": self.source, "loaded_at": self.loaded_at,
-                "batching": self.batcher is not None, "task": self.runner.manifest.get("task")}
+                "batching": self.batcher.max_batch > 1,
+                "task": self.runner.manifest.get("task")}
 
     # ------------------------------------------------------------------ V2 requests
 
@@ -110,19 +111,10 @@ class ServedModel:
                           f"{self.output_names}"[:400])
         return names
 
-    def run_sync(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One onnxruntime run (in a worker thread); ``InferenceError`` on bad inputs."""
-        return self.runner.run(feeds)
-
     async def infer(self, feeds: dict[str, np.ndarray], *, expected: bool = False
                     ) -> dict[str, np.ndarray]:
-        """Run through the batcher when there is one, else in the executor."""
-        if self.batcher is not None:
-            return await self.batcher.submit(feeds, expected=expected)
-        import asyncio
-
-        return await asyncio.get_running_loop().run_in_executor(self.executor, self.run_sync,
-                                                                feeds)
+        """Run through the batcher (which batches only models with a dynamic batch axis)."""
+        return await self.batcher.submit(feeds, expected=expected)
 
 
 def has_dynamic_batch(runner: Runner) -> bool:
@@ -135,7 +127,7 @@ class ModelStore:
 
     ``threads`` sets onnxruntime intra-op threads per model; ``max_batch`` > 1 turns on
     dynamic batching for models with a dynamic batch axis, waiting up to
-    ``batch_window_ms`` for company (see ``Batcher``).
+    ``batch_window_ms`` for company (see ``Batcher``); other models run one request at a time.
     """
 
     def __init__(
@@ -184,21 +176,14 @@ class ModelStore:
         except ConfigError as exc:
             raise BundleError(f"bundle '{bundle.name}' has unusable processing steps: {exc}"
                               ) from None
-        batcher = None
-        if self.max_batch > 1 and has_dynamic_batch(runner):
-            on_batch = None
-            if self.metrics is not None:
-                hist = self.metrics.batch_size.labels(runner.name)
-                on_batch = hist.observe
-            model_ref: list[ServedModel] = []
-            batcher = Batcher(lambda feeds: model_ref[0].run_sync(feeds), self.executor,
-                              max_batch=self.max_batch, window_ms=self.batch_window_ms,
-                              on_batch=on_batch)
-        served = ServedModel(runner, pipeline, post, batcher, self.executor,
-                             str(bundle.path) if bundle.path else None)
-        if batcher is not None:
-            model_ref.append(served)
-        return served
+        on_batch = None
+        if self.metrics is not None:
+            on_batch = self.metrics.batch_size.labels(runner.name).observe
+        batcher = Batcher(runner.run, self.executor,
+                          max_batch=self.max_batch if has_dynamic_batch(runner) else 1,
+                          window_ms=self.batch_window_ms, on_batch=on_batch)
+        return ServedModel(runner, pipeline, post, batcher, self.executor,
+                           str(bundle.path) if bundle.path else None)
 
     def load(self, source: str | os.PathLike | Bundle, *, name: str | None = None
              ) -> ServedModel:

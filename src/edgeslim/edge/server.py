@@ -261,16 +261,13 @@ class EdgeApp:
         model = self._model(request)
         body = await read_body(request, self.max_body)
         header_length = parse_header_length(request.headers.get(HEADER_LENGTH), len(body))
-        batcher = model.batcher
-        if batcher is not None:
-            batcher.expect()
+        model.batcher.expect()
         try:
             req = parse_infer_request(body, header_length, max_elements=self.max_elements)
             feeds = model.feeds(req)
             names = model.wanted_outputs(req)
         except BaseException:
-            if batcher is not None:
-                batcher.unexpect()
+            model.batcher.unexpect()
             raise
         outputs = await model.infer(feeds, expected=True)
         content, headers = encode_infer_response(

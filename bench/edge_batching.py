@@ -1,0 +1,160 @@
+"""Edge server throughput under 32 concurrent clients, dynamic batching on vs off.
+
+Starts ``edgeslim serve`` (digits-cnn, onnxruntime pinned to ``--threads``) in a child process,
+once with ``--max-batch 1`` (batching off) and once with ``--max-batch 32`` (on), alternating
+``--repeats`` times, and drives it from this process with 32 keep-alive HTTP/1.1 connections
+(a small asyncio client; binary tensor data as ``tritonclient.http`` sends it) for
+``--requests`` requests each. Every answer is checked: status 200 and logits within 1e-4 of
+onnxruntime on the same input. Reports throughput, latency percentiles, errors and the ratio.
+
+    .venv/bin/python bench/edge_batching.py [--requests 10000] [--clients 32] [--threads 1]
+        [--repeats 2] [--window-ms 2] [--out bench/results/edge_batching.json]
+
+Target: throughput with batching on >= 2x off, zero errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from edge_overhead import (
+    ServerProcess,
+    binary_request,
+    decode_binary_response,
+    direct_session,
+    example_inputs,
+    percentiles,
+    zoo_bundle,
+)
+
+MODEL = "digits-cnn"
+
+
+def _raw_request(host: str, port: int, body: bytes, headers: dict[str, str]) -> bytes:
+    lines = [f"POST /v2/models/{MODEL}/infer HTTP/1.1", f"Host: {host}:{port}",
+             f"Content-Length: {len(body)}"]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+async def _client(host: str, port: int, reqs: list[bytes], refs: list[np.ndarray],
+                  counter: list[int], total: int, lat: list[float], errors: list[str]) -> None:
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        while counter[0] < total:
+            i = counter[0]
+            counter[0] += 1
+            k = i % len(reqs)
+            t0 = time.perf_counter()
+            writer.write(reqs[k])
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head.split(b" ", 2)[1])
+            fields = {}
+            for line in head.split(b"\r\n")[1:]:
+                if b":" in line:
+                    key, value = line.split(b":", 1)
+                    fields[key.strip().lower()] = value.strip()
+            body = await reader.readexactly(int(fields[b"content-length"]))
+            lat.append(time.perf_counter() - t0)
+            if status != 200:
+                errors.append(f"{status} {body[:200]!r}")
+                continue
+            got = decode_binary_response(body, int(fields[b"inference-header-content-length"]))
+            if got.shape != refs[k].shape or not np.allclose(got, refs[k], atol=1e-4, rtol=0):
+                errors.append("wrong logits")
+    finally:
+        writer.close()
+
+
+async def _load(host: str, port: int, reqs: list[bytes], refs: list[np.ndarray],
+                total: int, clients: int) -> dict[str, Any]:
+    counter = [0]
+    lat: list[float] = []
+    errors: list[str] = []
+    t0 = time.perf_counter()
+    await asyncio.gather(*(_client(host, port, reqs, refs, counter, total, lat, errors)
+                           for _ in range(clients)))
+    wall = time.perf_counter() - t0
+    return {"requests": len(lat), "errors": len(errors), "error_examples": errors[:3],
+            "seconds": wall, "throughput_rps": len(lat) / wall, **percentiles(lat)}
+
+
+def run_config(bundle: Path, max_batch: int, window_ms: float, threads: int, total: int,
+               clients: int, xs: list[np.ndarray], refs: list[np.ndarray]) -> dict[str, Any]:
+    args = ["--threads", str(threads), "--max-batch", str(max_batch),
+            "--batch-window-ms", str(window_ms)]
+    with ServerProcess(bundle, *args) as server:
+        reqs = [_raw_request(server.host, server.port, *binary_request(MODEL, x)) for x in xs]
+        asyncio.run(_load(server.host, server.port, reqs, refs, 500, clients))  # warm-up
+        result = asyncio.run(_load(server.host, server.port, reqs, refs, total, clients))
+        metrics = _batch_metrics(server)
+    return {"max_batch": max_batch, "window_ms": window_ms, **result, **metrics}
+
+
+def _batch_metrics(server: ServerProcess) -> dict[str, float]:
+    import http.client
+
+    c = http.client.HTTPConnection(server.host, server.port, timeout=10)
+    c.request("GET", "/metrics")
+    text = c.getresponse().read().decode()
+    vals = {}
+    for line in text.splitlines():
+        for key in ("edgeslim_batch_size_sum", "edgeslim_batch_size_count"):
+            if line.startswith(key + "{"):
+                vals[key] = float(line.rsplit(" ", 1)[1])
+    count = vals.get("edgeslim_batch_size_count", 0.0)
+    return {"model_runs": count,
+            "mean_rows_per_run": vals.get("edgeslim_batch_size_sum", 0.0) / count if count else 0}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--requests", type=int, default=10_000)
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--window-ms", type=float, default=2.0)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    bundle = zoo_bundle(MODEL)
+    xs = example_inputs(MODEL, 64)
+    sess = direct_session(bundle, args.threads)
+    refs = [sess.run(None, {"input": x})[0] for x in xs]
+    runs: list[dict[str, Any]] = []
+    for rep in range(args.repeats):
+        for max_batch in (1, 32):
+            r = run_config(bundle, max_batch, args.window_ms, args.threads, args.requests,
+                           args.clients, xs, refs)
+            r["repeat"] = rep
+            runs.append(r)
+            print(f"batching {'on ' if max_batch > 1 else 'off'} (max_batch {max_batch:2d}): "
+                  f"{r['throughput_rps']:7.0f} req/s  p50 {r['p50_ms']:.2f} ms  "
+                  f"p99 {r['p99_ms']:.2f} ms  errors {r['errors']}/{r['requests']}  "
+                  f"rows/run {r['mean_rows_per_run']:.1f}", flush=True)
+    off = statistics.median(r["throughput_rps"] for r in runs if r["max_batch"] == 1)
+    on = statistics.median(r["throughput_rps"] for r in runs if r["max_batch"] > 1)
+    errors = sum(r["errors"] for r in runs)
+    summary = {"model": MODEL, "clients": args.clients, "threads": args.threads,
+               "throughput_off_rps": off, "throughput_on_rps": on, "ratio": on / off,
+               "errors": errors, "runs": runs}
+    print(f"median throughput: off {off:.0f} req/s, on {on:.0f} req/s, ratio {on / off:.2f}x; "
+          f"errors {errors}; target (>= 2x, 0 errors): "
+          f"{'met' if on / off >= 2 and errors == 0 else 'NOT met'}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
