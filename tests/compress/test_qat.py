@@ -162,3 +162,21 @@ def test_other_bad_inputs(loaders):
         quantize_qat(DigitsMLP(), None)
     with pytest.raises(ConfigError, match="at least one calibration batch"):
         quantize_qat(DigitsMLP(), [], epochs=0)
+
+
+def test_multihead_attention_out_proj_is_left_in_float():
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.att = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc(self.att(x, x, x)[0]).mean(1)
+
+    torch.manual_seed(0)
+    data = [(torch.randn(4, 5, 8), torch.randint(0, 3, (4,))) for _ in range(2)]
+    q = quantize_qat(Tiny(), data, bits=4, epochs=1, progress=False)
+    assert isinstance(q.fc, QATLayer) and not isinstance(q.att.out_proj, QATLayer)
+    assert q(data[0][0]).shape == (4, 3)
+    assert q.fc.weight is q.fc.layer.weight

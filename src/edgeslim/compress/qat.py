@@ -129,6 +129,15 @@ class QATLayer(nn.Module):
     def extra_repr(self) -> str:
         return f"bits={self.bits}, frozen={self.frozen}"
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The wrapped layer's float weight (code that reads ``layer.weight`` keeps working)."""
+        return self.layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.layer.bias
+
     def weight_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-output-channel symmetric ``(scale, zero_point)``, shaped to broadcast."""
         w = self.layer.weight.detach()
@@ -219,10 +228,18 @@ def quantize_qat(
         )
     if _qat_layers(model):
         raise ModelError("quantize_qat got a model that already has QAT layers; strip_qat it.")
-    names = [  # resolved before any copy, so ignored_layers may hold modules
+    # resolved before any copy, so ignored_layers may hold modules; MultiheadAttention reads
+    # its out_proj weight directly instead of calling it, so that layer is left in float
+    inside_mha = {
+        f"{name}.{child}" if name else child
+        for name, m in model.named_modules()
+        if isinstance(m, nn.MultiheadAttention)
+        for child, _ in m.named_children()
+    }
+    names = [
         name
         for name, m in prunable_layers(model, ignored_layers).items()
-        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and name not in inside_mha
     ]
     if not inplace:
         model = copy.deepcopy(model)
