@@ -27,7 +27,7 @@ from edgeslim.edge.metrics import Metrics
 from edgeslim.edge.preprocess import Pipeline, PostPipeline
 from edgeslim.edge.runtime import Runner
 from edgeslim.edge.v2 import InferRequest, V2Error, v2_datatype, v2_shape
-from edgeslim.errors import BundleError, ConfigError, EdgeslimError
+from edgeslim.errors import BundleError, ConfigError, EdgeslimError, InferenceError
 
 PLATFORM = "onnxruntime_onnx"
 
@@ -50,7 +50,7 @@ class ServedModel:
         self.version: str = r.version
         self.sha256: str = str(r.manifest.get("model", {}).get("sha256", ""))
         self._inputs = {
-            s.name: (v2_datatype(s.dtype), s.shape, np.dtype(s.dtype)) for s in r.inputs
+            s.name: (v2_datatype(s.dtype), s.shape, v2_shape(s.shape)) for s in r.inputs
         }
         self.output_names = [s.name for s in r.outputs]
         self.metadata: dict[str, Any] = {
@@ -80,21 +80,27 @@ class ServedModel:
     def feeds(self, req: InferRequest) -> dict[str, np.ndarray]:
         """The request's tensors as model feeds; ``V2Error`` naming any mismatch."""
         feeds: dict[str, np.ndarray] = {}
+        symbols: dict[str, tuple[int, str]] = {}
         for t in req.inputs:
             spec = self._inputs.get(t.name)
             if spec is None:
                 raise V2Error(f"model '{self.name}' has no input '{t.name}'; its inputs are "
                               f"{list(self._inputs)}"[:400])
-            datatype, shape, _ = spec
+            datatype, shape, want = spec
             if t.datatype != datatype:
                 raise V2Error(f"input '{t.name}' has datatype {t.datatype}, but model "
                               f"'{self.name}' expects {datatype}")
-            want = v2_shape(shape)
             if len(t.shape) != len(want) or any(
                 w not in (-1, g) for w, g in zip(want, t.shape, strict=True)
             ):
                 raise V2Error(f"input '{t.name}' has shape {t.shape}, but model "
                               f"'{self.name}' expects {want} (-1: any size)")
+            for dim, size in zip(shape, t.shape, strict=True):
+                if isinstance(dim, str):
+                    seen = symbols.setdefault(dim, (size, t.name))
+                    if seen[0] != size:
+                        raise V2Error(f"dim '{dim}' is {seen[0]} in input '{seen[1]}' but "
+                                      f"{size} in input '{t.name}'; they must agree")
             feeds[t.name] = t.array
         missing = [n for n in self._inputs if n not in feeds]
         if missing:
@@ -110,6 +116,20 @@ class ServedModel:
             raise V2Error(f"model '{self.name}' has no output {unknown[0]!r}; its outputs are "
                           f"{self.output_names}"[:400])
         return names
+
+    def run_checked(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """onnxruntime on feeds already checked against the inputs (names, dtypes, dims).
+
+        ``feeds`` or ``Runner.check_inputs`` did the checks, so this skips the runner's own;
+        an onnxruntime failure still becomes an ``InferenceError``.
+        """
+        try:
+            values = self.runner.session.run(self.output_names, feeds)
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise InferenceError(f"model '{self.name}' failed on the inputs given: {first}"
+                                 ) from None
+        return dict(zip(self.output_names, values, strict=True))
 
     async def infer(self, feeds: dict[str, np.ndarray], *, expected: bool = False
                     ) -> dict[str, np.ndarray]:
@@ -179,11 +199,14 @@ class ModelStore:
         on_batch = None
         if self.metrics is not None:
             on_batch = self.metrics.batch_size.labels(runner.name).observe
-        batcher = Batcher(runner.run, self.executor,
+        model_ref: list[ServedModel] = []
+        batcher = Batcher(lambda feeds: model_ref[0].run_checked(feeds), self.executor,
                           max_batch=self.max_batch if has_dynamic_batch(runner) else 1,
                           window_ms=self.batch_window_ms, on_batch=on_batch)
-        return ServedModel(runner, pipeline, post, batcher, self.executor,
-                           str(bundle.path) if bundle.path else None)
+        served = ServedModel(runner, pipeline, post, batcher, self.executor,
+                             str(bundle.path) if bundle.path else None)
+        model_ref.append(served)
+        return served
 
     def load(self, source: str | os.PathLike | Bundle, *, name: str | None = None
              ) -> ServedModel:

@@ -60,7 +60,7 @@ class V2Error(Exception):
 
 def v2_datatype(dtype: Any) -> str:
     """The V2 name of a numpy dtype (``float32`` -> ``FP32``)."""
-    name = np.dtype(dtype).name
+    name = dtype.name if isinstance(dtype, np.dtype) else np.dtype(dtype).name
     if name not in NUMPY_TO_V2:
         raise V2Error(f"dtype {name} has no V2 datatype", 500)
     return NUMPY_TO_V2[name]
