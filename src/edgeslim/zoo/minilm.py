@@ -62,7 +62,7 @@ def minilm_tokenizer(max_length: int = MAX_SEQ_LENGTH) -> Any:
 
     >>> enc = minilm_tokenizer().encode_batch(["A short one.", "A slightly longer sentence."])
     >>> [len(e.ids) for e in enc]
-    [8, 8]
+    [7, 7]
     """
     from tokenizers import Tokenizer
 
