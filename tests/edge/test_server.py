@@ -83,6 +83,17 @@ BAD = [
     ("linear", {"inputs": [_infer_body()["inputs"][0]], "outputs": [{"name": "prob"}]}, 400,
      "no output 'prob'"),
     ("nope", _infer_body(), 404, "unknown model 'nope'"),
+    ("text", {"inputs": [
+        {"name": "input_ids", "datatype": "INT64", "shape": [1, 3], "data": [2, 4, 3]},
+        {"name": "attention_mask", "datatype": "INT64", "shape": [1, 4], "data": [1, 1, 1, 0]},
+    ]}, 400, "dim 'seq' is 3 in input 'input_ids' but 4"),
+    ("text", {"inputs": [
+        {"name": "input_ids", "datatype": "INT64", "shape": [1, 2], "data": [99, 1]},
+        {"name": "attention_mask", "datatype": "INT64", "shape": [1, 2], "data": [1, 1]},
+    ]}, 400, "model 'text' failed on the inputs given"),
+    ("text", {"inputs": [
+        {"name": "input_ids", "datatype": "INT64", "shape": [1, 3], "data": [2, 4, 3]}]}, 400,
+     "also needs the inputs ['attention_mask']"),
     ("linear", b"{\"inputs\": [", 400, "not valid JSON"),
     ("linear", b"\xff\xfe", 400, "not valid JSON"),
 ]
