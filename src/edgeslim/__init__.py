@@ -24,12 +24,16 @@ _EXPORTS: dict[str, str] = {
     # data and models
     "Dataset": "edgeslim.data:Dataset",
     "load_model": "edgeslim.zoo:load_model",
+    "load": "edgeslim.edge.runtime:load",
+    "compress": "edgeslim.pipeline:compress",
     # compression verbs
     "prune": "edgeslim.compress.prune:prune",
     "prune_structured": "edgeslim.compress.structured:prune_structured",
     "distill": "edgeslim.compress.distill:distill",
     "quantize_qat": "edgeslim.compress.qat:quantize_qat",
     "minmax_quantize": "edgeslim.compress.quantizer:minmax_quantize",
+    "level_quantize": "edgeslim.compress.quantizer:level_quantize",
+    "strip_qat": "edgeslim.compress.qat:strip_qat",
     # recipes
     "Recipe": "edgeslim.recipe:Recipe",
     "Step": "edgeslim.recipe:Step",
@@ -41,6 +45,7 @@ _EXPORTS: dict[str, str] = {
     "ModelError": "edgeslim.errors:ModelError",
     "BundleError": "edgeslim.errors:BundleError",
     "SignatureError": "edgeslim.errors:SignatureError",
+    "InferenceError": "edgeslim.errors:InferenceError",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

@@ -43,6 +43,8 @@ class BundleError(EdgeslimError):
 class SignatureError(BundleError):
     """A bundle's signature is missing or does not verify against the public key."""
 
+    exit_code = 4
+
 
 class InferenceError(EdgeslimError, ValueError):
     """Inputs given to a model do not match its declared inputs."""

@@ -24,6 +24,10 @@ from edgeslim.recipe.workload import Workload, workload_for
 
 __all__ = ["CompressResult", "compress", "onnx_latency_ms"]
 
+# Probes ride inline in manifest.json, which must stay small (1 MiB cap); an image model's
+# 150k-float input does not fit, and such bundles carry no probe.
+_PROBE_MAX_ELEMENTS = 16_384
+
 
 @dataclass
 class CompressResult:
@@ -80,7 +84,6 @@ def compress(
         recipe = preset_recipe(preset or DEFAULT_PRESET)
     recipe.validate()
     model_name = model if isinstance(model, str) else None
-    wl = workload or workload_for(model_name, recipe.data)
     bundle_name = name or recipe.name or (Path(model_name).stem if model_name else "model")
 
     import onnx
@@ -88,6 +91,9 @@ def compress(
     from edgeslim.zoo import load_model
 
     resolved = load_model(model)
+    wl = workload or workload_for(
+        model_name, recipe.data, reference=None if isinstance(resolved, Path) else resolved
+    )
     rows: list[StepMetrics] = []
     log: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="edgeslim-") as tmp:
@@ -140,15 +146,17 @@ def compress(
         "postprocessing": wl.postprocessing,
         "metrics": metrics,
         "compression": log,
-        "probe": {
-            "inputs": {k: v.tolist() for k, v in feeds.items()},
-            "outputs": {o.name: v.tolist() for o, v in zip(session.get_outputs(), probe_out,
-                                                           strict=True)},
-            "atol": 1e-3,
-        },
         "provenance": {"source": str(model) if model_name else type(resolved).__name__,
                        "created_by": "edgeslim compress", "recipe": recipe.to_dict()},
     }
+    if sum(v.size for v in feeds.values()) <= _PROBE_MAX_ELEMENTS:
+        # a small input with its expected output: nodes health-check a fresh install on it
+        manifest["probe"] = {
+            "inputs": {k: v.tolist() for k, v in feeds.items()},
+            "outputs": {o.name: v.tolist()
+                        for o, v in zip(session.get_outputs(), probe_out, strict=True)},
+            "atol": 1e-3,
+        }
     if wl.labels:
         manifest["labels"] = wl.labels
     from edgeslim.bundle import write_bundle

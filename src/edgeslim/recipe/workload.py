@@ -98,12 +98,107 @@ def _digits() -> Workload:
     )
 
 
-WORKLOADS: dict[str, Callable[[], Workload]] = {"digits": _digits}
-_ZOO_WORKLOAD = {"digits-mlp": "digits", "digits-cnn": "digits"}
+def _reference_outputs(reference: Any, batches: list[tuple[tuple[np.ndarray, ...], Any]]) -> list:
+    import torch
+
+    reference.eval()
+    with torch.no_grad():
+        return [reference(*(torch.from_numpy(a) for a in inputs)).numpy()
+                for inputs, _ in batches]
 
 
-def workload_for(model_name: str | None, data: str | None = None) -> Workload:
-    """The workload named ``data``, else the built-in one of zoo model ``model_name``."""
+def _photos(reference: Any = None, n_eval: int = 200) -> Workload:
+    """EfficientNet-Lite0 on crops of real photos: top-1 agreement with the fp32 model."""
+    from edgeslim.datasets import photo_crops
+    from edgeslim.zoo import load_model
+
+    reference = reference if reference is not None else load_model("efficientnet-lite0")
+    crops = photo_crops(n_eval, split="evaluation")
+    batches = [((crops[i : i + 25],), None) for i in range(0, len(crops), 25)]
+    targets = [o.argmax(1) for o in _reference_outputs(reference, batches)]
+    return Workload(
+        name="photos",
+        task="image-classification",
+        train=None,
+        eval_batches=[(b[0], t) for b, t in zip(batches, targets, strict=True)],
+        metric="top1_agreement",
+        score=_top1,
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        preprocessing=[
+            {"op": "image.decode", "mode": "RGB"},
+            {"op": "image.resize", "size": 224},
+            {"op": "image.center_crop", "size": 224},
+            {"op": "image.scale"},
+            {"op": "image.normalize", "mean": 0.5, "std": 0.5},
+            {"op": "image.layout", "layout": "NCHW"},
+        ],
+        postprocessing=[{"op": "softmax"}, {"op": "topk", "k": 5}],
+        labels=_imagenet_labels(),
+    )
+
+
+def _imagenet_labels() -> list[str] | None:
+    from edgeslim.zoo.efficientnet import imagenet_labels
+
+    labels = imagenet_labels()
+    return list(labels) if labels else None
+
+
+def _mean_cosine(outputs: np.ndarray, targets: np.ndarray) -> float:
+    a = outputs / np.linalg.norm(outputs, axis=1, keepdims=True)
+    b = targets / np.linalg.norm(targets, axis=1, keepdims=True)
+    return float((a * b).sum(1).mean())
+
+
+def _sentences(reference: Any = None, n_eval: int = 300) -> Workload:
+    """MiniLM-L6 on real English sentences: mean cosine to the fp32 embeddings."""
+    from edgeslim.datasets import english_sentences
+    from edgeslim.zoo import load_model
+    from edgeslim.zoo.minilm import encode, minilm_tokenizer_json
+
+    reference = reference if reference is not None else load_model("minilm-l6")
+    sentences = english_sentences(n_eval, split="evaluation")
+    batches = []
+    for i in range(0, len(sentences), 50):
+        ids, mask = encode(sentences[i : i + 50])
+        batches.append(((ids.numpy(), mask.numpy()), None))
+    targets = _reference_outputs(reference, batches)
+    return Workload(
+        name="sentences",
+        task="sentence-embedding",
+        train=None,
+        eval_batches=[(b[0], t) for b, t in zip(batches, targets, strict=True)],
+        metric="mean_cosine",
+        score=_mean_cosine,
+        input_names=("input_ids", "attention_mask"),
+        output_names=("embedding",),
+        dynamic_axes={"input_ids": {0: "batch", 1: "sequence"},
+                      "attention_mask": {0: "batch", 1: "sequence"},
+                      "embedding": {0: "batch"}},
+        preprocessing=[{"op": "text.tokenize", "tokenizer": "tokenizer.json",
+                        "max_length": 128, "padding": "longest"}],
+        postprocessing=[],
+        extra_files={"tokenizer.json": minilm_tokenizer_json(128).encode("utf-8")},
+    )
+
+
+WORKLOADS: dict[str, Callable[..., Workload]] = {
+    "digits": _digits,
+    "photos": _photos,
+    "sentences": _sentences,
+}
+_ZOO_WORKLOAD = {"digits-mlp": "digits", "digits-cnn": "digits",
+                 "efficientnet-lite0": "photos", "minilm-l6": "sentences"}
+
+
+def workload_for(
+    model_name: str | None, data: str | None = None, *, reference: Any = None
+) -> Workload:
+    """The workload named ``data``, else the built-in one of zoo model ``model_name``.
+
+    ``reference`` is the original model for workloads that judge fidelity to it (photos,
+    sentences); it is loaded from the zoo when not given.
+    """
     key = data or _ZOO_WORKLOAD.get(model_name or "")
     if key is None:
         raise ConfigError(
@@ -114,4 +209,6 @@ def workload_for(model_name: str | None, data: str | None = None) -> Workload:
         raise ConfigError(
             f"Unknown data source {key!r}. Allowed: {', '.join(sorted(WORKLOADS))}."
         )
-    return WORKLOADS[key]()
+    if key == "digits":
+        return WORKLOADS[key]()
+    return WORKLOADS[key](reference)
