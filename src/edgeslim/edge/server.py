@@ -395,6 +395,7 @@ class EdgeServer:
                            max_body_bytes=int(max_body_mb * (1 << 20)))
         self._server: Any = None
         self._thread: Any = None
+        self._stopped = False
 
     # --------------------------------------------------------------- models
 
@@ -453,8 +454,9 @@ class EdgeServer:
         """Serve in a background thread; return once the socket accepts connections."""
         import threading
 
-        if self._thread is not None:
-            raise ConfigError("This EdgeServer is already started.")
+        if self._thread is not None or self._stopped:
+            raise ConfigError("This EdgeServer is already started or was stopped; an "
+                              "EdgeServer serves once (create a new one).")
         sock = self._socket()
         self._server = self._uvicorn()
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]},
@@ -474,6 +476,7 @@ class EdgeServer:
         if self._thread is not None:
             self._thread.join(timeout)
         self._server = self._thread = None
+        self._stopped = True
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     def serve_forever(self, announce: Callable[[str], None] | None = None) -> None:
