@@ -43,6 +43,7 @@ pattern write edgeslim/nodes/%c/telemetry
 pattern read edgeslim/nodes/%c/desired
 pattern read edgeslim/nodes/%c/ack
 pattern read edgeslim/nodes/+/status
+pattern read edgeslim/controller/status
 pattern readwrite edgeslim/results/#
 """
 

@@ -26,6 +26,7 @@ from edgeslim.errors import BundleError, ConfigError, SignatureError
 from edgeslim.fleet.backoff import Backoff
 from edgeslim.fleet.link import MqttLink
 from edgeslim.fleet.protocol import (
+    CONTROLLER_TOPIC,
     PREFIX,
     Ack,
     BrokerURL,
@@ -93,6 +94,7 @@ class Controller:
             ],
             on_message=self._on_message,
             on_connected=self._on_connected,
+            will=(CONTROLLER_TOPIC, b'{"state":"offline"}', 1, True),
             backoff=backoff,
             name="controller",
         )
@@ -127,7 +129,7 @@ class Controller:
             rollouts = list(self._rollouts.values())
         for r in rollouts:
             r.join(2.0)
-        self.link.stop()
+        self.link.stop(final=[(CONTROLLER_TOPIC, b'{"state":"offline"}', 1, True)])
         self.http.stop()
         self._ingest.join(5.0)
         self.registry.close()
@@ -153,6 +155,8 @@ class Controller:
         self._queue.put((name, payload))  # never block the network thread
 
     def _on_connected(self) -> None:
+        self.link.publish(CONTROLLER_TOPIC, encode({"state": "online", "ts": time.time()}),
+                          qos=1, retain=True)  # fmt: skip
         # The broker may have restarted without its retained messages: publish them again.
         for node, (dep, sha) in self.registry.latest_desired().items():
             b = self.registry.bundle(sha)

@@ -20,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import logging
@@ -39,6 +40,7 @@ from edgeslim.fleet.link import MqttLink
 from edgeslim.fleet.offload import FleetMiddleware, Peers
 from edgeslim.fleet.outbox import Forwarder, Outbox
 from edgeslim.fleet.protocol import (
+    CONTROLLER_TOPIC,
     PREFIX,
     Ack,
     BrokerURL,
@@ -284,6 +286,7 @@ class Node:
                 (topic("desired", self.id), 1),
                 (topic("ack", self.id), 1),
                 (f"{PREFIX}/nodes/+/status", 0),
+                (CONTROLLER_TOPIC, 1),
             ],
             on_message=self._on_message,
             on_connected=self._on_connected,
@@ -355,6 +358,13 @@ class Node:
             self.forwarder.on_connected()
 
     def _on_message(self, name: str, payload: bytes) -> None:
+        if name == CONTROLLER_TOPIC:
+            # The controller (re)connected: what we sent while it was away went nowhere.
+            if payload and self.forwarder is not None:
+                with contextlib.suppress(ProtocolError):
+                    if decode(payload).get("state") == "online":
+                        self.forwarder.on_connected()
+            return
         parsed = node_from_topic(name)
         if parsed is None:
             return

@@ -9,6 +9,7 @@ Every topic lives under ``edgeslim/``. ``NODE`` is a node id, ``SHA`` a bundle's
 | ``edgeslim/nodes/NODE/ack``        | controller -> node    | 1   | no       | ``Ack``        |
 | ``edgeslim/nodes/NODE/desired``    | controller -> node    | 1   | yes      | ``Desired``    |
 | ``edgeslim/results/SHA``           | node -> peers, ctrl   | 0   | no       | ``Result``     |
+| ``edgeslim/controller/status``     | controller -> nodes   | 1   | yes      | ``{"state"}``  |
 
 - ``status`` is the node's heartbeat and its registration: id, labels, model served, health,
   HTTP address. It is retained, so a controller or peer that subscribes later learns every
@@ -19,6 +20,9 @@ Every topic lives under ``edgeslim/``. ``NODE`` is a node id, ``SHA`` a bundle's
   controller deduplicates by record id.
 - ``desired`` is the state the controller wants (which bundle to serve). Retained, so a node
   that was offline converges when it comes back; a rollback is a new desired state.
+- ``controller/status`` is ``{"state": "online"}`` while the controller is connected (its last
+  will says ``"offline"``); a node that sees it come online resends its unacknowledged
+  records at once instead of waiting for the ack timeout.
 - ``results/SHA`` lets peers and the controller follow inference results (outputs only; the
   raw inputs never leave the device).
 """
@@ -35,6 +39,7 @@ from urllib.parse import unquote, urlsplit
 from edgeslim.errors import ConfigError
 
 __all__ = [
+    "CONTROLLER_TOPIC",
     "PREFIX",
     "PROTOCOL_VERSION",
     "RECORD_KINDS",
@@ -87,6 +92,9 @@ def check_sha256(value: Any, name: str = "sha256", func: str = "fleet") -> str:
             f"(64 characters). Got {value!r} instead."
         )
     return value
+
+
+CONTROLLER_TOPIC = f"{PREFIX}/controller/status"
 
 
 def topic(kind: str, key: str) -> str:
