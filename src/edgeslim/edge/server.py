@@ -443,12 +443,23 @@ class EdgeServer:
         return sock
 
     def _uvicorn(self) -> Any:
+        import signal
+
         import uvicorn
+
+        class Server(uvicorn.Server):
+            """Shuts down gracefully on SIGINT/SIGTERM and returns (no re-raised signal), so
+            ``edgeslim serve`` exits 0 after a clean stop; a second Ctrl-C forces it."""
+
+            def handle_exit(self, sig: int, frame: Any) -> None:
+                if self.should_exit and sig == signal.SIGINT:
+                    self.force_exit = True
+                self.should_exit = True
 
         config = uvicorn.Config(self.app, lifespan="off", access_log=False,
                                 log_level="warning", timeout_keep_alive=30,
                                 server_header=False)
-        return uvicorn.Server(config)
+        return Server(config)
 
     def start(self, timeout: float = 30.0) -> EdgeServer:
         """Serve in a background thread; return once the socket accepts connections."""
