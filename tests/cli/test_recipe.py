@@ -1,0 +1,65 @@
+"""Recipes: validation before any work, YAML loading, ordering of torch and ONNX steps."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgeslim.errors import ConfigError
+from edgeslim.presets import PRESETS, preset_recipe
+from edgeslim.recipe import Recipe, Step, load_recipe
+
+
+def test_recipe_from_python_objects_and_dict_agree():
+    a = Recipe([Step("prune", {"sparsity": 0.5}), Step("pack", {"bits": 4})])
+    b = Recipe.from_dict({"steps": [{"prune": {"sparsity": 0.5}}, {"pack": {"bits": 4}}]})
+    assert a.to_dict() == b.to_dict()
+    assert [s.name for s in a.torch_steps] == ["prune"]
+    assert [s.name for s in a.onnx_steps] == ["pack"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        ({"steps": [{"prnue": {"sparsity": 0.5}}]}, "Did you mean 'prune'"),
+        ({"steps": [{"prune": {"sparsty": 0.5}}]}, "Unknown key 'sparsty'"),
+        ({"steps": [{"prune": {"sparsity": 1.3}}]}, "Got 1.3 instead"),
+        ({"steps": [{"prune": {"sparsity": 0.5, "threshold": 0.1}}]}, "exactly one"),
+        ({"steps": [{"quantize": {"bits": 9}}]}, "range [2, 8]. Got 9"),
+        ({"steps": [{"distill": {"temperature": 0}}]}, "'temperature'"),
+        ({"steps": [{"distill": {"temperature": -1.0}}]}, "Got -1.0"),
+        ({"stpes": []}, "Did you mean 'steps'"),
+        ({"steps": "prune"}, "must be a list"),
+        ({"steps": [42]}, "Step 1 must be"),
+        ({"steps": [{"pack": {}}, {"prune": {"sparsity": 0.5}}]}, "List every torch step"),
+        (["prune"], "must be a mapping"),
+    ],
+)
+def test_bad_recipes_fail_fast_naming_the_value(raw, needle):
+    with pytest.raises(ConfigError) as info:
+        Recipe.from_dict(raw)
+    assert needle in str(info.value)
+
+
+def test_load_recipe_yaml(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("name: slim\nsteps:\n  - prune: {sparsity: 0.8, epochs: 1}\n  - pack\n")
+    recipe = load_recipe(path)
+    assert recipe.name == "slim"
+    assert recipe.steps[0].params == {"sparsity": 0.8, "epochs": 1}
+    assert recipe.steps[1].name == "pack"
+
+
+def test_load_recipe_reports_bad_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: [prune: {sparsity: 0.8\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_recipe(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def test_every_preset_is_a_valid_recipe():
+    for name in PRESETS:
+        assert isinstance(preset_recipe(name), Recipe)
+    with pytest.raises(ConfigError, match="Allowed presets: deep-compression, fp32, int8"):
+        preset_recipe("int4-magic")
