@@ -96,9 +96,20 @@ def run_config(bundle: Path, max_batch: int, window_ms: float, threads: int, tot
     with ServerProcess(bundle, *args) as server:
         reqs = [_raw_request(server.host, server.port, *binary_request(MODEL, x)) for x in xs]
         asyncio.run(_load(server.host, server.port, reqs, refs, 500, clients))  # warm-up
+        cpu0 = _cpu_seconds(server.proc.pid)
         result = asyncio.run(_load(server.host, server.port, reqs, refs, total, clients))
+        cpu = _cpu_seconds(server.proc.pid) - cpu0
         metrics = _batch_metrics(server)
-    return {"max_batch": max_batch, "window_ms": window_ms, **result, **metrics}
+    return {"max_batch": max_batch, "window_ms": window_ms, **result, **metrics,
+            "server_cpu_us_per_request": cpu / max(1, result["requests"]) * 1e6}
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc), in seconds."""
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _batch_metrics(server: ServerProcess) -> dict[str, float]:
@@ -140,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"batching {'on ' if max_batch > 1 else 'off'} (max_batch {max_batch:2d}): "
                   f"{r['throughput_rps']:7.0f} req/s  p50 {r['p50_ms']:.2f} ms  "
                   f"p99 {r['p99_ms']:.2f} ms  errors {r['errors']}/{r['requests']}  "
-                  f"rows/run {r['mean_rows_per_run']:.1f}", flush=True)
+                  f"rows/run {r['mean_rows_per_run']:.1f}  server CPU "
+                  f"{r['server_cpu_us_per_request']:.0f} us/request", flush=True)
     off = statistics.median(r["throughput_rps"] for r in runs if r["max_batch"] == 1)
     on = statistics.median(r["throughput_rps"] for r in runs if r["max_batch"] > 1)
     errors = sum(r["errors"] for r in runs)

@@ -115,6 +115,11 @@ def test_failed_swap_from_python_raises_and_keeps_serving(signed):
 
     paths, pub = signed
     with EdgeServer([paths["v1"]], public_key=pub, threads=1) as server:
+        import httpx
+
+        r = httpx.post(server.url + "/v2/repository/models/linear/load",
+                       json={"parameters": {"bundle": str(paths["v2"])}})
+        assert r.status_code == 403 and "start the server with a token" in r.json()["error"]
         with pytest.raises(SignatureError):
             server.swap(paths["unsigned"])
         with pytest.raises(BundleError):

@@ -18,7 +18,9 @@ Endpoints (``{name}`` is a model name; ``/versions/{version}`` may follow it in 
 ==========================================  ================================================
 
 With a token configured every endpoint but the two health checks needs
-``Authorization: Bearer TOKEN``. Every error is ``{"error": "..."}`` with a 4xx status naming the
+``Authorization: Bearer TOKEN``; without one, ``load`` and ``unload`` are refused (403), so
+only a server with a token can be re-pointed over HTTP (``EdgeServer.swap`` always works).
+Every error is ``{"error": "..."}`` with a 4xx status naming the
 problem; a 500 only for a bug, and the node keeps serving either way.
 """
 
@@ -148,6 +150,7 @@ class EdgeApp:
     ) -> None:
         self.store = store
         self.metrics = metrics
+        self.admin = bool(token)
         self.max_body = max_body_bytes
         self.max_elements = max(1, max_body_bytes)  # a tensor cannot hold more than the body
         ep = self._endpoint
@@ -309,7 +312,13 @@ class EdgeApp:
     async def index(self, request: Request) -> Response:
         return JSONResponse(self.store.index())
 
+    def _check_admin(self) -> None:
+        if not self.admin:
+            raise V2Error("the model repository endpoints (load, unload) are off: start the "
+                          "server with a token (--token or EDGESLIM_TOKEN) to use them", 403)
+
     async def load(self, request: Request) -> Response:
+        self._check_admin()
         name = request.path_params["name"]
         body = await read_body(request, 1 << 20)
         try:
@@ -326,6 +335,7 @@ class EdgeApp:
         return JSONResponse({"loaded": served.info()})
 
     async def unload(self, request: Request) -> Response:
+        self._check_admin()
         name = request.path_params["name"]
         if not self.store.unload(name):
             raise V2Error(f"unknown model {name!r}; this server has {self.store.names()}"[:300],
