@@ -33,6 +33,7 @@ from edge_overhead import (
     decode_binary_response,
     direct_session,
     example_inputs,
+    load_average,
     percentiles,
     zoo_bundle,
 )
@@ -147,18 +148,26 @@ def main(argv: list[str] | None = None) -> int:
             r = run_config(bundle, max_batch, args.window_ms, args.threads, args.requests,
                            args.clients, xs, refs)
             r["repeat"] = rep
+            r["load_average"] = load_average()
             runs.append(r)
             print(f"batching {'on ' if max_batch > 1 else 'off'} (max_batch {max_batch:2d}): "
                   f"{r['throughput_rps']:7.0f} req/s  p50 {r['p50_ms']:.2f} ms  "
                   f"p99 {r['p99_ms']:.2f} ms  errors {r['errors']}/{r['requests']}  "
                   f"rows/run {r['mean_rows_per_run']:.1f}  server CPU "
-                  f"{r['server_cpu_us_per_request']:.0f} us/request", flush=True)
+                  f"{r['server_cpu_us_per_request']:.0f} us/request  "
+                  f"load {r['load_average']:.1f}", flush=True)
     off = statistics.median(r["throughput_rps"] for r in runs if r["max_batch"] == 1)
     on = statistics.median(r["throughput_rps"] for r in runs if r["max_batch"] > 1)
     errors = sum(r["errors"] for r in runs)
-    summary = {"model": MODEL, "clients": args.clients, "threads": args.threads,
+    cpu_off = statistics.median(r["server_cpu_us_per_request"] for r in runs
+                                if r["max_batch"] == 1)
+    cpu_on = statistics.median(r["server_cpu_us_per_request"] for r in runs if r["max_batch"] > 1)
+    summary = {"server_cpu_us_per_request_off": cpu_off, "server_cpu_us_per_request_on": cpu_on,
+               "model": MODEL, "clients": args.clients, "threads": args.threads,
                "throughput_off_rps": off, "throughput_on_rps": on, "ratio": on / off,
                "errors": errors, "runs": runs}
+    print(f"median server CPU per request: off {cpu_off:.0f} us, on {cpu_on:.0f} us "
+          f"({cpu_off / cpu_on:.2f}x less work per request with batching)")
     print(f"median throughput: off {off:.0f} req/s, on {on:.0f} req/s, ratio {on / off:.2f}x; "
           f"errors {errors}; target (>= 2x, 0 errors): "
           f"{'met' if on / off >= 2 and errors == 0 else 'NOT met'}")

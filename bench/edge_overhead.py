@@ -134,6 +134,28 @@ def decode_binary_response(body: bytes, header_length: int) -> np.ndarray:
     return np.frombuffer(body[header_length:], np.float32).reshape(out["shape"])
 
 
+def load_average() -> float:
+    """The 1-minute load average (Linux), to judge how busy the machine was."""
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except OSError:
+        return float("nan")
+
+
+def server_mean_ms(host: str, port: int, endpoint: str = "infer") -> float:
+    """Mean server-side handling time of ``endpoint`` from the server's /metrics."""
+    c = http.client.HTTPConnection(host, port, timeout=10)
+    c.request("GET", "/metrics")
+    text = c.getresponse().read().decode()
+    vals = {}
+    for line in text.splitlines():
+        for key in ("sum", "count"):
+            prefix = f"edgeslim_request_latency_seconds_{key}{{endpoint=\"{endpoint}\""
+            if line.startswith(prefix):
+                vals[key] = float(line.rsplit(" ", 1)[1])
+    return vals.get("sum", 0.0) / vals["count"] * 1e3 if vals.get("count") else float("nan")
+
+
 def percentiles(times_s: list[float]) -> dict[str, float]:
     a = np.asarray(times_s) * 1e3
     return {"p50_ms": float(np.percentile(a, 50)), "p90_ms": float(np.percentile(a, 90)),
@@ -155,6 +177,7 @@ def example_inputs(name: str, n: int) -> list[np.ndarray]:
 
 def bench_model(name: str, threads: int, rounds: int) -> dict[str, Any]:
     bundle = zoo_bundle(name)
+    load_before = load_average()
     per_round = PER_ROUND.get(name, 50)
     xs = example_inputs(name, 16)
     sess = direct_session(bundle, threads)
@@ -188,12 +211,15 @@ def bench_model(name: str, threads: int, rounds: int) -> dict[str, Any]:
                 if resp.status != 200 or got.tobytes() != refs[k].tobytes():
                     mismatches += 1
         conn.close()
+        server_ms = server_mean_ms(server.host, server.port)
     d, h = percentiles(direct_t), percentiles(http_t)
     return {
         "model": name, "threads": threads, "direct": d, "http": h,
+        "load_average": [load_before, load_average()],
         "overhead_p50_ms": h["p50_ms"] - d["p50_ms"],
         "overhead_p99_ms": h["p99_ms"] - d["p99_ms"],
         "paired_overhead_median_ms": float(np.median(np.subtract(http_t, direct_t)) * 1e3),
+        "server_side_mean_ms": server_ms,
         "not_bit_identical": mismatches,
     }
 
@@ -206,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     results = []
+    print(f"load average before: {load_average():.2f}", flush=True)
     for name in args.models:
         r = bench_model(name, args.threads, args.rounds)
         results.append(r)
@@ -214,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['http']['p99_ms']:.3f} | overhead p50 {r['overhead_p50_ms']:.3f} ms "
               f"p99 {r['overhead_p99_ms']:.3f} ms (paired median "
               f"{r['paired_overhead_median_ms']:.3f}) | n={r['http']['n']} "
-              f"not bit-identical: {r['not_bit_identical']}", flush=True)
+              f"not bit-identical: {r['not_bit_identical']} | server-side mean "
+              f"{r['server_side_mean_ms']:.3f} ms | load average {load_average():.2f}",
+              flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")
