@@ -1,0 +1,109 @@
+"""compress end to end: presets, recipes, the CLI, the demo, and the errors users hit."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import numpy as np
+import pytest
+
+from edgeslim.cli import main
+from edgeslim.edge.runtime import load
+from edgeslim.errors import ConfigError, ModelError
+from edgeslim.pipeline import compress
+from edgeslim.recipe import Recipe
+from edgeslim.zoo.digits import load_digits_split
+
+
+def _accuracy(bundle) -> float:
+    split = load_digits_split()
+    logits = load(bundle).run({"input": split.x_test})["logits"]
+    return float((logits.argmax(1) == split.y_test).mean())
+
+
+@pytest.mark.slow
+def test_deep_compression_preset_is_40x_smaller_within_half_a_point(tmp_path):
+    fp32 = compress("digits-cnn", preset="fp32", out=tmp_path / "fp32.eslim", progress=False)
+    deep = compress("digits-cnn", preset="deep-compression", out=tmp_path / "dc.eslim",
+                    progress=False)
+    fp32_onnx = zipfile.ZipFile(fp32.bundle).getinfo("model.onnx").file_size
+    ratio = fp32_onnx / deep.bundle.stat().st_size
+    acc_fp32, acc_deep = _accuracy(fp32.bundle), _accuracy(deep.bundle)
+    print(f"deep-compression: {ratio:.1f}x smaller than fp32 model.onnx, "
+          f"accuracy {acc_deep:.4f} vs fp32 {acc_fp32:.4f}")
+    assert ratio >= 40
+    assert acc_deep >= acc_fp32 - 0.005
+    # what the manifest claims is what the bundle does
+    assert deep.manifest["metrics"]["accuracy"] == pytest.approx(acc_deep)
+    assert [s["step"] for s in deep.manifest["compression"]] == ["prune", "pack"]
+
+
+def test_fp32_cli_roundtrip_signed(tmp_path, digits_mlp):
+    assert main(["keygen", "--out", str(tmp_path / "keys")]) == 0
+    out = tmp_path / "mlp.eslim"
+    rc = main(["compress", "digits-mlp", "--preset", "fp32", "-o", str(out), "-q",
+               "--sign-key", str(tmp_path / "keys" / "signing.key")])
+    assert rc == 0
+    manifest = json.loads(zipfile.ZipFile(out).read("manifest.json"))
+    assert manifest["name"] == "digits-mlp"
+    assert manifest["inputs"] == [{"name": "input", "dtype": "float32", "shape": ["batch", 64]}]
+    assert manifest["outputs"][0]["shape"] == ["batch", 10]
+    assert "probe" in manifest and manifest["metrics"]["accuracy"] > 0.95
+    assert main(["inspect", str(out), "--public-key", str(tmp_path / "keys" / "signing.pub")]) == 0
+    # and the bundle answers like the torch model it came from
+    import torch
+
+    x = load_digits_split().x_test[:8]
+    with torch.no_grad():
+        ref = digits_mlp(torch.from_numpy(x)).numpy()
+    got = load(out).run({"input": x})["logits"]
+    np.testing.assert_allclose(got, ref, atol=1e-4)
+
+
+def test_recipe_file_through_cli(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: tiny\nsteps:\n  - prune: {sparsity: 0.5}\n  - pack: {bits: 6}\n")
+    out = tmp_path / "tiny.eslim"
+    assert main(["compress", "digits-mlp", "--recipe", str(recipe), "-o", str(out), "-q"]) == 0
+    manifest = json.loads(zipfile.ZipFile(out).read("manifest.json"))
+    assert manifest["name"] == "tiny"
+    assert manifest["compression"][0]["report"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_cli_errors_are_one_line_with_exit_code(tmp_path, capsys):
+    assert main(["compress", "no-such-model", "--preset", "fp32", "-o",
+                 str(tmp_path / "x.eslim")]) == 2
+    err = capsys.readouterr().err
+    assert "Unknown model 'no-such-model'" in err and "Traceback" not in err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps:\n  - prune: {sparsty: 0.5}\n")
+    assert main(["compress", "digits-mlp", "--recipe", str(bad), "-o",
+                 str(tmp_path / "x.eslim")]) == 2
+    assert "Did you mean 'sparsity'" in capsys.readouterr().err
+    assert main(["compress", "digits-mlp", "--preset", "int9", "-o",
+                 str(tmp_path / "x.eslim")]) == 2
+    assert "Allowed presets" in capsys.readouterr().err
+    assert not (tmp_path / "x.eslim").exists()
+
+
+def test_python_api_errors(tmp_path):
+    with pytest.raises(ModelError, match="Got list instead"):
+        compress([1, 2], preset="fp32", out=tmp_path / "x.eslim")
+    with pytest.raises(ConfigError, match="either a recipe or a preset"):
+        compress("digits-mlp", preset="fp32", recipe=Recipe([]), out=tmp_path / "x.eslim")
+    onnx_path = tmp_path / "m.onnx"
+    from tests.edge._bundles import linear_onnx
+
+    onnx_path.write_bytes(linear_onnx())
+    with pytest.raises(ConfigError, match="need a torch model"):
+        compress(str(onnx_path), recipe=Recipe.from_dict({"data": "digits", "steps": [
+            {"prune": {"sparsity": 0.5}}]}), out=tmp_path / "x.eslim")
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    assert main(["demo", "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "verified signature" in out and "test accuracy" in out
+    assert _accuracy(tmp_path / "digits-cnn.eslim") > 0.97
