@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -128,3 +129,6 @@ def test_failed_swap_from_python_raises_and_keeps_serving(signed):
         assert server.swap(paths["other"])["name"] == "other"  # a second model beside it
         assert sorted(m["name"] for m in server.models()) == ["linear", "other"]
         assert server.unload("other") and not server.unload("other")
+        old = weakref.ref(server.store.get("linear"))
+        assert server.swap(paths["v2"])["version"] == "2"
+        assert old() is None  # the old session is freed at once, not at the next GC cycle

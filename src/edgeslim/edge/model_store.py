@@ -10,6 +10,7 @@ serving and raises the error. Loads are serialised; serving never waits for a lo
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -118,23 +119,28 @@ class ServedModel:
         return names
 
     def run_checked(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """onnxruntime on feeds already checked against the inputs (names, dtypes, dims).
-
-        ``feeds`` or ``Runner.check_inputs`` did the checks, so this skips the runner's own;
-        an onnxruntime failure still becomes an ``InferenceError``.
-        """
-        try:
-            values = self.runner.session.run(self.output_names, feeds)
-        except Exception as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise InferenceError(f"model '{self.name}' failed on the inputs given: {first}"
-                                 ) from None
-        return dict(zip(self.output_names, values, strict=True))
+        """onnxruntime on feeds already checked against the inputs (see ``run_session``)."""
+        return run_session(self.runner.session, self.output_names, self.name, feeds)
 
     async def infer(self, feeds: dict[str, np.ndarray], *, expected: bool = False
                     ) -> dict[str, np.ndarray]:
         """Run through the batcher (which batches only models with a dynamic batch axis)."""
         return await self.batcher.submit(feeds, expected=expected)
+
+
+def run_session(session: Any, output_names: list[str], name: str,
+                feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One onnxruntime run on feeds already checked against the model's inputs.
+
+    ``ServedModel.feeds`` or ``Runner.check_inputs`` did the checks (names, dtypes, dims), so
+    this skips the runner's own; an onnxruntime failure still becomes an ``InferenceError``.
+    """
+    try:
+        values = session.run(output_names, feeds)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InferenceError(f"model '{name}' failed on the inputs given: {first}") from None
+    return dict(zip(output_names, values, strict=True))
 
 
 def has_dynamic_batch(runner: Runner) -> bool:
@@ -199,14 +205,13 @@ class ModelStore:
         on_batch = None
         if self.metrics is not None:
             on_batch = self.metrics.batch_size.labels(runner.name).observe
-        model_ref: list[ServedModel] = []
-        batcher = Batcher(lambda feeds: model_ref[0].run_checked(feeds), self.executor,
+        run = functools.partial(run_session, runner.session,
+                                [s.name for s in runner.outputs], runner.name)
+        batcher = Batcher(run, self.executor,
                           max_batch=self.max_batch if has_dynamic_batch(runner) else 1,
                           window_ms=self.batch_window_ms, on_batch=on_batch)
-        served = ServedModel(runner, pipeline, post, batcher, self.executor,
-                             str(bundle.path) if bundle.path else None)
-        model_ref.append(served)
-        return served
+        return ServedModel(runner, pipeline, post, batcher, self.executor,
+                           str(bundle.path) if bundle.path else None)
 
     def load(self, source: str | os.PathLike | Bundle, *, name: str | None = None
              ) -> ServedModel:
