@@ -1,0 +1,161 @@
+"""``edgeslim bench``: latency and throughput of a bundle, optionally against its original.
+
+All variants run in one process, on the same inputs, with the same pinned thread count, and
+their repetitions are interleaved (A B C A B C ...) so that a noisy neighbour slows every
+variant alike; ratios are what to read, not absolute times.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeslim._validate import check_int_range
+from edgeslim.errors import ConfigError
+
+__all__ = ["BenchRow", "bench_bundle", "percentiles"]
+
+
+@dataclass
+class BenchRow:
+    """One variant: batch-1 latency percentiles (ms) and throughput at batch N (rows/s)."""
+
+    variant: str
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    throughput: float
+    batch: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def percentiles(samples_ms: list[float]) -> tuple[float, float, float]:
+    arr = np.asarray(samples_ms)
+    return tuple(float(np.percentile(arr, q)) for q in (50, 90, 99))  # type: ignore[return-value]
+
+
+def _inputs_for(manifest: dict[str, Any], batch: int, seq: int = 32) -> dict[str, np.ndarray]:
+    """Real inputs for zoo bundles (their evaluation data), else seeded random ones."""
+    source = manifest.get("provenance", {}).get("source")
+    try:
+        from edgeslim.recipe.workload import _ZOO_WORKLOAD, workload_for
+
+        if source in _ZOO_WORKLOAD:
+            wl = workload_for(source)
+            names = [s["name"] for s in manifest["inputs"]]
+            first = wl.eval_batches[0][0]
+            reps = -(-batch // len(first[0]))
+            return {n: np.concatenate([a] * reps)[:batch] for n, a in zip(names, first,
+                                                                           strict=True)}
+    except ImportError:  # torch-free install: no zoo workloads, random inputs below
+        pass
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for spec in manifest["inputs"]:
+        shape = [batch if i == 0 and not isinstance(d, int) else
+                 (seq if not isinstance(d, int) else d) for i, d in enumerate(spec["shape"])]
+        if spec["dtype"].startswith("float"):
+            feeds[spec["name"]] = rng.standard_normal(shape).astype(spec["dtype"])
+        elif "mask" in spec["name"]:
+            feeds[spec["name"]] = np.ones(shape, dtype=spec["dtype"])
+        else:
+            feeds[spec["name"]] = rng.integers(0, 100, size=shape).astype(spec["dtype"])
+    return feeds
+
+
+def _session(model: bytes | str, threads: int) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+
+
+def _original_variants(source: str, threads: int) -> dict[str, Callable[[dict], Any]]:
+    """PyTorch eager and onnxruntime fp32 runners of the bundle's original model."""
+    import tempfile
+
+    import torch
+
+    from edgeslim.export import export_onnx
+    from edgeslim.recipe.workload import workload_for
+    from edgeslim.zoo import load_model
+
+    torch.set_num_threads(threads)
+    model = load_model(source).eval()
+    wl = workload_for(source, reference=model)
+    names = list(wl.input_names)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "fp32.onnx"
+        export_onnx(model, wl.example_inputs, path, input_names=names,
+                    output_names=list(wl.output_names), dynamic_axes=wl.dynamic_axes or None)
+        sess = _session(path.read_bytes(), threads)
+
+    def eager(feeds: dict) -> Any:
+        with torch.inference_mode():
+            return model(*(torch.from_numpy(feeds[n]) for n in names))
+
+    return {"original PyTorch eager": eager,
+            "original onnxruntime fp32": lambda feeds: sess.run(None, feeds)}
+
+
+def bench_bundle(
+    path: str | Path,
+    *,
+    threads: int = 2,
+    batch: int = 64,
+    repeats: int = 200,
+    against_original: bool = False,
+) -> list[BenchRow]:
+    """Benchmark bundle ``path`` on onnxruntime (and its original with ``against_original``)."""
+    from edgeslim.bundle import read_bundle
+
+    threads = check_int_range(threads, "threads", "bench", 1, 256)
+    batch = check_int_range(batch, "batch", "bench", 1, 65_536)
+    repeats = check_int_range(repeats, "repeats", "bench", 5, 1_000_000)
+    bundle = read_bundle(path)
+    manifest = bundle.manifest
+    sess = _session(bundle.model_bytes, threads)
+    variants: dict[str, Callable[[dict], Any]] = {
+        f"bundle {manifest['name']} (onnxruntime)": lambda feeds: sess.run(None, feeds)
+    }
+    if against_original:
+        source = manifest.get("provenance", {}).get("source")
+        from edgeslim.zoo import ZOO
+
+        if source not in ZOO and ":" not in str(source):
+            raise ConfigError(
+                f"--against original needs the bundle's source model; its provenance names "
+                f"{source!r}, which is neither a zoo model ({', '.join(sorted(ZOO))}) nor "
+                "package.module:callable."
+            )
+        variants.update(_original_variants(source, threads))
+    one = _inputs_for(manifest, 1)
+    many = _inputs_for(manifest, batch)
+    for fn in variants.values():  # warm-up
+        for _ in range(5):
+            fn(one)
+        fn(many)
+    lat: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            t0 = time.perf_counter()
+            fn(one)
+            lat[name].append((time.perf_counter() - t0) * 1e3)
+    thr: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(max(3, repeats // 20)):
+        for name, fn in variants.items():
+            t0 = time.perf_counter()
+            fn(many)
+            thr[name].append(batch / (time.perf_counter() - t0))
+    return [BenchRow(name, *percentiles(lat[name]), float(np.median(thr[name])), batch)
+            for name in variants]
