@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -79,7 +78,6 @@ def requests(draw):
     return method, f"/v2/models/{model}/{endpoint}".rstrip("/"), body, headers
 
 
-@pytest.mark.slow
 @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
 @given(req=requests())
 def test_fuzzed_requests_never_get_a_5xx(client, req):
