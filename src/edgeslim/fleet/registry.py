@@ -313,13 +313,23 @@ class Registry:
                 (state, reason, finished, dep),
             )
 
-    def set_targets(self, dep: int, nodes: Iterable[str], state: str, detail: str = "") -> None:
+    def set_targets(
+        self,
+        dep: int,
+        nodes: Iterable[str],
+        state: str,
+        detail: str = "",
+        *,
+        only_from: tuple[str, ...] | None = None,
+    ) -> None:
+        """Set targets' state; with ``only_from``, only those currently in one of those states
+        (so a report that raced ahead is never overwritten)."""
         now = time.time()
+        sql = "UPDATE targets SET state=?, detail=?, updated=? WHERE deployment=? AND node=?"
+        if only_from:
+            sql += f" AND state IN ({','.join('?' * len(only_from))})"
         with self.tx() as db:
-            db.executemany(
-                "UPDATE targets SET state=?, detail=?, updated=? WHERE deployment=? AND node=?",
-                [(state, detail, now, dep, n) for n in nodes],
-            )
+            db.executemany(sql, [(state, detail, now, dep, n, *(only_from or ())) for n in nodes])
 
     @staticmethod
     def report_target(

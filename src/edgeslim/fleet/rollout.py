@@ -232,10 +232,12 @@ class Rollout(threading.Thread):
             while queue and len(waiting) < self.p.parallel:
                 batch = queue[: self.p.parallel - len(waiting)]
                 del queue[: len(batch)]
+                # Mark first, publish second: a fast node's report must find "sent", not be
+                # overwritten by it.
+                self.c.registry.set_targets(self.dep_id, batch, "sent", only_from=("pending",))
                 for node in batch:
                     self.c.publish_desired(node, self.dep_id, bundle["sha256"], bundle, False)
                     waiting[node] = time.monotonic()
-                self.c.registry.set_targets(self.dep_id, batch, "sent")
             self.c.wait_change(0.5)
             targets = self._targets()
             now = time.monotonic()
@@ -249,7 +251,9 @@ class Rollout(threading.Thread):
                 elif now - waiting[node] > self.p.install_timeout_s:
                     del waiting[node]
                     why = f"no report within {self.p.install_timeout_s:g} s"
-                    self.c.registry.set_targets(self.dep_id, [node], "failed", why)
+                    self.c.registry.set_targets(
+                        self.dep_id, [node], "failed", why, only_from=("sent",)
+                    )
                     failed.append((node, why))
             if failed and not self.p.max_failures:
                 return failed
@@ -296,10 +300,10 @@ class Rollout(threading.Thread):
     def _rollback(self, reason: str) -> None:
         """Point every touched target back at its previous bundle; wait for confirmations."""
         self._state("rolling_back", reason)
-        touched = [t for t in self._targets().values() if t.state != "pending"]
-        for t in touched:
-            self.c.revert_node(t.node, self.dep_id, t.previous_sha)
+        touched = [t for t in self._targets().values() if t.state not in ("pending", "reverted")]
         self.c.registry.set_targets(self.dep_id, [t.node for t in touched], "rolled_back", reason)
+        for t in touched:  # after marking, so a fast confirmation lands on "rolled_back"
+            self.c.revert_node(t.node, self.dep_id, t.previous_sha)
         deadline = time.monotonic() + min(self.p.install_timeout_s, 60.0)
         names = {t.node for t in touched if t.previous_sha}
         while names and time.monotonic() < deadline:
