@@ -25,7 +25,7 @@ app = typer.Typer(
 )
 
 # Modules under edgeslim.commands that define ``register(app)``.
-COMMAND_MODULES = ["zoo", "compress", "bench", "demo", "bundle", "serve", "fleet"]
+COMMAND_MODULES = ["zoo", "compress", "bench", "demo", "bundle", "serve", "fleet", "optimize"]
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"edgeslim.commands.{_name}").register(app)

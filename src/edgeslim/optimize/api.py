@@ -1,0 +1,247 @@
+"""``optimize``: from a budget to the best bundle (or the closest one, clearly marked)."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeslim._validate import check_int_range
+from edgeslim.errors import ConfigError
+from edgeslim.optimize.profile import DeviceProfile, load_profile, measure_reference
+from edgeslim.optimize.select import OBJECTIVES, Budget, Judged, judge, pareto_front, pick
+from edgeslim.optimize.store import ResultStore
+
+__all__ = ["OptimizeResult", "judge_run", "optimize", "parse_duration"]
+
+_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?$")
+
+
+def parse_duration(text: str | float | int) -> float:
+    """Seconds in ``"10m"``, ``"90s"``, ``"1h30m"``, ``"1m30s"`` or a plain number of seconds."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        m = _DURATION.match(str(text).strip().lower())
+        if not m or not any(m.groups()):
+            raise ConfigError(f"The time budget must look like '10m', '90s', '1h30m' or a "
+                              f"number of seconds. Got {text!r} instead.")
+        h, mi, s = (float(g) if g else 0.0 for g in m.groups())
+        seconds = 3600 * h + 60 * mi + s
+    if not seconds > 0:
+        raise ConfigError(f"The time budget must be more than 0 seconds. Got {text!r} instead.")
+    return seconds
+
+
+@dataclass
+class OptimizeResult:
+    """What ``optimize`` chose and why. ``exit_code`` is 0 when the budget was met, else 3."""
+
+    best: Judged
+    baseline: Judged
+    budget: Budget
+    budget_met: bool
+    failed: list[str]
+    bundle: Path
+    report: Path | None
+    candidates: list[Judged]
+    pareto: list[Judged]
+    run_dir: Path
+    store: Path
+    factor: float = 1.0
+    profile: DeviceProfile | None = None
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.budget_met else 3
+
+
+def _label(model: Any, name: str | None) -> str:
+    raw = name or (Path(model).stem if isinstance(model, (str, Path)) and ":" not in str(model)
+                   else type(model).__name__ if not isinstance(model, str)
+                   else str(model).rsplit(":", 1)[-1])
+    label = re.sub(r"[^A-Za-z0-9_.-]", "-", raw)[:60].strip(".") or "model"
+    return label
+
+
+def optimize(
+    model: Any,
+    *,
+    max_drop: float,
+    out: str | os.PathLike[str],
+    report_dir: str | os.PathLike[str],
+    latency_ms: float | None = None,
+    size_mb: float | None = None,
+    time_budget: str | float = "10m",
+    device_profile: str | os.PathLike[str] | DeviceProfile | None = None,
+    store: str | os.PathLike[str] | None = None,
+    threads: int = 2,
+    objective: str = "throughput",
+    workload: Any = None,
+    name: str | None = None,
+    sign_key: str | os.PathLike[str] | None = None,
+    throughput_batch: int = 256,
+    seed: int = 0,
+    report: bool = True,
+    on_event: Any = None,
+) -> OptimizeResult:
+    """Search the compression space of ``model`` for the best bundle within a budget.
+
+    ``model``: zoo name, ``.onnx`` path, ``module:callable`` or ``nn.Module``. ``max_drop``:
+    largest allowed metric drop from the fp32 export (0.01 = one point). ``latency_ms``
+    (batch 1) and ``size_mb`` (the .eslim file, 10^6 bytes) are optional ceilings, judged on
+    the device of ``device_profile`` (this machine when None). ``time_budget``: ``"10m"``,
+    ``"90s"``... for the whole search. Results are kept in ``store`` (default
+    ``report_dir/search.sqlite``) so a second call resumes. Writes the chosen bundle to
+    ``out`` and, with ``report``, ``report_dir/index.html``.
+    """
+    started = time.monotonic()  # the time budget covers everything from here
+    import torch
+
+    from edgeslim.optimize.search import Search
+    from edgeslim.optimize.space import model_hash
+    from edgeslim.recipe.workload import workload_for
+    from edgeslim.zoo import load_model
+
+    budget = Budget(max_drop=max_drop, latency_ms=latency_ms, size_mb=size_mb,
+                    time_s=parse_duration(time_budget))
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"Unknown objective {objective!r}. Allowed: {', '.join(OBJECTIVES)}.")
+    threads = check_int_range(threads, "threads", "optimize", 1, 256)
+    throughput_batch = check_int_range(throughput_batch, "throughput_batch", "optimize",
+                                       1, 65536)
+    run_dir = Path(report_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    store_path = Path(store) if store is not None else run_dir / "search.sqlite"
+    profile = (device_profile if isinstance(device_profile, DeviceProfile) or device_profile
+               is None else load_profile(device_profile))
+    torch.set_num_threads(threads)
+
+    resolved = load_model(model)
+    if isinstance(resolved, Path):
+        raise ConfigError(f"optimize needs a torch model to prune and fine-tune; "
+                          f"{str(resolved)!r} is an ONNX file. Give a zoo name, "
+                          "'module:callable' or an nn.Module.")
+    label = _label(model, name)
+    wl = workload or workload_for(model if isinstance(model, str) else None,
+                                  reference=resolved)
+    mhash = model_hash(resolved)
+    reference_here = None
+    factor = 1.0
+    if profile is not None:
+        if profile.reference_latency_ms is not None:
+            reference_here = measure_reference(profile.reference_model, threads)
+        factor = profile.factor(reference_here, threads)
+    events = on_event or (lambda *a, **k: None)
+    settings = {"model": str(model) if isinstance(model, (str, Path)) else label,
+                "label": label, "budget": budget.to_dict(), "objective": objective,
+                "threads": threads, "throughput_batch": throughput_batch,
+                "workload": wl.name, "metric_name": wl.metric, "factor": factor,
+                "profile": profile.to_dict() if profile else None,
+                "reference_here_ms": reference_here, "out": str(Path(out))}
+    with ResultStore(store_path) as st:
+        run_id = st.begin_run(settings["model"], mhash, settings)
+        search = Search(resolved, wl, budget, st, run_dir, mhash, label, threads=threads,
+                        throughput_batch=throughput_batch, seed=seed, started=started,
+                        on_event=events)
+        try:
+            search.run()
+        except KeyboardInterrupt:
+            st.end_run(run_id, {"interrupted": True})
+            raise
+        judged, base = judge_run(st, mhash, settings)
+        best = pick(judged, objective)
+        if best is None or base is None:  # pragma: no cover - the baseline always exists
+            raise ConfigError("No candidate could be built; see the store for errors.")
+        events("phase", name="writing the bundle")
+        bundle = write_best(best, base, budget, settings, Path(out), sign_key=sign_key)
+        skipped = [f"{c.label()}: {why}" for c, why in search.skipped]
+        outcome = {"best": best.key, "budget_met": best.meets, "failed": best.failed,
+                   "bundle": str(bundle), "skipped": skipped,
+                   "failed_candidates": [f"{c.label()}: {e}" for c, e in search.failed],
+                   "elapsed_s": time.monotonic() - started}
+        st.end_run(run_id, outcome)
+    page = None
+    if report:
+        from edgeslim.optimize.report import write_report
+
+        page = write_report(run_dir, store=store_path)
+    return OptimizeResult(best=best, baseline=base, budget=budget, budget_met=best.meets,
+                          failed=list(best.failed), bundle=bundle, report=page,
+                          candidates=judged, pareto=[j for j in judged if j.pareto],
+                          run_dir=run_dir, store=store_path, factor=factor, profile=profile,
+                          skipped=skipped)
+
+
+def judge_run(st: ResultStore, mhash: str, settings: dict[str, Any]) \
+        -> tuple[list[Judged], Judged | None]:
+    """Every finished candidate of this model in the store, judged under ``settings``."""
+    from edgeslim.optimize.space import Candidate
+
+    rows = [r for r in st.candidates(mhash, status="done")
+            if r.result and r.result.get("metric_name") == settings["metric_name"]
+            and r.bundle and Path(r.bundle).is_file()]
+    base_row = next((r for r in rows if r.config == Candidate().config()), None)
+    if base_row is None or base_row.result is None:
+        return [], None
+    budget = Budget(**settings["budget"])
+    base_metric = float(base_row.result["metric"])
+    judged = []
+    for r in rows:
+        assert r.result is not None
+        try:
+            label = Candidate(**r.config).label()
+        except (TypeError, ConfigError):
+            label = str(r.config)
+        judged.append(judge(r.key, label, r.config, r.result, base_metric=base_metric,
+                            budget=budget, factor=float(settings["factor"]), bundle=r.bundle))
+    pareto_front(judged)
+    base = next(j for j in judged if j.key == base_row.key)
+    return judged, base
+
+
+def write_best(best: Judged, base: Judged, budget: Budget, settings: dict[str, Any],
+               out: Path, *, sign_key: Any = None) -> Path:
+    """Copy the chosen candidate's bundle to ``out`` with the budget verdict in its manifest."""
+    from edgeslim.bundle import read_bundle, write_bundle
+
+    src = read_bundle(Path(best.bundle or ""))
+    manifest = {k: v for k, v in src.manifest.items()
+                if k not in ("model", "files", "format", "created")}
+    metric_name = settings["metric_name"]
+    metrics = dict(manifest.get("metrics", {}))
+    metrics.update({
+        "budget_met": best.meets,
+        "budget_failed": list(best.failed),
+        f"baseline_{metric_name}": base.metric,
+        "metric_drop": best.drop,
+        "max_drop": budget.max_drop,
+        "latency_ms_device": best.latency_ms,
+        "throughput_device": best.throughput,
+        "size_mb": best.size_mb,
+    })
+    if budget.latency_ms is not None:
+        metrics["latency_ms_limit"] = budget.latency_ms
+    if budget.size_mb is not None:
+        metrics["size_mb_limit"] = budget.size_mb
+    manifest["metrics"] = metrics
+    provenance = dict(manifest.get("provenance", {}))
+    provenance.update({
+        "created_by": "edgeslim optimize",
+        "source": settings["model"],
+        "optimize": {"candidate": best.config, "label": best.label,
+                     "objective": settings["objective"], "budget": budget.to_dict(),
+                     "device": (settings.get("profile") or {}).get("name", "this machine"),
+                     "latency_factor": settings["factor"]},
+    })
+    manifest["provenance"] = provenance
+    compression = src.entries.get("model.onnx")
+    method = compression.compression if compression else "deflate"
+    return write_bundle(out, model_onnx=src.model_bytes, manifest=manifest,
+                        extra_files=src.files, sign_key=sign_key,
+                        compression=method if method in ("deflate", "lzma", "stored")
+                        else "deflate")

@@ -1,0 +1,131 @@
+"""Fast checks of the search's parts: durations, budgets, keys, recipes, store, selection."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edgeslim.errors import ConfigError
+from edgeslim.optimize import Budget, Candidate, ResultStore, parse_duration
+from edgeslim.optimize.select import judge, pareto_front, pick
+from edgeslim.optimize.space import candidate_key
+
+
+@pytest.mark.parametrize("text, seconds", [("10m", 600), ("90s", 90), ("90", 90),
+                                           ("1h30m", 5400), ("1m30s", 90), ("0.5m", 30),
+                                           (45, 45)])
+def test_parse_duration(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "ten minutes", "10x", "-5", "0s", "m"])
+def test_parse_duration_rejects(text):
+    with pytest.raises(ConfigError, match="time budget"):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize("kwargs, word", [({"max_drop": 1.5}, "max_drop"),
+                                          ({"max_drop": -0.1}, "max_drop"),
+                                          ({"max_drop": 0.01, "size_mb": 0}, "size_mb"),
+                                          ({"max_drop": 0.01, "latency_ms": -1}, "latency_ms")])
+def test_budget_rejects(kwargs, word):
+    with pytest.raises(ConfigError, match=word):
+        Budget(**kwargs)
+
+
+def test_candidate_recipe_and_key():
+    c = Candidate(ratio=0.5, distill=True, epochs=4, sparsity=0.7, sparse_epochs=2,
+                  format="pack", bits=4)
+    names = [s.name for s in c.recipe().steps]
+    assert names == ["prune_structured", "distill", "prune", "pack"]
+    assert c.label() == "struct0.5+kd4 | sparse0.7 | pack4"
+    assert Candidate().label() == "fp32" and Candidate().recipe().steps == []
+    # fields that do not matter (epochs without a ratio) do not change the key
+    k = candidate_key("m", "digits", Candidate())
+    assert k == candidate_key("m", "digits", Candidate(epochs=7, distill=True))
+    keys = {candidate_key("m", "digits", x) for x in (Candidate(), c, c.with_(bits=5))}
+    keys.add(candidate_key("other-model", "digits", c))
+    assert len(keys) == 4
+    with pytest.raises(ConfigError, match="format"):
+        Candidate(format="int3")
+
+
+def test_store_counts_evaluations_and_survives_reopen(tmp_path):
+    path = tmp_path / "s.sqlite"
+    with ResultStore(path) as st:
+        st.start("k1", "m", {"ratio": 0.5})
+        st.finish("k1", {"metric": 0.9}, bundle="b.eslim", seconds=1.0)
+        st.start("k2", "m", {"ratio": 0.6})  # interrupted: stays running
+        st.set_meta("m", "sensitivity", [{"layer": "fc", "drop@0.5": 0.01}])
+    with ResultStore(path) as st:
+        assert st.get("k1").status == "done" and st.get("k1").result == {"metric": 0.9}
+        assert st.get("k2").status == "running"
+        st.start("k2", "m", {"ratio": 0.6})
+        st.fail("k2", "boom", seconds=0.1)
+        assert st.get("k2").evaluations == 2 and st.get("k2").error == "boom"
+        assert [r.key for r in st.candidates("m")] == ["k1", "k2"]
+        assert st.get_meta("m", "sensitivity")[0]["layer"] == "fc"
+    mode = sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+
+
+def test_store_refuses_garbage(tmp_path):
+    bad = tmp_path / "bad.sqlite"
+    bad.write_bytes(b"not a database at all" * 100)
+    with pytest.raises(ConfigError, match="not a usable SQLite"):
+        ResultStore(bad)
+    with pytest.raises(ConfigError, match="directory"):
+        ResultStore(tmp_path)
+
+
+def _result(metric, lat, thr, size):
+    return {"metric": metric, "latency_ms": lat, "throughput": thr, "bundle_bytes": size}
+
+
+def test_judge_names_failed_constraints_and_scales_by_factor():
+    b = Budget(max_drop=0.01, latency_ms=1.0, size_mb=0.1)
+    j = judge("k", "c", {}, _result(0.95, 0.6, 1000.0, 200_000), base_metric=0.98, budget=b,
+              factor=2.0)
+    assert j.latency_ms == pytest.approx(1.2) and j.throughput == pytest.approx(500.0)
+    assert j.failed == ["max_drop", "latency_ms", "size_mb"] and not j.meets
+    ok = judge("k", "c", {}, _result(0.98, 0.4, 1000.0, 50_000), base_metric=0.98, budget=b,
+               factor=2.0)
+    assert ok.meets and ok.drop == 0
+
+
+def test_pick_prefers_feasible_then_closest():
+    b = Budget(max_drop=0.01, size_mb=0.1)
+    items = [judge(str(i), str(i), {}, r, base_metric=0.98, budget=b, factor=1.0)
+             for i, r in enumerate([_result(0.98, 1.0, 100.0, 500_000),    # too big
+                                    _result(0.975, 0.5, 900.0, 90_000),    # feasible, fast
+                                    _result(0.978, 0.6, 500.0, 80_000),    # feasible
+                                    _result(0.90, 0.1, 5000.0, 10_000)])]  # drop too large
+    assert pick(items).key == "1"
+    assert pick(items, "size").key == "2"
+    impossible = Budget(max_drop=0.0, size_mb=0.001)
+    again = [judge(j.key, j.label, {}, j.result, base_metric=0.98, budget=impossible,
+                   factor=1.0) for j in items]
+    closest = pick(again)
+    assert not closest.meets and "size_mb" in closest.failed
+    assert closest.excess == min(j.excess for j in again)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.integers(1, 5), st.integers(1, 5)),
+                min_size=1, max_size=12))
+def test_pareto_front_matches_brute_force(points):
+    b = Budget(max_drop=0.5)
+    items = [judge(str(i), str(i), {}, _result(m / 10, lat, 1.0, s * 1e5), base_metric=1.0,
+                   budget=b, factor=1.0) for i, (m, lat, s) in enumerate(points)]
+    front = {j.key for j in pareto_front(items)}
+
+    def dominates(p, q):
+        return p[0] >= q[0] and p[1] <= q[1] and p[2] <= q[2] and p != q
+
+    expected = {str(i) for i, p in enumerate(points)
+                if not any(dominates(q, p) for q in points)}
+    assert front == expected
+    assert all(j.pareto == (j.key in front) for j in items)
