@@ -39,20 +39,32 @@ PER_ROUND = {"digits-cnn": 600, "efficientnet-lite0": 40}
 
 
 def zoo_bundle(name: str) -> Path:
-    """Export zoo model ``name`` to ONNX (cached) and pack it as a bundle."""
+    """Export zoo model ``name`` to ONNX (cached) and pack it as a bundle.
+
+    The export runs in a child process, so this (client) process never imports torch and
+    runs onnxruntime in the same kind of process as the torch-free server.
+    """
+    import onnxruntime as ort
+
     from edgeslim.bundle import write_bundle
-    from edgeslim.export import export_zoo_model, zoo_io_spec
+    from edgeslim.edge.runtime import ORT_TYPES
 
     WORK.mkdir(parents=True, exist_ok=True)
     onnx_path = WORK / f"{name}.onnx"
     if not onnx_path.exists():
-        export_zoo_model(name, onnx_path)
-    spec = zoo_io_spec(name)
-    bundle = WORK / f"{name}.eslim"
+        code = ("from edgeslim.export import export_zoo_model; "
+                f"export_zoo_model({name!r}, {str(onnx_path)!r})")
+        subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+
+    def spec(t: Any) -> dict[str, Any]:
+        shape = [d if isinstance(d, int) else (d or "batch") for d in t.shape]
+        return {"name": t.name, "dtype": ORT_TYPES[t.type], "shape": shape}
+
     manifest = {"name": name, "task": "bench",
-                "inputs": [s.to_manifest() for s in spec.inputs],
-                "outputs": [s.to_manifest() for s in spec.outputs]}
-    return write_bundle(bundle, model_onnx=onnx_path, manifest=manifest)
+                "inputs": [spec(t) for t in sess.get_inputs()],
+                "outputs": [spec(t) for t in sess.get_outputs()]}
+    return write_bundle(WORK / f"{name}.eslim", model_onnx=onnx_path, manifest=manifest)
 
 
 def direct_session(bundle: Path, threads: int) -> Any:
@@ -168,9 +180,9 @@ def percentiles(times_s: list[float]) -> dict[str, float]:
 def example_inputs(name: str, n: int) -> list[np.ndarray]:
     rng = np.random.default_rng(0)
     if name.startswith("digits"):
-        from edgeslim.zoo.digits import load_digits_split
+        from sklearn.datasets import load_digits
 
-        xt = load_digits_split().x_test
+        xt = load_digits().data / 16.0  # the zoo's pixel scaling, without importing torch
         return [xt[i % len(xt)][None].astype(np.float32) for i in range(n)]
     return [rng.random((1, 3, 224, 224), dtype=np.float32) for _ in range(n)]
 
