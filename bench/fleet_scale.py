@@ -9,7 +9,8 @@ loop (paho's external-loop API), so a thousand clients cost a few processes, not
 The controller is the real one, run as ``edgeslim fleet controller`` in its own process so its
 memory can be read from /proc (VmHWM = peak resident set).
 
-    .venv/bin/python bench/fleet_scale.py --nodes 1000 --procs 4
+    .venv/bin/python bench/fleet_scale.py --nodes 1000 --procs 4 \
+        --out bench/results/fleet_scale.json
 
 Prints a JSON summary and a markdown row for bench/RESULTS.md.
 """
@@ -172,6 +173,7 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, default=200)
     ap.add_argument("--soak", type=float, default=1.0)
     ap.add_argument("--install-timeout", type=float, default=120.0)
+    ap.add_argument("--out", type=Path, default=None, help="Also write the JSON summary here.")
     args = ap.parse_args()
 
     from edgeslim.bundle import generate_keypair
@@ -251,7 +253,11 @@ def main() -> None:
     ctl.terminate()
     ctl.wait(30)
     broker.close()
+    summary["loadavg_1min"] = os.getloadavg()[0]
     print(json.dumps(summary, indent=2))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(summary, indent=2) + "\n")
     r2 = results["v2"]
     print(f"| {args.nodes} | {args.procs} | {summary['register_s']} s | {r2['seconds']} s "
           f"({r2['state']}, {serving}/{args.nodes} on new sha) | "

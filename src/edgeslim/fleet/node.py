@@ -279,15 +279,15 @@ class Node:
 
         broker = BrokerURL.parse(self.cfg.broker)
         will = Status(id=self.id, state="offline", labels=self.labels, ts=time.time())
+        subs = [(topic("desired", self.id), 1), (topic("ack", self.id), 1), (CONTROLLER_TOPIC, 1)]
+        if self.cfg.offload_threshold:
+            # Peer discovery: every node's retained status. Only nodes that offload pay for it
+            # (each status of the fleet reaches every subscriber; see docs/fleet.md on scale).
+            subs.append((f"{PREFIX}/nodes/+/status", 0))
         self.link = MqttLink(
             broker,
             self.id,
-            subscriptions=[
-                (topic("desired", self.id), 1),
-                (topic("ack", self.id), 1),
-                (f"{PREFIX}/nodes/+/status", 0),
-                (CONTROLLER_TOPIC, 1),
-            ],
+            subscriptions=subs,
             on_message=self._on_message,
             on_connected=self._on_connected,
             will=(topic("status", self.id), encode(will), 1, True),
