@@ -42,7 +42,7 @@ def _reference_image(data: bytes, short: int, crop: int, mean, std) -> np.ndarra
     nw, nh = (short, int(h * scale)) if w <= h else (int(w * scale), short)
     img = img.resize((nw, nh), Image.Resampling.BILINEAR)
     top, left = round((nh - crop) / 2), round((nw - crop) / 2)
-    arr = np.asarray(img, dtype=np.float32)[top : top + crop, left : left + crop] / 255.0
+    arr = np.asarray(img, dtype=np.float32)[top : top + crop, left : left + crop] / np.float32(255)
     arr = (arr - np.array(mean, np.float32)) / np.array(std, np.float32)
     return arr.transpose(2, 0, 1)[None]
 
@@ -56,6 +56,24 @@ def test_image_pipeline_matches_pil_numpy_reference(fmt, hw):
     assert list(out) == ["pixels"]
     assert out["pixels"].shape == (1, 3, 32, 32) and out["pixels"].dtype == np.float32
     np.testing.assert_allclose(out["pixels"], ref, rtol=0, atol=1e-6)
+
+
+def test_image_pipeline_reproduces_the_zoo_efficientnet_preprocessing():
+    zoo = pytest.importorskip("edgeslim.zoo.efficientnet")
+    steps = [
+        {"op": "image.decode"},
+        {"op": "image.resize", "size": 224, "rounding": "round"},
+        {"op": "image.center_crop", "size": 224, "rounding": "floor"},
+        {"op": "image.scale"},
+        {"op": "image.normalize", "mean": 0.5, "std": 0.5},
+        {"op": "image.layout", "layout": "NCHW"},
+    ]
+    for hw in [(300, 451), (451, 300), (257, 333)]:
+        photo = _photo(*hw, seed=hw[0])
+        got = Pipeline(steps).apply(_png(photo))["input"]
+        ref = zoo.preprocess_image(photo)
+        assert got.shape == (1, 3, 224, 224)
+        np.testing.assert_array_equal(got[0], ref)
 
 
 def test_image_solid_colour_gives_known_values_and_shapes():
@@ -77,11 +95,12 @@ def test_grayscale_digits_style_pipeline():
     steps = [
         {"op": "image.decode", "mode": "L"},
         {"op": "image.resize", "size": [8, 8]},
-        {"op": "image.scale", "factor": 16 / 255},
+        {"op": "image.scale", "divisor": 255 / 16},
         {"op": "reshape", "shape": [1, 64]},
     ]
     out = Pipeline(steps, inputs=[{"name": "input", "dtype": "float32"}]).apply(_png(img))
     np.testing.assert_allclose(out["input"], img.reshape(1, 64) / 255 * 16, atol=1e-5)
+    assert out["input"].max() <= 16.0
 
 
 def test_bad_image_bytes_and_too_small_crop_raise_inference_error():
@@ -319,8 +338,9 @@ _values = st.one_of(st.none(), st.booleans(), st.integers(-5, 300), st.floats(al
 @settings(max_examples=150, deadline=None)
 @given(st.lists(st.fixed_dictionaries(
     {"op": st.sampled_from([*allowed_ops(), "bogus"])},
-    optional={k: _values for k in ["size", "mode", "method", "k", "axis", "mean", "std",
-                                   "factor", "shape", "dtype", "window", "alpha", "layout"]},
+    optional={k: _values for k in ["size", "mode", "method", "k", "axis", "mean", "std", "divisor",
+                                   "factor", "shape", "dtype", "window", "alpha", "layout",
+                                   "rounding"]},
 ), max_size=4))
 def test_validate_steps_fuzz_only_raises_config_error(steps):
     with contextlib.suppress(ConfigError):

@@ -2,10 +2,12 @@
 
 The semantics follow the usual ImageNet-style evaluation transform: ``image.resize`` with an
 int resizes the *shorter* side to that size keeping the aspect ratio (the longer side is
-truncated to an int), ``image.center_crop`` takes the central window (offsets rounded),
-``image.scale`` turns the image into a float32 ``(H, W, C)`` array times ``factor`` (1/255 by
-default, so [0, 1]), ``image.normalize`` subtracts ``mean`` and divides by ``std`` per channel
-and ``image.layout`` moves to ``NCHW`` (or ``NHWC``/``CHW``/``HWC``), adding the batch axis.
+truncated to an int, or rounded with ``rounding: "round"``), ``image.center_crop`` takes the
+central window (offsets rounded half to even, or floored with ``rounding: "floor"``),
+``image.scale`` turns the image into a float32 ``(H, W, C)`` array divided by ``divisor`` (255
+by default, so [0, 1], as torchvision's ToTensor), ``image.normalize`` subtracts ``mean`` and
+divides by ``std`` per channel and ``image.layout`` moves to ``NCHW`` (or ``NHWC``, ``CHW``,
+``HWC``), adding the batch axis for the N layouts.
 """
 
 from __future__ import annotations
@@ -84,22 +86,29 @@ def _resample(name: str) -> Any:
     }[name]
 
 
-def resize_shape(h: int, w: int, size: int | tuple[int, int]) -> tuple[int, int]:
-    """Target ``(height, width)``: an int sets the shorter side, a pair is exact."""
+def resize_shape(
+    h: int, w: int, size: int | tuple[int, int], rounding: str = "floor"
+) -> tuple[int, int]:
+    """Target ``(height, width)``: an int sets the shorter side, a pair is exact.
+
+    The longer side is ``size * long / short`` truncated (``"floor"``, as torchvision) or
+    rounded (``"round"``).
+    """
     if isinstance(size, tuple):
         return size
+    fn = int if rounding == "floor" else round
     if h <= w:
-        return size, max(1, int(size * w / h))
-    return max(1, int(size * h / w)), size
+        return size, max(size, fn(size * w / h))
+    return max(size, fn(size * h / w)), size
 
 
 def _resize(params: dict[str, Any], ctx: BuildContext) -> Any:
-    size = params["size"]
+    size, rounding = params["size"], params["rounding"]
     resample = _resample(params["interpolation"])
 
     def step(img: Any) -> Any:
         w, h = img.size
-        nh, nw = resize_shape(h, w, size)
+        nh, nw = resize_shape(h, w, size, rounding)
         if (nh, nw) == (h, w):
             return img
         return img.resize((nw, nh), resample=resample)
@@ -107,36 +116,44 @@ def _resize(params: dict[str, Any], ctx: BuildContext) -> Any:
     return step
 
 
-def crop_box(h: int, w: int, size: int | tuple[int, int]) -> tuple[int, int, int, int]:
-    """``(top, left, height, width)`` of the central crop."""
+def crop_box(
+    h: int, w: int, size: int | tuple[int, int], rounding: str = "round"
+) -> tuple[int, int, int, int]:
+    """``(top, left, height, width)`` of the central crop.
+
+    Offsets are ``(h - ch) / 2`` rounded half to even (``"round"``, as torchvision) or floored
+    (``"floor"``).
+    """
     ch, cw = (size, size) if isinstance(size, int) else size
     if ch > h or cw > w:
         raise InferenceError(
             f"image.center_crop of {ch}x{cw} does not fit in a {h}x{w} image; "
             f"resize it first (image.resize with size >= {max(ch, cw)})"
         )
+    if rounding == "floor":
+        return (h - ch) // 2, (w - cw) // 2, ch, cw
     return round((h - ch) / 2.0), round((w - cw) / 2.0), ch, cw
 
 
 def _center_crop(params: dict[str, Any], ctx: BuildContext) -> Any:
-    size = params["size"]
+    size, rounding = params["size"], params["rounding"]
 
     def step(img: Any) -> Any:
         w, h = img.size
-        top, left, ch, cw = crop_box(h, w, size)
+        top, left, ch, cw = crop_box(h, w, size, rounding)
         return img.crop((left, top, left + cw, top + ch))
 
     return step
 
 
 def _scale(params: dict[str, Any], ctx: BuildContext) -> Any:
-    factor = np.float32(params["factor"])
+    divisor = np.float32(params["divisor"])
 
     def step(img: Any) -> np.ndarray:
         arr = np.asarray(img, dtype=np.float32)
         if arr.ndim == 2:
             arr = arr[:, :, None]
-        return arr * factor
+        return arr / divisor
 
     return step
 
@@ -185,18 +202,22 @@ register(OpSpec(
     {
         "size": Param(size_or_pair, doc="shorter side (int) or exact [height, width]"),
         "interpolation": Param(choice(*_INTERPOLATION), "bilinear"),
+        "rounding": Param(choice("floor", "round"), "floor", "longer side: truncate or round"),
     },
     _resize, "resize; an int sets the shorter side, keeping the aspect ratio",
 ))
 register(OpSpec(
     "image.center_crop", "pre", frozenset({IMAGE}), IMAGE,
-    {"size": Param(size_or_pair, doc="crop size (int for square) or [height, width]")},
+    {
+        "size": Param(size_or_pair, doc="crop size (int for square) or [height, width]"),
+        "rounding": Param(choice("round", "floor"), "round", "offsets: round or floor"),
+    },
     _center_crop, "take the central window",
 ))
 register(OpSpec(
     "image.scale", "pre", frozenset({IMAGE}), HWC,
-    {"factor": Param(positive(), 1.0 / 255.0, "multiply pixel values by this")},
-    _scale, "to a float32 (H, W, C) array times `factor` (default 1/255, so [0, 1])",
+    {"divisor": Param(positive(), 255.0, "divide pixel values by this")},
+    _scale, "to a float32 (H, W, C) array divided by `divisor` (default 255, so [0, 1])",
 ))
 register(OpSpec(
     "image.normalize", "pre", frozenset({HWC}), HWC,
