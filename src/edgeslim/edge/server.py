@@ -355,6 +355,10 @@ class EdgeServer:
     batch axis (``batch_window_ms`` is the most a request waits for company); ``threads`` are
     onnxruntime intra-op threads per model; ``workers`` run model calls.
 
+    ``app`` is the ASGI application; a node agent may replace it with a wrapper (middleware)
+    before ``start()``, which serves whatever ``app`` holds then. ``metrics`` (Prometheus
+    families) and ``store`` (the ``ModelStore``) are public too.
+
     Example (a node agent)::
 
         server = EdgeServer(["digits.eslim"], port=8000, token="s3cret").start()
