@@ -1,0 +1,20 @@
+"""``edgeslim serve`` refuses bad bundles and bad signatures before listening."""
+
+from __future__ import annotations
+
+from edgeslim.bundle import generate_keypair
+from edgeslim.cli import main
+
+
+def test_serve_refuses_unsigned_bundle_under_public_key(edge_bundles, tmp_path, capsys):
+    _, pub = generate_keypair(tmp_path / "keys")
+    rc = main(["serve", str(edge_bundles["linear"]), "--port", "0", "--public-key", str(pub)])
+    assert rc == 4
+    assert "not signed" in capsys.readouterr().err
+
+
+def test_serve_refuses_missing_bundle_and_bad_options(edge_bundles, tmp_path, capsys):
+    assert main(["serve", str(tmp_path / "nope.eslim"), "--port", "0"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["serve", str(edge_bundles["linear"]), "--max-batch", "0"]) == 2
+    assert "'max_batch'" in capsys.readouterr().err
