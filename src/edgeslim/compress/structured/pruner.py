@@ -1,0 +1,238 @@
+"""``prune_structured``: remove the neurons, channels and attention heads that do not affect
+the output (the seed's "pruning"), for real: the returned model has fewer parameters and
+fewer MACs, and runs faster on dense kernels.
+
+Graph -> importance -> pruner, as in torch-pruning: ``graph`` traces the model into
+torch-pruning's DepGraph and protects the layers that shape an output, ``importance`` scores
+channels, and torch-pruning's ``MetaPruner`` removes the lowest-scored ones group by group
+(every coupled layer shrinks together, so the model stays consistent). ``attention`` keeps
+the head bookkeeping of attention modules right after heads are removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch_pruning as tp
+from torch import nn
+
+from edgeslim._validate import check_choice, check_fraction, check_int_range
+from edgeslim.compress._batch import describe, to_torch
+from edgeslim.compress.structured.attention import find_attention, mha_heads
+from edgeslim.compress.structured.graph import (
+    ROOT_TYPES,
+    build_graph,
+    check_model,
+    forward,
+    output_layers,
+    resolve_layers,
+    run_example,
+    trainable,
+)
+from edgeslim.compress.structured.importance import (
+    DATA_DRIVEN,
+    IMPORTANCES,
+    LossFn,
+    collect_statistics,
+    make_importance,
+)
+from edgeslim.compress.structured.report import (
+    LayerWidth,
+    StructuredReport,
+    StructuredResult,
+    count,
+    layer_widths,
+)
+from edgeslim.errors import ConfigError, EdgeslimError, ModelError
+
+__all__ = ["prune_structured"]
+
+_FUNC = "prune_structured"
+
+
+def prune_structured(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    ratio: float,
+    importance: str = "l2",
+    scope: str = "layer",
+    head_ratio: float = 0.0,
+    ignored_layers: Iterable[str | nn.Module] | None = None,
+    data: Iterable[Any] | None = None,
+    loss_fn: LossFn | None = None,
+    round_to: int | None = None,
+    iterative_steps: int = 1,
+    after_step: Callable[[nn.Module, int], None] | None = None,
+    inplace: bool = False,
+    progress: bool = True,
+) -> StructuredResult:
+    """Remove a fraction ``ratio`` of the channels/neurons of every prunable layer group.
+
+    Args:
+        model: the trained ``nn.Module``. It is copied unless ``inplace``.
+        example_inputs: one input the model accepts (a tensor such as ``(1, 64)``, a tuple
+            of positional inputs, or a dict of keyword inputs); used to trace the graph and
+            to count MACs.
+        ratio: fraction in [0, 1) of the channels removed from each group (``scope="layer"``)
+            or from all groups together, ranked globally (``scope="global"``).
+        importance: ``"l1"``/``"l2"`` (weight magnitude, no data), ``"taylor"`` (loss
+            gradient x weight, needs labelled ``data`` or a ``loss_fn``) or ``"activation"``
+            (mean |activation| on ``data``). See ``edgeslim.compress.structured.importance``.
+        head_ratio: fraction in [0, 1) of the attention heads removed whole from each
+            attention module (BERT-family self-attention; see ``structured.attention``).
+            Attention projections are never narrowed by ``ratio``: they lose whole heads only.
+        ignored_layers: layers (modules or qualified names) kept whole. The layers whose
+            pruning would change the width of a model output (the final classifier) are
+            always kept whole, so the output shape never changes.
+        data: batches ``(x, y)`` (or bare ``x`` for ``"activation"``) scored by the
+            data-driven criteria; a few batches suffice. The model's weights are not trained.
+        loss_fn: ``loss(model, x, y)`` for ``"taylor"``; default cross-entropy on the logits.
+        round_to: keep each pruned width a multiple of this (e.g. 8 for SIMD-friendly
+            shapes). Models with ``nn.MultiheadAttention`` are rounded to a multiple of its
+            head count.
+        iterative_steps: reach ``ratio`` in this many equal steps, re-scoring in between;
+            ``after_step(model, step)`` runs after each (e.g. to fine-tune).
+        progress: show progress bars.
+
+    Returns:
+        ``StructuredResult(model, report)``; the model is in the training mode it came in.
+
+    Raises:
+        ModelError: ``model`` is not an ``nn.Module`` or cannot run ``example_inputs``.
+        ConfigError: a parameter is out of range or a name is unknown.
+
+    >>> import torch
+    >>> from edgeslim.zoo.digits import DigitsCNN
+    >>> result = prune_structured(DigitsCNN(), torch.zeros(1, 64), ratio=0.5, progress=False)
+    >>> result.model.conv2.out_channels, result.model.fc2.out_features
+    (32, 10)
+    """
+    check_model(model, _FUNC)
+    ratio = check_fraction(ratio, "ratio", _FUNC)
+    head_ratio = check_fraction(head_ratio, "head_ratio", _FUNC)
+    check_choice(importance, "importance", _FUNC, IMPORTANCES)
+    check_choice(scope, "scope", _FUNC, {"layer", "global"})
+    iterative_steps = check_int_range(iterative_steps, "iterative_steps", _FUNC, 1, 1000)
+    if round_to is not None:
+        round_to = check_int_range(round_to, "round_to", _FUNC, 1, 1 << 20)
+    if importance in DATA_DRIVEN and data is None:
+        raise ConfigError(
+            f"importance={importance!r} scores channels on data: pass data=... (a few "
+            "batches of (x, y)), or use importance='l1' or 'l2', which need none."
+        )
+    example_inputs = to_torch(example_inputs)
+    shapes_before = run_example(model, example_inputs, _FUNC)
+
+    work = model if inplace else copy.deepcopy(model)
+    was_training = work.training
+    ignored = resolve_layers(work, ignored_layers, "ignored_layers", _FUNC, original=model)
+    attention = find_attention(work)
+    if head_ratio > 0 and not attention:
+        raise ModelError(
+            f"head_ratio={head_ratio} asks to remove attention heads, but the model has no "
+            "attention module whose heads can be removed (supported: BERT-family "
+            "self-attention with query/key/value Linear layers; nn.MultiheadAttention keeps "
+            "its heads). Pass head_ratio=0."
+        )
+    prune_ratio, only_heads = ratio, []
+    if ratio == 0 and head_ratio > 0:
+        # torch-pruning removes heads only while it narrows layers: narrow nothing else
+        qkv = {id(p) for layer in attention for p in layer.projections}
+        only_heads = [m for m in work.modules() if isinstance(m, ROOT_TYPES) and id(m) not in qkv]
+        prune_ratio = head_ratio
+    heads = mha_heads(work)
+    if heads:
+        round_to = math.lcm(round_to or 1, *heads)
+    widths_before = layer_widths(work)
+    macs_before, params_before = count(work, example_inputs)
+    scorer = make_importance(importance)
+
+    with trainable(work):
+        try:
+            with _explained(model, example_inputs):
+                graph, outputs = build_graph(work, example_inputs)
+                protected = output_layers(graph, outputs, ignored)
+                num_heads = {p: layer.heads for layer in attention for p in layer.projections}
+                pruner = tp.pruner.MetaPruner(
+                    work,
+                    example_inputs,
+                    importance=scorer,
+                    global_pruning=scope == "global",
+                    pruning_ratio=prune_ratio,
+                    iterative_steps=iterative_steps,
+                    ignored_layers=ignored + protected + only_heads,
+                    round_to=round_to,
+                    num_heads=num_heads,
+                    prune_num_heads=head_ratio > 0,
+                    prune_head_dims=False,
+                    head_pruning_ratio=head_ratio,
+                    # fresh dicts: torch-pruning mutates these (its defaults are shared)
+                    in_channel_groups={},
+                    out_channel_groups={},
+                    channel_groups={},
+                    forward_fn=forward,
+                    root_module_types=list(ROOT_TYPES),
+                )
+            for step in range(iterative_steps):
+                if importance in DATA_DRIVEN:
+                    collect_statistics(work, scorer, data, loss_fn=loss_fn, progress=progress)
+                with _explained(model, example_inputs):
+                    for group in pruner.step(interactive=True):
+                        group.prune()
+                    for layer in attention:
+                        layer.set_heads(num_heads[layer.projections[0]])
+                work.zero_grad(set_to_none=True)
+                if after_step is not None:
+                    after_step(work, step)
+        finally:
+            work.train(was_training)
+
+    shapes_after = run_example(work, example_inputs, _FUNC)
+    if shapes_after != shapes_before:  # cannot happen unless an output layer escaped the graph
+        raise ModelError(
+            f"{_FUNC} changed the output shapes from {shapes_before} to {shapes_after}; add the "
+            "layers that produce the outputs to ignored_layers."
+        )
+    macs_after, params_after = count(work, example_inputs)
+    widths_after = layer_widths(work)
+    names = {id(m): n for n, m in work.named_modules()}
+    report = StructuredReport(
+        params_before=params_before,
+        params_after=params_after,
+        macs_before=macs_before,
+        macs_after=macs_after,
+        layers=tuple(
+            LayerWidth(name, unit, before, widths_after.get(name, (unit, before))[1])
+            for name, (unit, before) in widths_before.items()
+        ),
+        ignored=tuple(sorted({names[id(m)] for m in ignored + protected if id(m) in names})),
+        config={
+            "ratio": ratio,
+            "importance": importance,
+            "scope": scope,
+            "head_ratio": head_ratio,
+            "round_to": round_to,
+            "iterative_steps": iterative_steps,
+        },
+    )
+    return StructuredResult(work, report)
+
+
+@contextlib.contextmanager
+def _explained(model: nn.Module, example_inputs: Any) -> Iterator[None]:
+    """torch-pruning's asserts and shape errors as a ``ModelError`` with context."""
+    try:
+        yield
+    except EdgeslimError:
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"{_FUNC} could not prune {type(model).__name__} traced on inputs of shape "
+            f"{describe(example_inputs)}: {first}. Add the layer it names to ignored_layers."
+        ) from exc

@@ -1,0 +1,384 @@
+"""Structured pruning: channels, neurons and heads removed for real, checked against a masked
+reference (the original model with the removed channels' outgoing weights zeroed must answer
+exactly like the pruned one)."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from edgeslim.compress.distill import distill
+from edgeslim.compress.structured import StructuredResult, prune_structured
+from edgeslim.compress.structured.importance import TaylorImportance
+from edgeslim.compress.train import accuracy
+from edgeslim.errors import ConfigError, ModelError
+from edgeslim.zoo.digits import DigitsCNN, DigitsMLP, digits_loaders
+
+X1 = torch.zeros(1, 64)
+CNN_CHAIN = ["conv1", "conv2", "fc1", "fc2"]
+MLP_CHAIN = ["fc1", "fc2", "fc3"]
+
+
+@pytest.fixture
+def one_thread():
+    """Small models train faster on one thread on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _kept(original: nn.Module, pruned: nn.Module) -> list[int]:
+    """Indices of the original output channels that survive (matched by their bias)."""
+    ob, pb = original.bias.detach(), pruned.bias.detach()
+    return [int(torch.nonzero(ob == v)[0]) for v in pb]
+
+
+def _kept_rows(original: nn.Linear, pruned: nn.Linear) -> list[int]:
+    """Surviving output rows of a Linear whose inputs were not pruned (matched by weights)."""
+    ow, pw = original.weight.detach(), pruned.weight.detach()
+    return [int(torch.nonzero((ow == row).all(1))[0]) for row in pw]
+
+
+def masked_reference(model: nn.Module, pruned: nn.Module, chain: list[str]) -> nn.Module:
+    """The original model with the removed channels' outgoing weights set to zero."""
+    ref = copy.deepcopy(model)
+    mods, new = dict(ref.named_modules()), dict(pruned.named_modules())
+    for producer, consumer in itertools.pairwise(chain):
+        width = mods[producer].weight.shape[0]
+        removed = sorted(set(range(width)) - set(_kept(mods[producer], new[producer])))
+        c = mods[consumer]
+        span = c.weight.shape[1] // width  # flatten: one conv channel feeds span features
+        with torch.no_grad():
+            for r in removed:
+                c.weight[:, r * span : (r + 1) * span] = 0
+    return ref
+
+
+def _widths(model: nn.Module, chain: list[str]) -> list[int]:
+    return [dict(model.named_modules())[n].weight.shape[0] for n in chain]
+
+
+# -- the zoo models --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "chain", "expected"),
+    [("digits_cnn", CNN_CHAIN, [16, 32, 64, 10]), ("digits_mlp", MLP_CHAIN, [150, 50, 10])],
+)
+def test_zoo_models_lose_half_their_channels_and_match_the_masked_reference(
+    request, digits_split, name, chain, expected
+):
+    model = request.getfixturevalue(name)
+    before = copy.deepcopy(model.state_dict())
+    result = prune_structured(model, X1, ratio=0.5, progress=False)
+    assert isinstance(result, StructuredResult)
+    pruned, report = result.model, result.report
+    assert _widths(pruned, chain) == expected  # the classifier keeps its 10 outputs
+    assert report.params_after == sum(p.numel() for p in pruned.parameters())
+    assert report.params_before == sum(p.numel() for p in model.parameters())
+    assert report.params_after < 0.4 * report.params_before
+    assert report.macs_after < 0.4 * report.macs_before
+    kept = {w.name: (w.before, w.after) for w in report.layers}
+    assert [kept[n][1] for n in chain] == expected
+    assert chain[-1] in report.ignored  # protected automatically
+    # the original model is untouched
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    x = torch.from_numpy(digits_split.x_test[:64])
+    ref = masked_reference(model, pruned, chain).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), ref(x), rtol=1e-4, atol=1e-5)
+    json.dumps(report.to_dict())
+    assert all(n in report.format_table() for n in chain)
+
+
+@st.composite
+def chains(draw) -> tuple[nn.Module, list[str]]:
+    torch.manual_seed(draw(st.integers(0, 2**16)))
+    layers: list[nn.Module] = [nn.Unflatten(1, (1, 4, 4))]
+    names: list[str] = []
+    width = 16
+    if draw(st.booleans()):
+        ch = draw(st.integers(2, 6))
+        layers += [nn.Conv2d(1, ch, 3, padding=1), nn.BatchNorm2d(ch), nn.ReLU(), nn.Flatten()]
+        names.append("1")
+        width = ch * 16
+    else:
+        layers.append(nn.Flatten())
+    for out in draw(st.lists(st.integers(2, 12), min_size=1, max_size=3)):
+        names.append(str(len(layers)))
+        layers += [nn.Linear(width, out), nn.ReLU()]
+        width = out
+    model = nn.Sequential(*layers[:-1])
+    for m in model.modules():  # non-trivial BatchNorm statistics
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    return model.eval(), names
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    case=chains(),
+    ratio=st.floats(0.0, 0.9),
+    importance=st.sampled_from(["l1", "l2"]),
+    scope=st.sampled_from(["layer", "global"]),
+)
+def test_any_chain_matches_its_masked_reference(case, ratio, importance, scope):
+    model, chain = case
+    x = torch.rand(8, 16)
+    result = prune_structured(
+        model, x[:1], ratio=ratio, importance=importance, scope=scope, progress=False
+    )
+    pruned = result.model
+    widths = _widths(pruned, chain)
+    assert widths[-1] == _widths(model, chain)[-1]
+    assert all(w >= 1 for w in widths)
+    if scope == "layer":  # each group keeps int(n * (1 - ratio)) channels (at least one)
+        for before, after in zip(_widths(model, chain)[:-1], widths[:-1], strict=True):
+            assert after == max(1, int(before * (1 - ratio))) or after == before
+    ref = masked_reference(model, pruned, chain)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), ref(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_digits_cnn_pruned_by_half_and_distilled_stays_within_1_5_points(
+    digits_cnn, one_thread
+):
+    train, test = digits_loaders(seed=0)
+    dense = accuracy(digits_cnn, test)
+    result = prune_structured(digits_cnn, X1, ratio=0.5, importance="l2", progress=False)
+    pruned = result.model
+    assert _widths(pruned, CNN_CHAIN) == [16, 32, 64, 10]
+    torch.manual_seed(0)
+    distill(pruned, digits_cnn, train, epochs=3, lr=1e-3, progress=False)
+    acc = accuracy(pruned, test)
+    assert acc >= dense - 0.015, (dense, acc)
+
+
+# -- importance criteria ---------------------------------------------------------------------
+
+
+def _dead_and_alive() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """fc1 neurons 0-3: large weights but never active on the data; 4-7: small but active."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    with torch.no_grad():
+        model[0].weight[:4] = 5.0 * torch.randn(4, 4).abs().neg()
+        model[0].bias[:4] = -1.0 - 0.1 * torch.arange(4)  # inputs >= 0: stays below zero
+        model[0].weight[4:] = 0.1 * torch.rand(4, 4)
+        model[0].bias[4:] = 0.1 + 0.01 * torch.arange(4)
+        model[2].weight[:, :4] = 3.0
+    x = torch.rand(64, 4)
+    y = torch.randint(0, 3, (64,))
+    return model, x, y
+
+
+@pytest.mark.parametrize(
+    ("importance", "survivors"),
+    [("l2", [0, 1, 2, 3]), ("l1", [0, 1, 2, 3]), ("activation", [4, 5, 6, 7]),
+     ("taylor", [4, 5, 6, 7])],
+)
+def test_data_driven_criteria_remove_the_neurons_that_do_not_affect_the_output(
+    importance, survivors
+):
+    model, x, y = _dead_and_alive()
+    data = [(x[:32], y[:32]), (x[32:], y[32:])]
+    result = prune_structured(
+        model, x[:1], ratio=0.5, importance=importance, data=data, progress=False
+    )
+    assert sorted(_kept(model[0], result.model[0])) == survivors
+    if importance in ("activation", "taylor"):  # the removed neurons were dead: same answers
+        with torch.no_grad():
+            torch.testing.assert_close(result.model(x), model(x))
+
+
+def test_taylor_scores_are_the_squared_activation_gradient_products():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3))
+    batches = [(torch.randn(16, 5), torch.randint(0, 3, (16,))) for _ in range(3)]
+    # reference: per batch (sum over examples of h_j * dL/dh_j)^2, summed over batches
+    ref = torch.zeros(6)
+    for x, y in batches:
+        h = model[1](model[0](x)).detach().requires_grad_(True)
+        loss = nn.functional.cross_entropy(model[2](h), y)
+        (g,) = torch.autograd.grad(loss, h)
+        ref += (h * g).sum(0).detach() ** 2
+    scorer = TaylorImportance()
+    for x, y in batches:
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        scorer.accumulate(model)
+    import torch_pruning as tp
+
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.randn(1, 5))
+    group = graph.get_pruning_group(model[0], tp.prune_linear_out_channels, list(range(6)))
+    torch.testing.assert_close(scorer(group), ref / ref.mean(), rtol=1e-4, atol=1e-6)
+
+
+def test_global_scope_ranks_across_layers_and_keeps_the_output(digits_mlp):
+    result = prune_structured(digits_mlp, X1, ratio=0.5, scope="global", progress=False)
+    w = _widths(result.model, MLP_CHAIN)
+    assert w[2] == 10
+    assert w[0] + w[1] <= 0.55 * 400 and w[0] != 150  # uneven: ranked globally
+    assert result.model(X1).shape == (1, 10)
+
+
+def test_iterative_steps_reach_the_same_widths_and_call_back(digits_cnn):
+    seen = []
+    result = prune_structured(
+        digits_cnn, X1, ratio=0.5, iterative_steps=3, progress=False,
+        after_step=lambda m, step: seen.append((step, m.conv2.out_channels)),
+    )
+    assert [s for s, _ in seen] == [0, 1, 2]
+    assert [c for _, c in seen] == [53, 42, 32]
+    assert _widths(result.model, CNN_CHAIN) == [16, 32, 64, 10]
+
+
+def test_round_to_keeps_widths_multiples(digits_cnn):
+    result = prune_structured(digits_cnn, X1, ratio=0.3, round_to=8, progress=False)
+    assert [w % 8 for w in _widths(result.model, CNN_CHAIN)[:3]] == [0, 0, 0]
+
+
+def test_ignored_layers_by_name_or_module_of_the_original(digits_cnn):
+    by_name = prune_structured(digits_cnn, X1, ratio=0.5, ignored_layers=["conv1"], progress=False)
+    by_module = prune_structured(
+        digits_cnn, X1, ratio=0.5, ignored_layers=[digits_cnn.fc1], progress=False
+    )
+    assert _widths(by_name.model, CNN_CHAIN) == [32, 32, 64, 10]
+    assert _widths(by_module.model, CNN_CHAIN) == [16, 32, 128, 10]
+    with pytest.raises(ConfigError, match=r"'conv9'.*'conv1'"):
+        prune_structured(digits_cnn, X1, ratio=0.5, ignored_layers=["conv9"], progress=False)
+
+
+def test_frozen_parameters_and_training_mode_are_restored():
+    model = DigitsMLP().train()
+    for p in model.fc1.parameters():
+        p.requires_grad_(False)
+    result = prune_structured(model, X1, ratio=0.5, inplace=True, progress=False)
+    assert result.model is model and model.training
+    assert model.fc1.out_features == 150
+    assert [p.requires_grad for p in model.fc1.parameters()] == [False, False]
+    assert all(p.requires_grad for p in model.fc2.parameters())
+
+
+# -- attention heads ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_bert():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(
+        vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=128, max_position_embeddings=32, num_labels=3,
+    )
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(cfg).eval()
+    ids = torch.randint(1, 100, (2, 16))
+    return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def test_attention_heads_are_removed_whole(tiny_bert):
+    model, inputs = tiny_bert
+    result = prune_structured(model, inputs, ratio=0.0, head_ratio=0.5, progress=False)
+    pruned = result.model
+    heads = {w.name: (w.before, w.after) for w in result.report.layers if w.unit == "heads"}
+    assert heads == {f"bert.encoder.layer.{i}.attention.self": (4, 2) for i in range(2)}
+    ref = copy.deepcopy(model)
+    for i in range(2):
+        new = pruned.bert.encoder.layer[i].attention.self
+        old = ref.bert.encoder.layer[i].attention.self
+        assert (new.num_attention_heads, new.all_head_size, new.query.out_features) == (2, 32, 32)
+        assert pruned.bert.encoder.layer[i].intermediate.dense.out_features == 128  # ratio=0
+        kept_rows = set(_kept_rows(old.query, new.query))
+        removed = [h for h in range(4) if not set(range(h * 16, h * 16 + 16)) <= kept_rows]
+        assert len(removed) == 2
+        with torch.no_grad():  # a head whose values are zero adds nothing
+            for h in removed:
+                old.value.weight[h * 16 : h * 16 + 16] = 0
+                old.value.bias[h * 16 : h * 16 + 16] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(
+            pruned(**inputs).logits, ref(**inputs).logits, rtol=1e-4, atol=1e-5
+        )
+
+
+def test_heads_and_widths_together_keep_the_output_shape(tiny_bert):
+    model, inputs = tiny_bert
+    result = prune_structured(
+        model, inputs, ratio=0.5, head_ratio=0.25, importance="activation",
+        data=[inputs], progress=False,
+    )
+    out = result.model(**inputs).logits
+    assert out.shape == (2, 3)
+    assert result.report.params_after < 0.6 * result.report.params_before
+    attn = result.model.bert.encoder.layer[0].attention.self
+    assert attn.num_attention_heads == 3 and attn.query.out_features == 48
+
+
+def test_multihead_attention_narrows_in_whole_heads():
+    class Tiny(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = nn.Linear(8, 64)
+            self.enc = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
+            self.head = nn.Linear(64, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.enc(self.inp(x)).mean(1))
+
+    torch.manual_seed(0)
+    model = Tiny().eval()
+    x = torch.randn(2, 10, 8)
+    result = prune_structured(model, x, ratio=0.3, progress=False)
+    attn = result.model.enc.self_attn
+    assert attn.embed_dim % 4 == 0 and attn.embed_dim < 64
+    assert result.model(x).shape == (2, 5)
+    with pytest.raises(ModelError, match=r"head_ratio=0.5"):
+        prune_structured(model, x, ratio=0.3, head_ratio=0.5, progress=False)
+
+
+# -- bad input -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ratio", [1.0, -0.1, 1.5, "half", None, float("nan")])
+def test_ratio_outside_0_1_is_refused_with_the_value(ratio):
+    with pytest.raises(ConfigError, match=r"'ratio'.*\[0\.0, 1\.0\).*" + repr(ratio)[:3]):
+        prune_structured(DigitsMLP(), X1, ratio=ratio, progress=False)
+
+
+def test_bad_inputs_are_typed_errors_naming_the_value():
+    with pytest.raises(ModelError, match=r"torch.nn.Module.*str"):
+        prune_structured("digits-cnn", X1, ratio=0.5)
+    with pytest.raises(ModelError, match=r"\(1, 3, 32, 32\)"):
+        prune_structured(DigitsCNN(), torch.zeros(1, 3, 32, 32), ratio=0.5, progress=False)
+    with pytest.raises(ModelError, match=r"\{pixels: \(1, 64\)\}"):
+        prune_structured(DigitsCNN(), {"pixels": X1}, ratio=0.5, progress=False)
+    with pytest.raises(ConfigError, match=r"'importance'.*'taylor'.*'magnitude'"):
+        prune_structured(DigitsCNN(), X1, ratio=0.5, importance="magnitude", progress=False)
+    with pytest.raises(ConfigError, match=r"'scope'.*'everywhere'"):
+        prune_structured(DigitsCNN(), X1, ratio=0.5, scope="everywhere", progress=False)
+    with pytest.raises(ConfigError, match=r"importance='taylor'.*data="):
+        prune_structured(DigitsCNN(), X1, ratio=0.5, importance="taylor", progress=False)
+    with pytest.raises(ConfigError, match=r"labelled"):
+        prune_structured(
+            DigitsCNN(), X1, ratio=0.5, importance="taylor", data=[X1], progress=False
+        )
+    with pytest.raises(ModelError, match=r"data.*\(4, 10\)"):
+        prune_structured(
+            DigitsCNN(), X1, ratio=0.5, importance="activation", data=[torch.zeros(4, 10)],
+            progress=False,
+        )
+    with pytest.raises(ModelError, match=r"head_ratio=0.5.*no attention"):
+        prune_structured(DigitsCNN(), X1, ratio=0.5, head_ratio=0.5, progress=False)
+    with pytest.raises(ConfigError, match=r"'iterative_steps'.*0"):
+        prune_structured(DigitsCNN(), X1, ratio=0.5, iterative_steps=0, progress=False)
