@@ -113,6 +113,17 @@ def test_pick_prefers_feasible_then_closest():
     assert closest.excess == min(j.excess for j in again)
 
 
+def test_pick_treats_timing_noise_as_a_tie():
+    b = Budget(max_drop=0.01)
+    items = [judge(k, k, {}, r, base_metric=0.98, budget=b, factor=1.0)
+             for k, r in (("fast-big", _result(0.98, 0.1, 1000.0, 90_000)),
+                          ("fast-small", _result(0.975, 0.1, 850.0, 20_000)),
+                          ("slow-tiny", _result(0.98, 0.1, 500.0, 5_000)))]
+    assert pick(items).key == "fast-small"  # 15% slower is noise; 50% is not
+    assert pick(items, tolerance=0.0).key == "fast-big"
+    assert pick(items, "size").key == "slow-tiny"
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 5), st.integers(1, 5), st.integers(1, 5)),
                 min_size=1, max_size=12))

@@ -90,6 +90,8 @@ class Search:
         self._ptq_cost: float | None = None
         self.base: Evaluated | None = None
         self.failed: list[tuple[Candidate, str]] = []
+        self.passing: list[Candidate] = []  # structured points meeting max_drop, climb order
+        self.miss: Candidate | None = None  # the first structured point that missed it
 
     # -- time ------------------------------------------------------------------------------
 
@@ -251,6 +253,19 @@ class Search:
         top = self.climb_structured()
         self.on_event("phase", name="formats and sparsity on " + top.label())
         self.stack(top)
+        self.refine(top)
+
+    def refine(self, top: Candidate) -> None:
+        """With time left: a longer recovery where the climb stopped, then the formats and
+        sparsity ladder on the lower passing ratios (more drop budget left for them)."""
+        self.on_event("phase", name="refining with the time left")
+        if self.miss is not None and self.miss.epochs and self.miss.ratio > top.ratio:
+            c = self.miss.with_(epochs=max(2 * self.miss.epochs, 2 * MAX_EPOCHS))
+            if self.passes(self.evaluate(c)):
+                self.stack(c)
+        for c in reversed(self.passing):
+            if c != top:
+                self.stack(c)
 
     def sensitivity(self) -> None:
         if self.store.get_meta(self.model_hash, "sensitivity") is not None \
@@ -280,6 +295,7 @@ class Search:
             if kd is not None and (ft is None or kd.result["metric"] > ft.result["metric"]):
                 distill = True
         last_pass: Candidate | None = None
+        self.passing: list[Candidate] = []
         for ratio in RATIOS:
             e = epochs
             while True:
@@ -287,6 +303,7 @@ class Search:
                 ev = self.evaluate(c)
                 if self.passes(ev):
                     last_pass = best = c
+                    self.passing.append(c)
                     break
                 near = ev is not None and self.drop(ev) <= self.budget.max_drop + max(
                     2 * self.budget.max_drop, 0.01)
@@ -294,6 +311,7 @@ class Search:
                     e *= 2
                     continue
                 # the climb ends here; one bisection step towards the miss
+                self.miss = c
                 lo = last_pass.ratio if last_pass else 0.0
                 mid = round((lo + ratio) / 2, 2)
                 if lo < mid < ratio:
@@ -301,6 +319,9 @@ class Search:
                                   epochs=last_pass.epochs if last_pass else epochs)
                     if self.passes(self.evaluate(c)):
                         best = c
+                        self.passing.append(c)
+                    else:
+                        self.miss = c
                 return best
         return best
 

@@ -10,7 +10,8 @@ can be judged under another budget or device profile without redoing any candida
 - A candidate meets the budget when every given constraint holds. The best one maximises the
   objective (``throughput`` by default; or lowest ``latency``, or smallest ``size``); when
   none meets it, the closest is the one with the smallest sum of relative excesses, and the
-  manifest says which constraints failed.
+  manifest says which constraints failed. Objective values within timing noise of the best
+  (25% for throughput and latency) count as tied, and the smaller bundle wins the tie.
 """
 
 from __future__ import annotations
@@ -130,13 +131,30 @@ def _objective_key(j: Judged, objective: str) -> tuple[float, ...]:
     return (j.size_mb, -j.throughput, -j.metric)
 
 
-def pick(items: list[Judged], objective: str = "throughput") -> Judged | None:
-    """The best candidate meeting the budget, else the closest one (smallest excess)."""
+def pick(items: list[Judged], objective: str = "throughput",
+         tolerance: float | None = None) -> Judged | None:
+    """The best candidate meeting the budget, else the closest one (smallest excess).
+
+    Timings on a busy machine move by tens of percent from one measurement to the next, so
+    candidates within ``tolerance`` of the best objective value (25% for throughput and
+    latency, 10% for size) count as tied; among those the smallest bundle wins, then the
+    highest metric (for ``size``: the fastest, then the highest metric).
+    """
     if objective not in OBJECTIVES:
         raise ConfigError(f"Unknown objective {objective!r}. Allowed: {', '.join(OBJECTIVES)}.")
     if not items:
         return None
-    feasible = [j for j in items if j.meets]
-    if feasible:
-        return min(feasible, key=lambda j: _objective_key(j, objective))
-    return min(items, key=lambda j: (j.excess, *_objective_key(j, objective)))
+    pool = [j for j in items if j.meets]
+    if not pool:
+        least = min(j.excess for j in items)
+        pool = [j for j in items if j.excess <= least + 1e-12]
+    top = min(pool, key=lambda j: _objective_key(j, objective))
+    tol = tolerance if tolerance is not None else (0.1 if objective == "size" else 0.25)
+    if objective == "throughput":
+        near = [j for j in pool if j.throughput >= (1 - tol) * top.throughput]
+    elif objective == "latency":
+        near = [j for j in pool if j.latency_ms <= (1 + tol) * top.latency_ms]
+    else:
+        near = [j for j in pool if j.size_mb <= (1 + tol) * top.size_mb]
+        return min(near, key=lambda j: (-j.throughput, -j.metric))
+    return min(near, key=lambda j: (j.size_mb, -j.metric))
