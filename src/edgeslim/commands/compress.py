@@ -54,11 +54,11 @@ def print_bundle_summary(console, result) -> None:  # type: ignore[no-untyped-de
         table.add_row(f"original {metric_name} (torch)", f"{m[f'original_{metric_name}']:.4f}")
     table.add_row(f"{metric_name} on onnxruntime", f"{m[metric_name]:.4f}")
     table.add_row("latency p50, batch 1 (ms)", f"{m['latency_ms_p50_batch1']:.3f}")
-    table.add_row("fp32 model.onnx (bytes)", f"{m['fp32_onnx_bytes']:,}")
+    table.add_row("original fp32 model.onnx (bytes)", f"{m['fp32_onnx_bytes']:,}")
     table.add_row("model.onnx (bytes)", f"{m['onnx_bytes']:,}")
     table.add_row(".eslim file (bytes)", f"{m['bundle_bytes']:,}")
     ratio = m["fp32_onnx_bytes"] / m["bundle_bytes"]
-    table.add_row("smaller than fp32 model.onnx", f"{ratio:.1f}x")
+    table.add_row("smaller than the original fp32 model.onnx", f"{ratio:.1f}x")
     for entry in result.manifest["compression"]:
         table.add_row(f"step: {entry['step']}", str(entry["params"]))
     console.print(table)

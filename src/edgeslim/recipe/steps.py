@@ -118,7 +118,8 @@ def _run_prune(ctx: RecipeContext, **p: Any) -> dict[str, Any]:
 
 # -- prune_structured --------------------------------------------------------------------------
 
-_STRUCT = {"ratio": 0.5, "importance": "l2", "scope": "layer", "ignored_layers": None}
+_STRUCT = {"ratio": 0.5, "importance": "l2", "scope": "layer", "head_ratio": 0.0,
+           "round_to": None, "ignored_layers": None}
 
 
 def _check_struct(**p: Any) -> None:
@@ -126,6 +127,7 @@ def _check_struct(**p: Any) -> None:
     check_choice(p.get("importance", "l2"), "importance", "prune_structured",
                  {"l1", "l2", "taylor", "activation"})
     check_choice(p.get("scope", "layer"), "scope", "prune_structured", {"global", "layer"})
+    check_fraction(p.get("head_ratio", 0.0), "head_ratio", "prune_structured")
 
 
 def _run_struct(ctx: RecipeContext, **p: Any) -> dict[str, Any]:
@@ -138,6 +140,8 @@ def _run_struct(ctx: RecipeContext, **p: Any) -> dict[str, Any]:
         ratio=p["ratio"],
         importance=p["importance"],
         scope=p["scope"],
+        head_ratio=p["head_ratio"],
+        round_to=p["round_to"],
         ignored_layers=p["ignored_layers"],
         data=data,
         progress=ctx.progress,
@@ -156,7 +160,8 @@ def _check_distill(**p: Any) -> None:
     _epochs(p.get("epochs", 10), "distill")
     check_positive(p.get("temperature", 4.0), "temperature", "distill")
     check_fraction(p.get("alpha", 0.9), "alpha", "distill", closed_right=True)
-    check_choice(p.get("loss", "kl"), "loss", "distill", {"kl", "mse", "feature"})
+    for term in str(p.get("loss", "kl")).split("+"):
+        check_choice(term, "loss", "distill", {"kl", "mse", "feature"})
     check_positive(p.get("lr", 1e-3), "lr", "distill")
 
 
