@@ -65,5 +65,6 @@ def test_api_errors_name_the_problem(api, controller, bundles):
     with pytest.raises(Exception, match="did not verify"):
         controller.deploy(forced.json()["sha256"], params=RolloutParams())
     assert api.get("/deployments/99").status_code == 404
-    assert api.post("/deployments/latest/rollback").status_code == 400
+    assert api.post("/deployments/latest/rollback").status_code == 404
+    assert api.post("/deployments/x1/rollback").status_code == 400
     assert api.get("/healthz").json()["broker"] == "connected"

@@ -107,9 +107,9 @@ def test_registry_desired_state_follows_deployments_and_rollbacks(tmp_path):
     d2 = reg.create_deployment("2" * 64, {}, 0.5, {}, [("a", "canary", "1" * 64),
                                                        ("b", "rest", "1" * 64)])  # fmt: skip
     reg.set_targets(d2, ["a"], "sent")
-    assert reg.latest_desired() == {"a": (d2, "2" * 64), "b": (d1, "1" * 64)}
+    assert reg.latest_desired() == {"a": (d2, "2" * 64, False), "b": (d1, "1" * 64, False)}
     reg.set_targets(d2, ["a"], "rolled_back")
-    assert reg.latest_desired()["a"] == (d2, "1" * 64)
+    assert reg.latest_desired()["a"] == (d2, "1" * 64, True)
     with reg.tx() as db:  # a late install report does not undo the rollback
         Registry.report_target(db, d2, "a", "installed", "", 1.0)
     assert {t.node: t.state for t in reg.deployment(d2).targets} == {"a": "rolled_back",

@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from edgeslim.errors import BundleError, ConfigError, EdgeslimError, SignatureError
+from edgeslim.errors import ConfigError, EdgeslimError, SignatureError
 from edgeslim.fleet.rollout import RolloutParams
 
 if TYPE_CHECKING:
@@ -40,19 +40,16 @@ def build_app(c: Controller) -> Any:
     from starlette.responses import FileResponse, JSONResponse, Response
     from starlette.routing import Route
 
-    def error(exc: Exception) -> JSONResponse:
+    from edgeslim.fleet.controller import Conflict, NotFound
+
+    def error(exc: EdgeslimError) -> JSONResponse:
+        status = 400  # ConfigError, BundleError: bad input
         if isinstance(exc, SignatureError):
             status = 422
-        elif isinstance(exc, ConfigError) and (
-            "still running" in str(exc) or "already" in str(exc)
-        ):
+        elif isinstance(exc, Conflict):
             status = 409
-        elif isinstance(exc, ConfigError) and str(exc).startswith("No "):
+        elif isinstance(exc, NotFound):
             status = 404
-        elif isinstance(exc, (BundleError, ConfigError, EdgeslimError)):
-            status = 400
-        else:
-            raise exc
         return JSONResponse({"error": str(exc)}, status_code=status)
 
     async def healthz(request: Request) -> Response:
@@ -107,12 +104,10 @@ def build_app(c: Controller) -> Any:
             dep = await run_in_threadpool(
                 c.deploy, body["bundle"], {str(k): str(v) for k, v in selector.items()}, params
             )
-        except ValueError as exc:
-            if isinstance(exc, EdgeslimError):
-                return error(exc)
-            return JSONResponse({"error": f"bad JSON body: {exc}"}, status_code=400)
         except EdgeslimError as exc:
             return error(exc)
+        except ValueError as exc:  # the body is not JSON
+            return JSONResponse({"error": f"bad JSON body: {exc}"}, status_code=400)
         row = c.registry.deployment(dep)
         return JSONResponse(row.to_dict() if row else {"id": dep}, status_code=201)
 
@@ -131,12 +126,10 @@ def build_app(c: Controller) -> Any:
 
     def rollback(request: Request) -> Response:
         raw = request.path_params["dep"]
+        if raw != "latest" and not raw.isdigit():
+            return JSONResponse({"error": "deployment id must be an integer or 'latest'"}, 400)
         try:
             dep = c.rollback(None if raw == "latest" else int(raw))
-        except ValueError as exc:
-            if isinstance(exc, EdgeslimError):
-                return error(exc)
-            return JSONResponse({"error": "deployment id must be an integer or 'latest'"}, 400)
         except EdgeslimError as exc:
             return error(exc)
         row = c.registry.deployment(dep)

@@ -44,9 +44,17 @@ from edgeslim.fleet.protocol import (
 from edgeslim.fleet.registry import Registry
 from edgeslim.fleet.rollout import FINAL_STATES, Rollout, RolloutParams, pick_canaries
 
-__all__ = ["Controller"]
+__all__ = ["Conflict", "Controller", "NotFound"]
 
 log = logging.getLogger("edgeslim.fleet.controller")
+
+
+class NotFound(ConfigError):
+    """A bundle, deployment or matching node that does not exist (HTTP 404)."""
+
+
+class Conflict(ConfigError):
+    """The request clashes with the current state, e.g. a deployment is running (HTTP 409)."""
 
 
 class Controller:
@@ -157,11 +165,15 @@ class Controller:
     def _on_connected(self) -> None:
         self.link.publish(CONTROLLER_TOPIC, encode({"state": "online", "ts": time.time()}),
                           qos=1, retain=True)  # fmt: skip
-        # The broker may have restarted without its retained messages: publish them again.
-        for node, (dep, sha) in self.registry.latest_desired().items():
+        # Off the network thread: it reads the registry and publishes one message per node.
+        threading.Thread(target=self._republish_desired, name="republish", daemon=True).start()
+
+    def _republish_desired(self) -> None:
+        """The broker may have restarted without its retained messages: publish them again."""
+        for node, (dep, sha, rollback) in self.registry.latest_desired().items():
             b = self.registry.bundle(sha)
             if b is not None:
-                self.publish_desired(node, dep, sha, b, rollback=False, republish=True)
+                self.publish_desired(node, dep, sha, b, rollback=rollback)
 
     def publish_desired(
         self,
@@ -170,7 +182,6 @@ class Controller:
         sha: str,
         bundle: dict[str, Any],
         rollback: bool,
-        republish: bool = False,
     ) -> bool:
         msg = Desired(
             deployment=dep,
@@ -342,7 +353,7 @@ class Controller:
         check_sha256(sha, "bundle", "deploy")
         bundle = self.registry.bundle(sha)
         if bundle is None:
-            raise ConfigError(f"No bundle with sha256 {sha} on the controller; upload it first.")
+            raise NotFound(f"No bundle with sha256 {sha} on the controller; upload it first.")
         if not bundle["verified"] and self.public_key is not None and not p.force:
             raise SignatureError(
                 f"Bundle {sha[:12]} did not verify against the controller's public key; "
@@ -351,12 +362,12 @@ class Controller:
         with self._rollout_lock:
             active = [d for d, r in self._rollouts.items() if r.is_alive()]
             if active:
-                raise ConfigError(
+                raise Conflict(
                     f"Deployment {active[0]} is still running; wait for it or roll it back first."
                 )
             nodes = self.online_nodes(selector)
             if not nodes:
-                raise ConfigError(f"No online node matches the selector {selector or {}}.")
+                raise NotFound(f"No online node matches the selector {selector or {}}.")
             ids = [n.id for n in nodes]
             canaries = set(pick_canaries(ids, p.canary, sha))
             targets = [
@@ -383,18 +394,18 @@ class Controller:
         if dep is None:
             deps = self.registry.deployments(limit=1)
             if not deps:
-                raise ConfigError("There is no deployment to roll back.")
+                raise NotFound("There is no deployment to roll back.")
             dep = deps[0].id
         row = self.registry.deployment(dep)
         if row is None:
-            raise ConfigError(f"No deployment with id {dep}.")
+            raise NotFound(f"No deployment with id {dep}.")
         with self._rollout_lock:
             r = self._rollouts.get(dep)
             if r is not None and r.is_alive():
                 r.abort(reason)
                 return dep
             if row.state in ("rolled_back", "rolling_back"):
-                raise ConfigError(f"Deployment {dep} is already {row.state}.")
+                raise Conflict(f"Deployment {dep} is already {row.state}.")
             r = Rollout(self, dep, RolloutParams.from_dict(row.params), rollback_reason=reason)
             self._rollouts[dep] = r
             r.start()

@@ -176,6 +176,7 @@ class Forwarder:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._inflight: set[str] = set()
+        self._acked: list[str] = []
         self._sent_at = 0.0
         self._thread: threading.Thread | None = None
         self.sent_batches = 0
@@ -200,10 +201,10 @@ class Forwarder:
         self._wake.set()
 
     def on_ack(self, ids: list[str]) -> None:
-        """The controller committed these ids: delete them, free the window."""
-        self.outbox.ack(ids)
+        """The controller committed these ids (called on the network thread: no disk here;
+        the forwarder thread deletes them and frees the window)."""
         with self._lock:
-            self._inflight.difference_update(ids)
+            self._acked.extend(ids)
         self._wake.set()
 
     def _run(self) -> None:
@@ -218,6 +219,12 @@ class Forwarder:
                 log.exception("outbox forwarder step failed")
 
     def _step(self) -> None:
+        with self._lock:
+            acked, self._acked = self._acked, []
+        if acked:
+            self.outbox.ack(acked)
+            with self._lock:
+                self._inflight.difference_update(acked)
         with self._lock:
             if self._inflight and time.monotonic() - self._sent_at < self.ack_timeout:
                 return

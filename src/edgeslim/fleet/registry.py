@@ -372,23 +372,26 @@ class Registry:
         ]
         return [d for d in (self.deployment(i) for i in ids) if d is not None]
 
-    def latest_desired(self) -> dict[str, tuple[int, str]]:
-        """Per node, the (deployment, sha) it should serve now, from the deployment history.
+    def latest_desired(self) -> dict[str, tuple[int, str, bool]]:
+        """Per node, the (deployment, sha, rollback) it should serve now, from the history.
 
-        A target in state ``rolled_back`` wants its previous sha; others want the bundle.
+        A target in state ``rolled_back`` or ``reverted`` wants its previous sha; others want
+        the deployment's bundle.
         """
         rows = self._query(
             "SELECT t.node, t.deployment, t.state, t.previous_sha, d.bundle_sha FROM targets t "
             "JOIN deployments d ON d.id = t.deployment "
             "WHERE t.state != 'pending' ORDER BY t.deployment"
         )
-        out: dict[str, tuple[int, str]] = {}
+        out: dict[str, tuple[int, str, bool]] = {}
         for node, dep, state, prev, sha in rows:
-            if state == "rolled_back":
+            if state in ("rolled_back", "reverted"):
                 if prev:
-                    out[node] = (dep, prev)
+                    out[node] = (dep, prev, True)
+                else:
+                    out.pop(node, None)
             else:
-                out[node] = (dep, sha)
+                out[node] = (dep, sha, False)
         return out
 
     # ------------------------------------------------------------------ records
