@@ -46,9 +46,11 @@ def test_candidate_recipe_and_key():
     # fields that do not matter (epochs without a ratio) do not change the key
     k = candidate_key("m", "digits", Candidate())
     assert k == candidate_key("m", "digits", Candidate(epochs=7, distill=True))
-    keys = {candidate_key("m", "digits", x) for x in (Candidate(), c, c.with_(bits=5))}
+    keys = {candidate_key("m", "digits", x)
+            for x in (Candidate(), c, c.with_(bits=5), c.with_(round_to=8))}
     keys.add(candidate_key("other-model", "digits", c))
-    assert len(keys) == 4
+    assert len(keys) == 5
+    assert c.with_(round_to=8).recipe().steps[0].params["round_to"] == 8
     with pytest.raises(ConfigError, match="format"):
         Candidate(format="int3")
 

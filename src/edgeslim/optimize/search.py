@@ -12,7 +12,10 @@ Order of work (see ``docs/optimize.md`` for why):
    idea, the budget goes to survivors near the boundary); the first ratio that still misses
    ends the climb, and one bisection step between the last pass and that miss follows;
 4. on the largest passing ratio: number formats (ptq int8, QAT 8-bit, 5/4-bit packing), then
-   a climb along unstructured sparsity (size), then the sparsest passing point packed.
+   a climb along unstructured sparsity (size), then the sparsest passing point packed;
+5. with the time left: twice the longest recovery where the climb stopped; the passing
+   ratios with widths rounded to a multiple of ``ROUND_TO`` (onnxruntime's convolution speed
+   jumps with the channel count); step 4 on the lower passing ratios.
 
 Each candidate's cost is estimated from those measured so far (export and measurement time
 plus epochs x seconds per epoch); one that would not finish before the deadline (less a
@@ -41,6 +44,7 @@ SPARSITIES = (0.5, 0.7, 0.85, 0.95)
 START_EPOCHS = 4
 MAX_EPOCHS = 16
 SPARSE_EPOCHS = 2
+ROUND_TO = 8
 
 EventFn = Callable[..., None]
 
@@ -263,6 +267,10 @@ class Search:
             c = self.miss.with_(epochs=max(2 * self.miss.epochs, 2 * MAX_EPOCHS))
             if self.passes(self.evaluate(c)):
                 self.stack(c)
+        # onnxruntime's convolution speed jumps with the channel count: try widths rounded
+        # to a multiple of 8 at the passing ratios, largest first
+        for c in sorted(self.passing, key=lambda c: -c.ratio):
+            self.evaluate(c.with_(round_to=ROUND_TO))
         for c in reversed(self.passing):
             if c != top:
                 self.stack(c)

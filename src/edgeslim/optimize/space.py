@@ -3,8 +3,10 @@
 A candidate combines, in recipe order:
 
 1. ``prune_structured`` at ``ratio`` (channels / neurons removed for real: the only knob that
-   makes dense onnxruntime kernels faster), recovered by ``distill`` from the original model
-   (``distill=True``) or by ``finetune`` on labels, for ``epochs`` epochs;
+   makes dense onnxruntime kernels faster; ``round_to`` keeps each width a multiple of it,
+   since onnxruntime's convolution speed jumps with the channel count), recovered by
+   ``distill`` from the original model (``distill=True``) or by ``finetune`` on labels, for
+   ``epochs`` epochs;
 2. ``prune`` (unstructured magnitude) at ``sparsity``, fine-tuned ``sparse_epochs`` epochs
    (zeros that deflate well: size, not speed);
 3. a number format: ``fp32``; ``qat`` (quantization-aware training at ``bits``, weights
@@ -80,6 +82,7 @@ class Candidate:
     bits: int = 32
     fallback: bool = True
     ptq_drop: float = 0.01
+    round_to: int | None = None
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -99,6 +102,8 @@ class Candidate:
     def config(self) -> dict[str, Any]:
         """The JSON form stored with the result (only the fields that matter)."""
         c = asdict(self)
+        if not self.ratio or self.round_to is None:
+            c.pop("round_to")
         if not self.ratio:
             c.pop("distill"), c.pop("epochs")
         if not self.sparsity:
@@ -113,7 +118,9 @@ class Candidate:
         """Short human name, e.g. ``struct0.5+kd4 | sparse0.7 | ptq-int8``."""
         parts = []
         if self.ratio:
-            parts.append(f"struct{self.ratio:g}+{'kd' if self.distill else 'ft'}{self.epochs}")
+            width = f"/{self.round_to}" if self.round_to else ""
+            parts.append(f"struct{self.ratio:g}{width}+{'kd' if self.distill else 'ft'}"
+                         f"{self.epochs}")
         if self.sparsity:
             parts.append(f"sparse{self.sparsity:g}")
         if self.format == "ptq":
@@ -128,6 +135,8 @@ class Candidate:
         steps: list[tuple[str, dict[str, Any]]] = []
         if self.ratio:
             params: dict[str, Any] = {"ratio": self.ratio, "importance": importance}
+            if self.round_to:
+                params["round_to"] = self.round_to
             if ignored_layers:
                 params["ignored_layers"] = list(ignored_layers)
             steps.append(("prune_structured", params))
