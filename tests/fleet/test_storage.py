@@ -88,12 +88,13 @@ def test_registry_nodes_offline_and_deduplicated_records(tmp_path):
         assert Registry.insert_records(db, "n2", recs[:1], now=13.0) == 1  # per node
     assert [r["seq"] for r in reg.records(node="n1")] == [0, 1, 2]
     assert reg.counter("duplicate_records") == 2
+    assert reg.prune_records(before=12.5) == 3 and len(reg.records()) == 1  # retention
     # Another connection (an operator's sqlite3) can read while the registry is open: WAL.
     import sqlite3
 
     other = sqlite3.connect(tmp_path / "r.db")
     assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert other.execute("SELECT COUNT(*) FROM records").fetchone()[0] == 4
+    assert other.execute("SELECT COUNT(*) FROM records").fetchone()[0] == 1
     other.close()
     reg.close()
 

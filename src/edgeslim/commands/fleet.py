@@ -88,6 +88,7 @@ def controller_cmd(
         None, "--public-key", help="Ed25519 public key (PEM) that uploaded bundles must verify."
     ),
     offline_after: float = typer.Option(30.0, help="Seconds of silence before a node is stale."),
+    retention_days: float = typer.Option(7.0, help="Days stored records are kept."),
     log_level: str = typer.Option("info", help="debug, info, warning or error."),
 ) -> None:
     """Run the fleet controller until SIGINT/SIGTERM."""
@@ -101,6 +102,7 @@ def controller_cmd(
         http_host=http_host,
         http_port=http_port,
         offline_after=offline_after,
+        retention_s=retention_days * 86400.0,
     )
     c.start()
     print(f"controller: HTTP {c.url}, broker {c.broker}", file=sys.stderr, flush=True)

@@ -61,6 +61,8 @@ class Controller:
     """Registry + bundle store + rollouts, reachable over MQTT (nodes) and HTTP (operators).
 
     ``offline_after`` (s): a node silent that long is shown stale and is not targeted.
+    ``retention_s`` (s): stored records (telemetry, reports, results) older than this are
+    deleted, checked once a minute.
     """
 
     def __init__(
@@ -72,6 +74,7 @@ class Controller:
         http_host: str = "127.0.0.1",
         http_port: int = 0,
         offline_after: float = 30.0,
+        retention_s: float = 7 * 86400.0,
         backoff: Backoff | None = None,
         client_id: str = "edgeslim-controller",
     ) -> None:
@@ -85,6 +88,7 @@ class Controller:
 
             self.public_key = load_public_key(public_key)
         self.offline_after = offline_after
+        self.retention_s = retention_s
         self.registry = Registry(self.data / "registry.db")
         self._queue: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self._changed = threading.Condition()
@@ -202,7 +206,14 @@ class Controller:
             self.link.publish(topic("desired", node), b"", qos=1, retain=True)
 
     def _ingest_loop(self) -> None:
+        next_prune = 0.0
         while not self._stop.is_set():
+            if time.monotonic() >= next_prune:
+                next_prune = time.monotonic() + 60.0
+                try:
+                    self.registry.prune_records(time.time() - self.retention_s)
+                except Exception:
+                    log.exception("pruning old records failed")
             try:
                 first = self._queue.get(timeout=0.2)
             except queue.Empty:

@@ -421,6 +421,11 @@ class Registry:
             for n, i, s, k, t, b, rc in rows
         ]
 
+    def prune_records(self, before: float) -> int:
+        """Delete records received before ``before`` (Unix seconds); returns how many."""
+        with self.tx() as db:
+            return int(db.execute("DELETE FROM records WHERE received < ?", (before,)).rowcount)
+
     def counter(self, name: str) -> int:
         rows = self._query("SELECT value FROM counters WHERE name=?", [name])
         return int(rows[0][0]) if rows else 0
