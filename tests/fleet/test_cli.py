@@ -119,3 +119,12 @@ def test_demo_runs_a_fleet_and_cleans_up(keys, bundles, tmp_path):
     assert "3 nodes joined" in out and "deploy v2" in out and "succeeded" in out
     assert ", 0 failed" in out
     assert out.count("digits-linear") >= 3 and "everything stopped" in out
+
+
+def test_demo_without_mosquitto_says_how_to_install_it(monkeypatch, capsys):
+    import edgeslim.fleet.broker as broker_mod
+
+    monkeypatch.setattr(broker_mod.shutil, "which", lambda name: None)
+    monkeypatch.setattr(broker_mod.os, "access", lambda path, mode: False)
+    rc, _, err = _run(capsys, "fleet", "demo")
+    assert rc != 0 and "apt-get install mosquitto" in err
