@@ -6,7 +6,10 @@ requests with a keep-alive ``http.client`` connection using the binary tensor da
 (as ``tritonclient.http`` does by default), and times each request end to end. In the same run,
 interleaved call by call (so both see the same background load), it times
 ``InferenceSession.run`` on the same inputs with the same session options. It checks that
-every HTTP answer is bit-identical to the direct one.
+every HTTP answer is bit-identical to the direct one. As a control it also calls the same
+session in a second process over a ``multiprocessing`` pipe (no HTTP): the difference between
+that and the direct call is what any cross-process server pays on this machine (process
+wake-ups), and the difference between HTTP and the pipe is what the HTTP stack adds.
 
     .venv/bin/python bench/edge_overhead.py [--models digits-cnn efficientnet-lite0]
         [--threads 1] [--rounds 5] [--out bench/results/edge_overhead.json]
@@ -187,6 +190,16 @@ def example_inputs(name: str, n: int) -> list[np.ndarray]:
     return [rng.random((1, 3, 224, 224), dtype=np.float32) for _ in range(n)]
 
 
+def _pipe_worker(conn: Any, bundle: str, threads: int) -> None:
+    """Control: the same session in another process, called over a pipe (no HTTP)."""
+    sess = direct_session(Path(bundle), threads)
+    while True:
+        x = conn.recv()
+        if x is None:
+            return
+        conn.send(sess.run(None, {"input": x})[0])
+
+
 def bench_model(name: str, threads: int, rounds: int) -> dict[str, Any]:
     bundle = zoo_bundle(name)
     load_before = load_average()
@@ -196,17 +209,26 @@ def bench_model(name: str, threads: int, rounds: int) -> dict[str, Any]:
     refs = [sess.run(None, {"input": x})[0] for x in xs]
     direct_t: list[float] = []
     http_t: list[float] = []
+    pipe_t: list[float] = []
     mismatches = 0
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    here, there = ctx.Pipe()
+    worker = ctx.Process(target=_pipe_worker, args=(there, str(bundle), threads), daemon=True)
+    worker.start()
     with ServerProcess(bundle, "--threads", str(threads)) as server:
         conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
         reqs = [binary_request(name, x) for x in xs]
         path = f"/v2/models/{name}/infer"
-        for i in range(max(5, per_round // 10)):  # warm both paths
+        for i in range(max(5, per_round // 10)):  # warm all three paths
             sess.run(None, {"input": xs[i % len(xs)]})
             conn.request("POST", path, *reqs[i % len(xs)])
             conn.getresponse().read()
+            here.send(xs[i % len(xs)])
+            here.recv()
         for _ in range(rounds):
-            for i in range(per_round):  # paired: each direct call next to one HTTP call
+            for i in range(per_round):  # each direct call next to one HTTP and one pipe call
                 k = i % len(xs)
                 feeds = {"input": xs[k]}
                 t0 = time.perf_counter()
@@ -222,16 +244,24 @@ def bench_model(name: str, threads: int, rounds: int) -> dict[str, Any]:
                     data, int(resp.getheader("Inference-Header-Content-Length")))
                 if resp.status != 200 or got.tobytes() != refs[k].tobytes():
                     mismatches += 1
+                t0 = time.perf_counter()
+                here.send(xs[k])
+                here.recv()
+                pipe_t.append(time.perf_counter() - t0)
         conn.close()
+        here.send(None)
+        worker.join(30)
         server_ms = server_mean_ms(server.host, server.port)
-    d, h = percentiles(direct_t), percentiles(http_t)
+    d, h, p = percentiles(direct_t), percentiles(http_t), percentiles(pipe_t)
     return {
-        "model": name, "threads": threads, "direct": d, "http": h,
+        "model": name, "threads": threads, "direct": d, "http": h, "pipe_control": p,
         "load_average": [load_before, load_average()],
         "overhead_p50_ms": h["p50_ms"] - d["p50_ms"],
         "overhead_p99_ms": h["p99_ms"] - d["p99_ms"],
         "paired_overhead_median_ms": float(np.median(np.subtract(http_t, direct_t)) * 1e3),
         "server_side_mean_ms": server_ms,
+        "pipe_overhead_p50_ms": p["p50_ms"] - d["p50_ms"],
+        "http_over_pipe_p50_ms": h["p50_ms"] - p["p50_ms"],
         "not_bit_identical": mismatches,
     }
 
@@ -254,7 +284,9 @@ def main(argv: list[str] | None = None) -> int:
               f"p99 {r['overhead_p99_ms']:.3f} ms (paired median "
               f"{r['paired_overhead_median_ms']:.3f}) | n={r['http']['n']} "
               f"not bit-identical: {r['not_bit_identical']} | server-side mean "
-              f"{r['server_side_mean_ms']:.3f} ms | load average {load_average():.2f}",
+              f"{r['server_side_mean_ms']:.3f} ms | control (same session in another process "
+              f"over a pipe, no HTTP) p50 {r['pipe_control']['p50_ms']:.3f} ms: HTTP minus "
+              f"pipe p50 {r['http_over_pipe_p50_ms']:.3f} ms | load average {load_average():.2f}",
               flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
