@@ -126,8 +126,9 @@ def _photos(reference: Any = None, n_eval: int = 200) -> Workload:
         dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
         preprocessing=[
             {"op": "image.decode", "mode": "RGB"},
-            {"op": "image.resize", "size": 224},
-            {"op": "image.center_crop", "size": 224},
+            # the rounding modes reproduce zoo.efficientnet.preprocess_image bit for bit
+            {"op": "image.resize", "size": 224, "rounding": "round"},
+            {"op": "image.center_crop", "size": 224, "rounding": "floor"},
             {"op": "image.scale"},
             {"op": "image.normalize", "mean": 0.5, "std": 0.5},
             {"op": "image.layout", "layout": "NCHW"},
