@@ -121,6 +121,41 @@ def test_feature_maps_are_matched_through_a_projection(digits_cnn, digits_split,
         assert torch.equal(v, teacher_state[k])
 
 
+def test_a_pruned_transformer_learns_back_from_its_original_without_labels(one_thread):
+    transformers = pytest.importorskip("transformers")
+    from edgeslim.compress.structured import prune_structured
+
+    cfg = transformers.BertConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=16, initializer_range=0.3,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    torch.manual_seed(0)
+    teacher = transformers.BertModel(cfg, add_pooling_layer=False).eval()
+    batches = []
+    for _ in range(8):  # keyword inputs, no labels
+        ids = torch.randint(1, 50, (16, 12))
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    student = prune_structured(
+        teacher, batches[0], ratio=0.5, head_ratio=0.5, progress=False
+    ).model
+
+    def gap() -> float:
+        with torch.no_grad():
+            return float(sum(
+                nn.functional.mse_loss(
+                    student(**b).last_hidden_state, teacher(**b).last_hidden_state
+                ) for b in batches
+            ))
+
+    before = gap()
+    distill(student, teacher, batches, loss="mse", alpha=1.0, epochs=20, lr=1e-3,
+            progress=False)
+    after = gap()
+    assert after < 0.5 * before, (before, after)
+    assert student.encoder.layer[0].attention.self.num_attention_heads == 2
+
+
 # -- checks before any work --------------------------------------------------------------------
 
 BATCH = [(torch.zeros(4, 64), torch.zeros(4, dtype=torch.long))]

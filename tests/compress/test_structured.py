@@ -19,6 +19,7 @@ from edgeslim.compress.structured import StructuredResult, prune_structured
 from edgeslim.compress.structured.importance import TaylorImportance
 from edgeslim.compress.train import accuracy
 from edgeslim.errors import ConfigError, ModelError
+from edgeslim.zoo import load_model
 from edgeslim.zoo.digits import DigitsCNN, DigitsMLP, digits_loaders
 
 X1 = torch.zeros(1, 64)
@@ -345,6 +346,54 @@ def test_multihead_attention_narrows_in_whole_heads():
     assert result.model(x).shape == (2, 5)
     with pytest.raises(ModelError, match=r"head_ratio=0.5"):
         prune_structured(model, x, ratio=0.3, head_ratio=0.5, progress=False)
+
+
+@pytest.mark.slow
+def test_efficientnet_lite0_prunes_through_depthwise_and_squeeze_excitation():
+    model = load_model("efficientnet-lite0")
+    x = torch.rand(1, 3, 224, 224)
+    result = prune_structured(model, x, ratio=0.3, progress=False)
+    report, pruned = result.report, result.model
+    assert report.ignored == ("_fc",)
+    assert report.params_after < 0.6 * report.params_before
+    assert 380e6 < report.macs_before < 420e6  # ~400M MACs: every conv subclass counted
+    assert report.macs_after < 0.6 * report.macs_before
+    for m in pruned.modules():  # depthwise convolutions stay depthwise
+        if isinstance(m, nn.Conv2d) and m.groups > 1:
+            assert m.groups == m.in_channels == m.out_channels
+    with torch.no_grad():
+        assert pruned(torch.rand(2, 3, 224, 224)).shape == (2, 1000)
+
+
+@pytest.mark.slow
+def test_minilm_l6_loses_half_its_heads_and_data_picks_them_better():
+    from edgeslim.zoo import minilm
+
+    model = load_model("minilm-l6")
+    calib = minilm.encode([
+        "a cat sits on the mat", "edge devices run small models", "the weather is nice today",
+        "quantization makes networks smaller", "she plays the piano", "trains leave at noon",
+    ])
+    held_out = minilm.encode([
+        "a dog sleeps on the sofa", "compress the model before shipping it",
+        "it is raining outside", "he sings in a choir",
+    ])
+    with torch.no_grad():
+        reference = model(*held_out)
+    data = [{"input_ids": calib[0], "attention_mask": calib[1]}]
+    cosine = {}
+    for importance in ("l2", "activation"):
+        result = prune_structured(
+            model, held_out, ratio=0.0, head_ratio=0.5, importance=importance, data=data,
+            progress=False,
+        )
+        heads = [w for w in result.report.layers if w.unit == "heads"]
+        assert len(heads) == 6 and all((w.before, w.after) == (12, 6) for w in heads)
+        with torch.no_grad():
+            out = result.model(*held_out)
+        assert out.shape == reference.shape == (4, 384)
+        cosine[importance] = float((out * reference).sum(1).mean())
+    assert cosine["activation"] > max(cosine["l2"], 0.8), cosine
 
 
 # -- bad input -------------------------------------------------------------------------------

@@ -40,7 +40,8 @@ def split_batch(batch: Any) -> tuple[Any, torch.Tensor | None]:
         if len(batch) == 1:
             return to_torch(batch[0]), None
         if len(batch) >= 2:
-            return to_torch(batch[0]), torch.as_tensor(batch[1])
+            y = batch[1]
+            return to_torch(batch[0]), None if y is None else torch.as_tensor(y)
     return to_torch(batch), None
 
 

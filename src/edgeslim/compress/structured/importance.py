@@ -293,7 +293,8 @@ def _explained(x: Any) -> Iterator[None]:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(
             f"prune_structured could not run the model on a batch of 'data' with inputs of "
-            f"shape {describe(x)}: {first}."
+            f"shape {describe(x)}: {first}. A batch is (inputs, labels), bare inputs, or a "
+            "dict of keyword inputs; several positional inputs go in a tuple: ((a, b), labels)."
         ) from None
 
 

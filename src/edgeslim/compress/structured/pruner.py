@@ -74,7 +74,8 @@ def prune_structured(
     """Remove a fraction ``ratio`` of the channels/neurons of every prunable layer group.
 
     Args:
-        model: the trained ``nn.Module``. It is copied unless ``inplace``.
+        model: the trained ``nn.Module``. It is copied unless ``inplace`` (then an error
+            half-way can leave it partly pruned).
         example_inputs: one input the model accepts (a tensor such as ``(1, 64)``, a tuple
             of positional inputs, or a dict of keyword inputs); used to trace the graph and
             to count MACs.

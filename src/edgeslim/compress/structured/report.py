@@ -9,6 +9,8 @@ from typing import Any
 
 import torch_pruning as tp
 from torch import nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
+from torch_pruning.utils import op_counter
 
 from edgeslim.compress.structured.attention import find_attention
 
@@ -97,7 +99,22 @@ class StructuredResult:
 
 
 def count(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
-    """``(MACs, parameters)`` of ``model`` for ``example_inputs``."""
+    """``(MACs, parameters)`` of ``model`` for ``example_inputs``.
+
+    torch-pruning's counter looks layers up by exact type, so a subclass (a ``Conv2d`` with
+    TF "same" padding, say) would count zero MACs; subclasses are mapped to their base
+    type's counter here.
+    """
+    mapping = {}
+    for m in model.modules():
+        kind = type(m)
+        if kind in op_counter.MODULES_MAPPING or kind is NonDynamicallyQuantizableLinear:
+            continue  # (the latter is nn.MultiheadAttention's out_proj, counted with it)
+        for base, hook in op_counter.MODULES_MAPPING.items():
+            if isinstance(m, base):
+                mapping[kind] = hook
+                break
+    op_counter.CUSTOM_MODULES_MAPPING = mapping  # read and reset by count_ops_and_params
     with contextlib.redirect_stdout(io.StringIO()):  # torch-pruning prints warnings
         macs, params = tp.utils.count_ops_and_params(model, example_inputs)
     return int(macs), int(params)
