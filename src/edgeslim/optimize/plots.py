@@ -65,6 +65,10 @@ def plot_pareto(data: dict[str, Any], path: Path) -> bool:
             ax.axvline(limit, ls="--", c="#d62728", lw=0.8)
         if attr != "throughput" and all(getattr(j, attr) > 0 for j in judged):
             ax.set_xscale("log")
+        if attr == "throughput":
+            from matplotlib.ticker import FuncFormatter
+
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1e3:g}k"))
         ax.set_xlabel(xlabel)
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
@@ -182,6 +186,7 @@ def plot_latency(data: dict[str, Any], path: Path) -> bool:
         ax.boxplot(samples, vert=False, flierprops={"markersize": 2})
     ax.set_yticks(range(1, len(series) + 1), [n for n, _ in series], fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("batch-1 latency (ms, device)")
+    ax.set_xscale("log")  # a few scheduler hiccups are 100x the median on a busy machine
+    ax.set_xlabel("batch-1 latency (ms, device; log scale)")
     ax.grid(alpha=0.3, axis="x")
     return _save(fig, path)
