@@ -262,7 +262,8 @@ def collect_statistics(
                     seen += 1
                     advance(1)
         else:
-            assert isinstance(importance, TaylorImportance)  # internal: make_importance
+            if not isinstance(importance, TaylorImportance):
+                raise TypeError(f"no statistics to collect for {type(importance).__name__}")
             loss_fn = loss_fn or _cross_entropy
             importance.reset()
             with progress_bar("scoring channels", total=_len(data), enabled=progress) as advance:
