@@ -147,7 +147,7 @@ def _run_struct(ctx: RecipeContext, **p: Any) -> dict[str, Any]:
         progress=ctx.progress,
     )
     ctx.model = result.model
-    return result.report if isinstance(result.report, dict) else {}
+    return result.report.to_dict()["metrics"]
 
 
 # -- distill -----------------------------------------------------------------------------------
