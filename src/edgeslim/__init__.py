@@ -25,7 +25,8 @@ _EXPORTS: dict[str, str] = {
     "Dataset": "edgeslim.data:Dataset",
     "load_model": "edgeslim.zoo:load_model",
     "load": "edgeslim.edge.runtime:load",
-    "compress": "edgeslim.pipeline:compress",
+    # the pipeline verb; plain `compress` is the subpackage of techniques (edgeslim.compress)
+    "compress_model": "edgeslim.pipeline:compress",
     # compression verbs
     "prune": "edgeslim.compress.prune:prune",
     "prune_structured": "edgeslim.compress.structured:prune_structured",
