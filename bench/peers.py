@@ -302,7 +302,8 @@ def bench_model(name: str, rounds: int, optimize_bundle: Path | None) -> dict[st
 
 
 def markdown(results: list[dict[str, Any]], command: str, load: float) -> str:
-    lines = [f"Command: `{command}` (one process; 2 threads for torch and onnxruntime; "
+    lines = [f"Command: `{command}` (one process, `OMP_WAIT_POLICY=PASSIVE`; 2 threads for "
+             "torch and onnxruntime (default session options otherwise); "
              "latency = median batch-1 ms, throughput = samples/s at the batch shown; "
              "speed-ups are medians of per-round ratios against PyTorch fp32 eager in the same "
              "round).", "", machine_description(),
@@ -339,6 +340,8 @@ def main() -> int:
     import logging
     import warnings
 
+    # idle OpenMP workers of one tool must not spin on the cores the next tool is timed on
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
     warnings.filterwarnings("ignore")  # torch's deprecation notes on its quantized kernels

@@ -142,3 +142,12 @@ def test_pareto_front_matches_brute_force(points):
                 if not any(dominates(q, p) for q in points)}
     assert front == expected
     assert all(j.pareto == (j.key in front) for j in items)
+
+
+def test_auto_batch_keeps_a_timed_run_short():
+    from edgeslim.optimize.search import auto_batch
+
+    assert auto_batch(0.04) == 256  # digits-cnn
+    assert auto_batch(13.0) == 8  # efficientnet-lite0
+    assert auto_batch(3.0) == 64
+    assert all(8 <= auto_batch(ms) <= 256 for ms in (1e-3, 0.5, 7.0, 1e4))

@@ -98,6 +98,9 @@ def register(app: typer.Typer) -> None:
         store: Path | None = typer.Option(
             None, "--store", help="SQLite results store (default REPORT/search.sqlite)"),
         threads: int = typer.Option(2, "--threads", help="onnxruntime and torch threads"),
+        throughput_batch: int | None = typer.Option(
+            None, "--throughput-batch", help="batch for throughput (default: 256 for small "
+                                             "models, down to 8 for large ones)"),
         objective: str = typer.Option("throughput", "--objective",
                                       help="throughput | latency | size"),
         sign_key: Path | None = typer.Option(None, "--sign-key", help="Ed25519 private key"),
@@ -125,7 +128,8 @@ def register(app: typer.Typer) -> None:
             result = optimize(model, max_drop=max_drop, out=out, report_dir=run_dir,
                               latency_ms=latency_ms, size_mb=size_mb, time_budget=time_budget,
                               device_profile=device_profile, store=store, threads=threads,
-                              objective=objective, sign_key=sign_key, on_event=events)
+                              objective=objective, sign_key=sign_key, on_event=events,
+                              throughput_batch=throughput_batch)
         except KeyboardInterrupt:
             if live:
                 live.stop()

@@ -84,7 +84,7 @@ def optimize(
     workload: Any = None,
     name: str | None = None,
     sign_key: str | os.PathLike[str] | None = None,
-    throughput_batch: int = 256,
+    throughput_batch: int | None = None,
     seed: int = 0,
     report: bool = True,
     on_event: Any = None,
@@ -95,7 +95,9 @@ def optimize(
     largest allowed metric drop from the fp32 export (0.01 = one point). ``latency_ms``
     (batch 1) and ``size_mb`` (the .eslim file, 10^6 bytes) are optional ceilings, judged on
     the device of ``device_profile`` (this machine when None). ``time_budget``: ``"10m"``,
-    ``"90s"``... for the whole search. Results are kept in ``store`` (default
+    ``"90s"``... for the whole search. ``throughput_batch`` (default: 256 for small models,
+    down to 8 for large ones, from the fp32 latency) is the batch throughput is timed at.
+    Results are kept in ``store`` (default
     ``report_dir/search.sqlite``) so a second call resumes. Writes the chosen bundle to
     ``out`` and, with ``report``, ``report_dir/index.html``.
     """
@@ -112,8 +114,9 @@ def optimize(
     if objective not in OBJECTIVES:
         raise ConfigError(f"Unknown objective {objective!r}. Allowed: {', '.join(OBJECTIVES)}.")
     threads = check_int_range(threads, "threads", "optimize", 1, 256)
-    throughput_batch = check_int_range(throughput_batch, "throughput_batch", "optimize",
-                                       1, 65536)
+    if throughput_batch is not None:
+        throughput_batch = check_int_range(throughput_batch, "throughput_batch", "optimize",
+                                           1, 65536)
     run_dir = Path(report_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     store_path = Path(store) if store is not None else run_dir / "search.sqlite"
@@ -153,7 +156,7 @@ def optimize(
         except KeyboardInterrupt:
             st.end_run(run_id, {"interrupted": True})
             raise
-        judged, base = judge_run(st, mhash, settings)
+        judged, base = judge_run(st, mhash, settings, batch=search.throughput_batch)
         best = pick(judged, objective)
         if best is None or base is None:  # pragma: no cover - the baseline always exists
             raise ConfigError("No candidate could be built; see the store for errors.")
@@ -163,7 +166,8 @@ def optimize(
         outcome = {"best": best.key, "budget_met": best.meets, "failed": best.failed,
                    "bundle": str(bundle), "skipped": skipped,
                    "failed_candidates": [f"{c.label()}: {e}" for c, e in search.failed],
-                   "elapsed_s": time.monotonic() - started}
+                   "elapsed_s": time.monotonic() - started,
+                   "throughput_batch": search.throughput_batch}
         st.end_run(run_id, outcome)
     page = None
     if report:
@@ -177,13 +181,16 @@ def optimize(
                           skipped=skipped)
 
 
-def judge_run(st: ResultStore, mhash: str, settings: dict[str, Any]) \
-        -> tuple[list[Judged], Judged | None]:
-    """Every finished candidate of this model in the store, judged under ``settings``."""
+def judge_run(st: ResultStore, mhash: str, settings: dict[str, Any], *,
+              batch: int | None = None) -> tuple[list[Judged], Judged | None]:
+    """Every finished candidate of this model in the store measured as this run measures
+    (same threads, same throughput ``batch``), judged under ``settings``."""
     from edgeslim.optimize.space import Candidate
 
     rows = [r for r in st.candidates(mhash, status="done")
             if r.result and r.result.get("metric_name") == settings["metric_name"]
+            and r.result.get("threads") == settings["threads"]
+            and (batch is None or r.result.get("batch") == batch)
             and r.bundle and Path(r.bundle).is_file()]
     base_row = next((r for r in rows if r.config == Candidate().config()), None)
     if base_row is None or base_row.result is None:

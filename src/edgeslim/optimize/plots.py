@@ -42,7 +42,7 @@ def plot_pareto(data: dict[str, Any], path: Path) -> bool:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     panels = (("latency_ms", "latency, batch 1 (ms, device)", b.get("latency_ms")),
               ("size_mb", "bundle size (MB)", b.get("size_mb")),
-              ("throughput", f"throughput, batch {s['throughput_batch']} (/s, device)", None))
+              ("throughput", f"throughput, batch {data['throughput_batch']} (/s, device)", None))
     for ax, (attr, xlabel, limit) in zip(axes, panels, strict=True):
         ok = [j for j in judged if j.meets]
         bad = [j for j in judged if not j.meets]

@@ -69,7 +69,9 @@ def load_run(store_path: str | os.PathLike[str], run_id: int | None = None) \
         if run is None:
             raise ConfigError(f"No run {run_id!r} in {str(path)!r}. Runs: "
                               f"{', '.join(str(r['id']) for r in runs)}.")
-        judged, base = judge_run(st, run["model_hash"], run["settings"])
+        batch = (run["outcome"] or {}).get("throughput_batch") \
+            or run["settings"].get("throughput_batch")
+        judged, base = judge_run(st, run["model_hash"], run["settings"], batch=batch)
         sensitivity = st.get_meta(run["model_hash"], "sensitivity")
         rows = st.candidates(run["model_hash"])
     outcome = run["outcome"] or {}
@@ -79,6 +81,8 @@ def load_run(store_path: str | os.PathLike[str], run_id: int | None = None) \
 
         best = pick(judged, run["settings"]["objective"])
     return {"run": run, "settings": run["settings"], "outcome": outcome, "judged": judged,
+            "throughput_batch": outcome.get("throughput_batch")
+            or run["settings"].get("throughput_batch") or "?",
             "base": base, "best": best, "sensitivity": sensitivity or [],
             "failed_rows": [r for r in rows if r.status == "failed"],
             "evaluations": sum(r.evaluations for r in rows)}
@@ -167,7 +171,7 @@ def _html(data: dict[str, Any], images: list[str]) -> str:
         ("model", s["model"]), ("metric", metric), ("budget", "; ".join(limits)),
         ("time budget", f"{b['time_s']:g} s"), ("objective", s["objective"]),
         ("device", f"{prof.get('name', 'this machine')} (latency factor {s['factor']:.3f})"),
-        ("threads here", s["threads"]), ("throughput batch", s["throughput_batch"]),
+        ("threads here", s["threads"]), ("throughput batch", data["throughput_batch"]),
         ("search time", f"{o.get('elapsed_s', 0):.0f} s" if o.get("elapsed_s") else "-"),
         ("evaluations (all runs)", data["evaluations"]),
         ("bundle written", o.get("bundle", "-")),

@@ -37,7 +37,8 @@ from edgeslim.optimize.select import Budget
 from edgeslim.optimize.space import Candidate, available_steps, candidate_key
 from edgeslim.optimize.store import ResultStore
 
-__all__ = ["MAX_EPOCHS", "RATIOS", "SPARSITIES", "START_EPOCHS", "Evaluated", "Search"]
+__all__ = ["MAX_EPOCHS", "RATIOS", "SPARSITIES", "START_EPOCHS", "Evaluated", "Search",
+           "auto_batch"]
 
 RATIOS = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9)
 SPARSITIES = (0.5, 0.7, 0.85, 0.95)
@@ -60,6 +61,15 @@ class Evaluated:
     cached: bool = False
 
 
+def auto_batch(latency_ms: float, target_ms: float = 200.0) -> int:
+    """Throughput batch: the power of two in [8, 256] whose run takes about ``target_ms``
+    at the baseline's batch-1 latency (digits: 256; EfficientNet-Lite0: 8)."""
+    b = 8
+    while b < 256 and 2 * b * latency_ms <= target_ms:
+        b *= 2
+    return b
+
+
 class OutOfTime(Exception):
     """Raised inside the planner when the next candidate cannot finish in time."""
 
@@ -76,7 +86,7 @@ class Search:
     model_hash: str
     model_label: str
     threads: int = 2
-    throughput_batch: int = 256
+    throughput_batch: int | None = None  # None: chosen from the baseline's latency
     seed: int = 0
     started: float | None = None
     on_event: EventFn = lambda *a, **k: None
@@ -94,6 +104,10 @@ class Search:
         self._ptq_cost: float | None = None
         self.base: Evaluated | None = None
         self.failed: list[tuple[Candidate, str]] = []
+        self._measure = {"threads": self.threads, "batch": self.throughput_batch or "auto"}
+        self._batch_meta = f"throughput_batch@{self.threads}"
+        if self.throughput_batch is None:  # a resumed run measures as the first one did
+            self.throughput_batch = self.store.get_meta(self.model_hash, self._batch_meta)
         self.passing: list[Candidate] = []  # structured points meeting max_drop, climb order
         self.miss: Candidate | None = None  # the first structured point that missed it
 
@@ -146,7 +160,8 @@ class Search:
         """
         if not self.feasible(c):
             return None
-        key = candidate_key(self.model_hash, self.workload.name, c, seed=self.seed)
+        key = candidate_key(self.model_hash, self.workload.name, c, seed=self.seed,
+                            measure=self._measure)
         for ev in self.evaluated:
             if ev.key == key:
                 return ev
@@ -193,6 +208,10 @@ class Search:
             from edgeslim.bundle import read_bundle
 
             model_bytes = read_bundle(data).model_bytes
+            if self.throughput_batch is None:
+                self.throughput_batch = auto_batch(float(res.onnx_metrics[
+                    "latency_ms_p50_batch1"]))
+                self.store.set_meta(self.model_hash, self._batch_meta, self.throughput_batch)
             measured = measure_model(model_bytes, self.workload, threads=self.threads,
                                      batch=self.throughput_batch)
         except KeyboardInterrupt:
@@ -357,7 +376,8 @@ class Search:
             self.evaluate(sparse_best.with_(format="ptq", bits=8, fallback=True, ptq_drop=left))
 
     def _metric(self, c: Candidate) -> float:
-        key = candidate_key(self.model_hash, self.workload.name, c, seed=self.seed)
+        key = candidate_key(self.model_hash, self.workload.name, c, seed=self.seed,
+                            measure=self._measure)
         for ev in self.evaluated:
             if ev.key == key:
                 return float(ev.result["metric"])

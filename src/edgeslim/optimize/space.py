@@ -191,8 +191,11 @@ def model_hash(model: Any) -> str:
     return h.hexdigest()
 
 
-def candidate_key(mhash: str, workload: str, candidate: Candidate, *, seed: int = 0) -> str:
-    """The store key of ``candidate`` for the model with hash ``mhash``."""
+def candidate_key(mhash: str, workload: str, candidate: Candidate, *, seed: int = 0,
+                  measure: dict[str, Any] | None = None) -> str:
+    """The store key of ``candidate`` for the model with hash ``mhash``; ``measure`` holds
+    the measurement settings (threads, throughput batch) the stored figures depend on."""
     blob = json.dumps({"model": mhash, "workload": workload, "candidate": candidate.config(),
-                       "seed": seed, "v": SEARCH_VERSION}, sort_keys=True)
+                       "seed": seed, "measure": measure or {}, "v": SEARCH_VERSION},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
