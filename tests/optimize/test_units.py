@@ -151,3 +151,20 @@ def test_auto_batch_keeps_a_timed_run_short():
     assert auto_batch(13.0) == 8  # efficientnet-lite0
     assert auto_batch(3.0) == 64
     assert all(8 <= auto_batch(ms) <= 256 for ms in (1e-3, 0.5, 7.0, 1e4))
+
+
+def test_sensitivity_plot_prefers_ptq_report(tmp_path):
+    from edgeslim.optimize.plots import _ptq_sensitivity, plot_sensitivity
+
+    b = Budget(max_drop=0.01)
+    result = {**_result(0.98, 0.1, 100.0, 1000), "steps": [
+        {"step": "ptq", "report": {"sensitivity": {"nodes": [
+            {"node": "Conv_3", "op_type": "Conv", "score": 0.97, "gain": 0.02},
+            {"node": "Gemm_9", "op_type": "Gemm", "score": 0.96, "gain": 0.01}]}}}]}
+    data = {"judged": [judge("k", "c", {}, result, base_metric=0.98, budget=b, factor=1.0)],
+            "sensitivity": [], "settings": {"metric_name": "accuracy"}}
+    assert _ptq_sensitivity(data) == [("Conv_3", 0.02), ("Gemm_9", 0.01)]
+    assert plot_sensitivity(data, tmp_path / "s.png")
+    assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data["judged"][0].result["steps"] = []
+    assert not plot_sensitivity(data, tmp_path / "none.png")  # nothing measured: no image

@@ -76,30 +76,38 @@ def plot_pareto(data: dict[str, Any], path: Path) -> bool:
     return _save(fig, path)
 
 
+_NAME_KEYS = ("node", "layer", "name")
+_VALUE_KEYS = ("gain", "drop", "sensitivity", "error", "mse")
+
+
+def _per_layer(value: Any) -> list[tuple[str, float]]:
+    """The first list of ``{node|layer|name, gain|drop|...}`` found in a step report."""
+    if isinstance(value, list) and value and all(isinstance(r, dict) for r in value):
+        rows = []
+        for r in value:
+            name = next((r[k] for k in _NAME_KEYS if k in r), None)
+            val = next((r[k] for k in _VALUE_KEYS if isinstance(r.get(k), (int, float))
+                        and not isinstance(r.get(k), bool)), None)
+            if name is not None and val is not None:
+                rows.append((str(name), float(val)))
+        if rows:
+            return rows
+    if isinstance(value, dict):
+        for v in value.values():
+            found = _per_layer(v)
+            if found:
+                return found
+    return []
+
+
 def _ptq_sensitivity(data: dict[str, Any]) -> list[tuple[str, float]]:
-    """Per-layer figures from a ptq step report, when one was stored."""
+    """Per-layer figures from a ptq step's report (e.g. its sensitivity ranking), if any."""
     for j in data["judged"]:
         for step in j.result.get("steps", []):
-            if step.get("step") != "ptq":
-                continue
-            rep = step.get("report") or {}
-            layers = rep.get("sensitivity") or rep.get("layers")
-            if isinstance(layers, dict):
-                vals = [(str(k), float(v)) for k, v in layers.items()
-                        if isinstance(v, (int, float))]
-                if vals:
-                    return vals
-            if isinstance(layers, list):
-                vals = []
-                for r in layers:
-                    if isinstance(r, dict):
-                        name = r.get("layer") or r.get("name") or r.get("node")
-                        val = next((r[k] for k in ("drop", "sensitivity", "error", "mse")
-                                    if isinstance(r.get(k), (int, float))), None)
-                        if name is not None and val is not None:
-                            vals.append((str(name), float(val)))
-                if vals:
-                    return vals
+            if step.get("step") == "ptq":
+                found = _per_layer(step.get("report") or {})
+                if found:
+                    return found
     return []
 
 
@@ -111,7 +119,8 @@ def plot_sensitivity(data: dict[str, Any], path: Path) -> bool:
         ptq = ptq[:40]
         fig, ax = plt.subplots(figsize=(9, 0.3 * len(ptq) + 1.5))
         ax.barh([n for n, _ in ptq][::-1], [v for _, v in ptq][::-1], color="#3b7dd8")
-        ax.set_xlabel("per-layer int8 sensitivity (from ptq)")
+        ax.set_xlabel("per-node int8 sensitivity from ptq (metric gained by keeping the node "
+                      "in float)")
         return _save(fig, path)
     if not rows:
         return False
