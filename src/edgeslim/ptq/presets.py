@@ -1,0 +1,86 @@
+"""The int8 presets the CLI calls: one function, the scheme chosen from the task.
+
+- ``classification`` (CNNs such as efficientnet-lite0): static QDQ, uint8 activations with
+  percentile calibration, int8 per-channel weights rounded by GPTQ with bias correction,
+  then fallback of the most sensitive nodes until top-1 agreement holds.
+- ``embedding`` (BERT-like encoders such as minilm-l6): SmoothQuant, row-wise dynamic int8
+  MatMuls, int8 word embeddings, then fallback until the mean cosine holds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from edgeslim._validate import check_choice
+from edgeslim.ptq.metrics import TASKS
+from edgeslim.ptq.search import QuantizationResult, quantize
+
+__all__ = ["DEFAULT_MAX_DROP", "PRESET_SETTINGS", "quantize_int8_preset"]
+
+#: Default tolerated score drop per task (top-1 agreement / mean cosine).
+DEFAULT_MAX_DROP = {"classification": 0.01, "embedding": 0.005}
+
+PRESET_SETTINGS: dict[str, dict[str, Any]] = {
+    "classification": {
+        "scheme": "static",
+        "method": "percentile",
+        "per_channel": True,
+        "activation_type": "uint8",
+        "quant_format": "qdq",
+        "weight_rounding": "gptq",
+        "bias_correction": True,
+        "equalization": False,
+        "calibration_samples": 160,
+    },
+    "embedding": {
+        "scheme": "dynamic",
+        "smooth_alpha": 0.5,
+        "quantize_embeddings": True,
+        "calibration_samples": 128,
+    },
+}
+
+
+def quantize_int8_preset(
+    model: Any,
+    calibration_data: Any,
+    eval_data: Any,
+    *,
+    task: str = "classification",
+    max_drop: float | None = None,
+    time_budget_s: float = 900.0,
+    out_path: str | Path | None = None,
+    report_path: str | Path | None = None,
+    progress: bool = True,
+    threads: int = 2,
+    **overrides: Any,
+) -> QuantizationResult:
+    """Quantize ``model`` (path or ModelProto) to int8 with the preset for ``task``.
+
+    ``calibration_data``/``eval_data``: distinct samples (see ``calibrate.to_feeds`` for the
+    accepted forms). ``max_drop`` defaults to ``DEFAULT_MAX_DROP[task]``. ``out_path``: where
+    the quantized .onnx is written; the JSON report goes to ``report_path`` (default:
+    ``out_path`` with suffix ``.report.json``). ``overrides`` change single settings of
+    ``PRESET_SETTINGS[task]`` (any keyword of ``quantize``).
+    """
+    check_choice(task, "task", "quantize_int8_preset", TASKS)
+    settings = dict(PRESET_SETTINGS[task])
+    settings.update(overrides)
+    if report_path is None and out_path is not None:
+        report_path = Path(out_path).with_suffix(".report.json")
+    result = quantize(
+        model,
+        calibration_data,
+        eval_data,
+        task=task,
+        max_drop=DEFAULT_MAX_DROP[task] if max_drop is None else max_drop,
+        time_budget_s=time_budget_s,
+        report_path=report_path,
+        progress=progress,
+        threads=threads,
+        **settings,
+    )
+    if out_path is not None:
+        result.save(out_path)
+    return result

@@ -1,0 +1,372 @@
+"""Accuracy-aware post-training quantization: quantize, measure, fall back, keep the best.
+
+``quantize`` builds the fully quantized model and measures it against the float model on the
+evaluation data. If the drop exceeds ``max_drop`` it ranks the quantized nodes by sensitivity
+(``sensitivity.py``) and keeps the most sensitive ones in float, a few more each round, until
+the goal holds or the time budget is spent. It always returns the best model found, and writes
+the JSON report (sensitivity ranking, every configuration tried) even when the goal is missed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeslim._validate import check_choice, check_fraction, check_int_range, check_positive
+from edgeslim.errors import ConfigError
+from edgeslim.progress import progress_bar
+from edgeslim.ptq._graph import Graph, as_model, make_session, unique_node_names
+from edgeslim.ptq.calibrate import CALIBRATION_METHODS, to_feeds
+from edgeslim.ptq.metrics import TASKS, task_metrics
+from edgeslim.ptq.sensitivity import SensitivityReport, sensitivity_analysis
+from edgeslim.ptq.static import WEIGHT_ROUNDING
+
+__all__ = ["SCHEMES", "QuantizationResult", "quantize"]
+
+#: static: calibrated int8 activations (CNNs); dynamic: row-wise int8 activations computed at
+#: run time (transformers); weight_only: MatMulNBits int4/int8 weights.
+SCHEMES = ("static", "dynamic", "weight_only")
+
+
+@dataclass
+class QuantizationResult:
+    """What ``quantize`` found: the best model and how it was measured.
+
+    ``metrics``: the returned model's metrics (``score`` and task metrics); ``drop``: the
+    score lost against the float model; ``excluded``: nodes kept in float; ``report``: the
+    sensitivity ranking when one was computed; ``history``: one entry per configuration tried.
+    """
+
+    model: Any
+    metrics: dict[str, float]
+    drop: float
+    max_drop: float
+    goal_met: bool
+    excluded: list[str]
+    report: SensitivityReport | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    report_path: Path | None = None
+    seconds: float = 0.0
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes of the serialized quantized model (what model.onnx holds)."""
+        return len(self.model.SerializeToString())
+
+    def save(self, path: str | Path) -> Path:
+        """Write the quantized model to ``path`` (a .onnx file)."""
+        import onnx
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        onnx.save(self.model, str(path))
+        return path
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-able summary (no model)."""
+        return {
+            "goal_met": self.goal_met,
+            "max_drop": self.max_drop,
+            "drop": self.drop,
+            "metrics": self.metrics,
+            "excluded": self.excluded,
+            "size_bytes": self.size_bytes,
+            "seconds": self.seconds,
+            "config": self.config,
+            "history": self.history,
+        }
+
+
+class _Builder:
+    """Prepared state of one scheme: ``build(exclude)`` returns a quantized ModelProto."""
+
+    def __init__(self, model: Any, feeds: list[dict], cfg: dict[str, Any], workdir: Path):
+        self.cfg = cfg
+        self.scheme = cfg["scheme"]
+        self.feeds = feeds
+        self.workdir = workdir
+        if self.scheme == "static":
+            from edgeslim.ptq.equalize import equalize
+            from edgeslim.ptq.rounding import round_weights
+            from edgeslim.ptq.static import preprocess
+
+            self.float_model = unique_node_names(preprocess(model))
+            if cfg["equalization"]:
+                equalize(self.float_model, feeds, threads=cfg["threads"])
+            self.prepared = copy.deepcopy(self.float_model)
+            if cfg["weight_rounding"] == "gptq" or cfg["bias_correction"]:
+                round_weights(
+                    self.prepared,
+                    feeds,
+                    method=cfg["weight_rounding"],
+                    bias_correction=cfg["bias_correction"],
+                    per_channel=cfg["per_channel"],
+                    reduce_range=cfg["reduce_range"],
+                    threads=cfg["threads"],
+                )
+        else:
+            self.float_model = unique_node_names(copy.deepcopy(model))
+            self.prepared = copy.deepcopy(self.float_model)
+            if self.scheme == "dynamic" and cfg["smooth_alpha"]:
+                from edgeslim.ptq.smooth import smooth_matmuls
+
+                smooth_matmuls(self.prepared, feeds, alpha=cfg["smooth_alpha"])
+
+    def candidates(self) -> list[tuple[str, str]]:
+        graph = Graph(self.prepared)
+        if self.scheme == "static":
+            return [(n.name, n.op_type) for n in graph.weighted_nodes()]
+        nodes = [
+            (n.name, n.op_type)
+            for n in graph.weighted_nodes(("MatMul",))
+            if graph.array(n.input[1]).ndim == 2
+        ]
+        return nodes
+
+    def build(self, exclude: Sequence[str]) -> Any:
+        exclude = list(self.cfg["exclude"]) + [e for e in exclude if e not in self.cfg["exclude"]]
+        model = copy.deepcopy(self.prepared)
+        cfg = self.cfg
+        if self.scheme == "static":
+            from edgeslim.ptq.static import ort_quantize_static
+
+            self._restore(model, exclude)
+            return ort_quantize_static(
+                model,
+                self.feeds,
+                method=cfg["method"],
+                per_channel=cfg["per_channel"],
+                reduce_range=cfg["reduce_range"],
+                activation_type=cfg["activation_type"],
+                quant_format=cfg["quant_format"],
+                exclude=exclude,
+                calibration_cache=self.workdir / f"ranges-{cfg['method']}.json",
+            )
+        from edgeslim.ptq.dynamic import quantize_embeddings, rowwise_dynamic
+
+        if self.scheme == "dynamic":
+            rowwise_dynamic(model, exclude=exclude, reduce_range=cfg["reduce_range"])
+        else:
+            from edgeslim.ptq.weight_only import quantize_weight_only
+
+            model = quantize_weight_only(model, bits=cfg["bits"], exclude=exclude)
+        if cfg["quantize_embeddings"]:
+            quantize_embeddings(model, exclude=exclude)
+        return model
+
+    def _restore(self, model: Any, exclude: Sequence[str]) -> None:
+        """Give excluded nodes back their float weights and bias (undo the rounding)."""
+        graph, orig = Graph(model), Graph(self.float_model)
+        for name in exclude:
+            node, onode = graph.nodes.get(name), orig.nodes.get(name)
+            if node is None or onode is None or len(node.input) < 2:
+                continue
+            w = orig.array(onode.input[1])
+            if w is not None:
+                graph.set_array(node.input[1], w)
+            if len(node.input) > 2 and node.input[2]:
+                b = orig.array(onode.input[2]) if len(onode.input) > 2 and onode.input[2] else None
+                graph.set_array(
+                    node.input[2], b if b is not None else np.zeros_like(graph.array(node.input[2]))
+                )
+
+
+class _Evaluator:
+    def __init__(self, float_model: Any, feeds: list[dict], task: str, eval_fn, threads: int):
+        self.task, self.eval_fn, self.feeds, self.threads = task, eval_fn, feeds, threads
+        if eval_fn is not None:
+            self.baseline = float(eval_fn(float_model))
+        else:
+            self.reference = self._outputs(float_model, feeds)
+            self.baseline = 1.0
+
+    def _outputs(self, model: Any, feeds: list[dict]) -> list[np.ndarray]:
+        session = make_session(model, threads=self.threads)
+        names = {i.name for i in session.get_inputs()}
+        return [session.run(None, {k: v for k, v in f.items() if k in names})[0] for f in feeds]
+
+    def __call__(self, model: Any, limit: int | None = None) -> dict[str, float]:
+        if self.eval_fn is not None:
+            score = float(self.eval_fn(model))
+            return {"score": score, "drop": self.baseline - score}
+        feeds = self.feeds if limit is None else self.feeds[:limit]
+        out = self._outputs(model, feeds)
+        metrics = task_metrics(self.task, self.reference[: len(feeds)], out)
+        metrics["drop"] = self.baseline - metrics["score"]
+        return metrics
+
+
+def _validate(max_drop, time_budget_s, task, scheme, method, weight_rounding, bits, eval_fn):
+    func = "quantize"
+    check_fraction(max_drop, "max_drop", func, closed_right=True)
+    check_positive(time_budget_s, "time_budget_s", func)
+    check_choice(task, "task", func, TASKS)
+    check_choice(scheme, "scheme", func, SCHEMES)
+    check_choice(method, "method", func, CALIBRATION_METHODS)
+    check_choice(weight_rounding, "weight_rounding", func, WEIGHT_ROUNDING)
+    check_int_range(bits, "bits", func, 2, 8)
+    allowed = (4, 8) if scheme == "weight_only" else (8,)
+    if bits not in allowed:
+        raise ConfigError(
+            f"The 'bits' parameter of quantize must be one of {allowed} for scheme {scheme!r}. "
+            f"Got {bits!r} instead."
+        )
+    if eval_fn is not None and not callable(eval_fn):
+        raise ConfigError(
+            f"'eval_fn' must be callable(model) -> float. Got {type(eval_fn).__name__}."
+        )
+
+
+def quantize(
+    model: Any,
+    calibration_data: Any,
+    eval_data: Any = None,
+    *,
+    task: str = "classification",
+    scheme: str = "static",
+    eval_fn: Callable[[Any], float] | None = None,
+    max_drop: float = 0.01,
+    time_budget_s: float = 600.0,
+    method: str = "minmax",
+    per_channel: bool = True,
+    reduce_range: bool = False,
+    activation_type: str = "uint8",
+    quant_format: str = "qdq",
+    weight_rounding: str = "gptq",
+    bias_correction: bool = True,
+    equalization: bool = False,
+    smooth_alpha: float | None = 0.5,
+    quantize_embeddings: bool = True,
+    bits: int = 8,
+    exclude: Sequence[str] = (),
+    max_excluded: int | None = None,
+    calibration_samples: int | None = 256,
+    sensitivity_samples: int = 64,
+    batch_size: int = 8,
+    report_path: str | Path | None = None,
+    progress: bool = True,
+    threads: int = 2,
+) -> QuantizationResult:
+    """Quantize ``model`` to int8 (or int4 weights) within ``max_drop`` of the float model.
+
+    ``model``: a .onnx path or ``onnx.ModelProto``. ``calibration_data``/``eval_data``: any
+    form ``calibrate.to_feeds`` accepts (use distinct data for the two; ``eval_data=None``
+    evaluates on the calibration data). ``task`` sets the fidelity score: top-1 agreement with
+    the float model (``"classification"``) or mean cosine of the outputs (``"embedding"``);
+    ``eval_fn(model) -> float`` replaces it with the user's own metric (higher is better), the
+    drop then being measured from ``eval_fn`` of the float model. ``time_budget_s`` bounds the
+    search (the first full quantization always runs). ``report_path``: where the JSON report
+    goes (always written when given).
+
+    >>> res = quantize("model.onnx", calib, evaluation, max_drop=0.01)  # doctest: +SKIP
+    >>> res.goal_met, res.excluded, res.metrics["top1_agreement"]  # doctest: +SKIP
+    """
+    _validate(max_drop, time_budget_s, task, scheme, method, weight_rounding, bits, eval_fn)
+    check_int_range(sensitivity_samples, "sensitivity_samples", "quantize", 1, 1_000_000)
+    start = time.perf_counter()
+    float_model = as_model(model)
+    cfg = {
+        "scheme": scheme,
+        "task": task,
+        "method": method,
+        "per_channel": per_channel,
+        "reduce_range": reduce_range,
+        "activation_type": activation_type,
+        "quant_format": quant_format,
+        "weight_rounding": weight_rounding,
+        "bias_correction": bias_correction,
+        "equalization": equalization,
+        "smooth_alpha": smooth_alpha,
+        "quantize_embeddings": quantize_embeddings,
+        "bits": bits,
+        "exclude": list(exclude),
+        "threads": threads,
+    }
+    cal_feeds = to_feeds(
+        calibration_data, float_model, batch_size=batch_size, limit=calibration_samples
+    )
+    eval_feeds = (
+        cal_feeds if eval_data is None else to_feeds(eval_data, float_model, batch_size=batch_size)
+    )
+    history: list[dict[str, Any]] = []
+    report: SensitivityReport | None = None
+    with tempfile.TemporaryDirectory(prefix="edgeslim-ptq-") as tmp:
+        builder = _Builder(float_model, cal_feeds, cfg, Path(tmp))
+        evaluate = _Evaluator(builder.float_model, eval_feeds, task, eval_fn, threads)
+
+        def trial(excl: Sequence[str], stage: str) -> tuple[Any, dict[str, float]]:
+            q = builder.build(excl)
+            metrics = evaluate(q)
+            history.append(
+                {
+                    "stage": stage,
+                    "excluded": list(excl),
+                    "metrics": metrics,
+                    "seconds": round(time.perf_counter() - start, 2),
+                }
+            )
+            return q, metrics
+
+        best_model, best = trial([], "full")
+        best_excl: list[str] = []
+        goal = lambda m: m["drop"] <= max_drop + 1e-12  # noqa: E731
+        if not goal(best):
+            candidates = builder.candidates()
+            remaining = time_budget_s - (time.perf_counter() - start)
+            if candidates and remaining > 0:
+                n_sens = sensitivity_samples if eval_fn is None else None
+                report = sensitivity_analysis(
+                    builder.build,
+                    lambda m: evaluate(m, n_sens),
+                    candidates,
+                    base_metrics=evaluate(best_model, n_sens) if eval_fn is None else best,
+                    time_budget_s=remaining * 0.5,
+                    progress=progress,
+                )
+                ranked = [
+                    n.node for n in report.nodes if n.gain > 0 or "relative_error" in n.metrics
+                ]
+                limit = len(ranked) if max_excluded is None else min(max_excluded, len(ranked))
+                steps = sorted(
+                    {k for k in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64) if k <= limit}
+                    | ({limit} if limit else set())
+                )
+                with progress_bar("fallback", total=len(steps), enabled=progress) as advance:
+                    for k in steps:
+                        if time.perf_counter() - start > time_budget_s:
+                            break
+                        q, m = trial(ranked[:k], f"fallback-{k}")
+                        advance(1, score=m["score"])
+                        if m["score"] > best["score"] + 1e-12 or (goal(m) and not goal(best)):
+                            best_model, best, best_excl = q, m, ranked[:k]
+                        if goal(m):
+                            break
+    result = QuantizationResult(
+        model=best_model,
+        metrics=best,
+        drop=float(best["drop"]),
+        max_drop=float(max_drop),
+        goal_met=bool(goal(best)),
+        excluded=list(exclude) + best_excl,
+        report=report,
+        history=history,
+        config={k: v for k, v in cfg.items() if k != "threads"},
+        seconds=time.perf_counter() - start,
+    )
+    if report_path is not None:
+        path = Path(report_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = result.summary()
+        payload["sensitivity"] = report.to_dict() if report is not None else None
+        path.write_text(json.dumps(payload, indent=2, default=float))
+        result.report_path = path
+    return result

@@ -1,0 +1,117 @@
+"""Row-wise dynamic int8, int8 embeddings, SmoothQuant and MatMulNBits against references."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from edgeslim.ptq import (
+    quantize_embeddings,
+    quantize_weight_only,
+    rowwise_dynamic,
+    smooth_matmuls,
+)
+from edgeslim.ptq._graph import make_session
+
+from .conftest import mlp
+
+
+def _reference_rowwise(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """numpy transcription of the row-wise scheme (module docstring of dynamic.py)."""
+    s = np.maximum(np.abs(x).max(-1, keepdims=True), 1e-12) / 127
+    q = np.round(x / s)  # in [-127, 127]
+    ws = np.maximum(np.abs(w).max(0), 1e-12) / 127
+    wq = np.clip(np.round(w / ws), -127, 127)
+    return (q @ wq) * ws * s
+
+
+def test_rowwise_matches_numpy_reference():
+    model = mlp()
+    x = np.random.default_rng(0).normal(size=(5, 16)).astype(np.float32)
+    x[0] *= 50  # one loud row must not spoil the others
+    w = numpy_helper.to_array(model.graph.initializer[0])
+    single = copy.deepcopy(model)
+    q, names = rowwise_dynamic(single, include=["fc1"])
+    assert names == ["fc1"]
+    sess = make_session(q)
+    out_name = "fc1_y"
+    from edgeslim.ptq._graph import add_outputs
+
+    got = make_session(add_outputs(q, [out_name])).run([out_name], {"input": x})[0]
+    np.testing.assert_allclose(got, _reference_rowwise(x, w), rtol=1e-5, atol=1e-5)
+    # whole model: close to float, quiet rows keep their precision
+    full, _ = rowwise_dynamic(copy.deepcopy(model))
+    ref = make_session(model).run(None, {"input": x})[0]
+    out = make_session(full).run(None, {"input": x})[0]
+    rel = np.linalg.norm(out[1:] - ref[1:]) / np.linalg.norm(ref[1:])
+    assert rel < 0.02
+    assert sess.get_inputs()[0].name == "input"
+
+
+def _embedding_model(rows: int = 2000, dim: int = 32) -> onnx.ModelProto:
+    table = np.random.default_rng(3).normal(size=(rows, dim)).astype(np.float32)
+    table[5] *= 100
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["emb"], name="lookup")],
+        "emb",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "sequence"])],
+        [helper.make_tensor_value_info("emb", TensorProto.FLOAT, ["batch", "sequence", dim])],
+        [numpy_helper.from_array(table, "table")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_int8_embeddings_per_row():
+    model = _embedding_model()
+    table = numpy_helper.to_array(model.graph.initializer[0])
+    q = copy.deepcopy(model)
+    assert quantize_embeddings(q) == ["lookup"]
+    ids = np.array([[0, 5, 1999, 7]], np.int64)
+    got = make_session(q).run(None, {"ids": ids})[0]
+    scale = np.abs(table).max(1, keepdims=True) / 127
+    ref = np.round(table / scale) * scale
+    np.testing.assert_allclose(got[0], ref[ids[0]], rtol=1e-6, atol=1e-6)
+    size = sum(t.ByteSize() for t in q.graph.initializer)
+    assert size < 0.3 * model.graph.initializer[0].ByteSize()
+    small = _embedding_model(rows=100)
+    assert quantize_embeddings(small) == []  # small tables (positions) stay float
+
+
+def test_smoothing_keeps_float_outputs_and_flattens_channels():
+    model = mlp()
+    rng = np.random.default_rng(4)
+    scale = np.ones(16, np.float32)
+    scale[3] = 60.0  # an outlier channel, as in transformer activations
+    feeds = [{"input": (rng.normal(size=(8, 16)) * scale).astype(np.float32)} for _ in range(4)]
+    x = feeds[0]["input"]
+    before = make_session(model).run(None, {"input": x})[0]
+    smoothed, muls = smooth_matmuls(copy.deepcopy(model), feeds, alpha=0.5)
+    assert len(muls) == 3
+    after = make_session(smoothed).run(None, {"input": x})[0]
+    np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-4 * np.abs(before).max())
+    q_plain, _ = rowwise_dynamic(copy.deepcopy(model))
+    q_smooth, _ = rowwise_dynamic(copy.deepcopy(smoothed))
+
+    def err(m):
+        out = make_session(m).run(None, {"input": x})[0]
+        return np.linalg.norm(out - before) / np.linalg.norm(before)
+
+    assert err(q_smooth) < err(q_plain)
+
+
+def test_weight_only_int8_and_int4():
+    model = mlp()
+    x = np.random.default_rng(5).normal(size=(4, 16)).astype(np.float32)
+    ref = make_session(model).run(None, {"input": x})[0]
+    errs = {}
+    for bits in (8, 4):
+        q = quantize_weight_only(copy.deepcopy(model), bits=bits, block_size=16)
+        assert sum(n.op_type == "MatMulNBits" for n in q.graph.node) == 3
+        out = make_session(q).run(None, {"input": x})[0]
+        errs[bits] = np.linalg.norm(out - ref) / np.linalg.norm(ref)
+    assert errs[8] < 0.05 and errs[8] < errs[4] < 0.2

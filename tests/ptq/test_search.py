@@ -1,0 +1,161 @@
+"""The accuracy-aware search: goal kept, budget kept, report written, parameters checked."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from edgeslim.errors import ConfigError
+from edgeslim.ptq import quantize, sensitivity_analysis
+from edgeslim.ptq._graph import make_session
+
+from .conftest import mlp
+
+
+def _ops(model):
+    return {n.op_type for n in model.graph.node}
+
+
+def test_digits_cnn_goal_met_within_max_drop(digits_cnn_onnx, digits_split, tmp_path):
+    res = quantize(
+        digits_cnn_onnx,
+        digits_split.x_train[:256],
+        digits_split.x_test,
+        max_drop=0.01,
+        time_budget_s=120,
+        progress=False,
+        report_path=tmp_path / "r.json",
+    )
+    assert res.goal_met and res.drop <= 0.01
+    assert "QuantizeLinear" in _ops(res.model)
+    ref = make_session(onnx.load(str(digits_cnn_onnx))).run(None, {"input": digits_split.x_test})[0]
+    out = make_session(res.model).run(None, {"input": digits_split.x_test})[0]
+    assert np.mean(ref.argmax(1) == out.argmax(1)) == pytest.approx(res.metrics["top1_agreement"])
+    assert res.size_bytes < 0.35 * digits_cnn_onnx.stat().st_size
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["goal_met"] is True and saved["history"][0]["stage"] == "full"
+
+
+def test_user_metric_with_labels(digits_cnn_onnx, digits_split):
+    x, y = digits_split.x_test, digits_split.y_test
+
+    def accuracy(model):
+        return float(np.mean(make_session(model).run(None, {"input": x})[0].argmax(1) == y))
+
+    res = quantize(
+        digits_cnn_onnx,
+        digits_split.x_train[:128],
+        eval_fn=accuracy,
+        max_drop=0.02,
+        time_budget_s=60,
+        progress=False,
+    )
+    assert res.goal_met
+    assert accuracy(res.model) >= accuracy(onnx.load(str(digits_cnn_onnx))) - 0.02
+
+
+def test_sensitivity_ranks_the_broken_layer_first():
+    model = mlp(outlier_layer="fc2")
+    x = np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32)
+    res = quantize(
+        model,
+        x,
+        task="embedding",
+        scheme="static",
+        per_channel=False,
+        weight_rounding="nearest",
+        bias_correction=False,
+        max_drop=0.0,
+        max_excluded=1,
+        time_budget_s=120,
+        progress=False,
+    )
+    assert res.report is not None and res.report.complete
+    gains = [n.gain for n in res.report.nodes]
+    assert gains == sorted(gains, reverse=True)
+    assert res.report.ranked()[0] == "fc2"
+    assert res.excluded == ["fc2"]
+
+
+def test_impossible_goal_keeps_best_and_writes_report(tmp_path):
+    model = mlp(outlier_layer="fc1")
+    x = np.random.default_rng(1).normal(size=(64, 16)).astype(np.float32)
+    path = tmp_path / "deep" / "report.json"
+    res = quantize(
+        model,
+        x[:32],
+        x[32:],
+        task="embedding",
+        scheme="dynamic",
+        max_drop=0.0,
+        max_excluded=1,
+        time_budget_s=120,
+        progress=False,
+        report_path=path,
+    )
+    assert not res.goal_met
+    assert res.metrics["score"] >= res.history[0]["metrics"]["score"]
+    saved = json.loads(path.read_text())
+    assert saved["goal_met"] is False
+    nodes = saved["sensitivity"]["nodes"]
+    assert sorted(n["node"] for n in nodes) == ["fc1", "fc2", "fc3"]
+    assert [n["gain"] for n in nodes] == sorted((n["gain"] for n in nodes), reverse=True)
+    assert res.excluded == [nodes[0]["node"]]
+
+
+def test_time_budget_stops_after_first_quantization(digits_cnn_onnx, digits_split, tmp_path):
+    res = quantize(
+        digits_cnn_onnx,
+        digits_split.x_train[:64],
+        digits_split.x_test[:64],
+        max_drop=0.0,
+        task="embedding",
+        time_budget_s=0.001,
+        progress=False,
+        weight_rounding="nearest",
+        bias_correction=False,
+        report_path=tmp_path / "r.json",
+    )
+    assert len(res.history) == 1
+    assert res.report is None or not res.report.complete
+    assert json.loads((tmp_path / "r.json").read_text())["goal_met"] is False
+
+
+def test_sensitivity_analysis_budget_marks_report_incomplete():
+    calls = []
+
+    def build(exclude):
+        calls.append(list(exclude))
+        return exclude
+
+    report = sensitivity_analysis(
+        build,
+        lambda m: {"score": 0.5 + 0.1 * len(m)},
+        [("a", "Conv"), ("b", "Conv")],
+        time_budget_s=0.0,
+        progress=False,
+    )
+    assert not report.complete and report.nodes == []
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"max_drop": 1.5}, "max_drop"),
+        ({"max_drop": -0.1}, "max_drop"),
+        ({"time_budget_s": 0}, "time_budget_s"),
+        ({"method": "kl"}, "'entropy', 'minmax', 'percentile'"),
+        ({"scheme": "fp8"}, "scheme"),
+        ({"task": "detection"}, "task"),
+        ({"bits": 4}, "bits"),
+        ({"bits": 9}, "bits"),
+        ({"scheme": "weight_only", "bits": 3}, "bits"),
+        ({"weight_rounding": "adaround"}, "weight_rounding"),
+    ],
+)
+def test_bad_parameters_are_config_errors(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        quantize(mlp(), np.zeros((4, 16), np.float32), progress=False, **kwargs)
