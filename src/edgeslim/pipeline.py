@@ -122,7 +122,8 @@ def compress(
                 orig_path = Path(tmp) / "original.onnx"
                 export_onnx(result.original, wl.example_inputs, orig_path, check=False, **io)
                 original_bytes = orig_path.stat().st_size
-        onnx_log, proto, compression = _run_onnx_steps(recipe, proto, wl, progress, Path(tmp))
+        report = Path(out).with_name(Path(out).stem + ".ptq-report.json")
+        onnx_log, proto, compression = _run_onnx_steps(recipe, proto, wl, progress, report)
         log += onnx_log
         model_bytes = proto.SerializeToString()
 
@@ -171,11 +172,11 @@ def compress(
 
 
 def _run_onnx_steps(
-    recipe: Recipe, proto: Any, wl: Workload, progress: bool, tmp: Path
+    recipe: Recipe, proto: Any, wl: Workload, progress: bool, report_path: Path
 ) -> tuple[list[dict[str, Any]], Any, str]:
     from edgeslim.recipe.steps import OnnxContext, run_step
 
-    octx = OnnxContext(model=proto, workload=wl, progress=progress, report_dir=tmp)
+    octx = OnnxContext(model=proto, workload=wl, progress=progress, report_path=report_path)
     log = []
     for step in recipe.onnx_steps:
         report = run_step(octx, step.name, step.params)

@@ -50,7 +50,8 @@ class OnnxContext:
     workload: Any
     compression: str = "deflate"
     progress: bool = True
-    report_dir: Any = None
+    #: where steps write reports that outlive the run (the ptq sensitivity JSON)
+    report_path: Any = None
     log: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -247,6 +248,47 @@ def _run_pack(octx: OnnxContext, **p: Any) -> dict[str, Any]:
             "code_bytes": report.code_bytes}
 
 
+# -- ptq (ONNX: accuracy-aware post-training int8) ---------------------------------------------
+
+_PTQ = {"max_drop": None, "time_budget_s": 900.0, "scheme": None}
+_PTQ_TASKS = {"image-classification": "classification", "sentence-embedding": "embedding"}
+
+
+def _check_ptq(**p: Any) -> None:
+    if p.get("max_drop") is not None:
+        check_fraction(p["max_drop"], "max_drop", "ptq", closed_right=True)
+    check_positive(p.get("time_budget_s", 900.0), "time_budget_s", "ptq")
+
+
+def _run_ptq(octx: OnnxContext, **p: Any) -> dict[str, Any]:
+    from edgeslim.ptq import quantize_int8_preset
+
+    wl = octx.workload
+    task = _PTQ_TASKS.get(wl.task, "classification")
+    if not wl.calibration:
+        raise ConfigError(
+            f"The step 'ptq' calibrates on data, but the workload {wl.name!r} has none."
+        )
+    overrides = {"scheme": p["scheme"]} if p["scheme"] else {}
+    result = quantize_int8_preset(
+        octx.model,
+        wl.calibration,
+        [inputs for inputs, _ in wl.eval_batches],
+        task=task,
+        max_drop=p["max_drop"],
+        time_budget_s=p["time_budget_s"],
+        report_path=octx.report_path,
+        progress=octx.progress,
+        **overrides,
+    )
+    octx.model = result.model
+    summary = result.summary()
+    summary.pop("history", None)
+    if result.report is not None and hasattr(result.report, "to_dict"):
+        summary["sensitivity"] = result.report.to_dict()
+    return summary
+
+
 STEPS: dict[str, StepSpec] = {
     "prune": StepSpec(_run_prune, _PRUNE, _check_prune,
                       "unstructured magnitude pruning (weight clipping)"),
@@ -257,6 +299,8 @@ STEPS: dict[str, StepSpec] = {
     "quantize": StepSpec(_run_quant, _QUANT, _check_quant,
                          "quantization-aware training, weights snapped to the grid"),
     "finetune": StepSpec(_run_finetune, _FINETUNE, _check_finetune, "train on labels"),
+    "ptq": StepSpec(_run_ptq, _PTQ, _check_ptq,
+                    "accuracy-aware post-training int8 with fp32 fallback", stage="onnx"),
     "pack": StepSpec(_run_pack, _PACK, _check_pack,
                      "weight sharing (k-means codebooks) + lzma entropy coding", stage="onnx"),
 }

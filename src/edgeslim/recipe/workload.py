@@ -42,6 +42,8 @@ class Workload:
     postprocessing: list[dict[str, Any]] = field(default_factory=list)
     labels: list[str] | None = None
     extra_files: dict[str, Any] = field(default_factory=dict)
+    #: inputs for post-training calibration, disjoint from ``eval_batches``
+    calibration: list[tuple[np.ndarray, ...]] = field(default_factory=list)
 
     @property
     def example_inputs(self) -> tuple[Any, ...]:
@@ -95,6 +97,7 @@ def _digits() -> Workload:
         preprocessing=[],
         postprocessing=[{"op": "softmax"}],
         labels=[str(i) for i in range(10)],
+        calibration=[(split.x_train[i : i + 32],) for i in range(0, 256, 32)],
     )
 
 
@@ -112,6 +115,7 @@ def _photos(reference: Any = None, n_eval: int = 200) -> Workload:
     from edgeslim.datasets import photo_crops
     from edgeslim.zoo import load_model
 
+    calib = photo_crops(160, split="calibration")
     reference = reference if reference is not None else load_model("efficientnet-lite0")
     crops = photo_crops(n_eval, split="evaluation")
     batches = [((crops[i : i + 25],), None) for i in range(0, len(crops), 25)]
@@ -135,6 +139,7 @@ def _photos(reference: Any = None, n_eval: int = 200) -> Workload:
         ],
         postprocessing=[{"op": "softmax"}, {"op": "topk", "k": 5}],
         labels=_imagenet_labels(),
+        calibration=[(calib[i : i + 8],) for i in range(0, len(calib), 8)],
     )
 
 
@@ -164,6 +169,11 @@ def _sentences(reference: Any = None, n_eval: int = 300) -> Workload:
         ids, mask = encode(sentences[i : i + 50])
         batches.append(((ids.numpy(), mask.numpy()), None))
     targets = _reference_outputs(reference, batches)
+    calib_sentences = english_sentences(128, split="calibration")
+    calibration = []
+    for i in range(0, len(calib_sentences), 16):
+        ids, mask = encode(calib_sentences[i : i + 16])
+        calibration.append((ids.numpy(), mask.numpy()))
     return Workload(
         name="sentences",
         task="sentence-embedding",
@@ -180,6 +190,7 @@ def _sentences(reference: Any = None, n_eval: int = 300) -> Workload:
                         "max_length": 128, "padding": "longest"}],
         postprocessing=[],
         extra_files={"tokenizer.json": minilm_tokenizer_json(128).encode("utf-8")},
+        calibration=calibration,
     )
 
 
