@@ -144,16 +144,6 @@ def torch_tool(name: str, model: Any, note: str = "") -> Tool:
     return Tool(name, run, len(buf.getvalue()), note)
 
 
-class _Reader:
-    """onnxruntime CalibrationDataReader over a list of feed dicts."""
-
-    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
-        self._it = iter(feeds)
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._it, None)
-
-
 def calibration_feeds(name: str) -> list[dict[str, np.ndarray]]:
     """Inputs from the calibration split (disjoint from the evaluation inputs)."""
     if name.startswith("digits"):
@@ -179,7 +169,6 @@ def calibration_feeds(name: str) -> list[dict[str, np.ndarray]]:
 
 def build_tools(name: str, wl: Any, tmp: Path, optimize_bundle: Path | None) -> list[Tool]:
     import torch
-    from onnxruntime.quantization import quantize_dynamic, quantize_static
 
     from edgeslim.export.specs import export_zoo_model
     from edgeslim.zoo import load_model
@@ -196,20 +185,15 @@ def build_tools(name: str, wl: Any, tmp: Path, optimize_bundle: Path | None) -> 
     export_zoo_model(name, fp32, model)
     names = wl.input_names
     tools.append(ort_tool("onnxruntime fp32", fp32.read_bytes(), names, fp32.stat().st_size))
-    dyn = tmp / f"{name}-dynamic.onnx"
-    try:
-        quantize_dynamic(str(fp32), str(dyn))
-        tools.append(ort_tool("onnxruntime quantize_dynamic", dyn.read_bytes(), names,
-                              dyn.stat().st_size, "defaults"))
+    try:  # onnxruntime's out-of-the-box quantizers, as bench/int8.py runs them
+        from int8 import ort_defaults
+
+        for label, path in ort_defaults(fp32, calibration_feeds(name), tmp).items():
+            tool = "onnxruntime " + label.split()[1]
+            note = "defaults" if "dynamic" in tool else "defaults (QDQ, MinMax)"
+            tools.append(ort_tool(tool, path.read_bytes(), names, path.stat().st_size, note))
     except Exception as exc:
-        print(f"{name}: quantize_dynamic failed: {exc}", file=sys.stderr)
-    sta = tmp / f"{name}-static.onnx"
-    try:
-        quantize_static(str(fp32), str(sta), _Reader(calibration_feeds(name)))
-        tools.append(ort_tool("onnxruntime quantize_static", sta.read_bytes(), names,
-                              sta.stat().st_size, "defaults (QDQ, MinMax)"))
-    except Exception as exc:
-        print(f"{name}: quantize_static failed: {exc}", file=sys.stderr)
+        print(f"{name}: onnxruntime quantize_dynamic/static failed: {exc}", file=sys.stderr)
     tools += edgeslim_tools(name, wl, tmp, optimize_bundle)
     return tools
 

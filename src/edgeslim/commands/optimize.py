@@ -107,6 +107,7 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no live progress"),
     ) -> None:
         """Search compression settings for the best bundle within a budget."""
+        started = time.monotonic()  # the time budget covers the whole command
         # idle OpenMP threads of the trainer must not spin while onnxruntime is timed
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         from rich.console import Console
@@ -129,7 +130,7 @@ def register(app: typer.Typer) -> None:
                               latency_ms=latency_ms, size_mb=size_mb, time_budget=time_budget,
                               device_profile=device_profile, store=store, threads=threads,
                               objective=objective, sign_key=sign_key, on_event=events,
-                              throughput_batch=throughput_batch)
+                              throughput_batch=throughput_batch, clock_start=started)
         except KeyboardInterrupt:
             if live:
                 live.stop()

@@ -25,7 +25,9 @@ next candidate starts, so an interrupted search resumes where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import time
 import traceback
 from collections.abc import Callable
@@ -119,8 +121,9 @@ class Search:
 
     @property
     def reserve(self) -> float:
-        """Seconds kept for writing the chosen bundle and the report."""
-        return max(5.0, 1.5 * (self._base_cost or 5.0))
+        """Seconds kept for writing the chosen bundle and the report (a few seconds, more
+        with many candidates to plot) and for leaving the process."""
+        return max(10.0, 2.0 * (self._base_cost or 5.0)) + 0.05 * len(self.evaluated)
 
     def estimate(self, c: Candidate) -> float:
         base = self._base_cost or 5.0
@@ -202,8 +205,13 @@ class Search:
         if gen is not None:
             gen.manual_seed(self.seed)  # same shuffles whatever ran before
         try:
-            res = compress(self.model, out=out, recipe=c.recipe(), workload=self.workload,
-                           name=f"{self.model_label}-opt", progress=False)
+            # ptq searches too: give it what is left of ours, less the reserve
+            ptq_time = max(10.0, min(300.0, self.remaining - self.reserve
+                                     - (self._base_cost or 5.0)))
+            with contextlib.redirect_stdout(io.StringIO()):  # onnxruntime's calibrator prints
+                res = compress(self.model, out=out, recipe=c.recipe(ptq_time_s=ptq_time),
+                               workload=self.workload, name=f"{self.model_label}-opt",
+                               progress=False)
             data = Path(res.bundle).read_bytes()
             from edgeslim.bundle import read_bundle
 

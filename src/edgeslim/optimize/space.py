@@ -129,9 +129,10 @@ class Candidate:
             parts.append(f"{self.format}{self.bits}")
         return " | ".join(parts) or "fp32"
 
-    def step_list(self, *, importance: str = "l2",
-                  ignored_layers: list[str] | None = None) -> list[tuple[str, dict[str, Any]]]:
-        """``[(step name, params)]`` of this candidate's recipe, in order."""
+    def step_list(self, *, importance: str = "l2", ignored_layers: list[str] | None = None,
+                  ptq_time_s: float | None = None) -> list[tuple[str, dict[str, Any]]]:
+        """``[(step name, params)]`` of this candidate's recipe, in order. ``ptq_time_s``
+        bounds ptq's own search (not part of the candidate's identity)."""
         steps: list[tuple[str, dict[str, Any]]] = []
         if self.ratio:
             params: dict[str, Any] = {"ratio": self.ratio, "importance": importance}
@@ -150,7 +151,7 @@ class Candidate:
         elif self.format == "pack":
             steps.append(("pack", {"bits": self.bits}))
         elif self.format == "ptq":
-            steps.append(("ptq", _ptq_params(self)))
+            steps.append(("ptq", _ptq_params(self, ptq_time_s)))
         return steps
 
     def recipe(self, **kwargs: Any) -> Recipe:
@@ -161,7 +162,7 @@ class Candidate:
         return {name for name, _ in self.step_list()}
 
 
-def _ptq_params(c: Candidate) -> dict[str, Any]:
+def _ptq_params(c: Candidate, time_s: float | None) -> dict[str, Any]:
     """Parameters of the ``ptq`` recipe step for this candidate (only keys the step knows)."""
     from edgeslim.recipe.steps import STEPS
 
@@ -170,6 +171,8 @@ def _ptq_params(c: Candidate) -> dict[str, Any]:
     if "max_drop" in keys:
         # with fallback, ptq keeps layers in fp32 until the drop fits; without, int8 throughout
         params["max_drop"] = c.ptq_drop if c.fallback else 1.0
+    if time_s is not None and "time_budget_s" in keys:
+        params["time_budget_s"] = round(float(time_s), 1)
     return params
 
 
