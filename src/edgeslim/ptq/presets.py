@@ -1,8 +1,10 @@
 """The int8 presets the CLI calls: one function, the scheme chosen from the task.
 
-- ``classification`` (CNNs such as efficientnet-lite0): static QDQ, uint8 activations with
-  percentile calibration, int8 per-channel weights rounded by GPTQ with bias correction,
-  then fallback of the most sensitive nodes until top-1 agreement holds.
+- ``classification`` (CNNs such as efficientnet-lite0): static int8 in onnxruntime's QOperator
+  format (QLinearConv; uint8 activations, the fast u8s8 kernels on x86) with percentile
+  calibration, int8 per-channel weights rounded by GPTQ with bias correction, then sequential
+  bias correction measured on the quantized model, then fallback of the most sensitive nodes
+  until top-1 agreement holds.
 - ``embedding`` (BERT-like encoders such as minilm-l6): SmoothQuant, row-wise dynamic int8
   MatMuls, int8 word embeddings, then fallback until the mean cosine holds.
 """
@@ -27,9 +29,11 @@ PRESET_SETTINGS: dict[str, dict[str, Any]] = {
         "method": "percentile",
         "per_channel": True,
         "activation_type": "uint8",
-        "quant_format": "qdq",
+        "quant_format": "qoperator",
+        "percentile": 99.99,
         "weight_rounding": "gptq",
         "bias_correction": True,
+        "activation_bias_correction": True,
         "equalization": False,
         "calibration_samples": 160,
     },

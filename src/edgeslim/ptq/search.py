@@ -94,6 +94,7 @@ class _Builder:
         self.scheme = cfg["scheme"]
         self.feeds = feeds
         self.workdir = workdir
+        self.cache = workdir / f"ranges-{cfg['method']}.json"
         if self.scheme == "static":
             from edgeslim.ptq.equalize import equalize
             from edgeslim.ptq.rounding import round_weights
@@ -113,6 +114,8 @@ class _Builder:
                     reduce_range=cfg["reduce_range"],
                     threads=cfg["threads"],
                 )
+            if cfg["activation_bias_correction"]:
+                self._correct_bias()
         else:
             self.float_model = unique_node_names(copy.deepcopy(model))
             self.prepared = copy.deepcopy(self.float_model)
@@ -120,6 +123,33 @@ class _Builder:
                 from edgeslim.ptq.smooth import smooth_matmuls
 
                 smooth_matmuls(self.prepared, feeds, alpha=cfg["smooth_alpha"])
+
+    def _correct_bias(self) -> None:
+        """Sequential empirical bias correction measured on the QDQ model (float deltas)."""
+        from edgeslim.ptq.bias_correction import apply_bias_deltas, correct_quantized_bias
+        from edgeslim.ptq.static import ort_quantize_static
+
+        cfg = self.cfg
+        qdq = ort_quantize_static(
+            copy.deepcopy(self.prepared),
+            self.feeds,
+            method=cfg["method"],
+            per_channel=cfg["per_channel"],
+            reduce_range=cfg["reduce_range"],
+            activation_type=cfg["activation_type"],
+            quant_format="qdq",
+            exclude=cfg["exclude"],
+            percentile=cfg["percentile"],
+            calibration_cache=self.cache,
+        )
+        subset, rows = [], 0
+        for feed in self.feeds:  # 64 samples are plenty for per-channel means
+            subset.append(feed)
+            rows += len(next(iter(feed.values())))
+            if rows >= 64:
+                break
+        deltas = correct_quantized_bias(self.prepared, qdq, subset, threads=cfg["threads"])
+        apply_bias_deltas(self.prepared, deltas)
 
     def candidates(self) -> list[tuple[str, str]]:
         graph = Graph(self.prepared)
@@ -149,7 +179,8 @@ class _Builder:
                 activation_type=cfg["activation_type"],
                 quant_format=cfg["quant_format"],
                 exclude=exclude,
-                calibration_cache=self.workdir / f"ranges-{cfg['method']}.json",
+                percentile=cfg["percentile"],
+                calibration_cache=self.cache,
             )
         from edgeslim.ptq.dynamic import quantize_embeddings, rowwise_dynamic
 
@@ -243,6 +274,8 @@ def quantize(
     quant_format: str = "qdq",
     weight_rounding: str = "gptq",
     bias_correction: bool = True,
+    activation_bias_correction: bool = False,
+    percentile: float = 99.99,
     equalization: bool = False,
     smooth_alpha: float | None = 0.5,
     quantize_embeddings: bool = True,
@@ -284,6 +317,8 @@ def quantize(
         "quant_format": quant_format,
         "weight_rounding": weight_rounding,
         "bias_correction": bias_correction,
+        "activation_bias_correction": activation_bias_correction,
+        "percentile": percentile,
         "equalization": equalization,
         "smooth_alpha": smooth_alpha,
         "quantize_embeddings": quantize_embeddings,
@@ -323,7 +358,8 @@ def quantize(
             candidates = builder.candidates()
             remaining = time_budget_s - (time.perf_counter() - start)
             if candidates and remaining > 0:
-                n_sens = sensitivity_samples if eval_fn is None else None
+                rows = max(1, len(next(iter(eval_feeds[0].values()))))
+                n_sens = -(-sensitivity_samples // rows) if eval_fn is None else None
                 report = sensitivity_analysis(
                     builder.build,
                     lambda m: evaluate(m, n_sens),
@@ -332,8 +368,11 @@ def quantize(
                     time_budget_s=remaining * 0.5,
                     progress=progress,
                 )
+                base_err = report.base_metrics.get("relative_error", np.inf)
                 ranked = [
-                    n.node for n in report.nodes if n.gain > 0 or "relative_error" in n.metrics
+                    n.node
+                    for n in report.nodes
+                    if n.gain > 0 or n.metrics.get("relative_error", np.inf) < base_err
                 ]
                 limit = len(ranked) if max_excluded is None else min(max_excluded, len(ranked))
                 steps = sorted(
