@@ -25,7 +25,7 @@ PRESETS: dict[str, dict] = {
         "description": "pruning + fine-tuning + 5-bit weight sharing + entropy coding",
         "steps": [
             {"prune": {"sparsity": 0.96, "scope": "global", "schedule": "gradual",
-                       "steps": 5, "epochs": 10, "lr": 1e-3}},
+                       "steps": 5, "epochs": 20, "lr": 1e-3}},
             {"pack": {"bits": 5}},
         ],
     },

@@ -29,12 +29,18 @@ class RecipeResult:
 
 
 def run_recipe(
-    recipe: Recipe, model: Any, workload: Workload, *, progress: bool = True
+    recipe: Recipe, model: Any, workload: Workload, *, progress: bool = True, seed: int = 0
 ) -> RecipeResult:
-    """Apply ``recipe`` to a copy of ``model``; the original serves as the teacher."""
+    """Apply ``recipe`` to a copy of ``model``; the original serves as the teacher.
+
+    Training steps draw their randomness from ``seed``, so the same recipe on the same model
+    gives the same bundle.
+    """
+    import torch
     from rich.console import Console
 
     recipe.validate()
+    torch.manual_seed(seed)
     console = Console(stderr=True)
     original = copy.deepcopy(model).eval()
     for p in original.parameters():
