@@ -159,3 +159,22 @@ def test_sensitivity_analysis_budget_marks_report_incomplete():
 def test_bad_parameters_are_config_errors(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         quantize(mlp(), np.zeros((4, 16), np.float32), progress=False, **kwargs)
+
+
+def test_size_budget_limits_the_fallback():
+    model = mlp(outlier_layer="fc1")
+    x = np.random.default_rng(2).normal(size=(64, 16)).astype(np.float32)
+    kwargs = dict(
+        task="embedding",
+        scheme="dynamic",
+        max_drop=0.0,
+        time_budget_s=120,
+        progress=False,
+        smooth_alpha=None,
+    )
+    free = quantize(model, x[:32], x[32:], **kwargs)
+    full_ratio = free.history[0]["metrics"]["size_ratio"]
+    assert len(free.excluded) >= 1  # without a budget the search falls back nodes
+    tight = quantize(model, x[:32], x[32:], max_size_ratio=full_ratio + 0.01, **kwargs)
+    assert tight.excluded == [] and len(tight.history) == 1
+    assert tight.metrics["size_ratio"] <= full_ratio + 0.01

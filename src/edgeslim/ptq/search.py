@@ -236,6 +236,36 @@ class _Evaluator:
         return metrics
 
 
+def _float_bytes(model: Any) -> int:
+    """Bytes of the float initializers of ``model`` (its fp32 parameters)."""
+    floats = {1, 10, 11, 16}  # float, float16, double, bfloat16
+    sizes = {1: 4, 10: 2, 11: 8, 16: 2}
+    total = 0
+    for t in model.graph.initializer:
+        if t.data_type in floats:
+            total += int(np.prod(t.dims, dtype=np.int64)) * sizes[t.data_type]
+    return total
+
+
+def _within_budget(model: Any, ranked: list[str], slack: float) -> list[str]:
+    """The prefix-greedy subset of ``ranked`` whose float weights fit in ``slack`` bytes
+    (a node kept in float costs about 3 bytes per weight more than its int8 form)."""
+    graph = Graph(model)
+    kept, spent = [], 0.0
+    for name in ranked:
+        node = graph.nodes.get(name)
+        w = (
+            graph.initializers.get(node.input[1])
+            if node is not None and len(node.input) > 1
+            else None
+        )
+        cost = 3.0 * float(np.prod(w.dims)) if w is not None else 0.0
+        if spent + cost <= slack:
+            kept.append(name)
+            spent += cost
+    return kept
+
+
 def _validate(max_drop, time_budget_s, task, scheme, method, weight_rounding, bits, eval_fn):
     func = "quantize"
     check_fraction(max_drop, "max_drop", func, closed_right=True)
@@ -282,6 +312,7 @@ def quantize(
     bits: int = 8,
     exclude: Sequence[str] = (),
     max_excluded: int | None = None,
+    max_size_ratio: float | None = None,
     calibration_samples: int | None = 256,
     sensitivity_samples: int = 64,
     batch_size: int = 8,
@@ -296,7 +327,9 @@ def quantize(
     evaluates on the calibration data). ``task`` sets the fidelity score: top-1 agreement with
     the float model (``"classification"``) or mean cosine of the outputs (``"embedding"``);
     ``eval_fn(model) -> float`` replaces it with the user's own metric (higher is better), the
-    drop then being measured from ``eval_fn`` of the float model. ``time_budget_s`` bounds the
+    drop then being measured from ``eval_fn`` of the float model. ``max_size_ratio`` caps the
+    serialized model at that fraction of the float parameter bytes (the goal includes it, and
+    fallbacks that would break it are not tried). ``time_budget_s`` bounds the
     search (the first full quantization always runs). ``report_path``: where the JSON report
     goes (always written when given).
 
@@ -305,8 +338,11 @@ def quantize(
     """
     _validate(max_drop, time_budget_s, task, scheme, method, weight_rounding, bits, eval_fn)
     check_int_range(sensitivity_samples, "sensitivity_samples", "quantize", 1, 1_000_000)
+    if max_size_ratio is not None:
+        check_positive(max_size_ratio, "max_size_ratio", "quantize")
     start = time.perf_counter()
     float_model = as_model(model)
+    float_bytes = _float_bytes(float_model)
     cfg = {
         "scheme": scheme,
         "task": task,
@@ -341,6 +377,8 @@ def quantize(
         def trial(excl: Sequence[str], stage: str) -> tuple[Any, dict[str, float]]:
             q = builder.build(excl)
             metrics = evaluate(q)
+            metrics["size_bytes"] = float(q.ByteSize())
+            metrics["size_ratio"] = metrics["size_bytes"] / max(float_bytes, 1)
             history.append(
                 {
                     "stage": stage,
@@ -353,7 +391,18 @@ def quantize(
 
         best_model, best = trial([], "full")
         best_excl: list[str] = []
-        goal = lambda m: m["drop"] <= max_drop + 1e-12  # noqa: E731
+
+        def fits(m: dict[str, float]) -> bool:
+            return max_size_ratio is None or m["size_ratio"] <= max_size_ratio
+
+        def goal(m: dict[str, float]) -> bool:
+            return m["drop"] <= max_drop + 1e-12 and fits(m)
+
+        def better(m: dict[str, float], old: dict[str, float]) -> bool:
+            if fits(m) != fits(old):
+                return fits(m)
+            return m["score"] > old["score"] + 1e-12 or (goal(m) and not goal(old))
+
         if not goal(best):
             candidates = builder.candidates()
             remaining = time_budget_s - (time.perf_counter() - start)
@@ -374,6 +423,9 @@ def quantize(
                     for n in report.nodes
                     if n.gain > 0 or n.metrics.get("relative_error", np.inf) < base_err
                 ]
+                if max_size_ratio is not None:  # keep only fallbacks the size budget allows
+                    slack = max_size_ratio * float_bytes - best["size_bytes"]
+                    ranked = _within_budget(builder.prepared, ranked, slack)
                 limit = len(ranked) if max_excluded is None else min(max_excluded, len(ranked))
                 steps = sorted(
                     {k for k in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64) if k <= limit}
@@ -385,7 +437,7 @@ def quantize(
                             break
                         q, m = trial(ranked[:k], f"fallback-{k}")
                         advance(1, score=m["score"])
-                        if m["score"] > best["score"] + 1e-12 or (goal(m) and not goal(best)):
+                        if better(m, best):
                             best_model, best, best_excl = q, m, ranked[:k]
                         if goal(m):
                             break
