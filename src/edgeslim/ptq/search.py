@@ -405,6 +405,11 @@ def quantize(
 
         if not goal(best):
             candidates = builder.candidates()
+            if max_size_ratio is not None:  # nodes too big to keep in float are not analysed
+                slack = max_size_ratio * float_bytes - best["size_bytes"]
+                candidates = [
+                    c for c in candidates if _within_budget(builder.prepared, [c[0]], slack)
+                ]
             remaining = time_budget_s - (time.perf_counter() - start)
             if candidates and remaining > 0:
                 rows = max(1, len(next(iter(eval_feeds[0].values()))))
