@@ -154,7 +154,9 @@ class _Builder:
     def candidates(self) -> list[tuple[str, str]]:
         graph = Graph(self.prepared)
         if self.scheme == "static":
-            return [(n.name, n.op_type) for n in graph.weighted_nodes()]
+            return [(n.name, n.op_type) for n in graph.weighted_nodes()] + [
+                (key, "activation") for key in self.units
+            ]
         nodes = [
             (n.name, n.op_type)
             for n in graph.weighted_nodes(("MatMul",))
@@ -162,8 +164,25 @@ class _Builder:
         ]
         return nodes
 
+    @property
+    def units(self) -> dict[str, list[str]]:
+        """Static scheme: ``"tensor:NAME"`` -> the nodes to keep in float so that activation
+        NAME is never quantized (its producer, folded Relu/Clip/Pad, and all its readers)."""
+        if not hasattr(self, "_units"):
+            self._units = _activation_units(self.prepared) if self.scheme == "static" else {}
+        return self._units
+
+    def expand(self, exclude: Sequence[str]) -> list[str]:
+        """Node names for ``exclude``, with activation units replaced by their nodes."""
+        out: list[str] = []
+        for e in exclude:
+            for name in self.units.get(e, [e]):
+                if name not in out:
+                    out.append(name)
+        return out
+
     def build(self, exclude: Sequence[str]) -> Any:
-        exclude = list(self.cfg["exclude"]) + [e for e in exclude if e not in self.cfg["exclude"]]
+        exclude = self.expand(list(self.cfg["exclude"]) + list(exclude))
         model = copy.deepcopy(self.prepared)
         cfg = self.cfg
         if self.scheme == "static":
@@ -236,6 +255,30 @@ class _Evaluator:
         return metrics
 
 
+def _activation_units(model: Any) -> dict[str, list[str]]:
+    """For each activation a weighted node produces (after a folded Relu/Clip), the nodes that
+    must stay float for it never to be quantized: producer, activation, Pads, readers."""
+    graph = Graph(model)
+    units: dict[str, list[str]] = {}
+    for node in graph.weighted_nodes():
+        chain = [node]
+        tensor = node.output[0]
+        users = graph.consumers.get(tensor, [])
+        if len(users) == 1 and users[0].op_type in ("Relu", "Clip"):
+            chain.append(users[0])
+            tensor = users[0].output[0]
+        readers = list(graph.consumers.get(tensor, []))
+        for r in list(readers):
+            if r.op_type == "Pad":
+                chain.append(r)
+                readers.remove(r)
+                readers += graph.consumers.get(r.output[0], [])
+        if not readers or tensor in graph.graph_outputs:
+            continue
+        units[f"tensor:{tensor}"] = [n.name for n in chain + readers]
+    return units
+
+
 def _float_bytes(model: Any) -> int:
     """Bytes of the float initializers of ``model`` (its fp32 parameters)."""
     floats = {1, 10, 11, 16}  # float, float16, double, bfloat16
@@ -251,18 +294,21 @@ def _within_budget(model: Any, ranked: list[str], slack: float) -> list[str]:
     """The prefix-greedy subset of ``ranked`` whose float weights fit in ``slack`` bytes
     (a node kept in float costs about 3 bytes per weight more than its int8 form)."""
     graph = Graph(model)
-    kept, spent = [], 0.0
-    for name in ranked:
-        node = graph.nodes.get(name)
-        w = (
-            graph.initializers.get(node.input[1])
-            if node is not None and len(node.input) > 1
-            else None
-        )
-        cost = 3.0 * float(np.prod(w.dims)) if w is not None else 0.0
+    units = _activation_units(model) if any(r.startswith("tensor:") for r in ranked) else {}
+    kept: list[str] = []
+    spent, floated = 0.0, set()
+    for key in ranked:
+        cost = 0.0
+        for name in units.get(key, [key]):
+            node = graph.nodes.get(name)
+            if node is None or name in floated or len(node.input) < 2:
+                continue
+            w = graph.initializers.get(node.input[1])
+            cost += 3.0 * float(np.prod(w.dims)) if w is not None else 0.0
         if spent + cost <= slack:
-            kept.append(name)
+            kept.append(key)
             spent += cost
+            floated.update(units.get(key, [key]))
     return kept
 
 
@@ -372,6 +418,7 @@ def quantize(
     report: SensitivityReport | None = None
     with tempfile.TemporaryDirectory(prefix="edgeslim-ptq-") as tmp:
         builder = _Builder(float_model, cal_feeds, cfg, Path(tmp))
+        builder_expand = builder.expand
         evaluate = _Evaluator(builder.float_model, eval_feeds, task, eval_fn, threads)
 
         def trial(excl: Sequence[str], stage: str) -> tuple[Any, dict[str, float]]:
@@ -452,7 +499,7 @@ def quantize(
         drop=float(best["drop"]),
         max_drop=float(max_drop),
         goal_met=bool(goal(best)),
-        excluded=list(exclude) + best_excl,
+        excluded=builder_expand(list(exclude) + best_excl),
         report=report,
         history=history,
         config={k: v for k, v in cfg.items() if k != "threads"},
