@@ -174,3 +174,34 @@ def test_impossible_budget_writes_closest_and_exits_3(tmp_path):
     assert runner.run({"input": x})["logits"].shape == (2, 10)
     html = (tmp_path / "run" / "index.html").read_text()
     assert "Budget NOT met" in html and "size_mb" in html
+
+
+def test_same_store_another_budget_and_device_answers_without_rebuilding(small_run, tmp_path):
+    """A second call on the stored results, judged for a 25x slower device with a latency
+    ceiling no candidate meets: no candidate is rebuilt, latencies are scaled by the
+    reference ratio, and the closest bundle is written with the latency constraint named."""
+    from edgeslim.bundle import read_bundle
+    from edgeslim.optimize import DeviceProfile, optimize
+    from edgeslim.optimize.profile import measure_reference
+
+    result, _, _ = small_run
+    store = tmp_path / "copy.sqlite"
+    with sqlite3.connect(result.store) as src, sqlite3.connect(store) as dst:
+        src.backup(dst)
+        before = dict(dst.execute("SELECT key, evaluations FROM candidates "
+                                  "WHERE status='done'").fetchall())
+    ref_here = measure_reference("digits-cnn", 2)
+    slow = DeviceProfile("slow-board", cores=1, reference_latency_ms=25 * ref_here)
+    again = optimize("digits-cnn", max_drop=0.01, latency_ms=1e-4, time_budget="4s",
+                     out=tmp_path / "slow.eslim", report_dir=tmp_path / "run",
+                     store=store, device_profile=slow, report=False)
+    assert again.exit_code == 3 and again.failed == ["latency_ms"]
+    assert 5 < again.factor < 125  # 25x, give or take the noise of two measurements
+    best = again.best
+    assert best.latency_ms == pytest.approx(best.result["latency_ms"] * again.factor)
+    with sqlite3.connect(store) as db:
+        after = dict(db.execute("SELECT key, evaluations FROM candidates").fetchall())
+    assert all(after[k] == n for k, n in before.items())
+    metrics = read_bundle(again.bundle).manifest["metrics"]
+    assert metrics["budget_failed"] == ["latency_ms"]
+    assert metrics["latency_ms_device"] == pytest.approx(best.latency_ms)

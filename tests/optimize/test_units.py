@@ -111,8 +111,10 @@ def test_pick_prefers_feasible_then_closest():
     again = [judge(j.key, j.label, {}, j.result, base_metric=0.98, budget=impossible,
                    factor=1.0) for j in items]
     closest = pick(again)
-    assert not closest.meets and "size_mb" in closest.failed
-    assert closest.excess == min(j.excess for j in again)
+    # fewest constraints failed first: only the ones without any drop fail size alone
+    assert closest.failed == ["size_mb"] and closest.drop == 0
+    assert closest.excess == min(j.excess for j in again if j.failed == ["size_mb"])
+    assert min(j.excess for j in again) < closest.excess  # a faster, lossy one is not closer
 
 
 def test_pick_treats_timing_noise_as_a_tie():

@@ -119,11 +119,11 @@ def optimize(
     if throughput_batch is not None:
         throughput_batch = check_int_range(throughput_batch, "throughput_batch", "optimize",
                                            1, 65536)
+    profile = (device_profile if isinstance(device_profile, DeviceProfile) or device_profile
+               is None else load_profile(device_profile))
     run_dir = Path(report_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     store_path = Path(store) if store is not None else run_dir / "search.sqlite"
-    profile = (device_profile if isinstance(device_profile, DeviceProfile) or device_profile
-               is None else load_profile(device_profile))
     torch.set_num_threads(threads)
 
     resolved = load_model(model)

@@ -113,8 +113,8 @@ def write_report(run_dir: str | os.PathLike[str], *, store: str | os.PathLike[st
                  run_id: int | None = None) -> Path:
     """Write ``run_dir/index.html`` and its PNGs; return the page's path."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     data = load_run(store or run_dir / "search.sqlite", run_id)
+    run_dir.mkdir(parents=True, exist_ok=True)
     from edgeslim.optimize import plots
 
     images = []

@@ -9,9 +9,10 @@ can be judged under another budget or device profile without redoing any candida
 - ``size_mb`` is the ``.eslim`` file in MB (10^6 bytes): what ships to a node.
 - A candidate meets the budget when every given constraint holds. The best one maximises the
   objective (``throughput`` by default; or lowest ``latency``, or smallest ``size``); when
-  none meets it, the closest is the one with the smallest sum of relative excesses, and the
-  manifest says which constraints failed. Objective values within timing noise of the best
-  (25% for throughput and latency) count as tied, and the smaller bundle wins the tie.
+  none meets it, the closest is the one failing the fewest constraints, then with the smallest
+  sum of relative excesses, and the manifest says which constraints failed. Objective values
+  within timing noise of the best (25% for throughput and latency) count as tied, and the
+  smaller bundle wins the tie.
 """
 
 from __future__ import annotations
@@ -133,7 +134,8 @@ def _objective_key(j: Judged, objective: str) -> tuple[float, ...]:
 
 def pick(items: list[Judged], objective: str = "throughput",
          tolerance: float | None = None) -> Judged | None:
-    """The best candidate meeting the budget, else the closest one (smallest excess).
+    """The best candidate meeting the budget, else the closest one (fewest constraints
+    failed, then the smallest sum of relative excesses).
 
     Timings on a busy machine move by tens of percent from one measurement to the next, so
     candidates within ``tolerance`` of the best objective value (25% for throughput and
@@ -145,9 +147,11 @@ def pick(items: list[Judged], objective: str = "throughput",
     if not items:
         return None
     pool = [j for j in items if j.meets]
-    if not pool:
-        least = min(j.excess for j in items)
-        pool = [j for j in items if j.excess <= least + 1e-12]
+    if not pool:  # the closest: fewest constraints failed, then the smallest excess
+        fewest = min(len(j.failed) for j in items)
+        pool = [j for j in items if len(j.failed) == fewest]
+        least = min(j.excess for j in pool)
+        pool = [j for j in pool if j.excess <= least + 1e-12]
     top = min(pool, key=lambda j: _objective_key(j, objective))
     tol = tolerance if tolerance is not None else (0.1 if objective == "size" else 0.25)
     if objective == "throughput":
