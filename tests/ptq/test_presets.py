@@ -67,4 +67,4 @@ def test_embedding_preset_on_minilm(tmp_path):
     assert res.metrics["mean_cosine"] >= 0.995
     assert res.metrics["min_cosine"] >= 0.98
     assert res.size_bytes <= 0.30 * onnx_param_bytes(path)
-    assert any(n.op_type == "MatMulInteger" for n in res.model.graph.node)
+    assert any(n.op_type == "MatMulIntegerToFloat" for n in res.model.graph.node)

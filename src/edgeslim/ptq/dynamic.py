@@ -5,8 +5,8 @@ computed at run time, ``DynamicQuantizeMatMul``). In BERT-like encoders one toke
 carries activations ten times larger than the others, so a single range per tensor wastes most
 of the 8 bits on the other tokens. ``rowwise_dynamic`` (edgeslim's own rewrite) quantizes each
 row (token) of a MatMul input with its own scale, symmetric around the fixed zero point 128, and
-multiplies by per-output-channel int8 weights with the stock ``MatMulInteger`` kernel (u8 x s8,
-fast on x86 with or without VNNI):
+multiplies by per-output-channel int8 weights with onnxruntime's ``MatMulIntegerToFloat``
+kernel (u8 x s8, fast on x86 with or without VNNI):
 
     s_r = max_j |x_rj| / 127;  q = round(x / s_r) + 128  (uint8);  y = (q - 128) @ Wq * s_r * s_w
 
@@ -94,8 +94,8 @@ def rowwise_dynamic(
     graph.set_array(inv127, np.array(1.0 / 127.0, np.float32))
     eps = graph.fresh_name("edgeslim_rq_eps")
     graph.set_array(eps, np.array(1e-12, np.float32))
-    c128 = graph.fresh_name("edgeslim_rq_128")
-    graph.set_array(c128, np.array(128.0, np.float32))
+    one = graph.fresh_name("edgeslim_rq_one")
+    graph.set_array(one, np.array(1.0, np.float32))
     zp = graph.fresh_name("edgeslim_rq_zp")
     graph.set_array(zp, np.array(128, np.uint8))
     replace: dict[str, list[Any]] = {}
@@ -107,11 +107,8 @@ def rowwise_dynamic(
             helper.make_node("Max", [p + "_amax", eps], [p + "_amax_e"], name=p + "_max"),
             helper.make_node("Mul", [p + "_amax_e", inv127], [p + "_scale"], name=p + "_scale"),
             helper.make_node("Div", [x, p + "_scale"], [p + "_div"], name=p + "_div"),
-            helper.make_node("Round", [p + "_div"], [p + "_round"], name=p + "_round"),
-            helper.make_node("Add", [p + "_round", c128], [p + "_shift"], name=p + "_shift"),
-            helper.make_node(
-                "Cast", [p + "_shift"], [p + "_q"], name=p + "_cast", to=TensorProto.UINT8
-            ),
+            # round half to even, + 128, saturate, cast: one QuantizeLinear with scale 1
+            helper.make_node("QuantizeLinear", [p + "_div", one, zp], [p + "_q"], name=p + "_q"),
         ]
         for i, n in enumerate(nodes):
             w = graph.array(n.input[1]).astype(np.float64)
@@ -123,13 +120,14 @@ def rowwise_dynamic(
             graph.set_array(ws_name, ws.astype(np.float32))
             o = n.output[0]
             body = [
+                # (q - 128) @ Wq * 1.0 * s_w in one fused onnxruntime kernel, then * s_row
                 helper.make_node(
-                    "MatMulInteger", [p + "_q", wq_name, zp], [o + "_i32"], name=n.name
+                    "MatMulIntegerToFloat",
+                    [p + "_q", wq_name, one, ws_name, zp],
+                    [o + "_w"],
+                    name=n.name,
+                    domain="com.microsoft",
                 ),
-                helper.make_node(
-                    "Cast", [o + "_i32"], [o + "_f"], name=n.name + "_cast", to=TensorProto.FLOAT
-                ),
-                helper.make_node("Mul", [o + "_f", ws_name], [o + "_w"], name=n.name + "_wscale"),
                 helper.make_node("Mul", [o + "_w", p + "_scale"], [o], name=n.name + "_xscale"),
             ]
             replace[n.name] = (pre if i == 0 else []) + body
@@ -139,6 +137,8 @@ def rowwise_dynamic(
     del model.graph.node[:]
     model.graph.node.extend(out)
     _drop_unused_initializers(model)
+    if selected and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return model, [n.name for n in selected]
 
 
