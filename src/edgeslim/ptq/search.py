@@ -9,7 +9,6 @@ the JSON report (sensitivity ranking, every configuration tried) even when the g
 
 from __future__ import annotations
 
-import copy
 import json
 import tempfile
 import time
@@ -23,7 +22,9 @@ import numpy as np
 from edgeslim._validate import check_choice, check_fraction, check_int_range, check_positive
 from edgeslim.errors import ConfigError
 from edgeslim.progress import progress_bar
-from edgeslim.ptq._graph import Graph, as_model, make_session, unique_node_names
+from edgeslim.ptq._graph import as_model, make_session
+from edgeslim.ptq.builders import Builder, within_budget
+from edgeslim.ptq.builders import float_bytes as _float_bytes
 from edgeslim.ptq.calibrate import CALIBRATION_METHODS, to_feeds
 from edgeslim.ptq.metrics import TASKS, task_metrics
 from edgeslim.ptq.sensitivity import SensitivityReport, sensitivity_analysis
@@ -86,150 +87,6 @@ class QuantizationResult:
         }
 
 
-class _Builder:
-    """Prepared state of one scheme: ``build(exclude)`` returns a quantized ModelProto."""
-
-    def __init__(self, model: Any, feeds: list[dict], cfg: dict[str, Any], workdir: Path):
-        self.cfg = cfg
-        self.scheme = cfg["scheme"]
-        self.feeds = feeds
-        self.workdir = workdir
-        self.cache = workdir / f"ranges-{cfg['method']}.json"
-        if self.scheme == "static":
-            from edgeslim.ptq.equalize import equalize
-            from edgeslim.ptq.rounding import round_weights
-            from edgeslim.ptq.static import preprocess
-
-            self.float_model = unique_node_names(preprocess(model))
-            if cfg["equalization"]:
-                equalize(self.float_model, feeds, threads=cfg["threads"])
-            self.prepared = copy.deepcopy(self.float_model)
-            if cfg["weight_rounding"] == "gptq" or cfg["bias_correction"]:
-                round_weights(
-                    self.prepared,
-                    feeds,
-                    method=cfg["weight_rounding"],
-                    bias_correction=cfg["bias_correction"],
-                    per_channel=cfg["per_channel"],
-                    reduce_range=cfg["reduce_range"],
-                    threads=cfg["threads"],
-                )
-            if cfg["activation_bias_correction"]:
-                self._correct_bias()
-        else:
-            self.float_model = unique_node_names(copy.deepcopy(model))
-            self.prepared = copy.deepcopy(self.float_model)
-            if self.scheme == "dynamic" and cfg["smooth_alpha"]:
-                from edgeslim.ptq.smooth import smooth_matmuls
-
-                smooth_matmuls(self.prepared, feeds, alpha=cfg["smooth_alpha"])
-
-    def _correct_bias(self) -> None:
-        """Sequential empirical bias correction measured on the QDQ model (float deltas)."""
-        from edgeslim.ptq.bias_correction import apply_bias_deltas, correct_quantized_bias
-        from edgeslim.ptq.static import ort_quantize_static
-
-        cfg = self.cfg
-        qdq = ort_quantize_static(
-            copy.deepcopy(self.prepared),
-            self.feeds,
-            method=cfg["method"],
-            per_channel=cfg["per_channel"],
-            reduce_range=cfg["reduce_range"],
-            activation_type=cfg["activation_type"],
-            quant_format="qdq",
-            exclude=cfg["exclude"],
-            percentile=cfg["percentile"],
-            calibration_cache=self.cache,
-        )
-        subset, rows = [], 0
-        for feed in self.feeds:  # 64 samples are plenty for per-channel means
-            subset.append(feed)
-            rows += len(next(iter(feed.values())))
-            if rows >= 64:
-                break
-        deltas = correct_quantized_bias(self.prepared, qdq, subset, threads=cfg["threads"])
-        apply_bias_deltas(self.prepared, deltas)
-
-    def candidates(self) -> list[tuple[str, str]]:
-        graph = Graph(self.prepared)
-        if self.scheme == "static":
-            return [(n.name, n.op_type) for n in graph.weighted_nodes()] + [
-                (key, "activation") for key in self.units
-            ]
-        nodes = [
-            (n.name, n.op_type)
-            for n in graph.weighted_nodes(("MatMul",))
-            if graph.array(n.input[1]).ndim == 2
-        ]
-        return nodes
-
-    @property
-    def units(self) -> dict[str, list[str]]:
-        """Static scheme: ``"tensor:NAME"`` -> the nodes to keep in float so that activation
-        NAME is never quantized (its producer, folded Relu/Clip/Pad, and all its readers)."""
-        if not hasattr(self, "_units"):
-            self._units = _activation_units(self.prepared) if self.scheme == "static" else {}
-        return self._units
-
-    def expand(self, exclude: Sequence[str]) -> list[str]:
-        """Node names for ``exclude``, with activation units replaced by their nodes."""
-        out: list[str] = []
-        for e in exclude:
-            for name in self.units.get(e, [e]):
-                if name not in out:
-                    out.append(name)
-        return out
-
-    def build(self, exclude: Sequence[str]) -> Any:
-        exclude = self.expand(list(self.cfg["exclude"]) + list(exclude))
-        model = copy.deepcopy(self.prepared)
-        cfg = self.cfg
-        if self.scheme == "static":
-            from edgeslim.ptq.static import ort_quantize_static
-
-            self._restore(model, exclude)
-            return ort_quantize_static(
-                model,
-                self.feeds,
-                method=cfg["method"],
-                per_channel=cfg["per_channel"],
-                reduce_range=cfg["reduce_range"],
-                activation_type=cfg["activation_type"],
-                quant_format=cfg["quant_format"],
-                exclude=exclude,
-                percentile=cfg["percentile"],
-                calibration_cache=self.cache,
-            )
-        from edgeslim.ptq.dynamic import quantize_embeddings, rowwise_dynamic
-
-        if self.scheme == "dynamic":
-            rowwise_dynamic(model, exclude=exclude, reduce_range=cfg["reduce_range"])
-        else:
-            from edgeslim.ptq.weight_only import quantize_weight_only
-
-            model = quantize_weight_only(model, bits=cfg["bits"], exclude=exclude)
-        if cfg["quantize_embeddings"]:
-            quantize_embeddings(model, exclude=exclude)
-        return model
-
-    def _restore(self, model: Any, exclude: Sequence[str]) -> None:
-        """Give excluded nodes back their float weights and bias (undo the rounding)."""
-        graph, orig = Graph(model), Graph(self.float_model)
-        for name in exclude:
-            node, onode = graph.nodes.get(name), orig.nodes.get(name)
-            if node is None or onode is None or len(node.input) < 2:
-                continue
-            w = orig.array(onode.input[1])
-            if w is not None:
-                graph.set_array(node.input[1], w)
-            if len(node.input) > 2 and node.input[2]:
-                b = orig.array(onode.input[2]) if len(onode.input) > 2 and onode.input[2] else None
-                graph.set_array(
-                    node.input[2], b if b is not None else np.zeros_like(graph.array(node.input[2]))
-                )
-
-
 class _Evaluator:
     def __init__(self, float_model: Any, feeds: list[dict], task: str, eval_fn, threads: int):
         self.task, self.eval_fn, self.feeds, self.threads = task, eval_fn, feeds, threads
@@ -253,63 +110,6 @@ class _Evaluator:
         metrics = task_metrics(self.task, self.reference[: len(feeds)], out)
         metrics["drop"] = self.baseline - metrics["score"]
         return metrics
-
-
-def _activation_units(model: Any) -> dict[str, list[str]]:
-    """For each activation a weighted node produces (after a folded Relu/Clip), the nodes that
-    must stay float for it never to be quantized: producer, activation, Pads, readers."""
-    graph = Graph(model)
-    units: dict[str, list[str]] = {}
-    for node in graph.weighted_nodes():
-        chain = [node]
-        tensor = node.output[0]
-        users = graph.consumers.get(tensor, [])
-        if len(users) == 1 and users[0].op_type in ("Relu", "Clip"):
-            chain.append(users[0])
-            tensor = users[0].output[0]
-        readers = list(graph.consumers.get(tensor, []))
-        for r in list(readers):
-            if r.op_type == "Pad":
-                chain.append(r)
-                readers.remove(r)
-                readers += graph.consumers.get(r.output[0], [])
-        if not readers or tensor in graph.graph_outputs:
-            continue
-        units[f"tensor:{tensor}"] = [n.name for n in chain + readers]
-    return units
-
-
-def _float_bytes(model: Any) -> int:
-    """Bytes of the float initializers of ``model`` (its fp32 parameters)."""
-    floats = {1, 10, 11, 16}  # float, float16, double, bfloat16
-    sizes = {1: 4, 10: 2, 11: 8, 16: 2}
-    total = 0
-    for t in model.graph.initializer:
-        if t.data_type in floats:
-            total += int(np.prod(t.dims, dtype=np.int64)) * sizes[t.data_type]
-    return total
-
-
-def _within_budget(model: Any, ranked: list[str], slack: float) -> list[str]:
-    """The prefix-greedy subset of ``ranked`` whose float weights fit in ``slack`` bytes
-    (a node kept in float costs about 3 bytes per weight more than its int8 form)."""
-    graph = Graph(model)
-    units = _activation_units(model) if any(r.startswith("tensor:") for r in ranked) else {}
-    kept: list[str] = []
-    spent, floated = 0.0, set()
-    for key in ranked:
-        cost = 0.0
-        for name in units.get(key, [key]):
-            node = graph.nodes.get(name)
-            if node is None or name in floated or len(node.input) < 2:
-                continue
-            w = graph.initializers.get(node.input[1])
-            cost += 3.0 * float(np.prod(w.dims)) if w is not None else 0.0
-        if spent + cost <= slack:
-            kept.append(key)
-            spent += cost
-            floated.update(units.get(key, [key]))
-    return kept
 
 
 def _validate(max_drop, time_budget_s, task, scheme, method, weight_rounding, bits, eval_fn):
@@ -417,7 +217,7 @@ def quantize(
     history: list[dict[str, Any]] = []
     report: SensitivityReport | None = None
     with tempfile.TemporaryDirectory(prefix="edgeslim-ptq-") as tmp:
-        builder = _Builder(float_model, cal_feeds, cfg, Path(tmp))
+        builder = Builder(float_model, cal_feeds, cfg, Path(tmp))
         builder_expand = builder.expand
         evaluate = _Evaluator(builder.float_model, eval_feeds, task, eval_fn, threads)
 
@@ -455,7 +255,7 @@ def quantize(
             if max_size_ratio is not None:  # nodes too big to keep in float are not analysed
                 slack = max_size_ratio * float_bytes - best["size_bytes"]
                 candidates = [
-                    c for c in candidates if _within_budget(builder.prepared, [c[0]], slack)
+                    c for c in candidates if within_budget(builder.prepared, [c[0]], slack)
                 ]
             remaining = time_budget_s - (time.perf_counter() - start)
             if candidates and remaining > 0:
@@ -477,7 +277,7 @@ def quantize(
                 ]
                 if max_size_ratio is not None:  # keep only fallbacks the size budget allows
                     slack = max_size_ratio * float_bytes - best["size_bytes"]
-                    ranked = _within_budget(builder.prepared, ranked, slack)
+                    ranked = within_budget(builder.prepared, ranked, slack)
                 limit = len(ranked) if max_excluded is None else min(max_excluded, len(ranked))
                 steps = sorted(
                     {k for k in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64) if k <= limit}
