@@ -73,11 +73,27 @@ def kmeans_codebook(
     return codebook, codes.reshape(w.shape)
 
 
-def share_weights(model, *, bits: int = 5, min_size: int = 256):  # type: ignore[no-untyped-def]
+def _channel_axis(node) -> int:  # type: ignore[no-untyped-def]
+    """The output-channel axis of the weight input of ``node``."""
+    if node.op_type == "Gemm":
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        return 0 if trans_b else 1
+    if node.op_type in ("MatMul", "ConvTranspose"):
+        return 1 if node.op_type == "ConvTranspose" else -1
+    return 0
+
+
+def share_weights(  # type: ignore[no-untyped-def]
+    model, *, bits: int = 5, min_size: int = 256, per_channel: bool = True
+):
     """Return a copy of ONNX ``model`` whose large weights are codebook-coded.
 
     Only float32 initializers of at least ``min_size`` elements that feed the weight input of a
     Conv/Gemm/MatMul are packed; biases and small tensors stay float. ``bits`` in [1, 8].
+    With ``per_channel`` each output channel is first divided by its largest magnitude (kept
+    as a small float vector and multiplied back after decoding), so one codebook serves
+    channels of very different scales, as BatchNorm folding produces; without it a depthwise
+    net such as EfficientNet loses its predictions.
     """
     import onnx
     from onnx import helper, numpy_helper
@@ -86,8 +102,8 @@ def share_weights(model, *, bits: int = 5, min_size: int = 256):  # type: ignore
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
-    weight_names = {
-        node.input[_WEIGHT_INPUT[node.op_type]]
+    weight_axes = {
+        node.input[_WEIGHT_INPUT[node.op_type]]: _channel_axis(node)
         for node in graph.node
         if node.op_type in _WEIGHT_INPUT and len(node.input) > _WEIGHT_INPUT[node.op_type]
     }
@@ -96,20 +112,34 @@ def share_weights(model, *, bits: int = 5, min_size: int = 256):  # type: ignore
     for init in graph.initializer:
         arr = numpy_helper.to_array(init)
         if (
-            init.name not in weight_names
+            init.name not in weight_axes
             or arr.dtype != np.float32
             or arr.size < min_size
         ):
             keep.append(init)
             continue
-        codebook, codes = kmeans_codebook(arr, bits)
+        scale = None
+        if per_channel and arr.ndim >= 2:
+            axis = weight_axes[init.name] % arr.ndim
+            shape = [1] * arr.ndim
+            shape[axis] = arr.shape[axis]
+            reduce = tuple(i for i in range(arr.ndim) if i != axis)
+            scale = np.abs(arr).max(axis=reduce).reshape(shape).astype(np.float32)
+            scale[scale == 0] = 1.0
+        codebook, codes = kmeans_codebook(arr / scale if scale is not None else arr, bits)
         cb_name, code_name, idx_name = (f"{init.name}__codebook", f"{init.name}__codes",
                                         f"{init.name}__idx")
         keep.append(numpy_helper.from_array(codebook, cb_name))
         keep.append(numpy_helper.from_array(codes, code_name))
         int32 = onnx.TensorProto.INT32
         decoders.append(helper.make_node("Cast", [code_name], [idx_name], to=int32))
-        decoders.append(helper.make_node("Gather", [cb_name, idx_name], [init.name], axis=0))
+        if scale is None:
+            decoders.append(helper.make_node("Gather", [cb_name, idx_name], [init.name], axis=0))
+        else:
+            unit, scale_name = f"{init.name}__unit", f"{init.name}__scale"
+            keep.append(numpy_helper.from_array(scale, scale_name))
+            decoders.append(helper.make_node("Gather", [cb_name, idx_name], [unit], axis=0))
+            decoders.append(helper.make_node("Mul", [unit, scale_name], [init.name]))
         report.packed[init.name] = {
             "elements": float(arr.size),
             "float_bytes": float(arr.nbytes),

@@ -1,0 +1,58 @@
+"""Deep-Compression packing on ONNX: zeros stay zero, onnxruntime decodes what k-means chose."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edgeslim.errors import ConfigError
+from edgeslim.packing import kmeans_codebook, share_weights
+
+
+def _gemm_model(w: np.ndarray) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", w.shape[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", w.shape[1]])],
+        initializer=[numpy_helper.from_array(w, "w")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _decoded(model: onnx.ModelProto, n_in: int) -> np.ndarray:
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": np.eye(n_in, dtype=np.float32)})[0]
+
+
+def test_kmeans_keeps_zeros_and_uses_at_most_2_pow_bits_values():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(40, 30)).astype(np.float32)
+    w[rng.random(w.shape) < 0.7] = 0
+    codebook, codes = kmeans_codebook(w, 3)
+    assert codebook[0] == 0 and len(codebook) <= 8
+    np.testing.assert_array_equal(codebook[codes] == 0, w == 0)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_packed_graph_decodes_to_the_codebook_weights(per_channel):
+    rng = np.random.default_rng(1)
+    # columns (output channels) of very different scales, as BatchNorm folding produces
+    w = (rng.normal(size=(64, 32)) * np.logspace(-2, 1, 32)).astype(np.float32)
+    w[rng.random(w.shape) < 0.5] = 0
+    packed, report = share_weights(_gemm_model(w), bits=4, per_channel=per_channel)
+    assert list(report.packed) == ["w"]
+    got = _decoded(packed, 64)
+    np.testing.assert_array_equal(got == 0, w == 0)
+    err = np.abs(got - w) / np.abs(w).max(axis=0)
+    if per_channel:  # every channel keeps its own resolution
+        assert err.max() < 0.1
+    else:  # one codebook for all: the small channels are flattened to few levels
+        assert err.max() > 0.1
+
+
+def test_bad_bits_is_a_config_error():
+    with pytest.raises(ConfigError, match="'bits' parameter of share_weights"):
+        share_weights(_gemm_model(np.ones((300, 2), np.float32)), bits=9)
