@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeslim._ort import ort_session
 from edgeslim._validate import check_int_range
 from edgeslim.errors import ConfigError
 
@@ -70,16 +71,6 @@ def _inputs_for(manifest: dict[str, Any], batch: int, seq: int = 32) -> dict[str
     return feeds
 
 
-def _session(model: bytes | str, threads: int) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
-
-
 def _original_variants(source: str, threads: int) -> dict[str, Callable[[dict], Any]]:
     """PyTorch eager and onnxruntime fp32 runners of the bundle's original model."""
     import tempfile
@@ -98,7 +89,7 @@ def _original_variants(source: str, threads: int) -> dict[str, Callable[[dict], 
         path = Path(tmp) / "fp32.onnx"
         export_onnx(model, wl.example_inputs, path, input_names=names,
                     output_names=list(wl.output_names), dynamic_axes=wl.dynamic_axes or None)
-        sess = _session(path.read_bytes(), threads)
+        sess = ort_session(path.read_bytes(), threads=threads)
 
     def eager(feeds: dict) -> Any:
         with torch.inference_mode():
@@ -124,7 +115,7 @@ def bench_bundle(
     repeats = check_int_range(repeats, "repeats", "bench", 5, 1_000_000)
     bundle = read_bundle(path)
     manifest = bundle.manifest
-    sess = _session(bundle.model_bytes, threads)
+    sess = ort_session(bundle.model_bytes, threads=threads)
     variants: dict[str, Callable[[dict], Any]] = {
         f"bundle {manifest['name']} (onnxruntime)": lambda feeds: sess.run(None, feeds)
     }

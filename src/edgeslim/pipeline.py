@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeslim._ort import ort_session
 from edgeslim.errors import ConfigError
 from edgeslim.recipe.core import Recipe
 from edgeslim.recipe.measure import StepMetrics
@@ -49,15 +50,6 @@ def onnx_latency_ms(session: Any, feeds: dict[str, np.ndarray], repeats: int = 5
         session.run(None, feeds)
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
-
-
-def _session(model_bytes: bytes, threads: int = 2) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
 
 
 def compress(
@@ -127,7 +119,7 @@ def compress(
         log += onnx_log
         model_bytes = proto.SerializeToString()
 
-    session = _session(model_bytes)
+    session = ort_session(model_bytes)
     feeds = {n: a[:1] for n, a in zip(wl.input_names, wl.eval_batches[0][0], strict=True)}
     metric = wl.evaluate_onnx(session)
     latency = onnx_latency_ms(session, feeds)
@@ -180,7 +172,7 @@ def _run_onnx_steps(
     log = []
     for step in recipe.onnx_steps:
         report = run_step(octx, step.name, step.params)
-        score = wl.evaluate_onnx(_session(octx.model.SerializeToString()))
+        score = wl.evaluate_onnx(ort_session(octx.model))
         log.append({"step": step.name, "params": step.params, "report": report,
                     "metrics": {wl.metric: score}})
     return log, octx.model, octx.compression

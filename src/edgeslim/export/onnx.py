@@ -196,13 +196,11 @@ def compare_with_onnxruntime(
 
 
 def _session(path: str | Path) -> Any:
-    import onnxruntime as ort
     import torch
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = max(1, torch.get_num_threads())
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    from edgeslim._ort import ort_session
+
+    return ort_session(path, threads=torch.get_num_threads())
 
 
 def export_onnx(

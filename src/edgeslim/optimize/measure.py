@@ -19,18 +19,14 @@ from typing import Any
 
 import numpy as np
 
+from edgeslim._ort import ort_session as _ort_session
+
 __all__ = ["batch_feeds", "layer_table", "measure_model", "ort_session"]
 
 
 def ort_session(model_bytes: bytes, threads: int) -> Any:
     """An onnxruntime CPU session with ``threads`` intra-op threads and one inter-op thread."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
+    return _ort_session(model_bytes, threads=threads)
 
 
 def batch_feeds(workload: Any, batch: int) -> dict[str, np.ndarray]:

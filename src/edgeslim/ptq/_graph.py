@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeslim._ort import ort_session
 from edgeslim.errors import ModelError
 
 __all__ = [
@@ -61,19 +62,7 @@ def opset_of(model: Any) -> int:
 
 def make_session(model: Any, *, threads: int = 2, optimize: bool = True) -> Any:
     """An onnxruntime CPU session for ``model`` (ModelProto, bytes or path)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    if not optimize:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    if not isinstance(model, (str, Path, bytes)):
-        model = model.SerializeToString()
-    elif isinstance(model, Path):
-        model = str(model)
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    return ort_session(model, threads=threads, optimize=optimize)
 
 
 def add_outputs(model: Any, names: Sequence[str]) -> Any:

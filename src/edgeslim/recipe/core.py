@@ -15,7 +15,6 @@ so a typo fails in milliseconds with the allowed names, not after an hour of fin
 from __future__ import annotations
 
 import difflib
-import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,9 +172,3 @@ def load_recipe(path: str | Path) -> Recipe:
     except yaml.YAMLError as exc:
         raise ConfigError(f"The recipe file {str(path)!r} is not valid YAML: {exc}") from None
     return Recipe.from_dict(raw, source=f"recipe file {str(path)!r}")
-
-
-def keyword_names(func: Any) -> set[str]:
-    """Keyword parameters of ``func`` after the context argument."""
-    params = list(inspect.signature(func).parameters.values())[1:]
-    return {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}

@@ -52,7 +52,6 @@ class OnnxContext:
     progress: bool = True
     #: where steps write reports that outlive the run (the ptq sensitivity JSON)
     report_path: Any = None
-    log: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
