@@ -134,3 +134,25 @@ def test_max_batch_one_runs_each_request_alone(pool):
 
     _run(main())
     assert model.calls == [1] * 5
+
+
+def test_a_burst_of_requests_for_a_fast_model_forms_a_batch(pool):
+    """Requests that arrive in the same event-loop turn share a batch, even for a model fast
+    enough to run inline when alone (no ``expect()`` announcements, as in a burst)."""
+    model = Model()
+    batcher = Batcher(model, pool, max_batch=16, window_ms=0)
+
+    async def main():
+        await batcher.submit({"x": np.ones((1, 8), np.float32)})  # alone: inline, timed
+        assert batcher.row_seconds <= batcher.inline
+        xs = [np.full((1, 8), i, np.float32) for i in range(8)]
+        outs = await asyncio.gather(*(batcher.submit({"x": x}) for x in xs))
+        for x, out in zip(xs, outs, strict=True):
+            np.testing.assert_allclose(out["y"], x @ W, rtol=1e-6)
+        t0 = time.perf_counter()
+        await batcher.submit({"x": np.ones((1, 8), np.float32)})  # alone again: inline
+        return time.perf_counter() - t0
+
+    _run(main())
+    assert model.calls[0] == 1 and model.calls[-1] == 1
+    assert model.calls[1:-1] == [8]  # the burst ran as one batch

@@ -82,7 +82,8 @@ def requests(draw):
 @given(req=requests())
 def test_fuzzed_requests_never_get_a_5xx(client, req):
     method, path, body, headers = req
-    headers = {k: v.encode() for k, v in headers.items() if v.isprintable()}
+    # Values an HTTP client cannot send (control characters, surrounding blanks) are dropped.
+    headers = {k: v.encode() for k, v in headers.items() if v.isprintable() and v == v.strip()}
     r = client.request(method, path, content=body, headers=headers)
     assert r.status_code < 500, (r.status_code, r.text[:300])
     if r.status_code >= 400:

@@ -30,6 +30,11 @@ def register(app: typer.Typer) -> None:
         batch_window_ms: float = typer.Option(
             2.0, "--batch-window-ms",
             help="Most time a request waits for others to batch with (ms)."),
+        inline_ms: float = typer.Option(
+            4.0, "--inline-ms",
+            help="Model runs expected to take at most this long run on the event loop; slower "
+                 "ones in a worker thread (ms). On a node with one client, a value above the "
+                 "model's run time saves two thread handoffs per request."),
         max_body_mb: float = typer.Option(16.0, "--max-body-mb", help="Largest request body."),
         threads: int = typer.Option(
             None, "--threads", help="onnxruntime intra-op threads per model (default: cores)."),
@@ -45,7 +50,7 @@ def register(app: typer.Typer) -> None:
             server = EdgeServer(
                 [str(b) for b in bundles], host=host, port=port, token=token or None,
                 public_key=str(public_key) if public_key is not None else None,
-                max_batch=max_batch, batch_window_ms=batch_window_ms,
+                max_batch=max_batch, batch_window_ms=batch_window_ms, inline_ms=inline_ms,
                 max_body_mb=max_body_mb, threads=threads,
             )
         except SignatureError as exc:

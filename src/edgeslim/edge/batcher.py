@@ -1,7 +1,7 @@
 """Dynamic micro-batching on the server's event loop.
 
 Concurrent requests for a model with a dynamic batch axis are concatenated along axis 0, run
-as one batch in a worker thread, and the outputs are split back by each request's rows.
+as one batch, and the outputs are split back by each request's rows.
 
 Policy (the project's own): a request never waits for company it cannot get. While a batch runs,
 new requests queue up and the next batch takes them all (up to ``max_batch`` rows). When the
@@ -11,9 +11,15 @@ lone client at concurrency 1 pays no window at all. Requests whose non-batch sha
 differ are never mixed. When a batched run fails, or an output lacks the batch axis, each
 request of that batch is run on its own, so one bad request fails alone.
 
-A fast model (its recent runs took under ``inline_ms``) called by a lone request runs right on
-the event loop: handing a 50-microsecond run to a worker thread and back costs more than the
-run itself. As soon as a second request is in flight, runs go to the worker threads again.
+A fast run (``rows`` times the recent time per row is under ``inline_ms``), batched or not,
+runs right on the event loop: handing a 50-microsecond run to a worker thread and back costs
+more than the run itself. Slower runs go to the worker threads, so that the loop keeps reading
+requests meanwhile: while the loop runs a model, arriving requests stay unseen in the socket
+buffers, where they can neither join the next batch nor count as load (for offloading). A
+node that serves one client at a time may raise ``inline_ms`` above its model's run time to
+save the two thread handoffs per request. Before a lone request runs inline it yields once to
+the event loop, so that the requests the server read in the same turn announce themselves and
+join one batch.
 """
 
 from __future__ import annotations
@@ -74,13 +80,13 @@ class Batcher:
         *,
         max_batch: int = 32,
         window_ms: float = 2.0,
-        inline_ms: float = 1.0,
+        inline_ms: float = 4.0,
         on_batch: Callable[[int], None] | None = None,
     ) -> None:
         self.max_batch = check_int_range(max_batch, "max_batch", "Batcher", 1, 65536)
         self.window = check_positive(window_ms, "window_ms", "Batcher", allow_zero=True) / 1e3
         self.inline = check_positive(inline_ms, "inline_ms", "Batcher", allow_zero=True) / 1e3
-        self.run_seconds = math.inf  # moving average of recent model runs
+        self.row_seconds = math.inf  # moving average of recent model runs, per row
         self._active = 0
         self._run_fn = run
         self._executor = executor
@@ -118,15 +124,19 @@ class Batcher:
             self._expected = max(0, self._expected - 1)
         self._active += 1
         try:
-            if (self._active == 1 and self._expected == 0 and self._task is None
-                    and self.run_seconds <= self.inline):
-                self._count(inputs)
-                return self._timed(inputs)
             kr = batch_key(inputs)
+            rows = kr[1] if kr is not None else 1
+            if self._alone(rows):
+                if self.max_batch > 1:
+                    # Let the requests the server read in the same loop turn reach the batcher
+                    # first: a lone request still runs inline, a burst forms a batch.
+                    await asyncio.sleep(0)
+                if self._alone(rows):
+                    return self._inline(inputs, rows)
             loop = asyncio.get_running_loop()
             if kr is None or self.max_batch == 1:
-                return await self._call(loop, inputs)
-            key, rows = kr
+                return await self._call(loop, inputs, rows)
+            key = kr[0]
             fut: asyncio.Future[Arrays] = loop.create_future()
             self._pending.append(_Item(inputs, rows, key, fut))
             self._wake()
@@ -136,22 +146,35 @@ class Batcher:
         finally:
             self._active -= 1
 
-    def _count(self, inputs: Arrays) -> None:
-        if self._on_batch is not None:
-            first = next(iter(inputs.values()), None)
-            rows = first.shape[0] if first is not None and first.ndim else 1
-            self._on_batch(int(rows) or 1)
+    def _fast(self, rows: int) -> bool:
+        """True when a run of ``rows`` is expected to take at most ``inline_ms``."""
+        return rows * self.row_seconds <= self.inline
 
-    def _timed(self, inputs: Arrays) -> Arrays:
+    def _alone(self, rows: int) -> bool:
+        """True when this is the only request in sight and its run is fast: run it now."""
+        return (self._active == 1 and self._expected == 0 and self._task is None
+                and self._fast(rows))
+
+    def _inline(self, inputs: Arrays, rows: int) -> Arrays:
+        if self._on_batch is not None:
+            self._on_batch(rows)
+        return self._timed(inputs, rows)
+
+    def _timed(self, inputs: Arrays, rows: int) -> Arrays:
         t0 = time.perf_counter()
         out = self._run_fn(inputs)
-        dt = time.perf_counter() - t0
-        self.run_seconds = dt if math.isinf(self.run_seconds) else 0.8 * self.run_seconds + 0.2 * dt
+        dt = (time.perf_counter() - t0) / max(1, rows)
+        self.row_seconds = dt if math.isinf(self.row_seconds) else 0.8 * self.row_seconds + 0.2 * dt
         return out
 
-    async def _call(self, loop: asyncio.AbstractEventLoop, inputs: Arrays) -> Arrays:
-        self._count(inputs)
-        return await loop.run_in_executor(self._executor, self._timed, inputs)
+    async def _call(self, loop: asyncio.AbstractEventLoop, inputs: Arrays, rows: int) -> Arrays:
+        """One model run: on the event loop when it is fast (a thread handoff would cost more
+        than the run), else in a worker thread so the loop keeps reading requests."""
+        if self._fast(rows):
+            return self._inline(inputs, rows)
+        if self._on_batch is not None:
+            self._on_batch(rows)
+        return await loop.run_in_executor(self._executor, self._timed, inputs, rows)
 
     # ---------------------------------------------------------------------- consumer
 
@@ -207,7 +230,7 @@ class Batcher:
         names = list(live[0].inputs)
         feeds = {n: np.concatenate([item.inputs[n] for item in live]) for n in names}
         try:
-            out = await self._call(loop, feeds)
+            out = await self._call(loop, feeds, total)
             if not all(np.ndim(a) > 0 and a.shape[0] == total for a in out.values()):
                 raise ValueError("an output lacks the batch axis")
         except Exception:
@@ -224,7 +247,7 @@ class Batcher:
 
     async def _run_alone(self, loop: asyncio.AbstractEventLoop, item: _Item) -> None:
         try:
-            result = await self._call(loop, item.inputs)
+            result = await self._call(loop, item.inputs, item.rows)
         except Exception as exc:
             if not item.future.done():
                 item.future.set_exception(exc)

@@ -27,9 +27,11 @@ problem; a 500 only for a bug, and the node keeps serving either way.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
+import re
 import time
 import zlib
 from collections.abc import Awaitable, Callable
@@ -42,6 +44,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from edgeslim.edge._http import RECEIVE_BUFFER, edge_protocol, tune_malloc
 from edgeslim.edge.metrics import CONTENT_TYPE, Metrics
 from edgeslim.edge.model_store import ModelStore, ServedModel
 from edgeslim.edge.v2 import (
@@ -61,10 +64,30 @@ EXTENSIONS = ["binary_tensor_data", "model_repository", "edgeslim_raw"]
 
 Handler = Callable[[Request], Awaitable[Response]]
 
+#: ``POST`` paths of the inference endpoint: model name, optional version.
+INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
+HEADER_LENGTH_KEY = HEADER_LENGTH.lower()
+
 
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     """The V2 error response."""
     return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def error_status(exc: Exception, label: str) -> tuple[int, str]:
+    """HTTP status and message for an exception raised while handling ``label``."""
+    if isinstance(exc, V2Error):
+        return exc.status, exc.message
+    if isinstance(exc, (InferenceError, ConfigError)):
+        return 400, str(exc)
+    if isinstance(exc, SignatureError):
+        return 403, str(exc)
+    if isinstance(exc, BundleError):
+        return 422, str(exc)
+    if isinstance(exc, ClientGone):
+        return 400, "the client disconnected before the request body arrived"
+    log.error("unhandled error in %s", label, exc_info=exc)  # a bug: answer, log, keep serving
+    return 500, f"internal error in {label}: {type(exc).__name__}"
 
 
 def _version() -> str:
@@ -103,9 +126,21 @@ class _Auth:
         await self.app(scope, receive, send)
 
 
+class ClientGone(Exception):
+    """The client disconnected before its request body arrived; nobody is left to answer."""
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, at most ``limit`` bytes (also after gzip/deflate decoding)."""
-    declared = request.headers.get("content-length")
+    return await receive_body(request.receive, request.headers, limit)
+
+
+async def receive_body(receive: Any, headers: Any, limit: int) -> bytes:
+    """The body of an ASGI request, at most ``limit`` bytes (also after gzip/deflate decoding).
+
+    ``headers``: a mapping with lower-case keys (starlette's ``Headers`` or a plain dict).
+    """
+    declared = headers.get("content-length")
     if declared is not None:
         try:
             n = int(declared)
@@ -115,13 +150,21 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise V2Error(f"the body is {n} bytes; this server accepts at most {limit}", 413)
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise V2Error(f"the body is over {limit} bytes, the most this server accepts", 413)
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone()
+        chunk = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                raise V2Error(f"the body is over {limit} bytes, the most this server accepts",
+                              413)
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    encoding = (headers.get("content-encoding") or "identity").strip().lower()
     if encoding in ("", "identity"):
         return body
     if encoding not in ("gzip", "deflate"):
@@ -180,10 +223,45 @@ class EdgeApp:
             HTTPException: self._http_exception,
             Exception: self._crash,
         })
-        self.asgi = _Auth(starlette, token)
+        self.starlette = starlette
+        self.asgi = _Auth(self._dispatch, token)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         await self.asgi(scope, receive, send)
+
+    async def _dispatch(self, scope: dict, receive: Any, send: Any) -> None:
+        """``POST .../infer`` straight to ``_infer_asgi``; everything else through starlette."""
+        if scope["type"] == "http" and scope["method"] == "POST":
+            m = INFER_PATH.fullmatch(scope["path"])
+            if m is not None:
+                await self._infer_asgi(scope, receive, send, m[1], m[2])
+                return
+        await self.starlette(scope, receive, send)
+
+    async def _infer_asgi(self, scope: dict, receive: Any, send: Any, name: str,
+                          version: str | None) -> None:
+        """The inference endpoint in plain ASGI: the hot path, without routing, request and
+        response objects (the same checks, errors and metrics as every other endpoint)."""
+        t0 = time.perf_counter()
+        self.metrics.inflight.inc()
+        try:
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+            content, out_headers = await self._infer(name, version, headers, receive)
+            status = 200
+        except ClientGone:
+            return
+        except Exception as exc:
+            status, message = error_status(exc, "infer")
+            content = json.dumps({"error": message}).encode()
+            out_headers = {"content-type": "application/json"}
+        finally:
+            self.metrics.inflight.dec()
+        raw = [(b"content-length", str(len(content)).encode())]
+        raw += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in out_headers.items()]
+        await send({"type": "http.response.start", "status": status, "headers": raw})
+        await send({"type": "http.response.body", "body": content})
+        model = name if self.store.get(name) is not None else ""
+        self.metrics.observe("infer", model, status, time.perf_counter() - t0)
 
     # ------------------------------------------------------------------- plumbing
 
@@ -208,17 +286,8 @@ class EdgeApp:
             metrics.inflight.inc()
             try:
                 resp = await fn(request)
-            except V2Error as exc:
-                resp = error(exc.status, exc.message)
-            except (InferenceError, ConfigError) as exc:
-                resp = error(400, str(exc))
-            except SignatureError as exc:
-                resp = error(403, str(exc))
-            except BundleError as exc:
-                resp = error(422, str(exc))
-            except Exception as exc:  # a bug: answer, log, keep serving
-                log.exception("unhandled error in %s", label)
-                resp = error(500, f"internal error in {label}: {type(exc).__name__}")
+            except Exception as exc:
+                resp = error(*error_status(exc, label))
             finally:
                 metrics.inflight.dec()
             name = request.path_params.get("name", "")
@@ -229,12 +298,13 @@ class EdgeApp:
         return handle
 
     def _model(self, request: Request) -> ServedModel:
-        name = request.path_params["name"]
+        return self._lookup(request.path_params["name"], request.path_params.get("version"))
+
+    def _lookup(self, name: str, version: str | None) -> ServedModel:
         model = self.store.get(name)
         if model is None:
             raise V2Error(f"unknown model {name!r}; this server has {self.store.names()}"[:300],
                           404)
-        version = request.path_params.get("version")
         if version is not None and version != model.version:
             raise V2Error(f"model '{name}' has no version {version!r}; it serves version "
                           f"{model.version!r}"[:300], 404)
@@ -261,9 +331,18 @@ class EdgeApp:
         return JSONResponse({"name": model.name, "ready": True})
 
     async def infer(self, request: Request) -> Response:
-        model = self._model(request)
-        body = await read_body(request, self.max_body)
-        header_length = parse_header_length(request.headers.get(HEADER_LENGTH), len(body))
+        content, headers = await self._infer(
+            request.path_params["name"], request.path_params.get("version"), request.headers,
+            request.receive)
+        media = headers.pop("content-type")
+        return Response(content, headers=headers, media_type=media)
+
+    async def _infer(self, name: str, version: str | None, headers: Any, receive: Any
+                     ) -> tuple[bytes, dict[str, str]]:
+        """One V2 inference: body and headers of the answer, or the error raised."""
+        model = self._lookup(name, version)
+        body = await receive_body(receive, headers, self.max_body)
+        header_length = parse_header_length(headers.get(HEADER_LENGTH_KEY), len(body))
         model.batcher.expect()
         try:
             req = parse_infer_request(body, header_length, max_elements=self.max_elements)
@@ -273,10 +352,8 @@ class EdgeApp:
             model.batcher.unexpect()
             raise
         outputs = await model.infer(feeds, expected=True)
-        content, headers = encode_infer_response(
-            model.name, model.version, req, {n: outputs[n] for n in names})
-        media = headers.pop("content-type")
-        return Response(content, headers=headers, media_type=media)
+        return encode_infer_response(model.name, model.version, req,
+                                     {n: outputs[n] for n in names})
 
     async def raw(self, request: Request) -> Response:
         model = self._model(request)
@@ -352,7 +429,9 @@ class EdgeServer:
     ``bundles`` are loaded before serving. ``port=0`` picks a free port (see ``port`` after
     ``start()``). ``token`` turns on bearer auth; ``public_key`` makes every load verify the
     bundle's signature. ``max_batch`` > 1 batches concurrent requests for models with a dynamic
-    batch axis (``batch_window_ms`` is the most a request waits for company); ``threads`` are
+    batch axis (``batch_window_ms`` is the most a request waits for company); model runs expected
+    to take at most ``inline_ms`` run on the event loop, slower ones in a worker (see
+    ``Batcher``: raise it above the model's run time on a node with one client); ``threads`` are
     onnxruntime intra-op threads per model; ``workers`` run model calls.
 
     ``app`` is the ASGI application; a node agent may replace it with a wrapper (middleware)
@@ -376,6 +455,7 @@ class EdgeServer:
         public_key: Any = None,
         max_batch: int = 32,
         batch_window_ms: float = 2.0,
+        inline_ms: float = 4.0,
         max_body_mb: float = 16.0,
         threads: int | None = None,
         workers: int = 1,
@@ -387,6 +467,7 @@ class EdgeServer:
         check_int_range(port, "port", "EdgeServer", 0, 65535)
         check_int_range(max_batch, "max_batch", "EdgeServer", 1, 65536)
         check_positive(batch_window_ms, "batch_window_ms", "EdgeServer", allow_zero=True)
+        check_positive(inline_ms, "inline_ms", "EdgeServer", allow_zero=True)
         check_positive(max_body_mb, "max_body_mb", "EdgeServer")
         check_int_range(workers, "workers", "EdgeServer", 1, 256)
         if threads is not None:
@@ -402,11 +483,13 @@ class EdgeServer:
         self.metrics = Metrics()
         self.store = ModelStore(self.executor, public_key=public_key, threads=threads,
                                 max_batch=max_batch, batch_window_ms=batch_window_ms,
+                                inline_ms=inline_ms,
                                 metrics=self.metrics)
         for bundle in bundles:
             self.store.load(bundle)
+        self.max_body_bytes = int(max_body_mb * (1 << 20))
         self.app = EdgeApp(self.store, self.metrics, token=token,
-                           max_body_bytes=int(max_body_mb * (1 << 20)))
+                           max_body_bytes=self.max_body_bytes)
         self._server: Any = None
         self._thread: Any = None
         self._stopped = False
@@ -447,6 +530,8 @@ class EdgeServer:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        with contextlib.suppress(OSError):  # accepted sockets inherit it; best effort
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
         try:
             sock.bind((self.host, self._port))
         except OSError as exc:
@@ -470,7 +555,9 @@ class EdgeServer:
                     self.force_exit = True
                 self.should_exit = True
 
-        config = uvicorn.Config(self.app, lifespan="off", access_log=False,
+        tune_malloc()
+        config = uvicorn.Config(self.app, http=edge_protocol(self.max_body_bytes),
+                                lifespan="off", access_log=False,
                                 log_level="warning", timeout_keep_alive=30,
                                 server_header=False)
         return Server(config)

@@ -1,0 +1,134 @@
+"""The edge server's HTTP tuning: coalesced writes, bodies read without pausing, malloc."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from edgeslim.bundle import read_bundle
+from edgeslim.edge._http import _CoalescingTransport, tune_malloc
+from edgeslim.errors import ConfigError
+
+
+def test_writes_of_one_loop_turn_leave_together_in_order_and_close_flushes():
+    async def main():
+        loop = asyncio.get_running_loop()
+        ours, peer = socket.socketpair()
+        peer.setblocking(False)
+        transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, ours)
+        t = _CoalescingTransport(transport, loop)
+        t.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        t.write(memoryview(b"body-1"))
+        with pytest.raises(BlockingIOError):  # nothing is sent before the turn ends
+            peer.recv(100)
+        assert t.get_write_buffer_size() == 25
+        await asyncio.sleep(0)
+        await asyncio.sleep(0.01)
+        first = peer.recv(100)
+        t.write(b"second")
+        t.close()  # sends what is pending, then closes
+        await asyncio.sleep(0.01)
+        rest = peer.recv(100)
+        eof = peer.recv(100)
+        peer.close()
+        return first, rest, eof, t.is_closing()
+
+    first, rest, eof, closing = asyncio.run(main())
+    assert first == b"HTTP/1.1 200 OK\r\n\r\nbody-1"
+    assert rest == b"second" and eof == b"" and closing
+
+
+def _raw_post(port: int, path: str, head: bytes, tail: bytes, token: str, chunk: int,
+              chunked: bool = False) -> tuple:
+    """POST over a raw socket, the body in ``chunk``-byte pieces with pauses (a slow client),
+    sent from a thread while this one reads the answer (which may come before the body ends).
+    ``chunked``: Transfer-Encoding chunked instead of a Content-Length."""
+    import threading
+
+    body = head + tail
+    length = ("Transfer-Encoding: chunked" if chunked else f"Content-Length: {len(body)}")
+    request = (f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+               f"{length}\r\nInference-Header-Content-Length: {len(head)}\r\n"
+               f"Content-Type: application/octet-stream\r\n\r\n").encode()
+
+    def send(s: socket.socket) -> None:
+        try:
+            s.sendall(request)
+            for i in range(0, len(body), chunk):
+                piece = body[i:i + chunk]
+                s.sendall(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+                if (i // chunk) % 16 == 0:
+                    time.sleep(0.002)
+            if chunked:
+                s.sendall(b"0\r\n\r\n")
+        except OSError:  # the server answered early and closed
+            pass
+
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        sender = threading.Thread(target=send, args=(s,))
+        sender.start()
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += s.recv(65536)
+        head_end = data.index(b"\r\n\r\n") + 4
+        fields = dict(line.split(b": ", 1) for line in data[:head_end - 4].split(b"\r\n")[1:])
+        n = int(fields[b"content-length"])
+        while len(data) - head_end < n:
+            data += s.recv(65536)
+        s.shutdown(socket.SHUT_RDWR)
+        sender.join(30)
+        return int(data.split(b" ", 2)[1]), fields, data[head_end:]
+
+
+def test_a_large_body_sent_slowly_in_small_pieces_gives_the_onnxruntime_answer(
+        server, edge_bundles):
+    from tests.edge.conftest import TOKEN
+
+    rows = 3000  # 768 kB of float32, under the fixture's 1 MiB limit, over uvicorn's 64 kB
+    x = np.random.default_rng(3).normal(size=(rows, 64)).astype(np.float32)
+    head = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [rows, 64],
+                                   "parameters": {"binary_data_size": x.nbytes}}],
+                       "parameters": {"binary_data_output": True}}).encode()
+    status, fields, body = _raw_post(server.port, "/v2/models/linear/infer", head, x.tobytes(),
+                                     TOKEN, chunk=4096)
+    assert status == 200, body[:300]
+    hl = int(fields[b"inference-header-content-length"])
+    got = np.frombuffer(body[hl:], np.float32).reshape(rows, 10)
+    bundle = read_bundle(edge_bundles["linear"])
+    sess = ort.InferenceSession(bundle.model_bytes, providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(got, sess.run(None, {"input": x})[0])
+
+
+def test_a_body_over_the_limit_is_refused_even_when_read_without_pausing(server):
+    from tests.edge.conftest import TOKEN
+
+    rows = 5000  # 1.28 MB > 1 MiB
+    x = np.zeros((rows, 64), np.float32)
+    head = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [rows, 64],
+                                   "parameters": {"binary_data_size": x.nbytes}}]}).encode()
+    status, _, body = _raw_post(server.port, "/v2/models/linear/infer", head, x.tobytes(),
+                                TOKEN, chunk=65536, chunked=True)  # no declared length
+    assert status == 413 and "1048576 bytes" in json.loads(body)["error"]
+
+
+def test_tune_malloc_is_idempotent():
+    first = tune_malloc()
+    assert tune_malloc() is first
+    import platform
+    import sys
+
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        assert first is True
+
+
+def test_inline_ms_is_validated():
+    from edgeslim.edge.server import EdgeServer
+
+    with pytest.raises(ConfigError, match="inline_ms"):
+        EdgeServer([], inline_ms=-1)
