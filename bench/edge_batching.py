@@ -4,8 +4,10 @@ Starts ``edgeslim serve`` (digits-cnn, onnxruntime pinned to ``--threads``) in a
 once with ``--max-batch 1`` (batching off) and once with ``--max-batch 32`` (on), alternating
 ``--repeats`` times, and drives it from this process with 32 keep-alive HTTP/1.1 connections
 (a small asyncio client; binary tensor data as ``tritonclient.http`` sends it) for
-``--requests`` requests each. Every answer is checked: status 200 and logits within 1e-4 of
-onnxruntime on the same input. Reports throughput, latency percentiles, errors and the ratio.
+``--requests`` requests each. Every answer is checked, after the timed run so that checking
+does not slow the client: status 200 and logits within 1e-4 of onnxruntime on the same input.
+Reports throughput, latency percentiles, errors, server and client CPU per request, rows per
+model run, and the ratio.
 
     .venv/bin/python bench/edge_batching.py [--requests 10000] [--clients 32] [--threads 1]
         [--repeats 2] [--window-ms 2] [--out bench/results/edge_batching.json]
@@ -48,8 +50,8 @@ def _raw_request(host: str, port: int, body: bytes, headers: dict[str, str]) -> 
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
-async def _client(host: str, port: int, reqs: list[bytes], refs: list[np.ndarray],
-                  counter: list[int], total: int, lat: list[float], errors: list[str]) -> None:
+async def _client(host: str, port: int, reqs: list[bytes], counter: list[int], total: int,
+                  lat: list[float], answers: list[tuple[int, bytes, dict, bytes]]) -> None:
     reader, writer = await asyncio.open_connection(host, port)
     try:
         while counter[0] < total:
@@ -59,7 +61,6 @@ async def _client(host: str, port: int, reqs: list[bytes], refs: list[np.ndarray
             t0 = time.perf_counter()
             writer.write(reqs[k])
             head = await reader.readuntil(b"\r\n\r\n")
-            status = int(head.split(b" ", 2)[1])
             fields = {}
             for line in head.split(b"\r\n")[1:]:
                 if b":" in line:
@@ -67,27 +68,50 @@ async def _client(host: str, port: int, reqs: list[bytes], refs: list[np.ndarray
                     fields[key.strip().lower()] = value.strip()
             body = await reader.readexactly(int(fields[b"content-length"]))
             lat.append(time.perf_counter() - t0)
-            if status != 200:
-                errors.append(f"{status} {body[:200]!r}")
-                continue
-            got = decode_binary_response(body, int(fields[b"inference-header-content-length"]))
-            if got.shape != refs[k].shape or not np.allclose(got, refs[k], atol=1e-4, rtol=0):
-                errors.append("wrong logits")
+            answers.append((k, head, fields, body))
     finally:
         writer.close()
+
+
+def _check(answers: list[tuple[int, bytes, dict, bytes]], refs: list[np.ndarray]) -> list[str]:
+    """Every answer: status 200 and logits within 1e-4 of onnxruntime on the same input."""
+    errors = []
+    for k, head, fields, body in answers:
+        status = int(head.split(b" ", 2)[1])
+        if status != 200:
+            errors.append(f"{status} {body[:200]!r}")
+            continue
+        got = decode_binary_response(body, int(fields[b"inference-header-content-length"]))
+        if got.shape != refs[k].shape or not np.allclose(got, refs[k], atol=1e-4, rtol=0):
+            errors.append("wrong logits")
+    return errors
 
 
 async def _load(host: str, port: int, reqs: list[bytes], refs: list[np.ndarray],
                 total: int, clients: int) -> dict[str, Any]:
     counter = [0]
     lat: list[float] = []
-    errors: list[str] = []
+    answers: list[tuple[int, bytes, dict, bytes]] = []
+    cpu0 = time.process_time()
     t0 = time.perf_counter()
-    await asyncio.gather(*(_client(host, port, reqs, refs, counter, total, lat, errors)
+    await asyncio.gather(*(_client(host, port, reqs, counter, total, lat, answers)
                            for _ in range(clients)))
     wall = time.perf_counter() - t0
+    client_cpu = time.process_time() - cpu0
+    errors = _check(answers, refs)
     return {"requests": len(lat), "errors": len(errors), "error_examples": errors[:3],
-            "seconds": wall, "throughput_rps": len(lat) / wall, **percentiles(lat)}
+            "seconds": wall, "throughput_rps": len(lat) / wall,
+            "client_cpu_us_per_request": client_cpu / max(1, len(lat)) * 1e6,
+            **percentiles(lat)}
+
+
+def _run(coro: Any) -> Any:
+    """Run the client on uvloop when it is installed (less client CPU per request)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 def run_config(bundle: Path, max_batch: int, window_ms: float, threads: int, total: int,
@@ -96,9 +120,9 @@ def run_config(bundle: Path, max_batch: int, window_ms: float, threads: int, tot
             "--batch-window-ms", str(window_ms)]
     with ServerProcess(bundle, *args) as server:
         reqs = [_raw_request(server.host, server.port, *binary_request(MODEL, x)) for x in xs]
-        asyncio.run(_load(server.host, server.port, reqs, refs, 500, clients))  # warm-up
+        _run(_load(server.host, server.port, reqs, refs, 500, clients))  # warm-up
         cpu0 = _cpu_seconds(server.proc.pid)
-        result = asyncio.run(_load(server.host, server.port, reqs, refs, total, clients))
+        result = _run(_load(server.host, server.port, reqs, refs, total, clients))
         cpu = _cpu_seconds(server.proc.pid) - cpu0
         metrics = _batch_metrics(server)
     return {"max_batch": max_batch, "window_ms": window_ms, **result, **metrics,
@@ -154,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['throughput_rps']:7.0f} req/s  p50 {r['p50_ms']:.2f} ms  "
                   f"p99 {r['p99_ms']:.2f} ms  errors {r['errors']}/{r['requests']}  "
                   f"rows/run {r['mean_rows_per_run']:.1f}  server CPU "
-                  f"{r['server_cpu_us_per_request']:.0f} us/request  "
+                  f"{r['server_cpu_us_per_request']:.0f} us/request  client CPU "
+                  f"{r['client_cpu_us_per_request']:.0f} us/request  "
                   f"load {r['load_average']:.1f}", flush=True)
     off = statistics.median(r["throughput_rps"] for r in runs if r["max_batch"] == 1)
     on = statistics.median(r["throughput_rps"] for r in runs if r["max_batch"] > 1)

@@ -12,7 +12,12 @@ that and the direct call is what any cross-process server pays on this machine (
 wake-ups), and the difference between HTTP and the pipe is what the HTTP stack adds.
 
     .venv/bin/python bench/edge_overhead.py [--models digits-cnn efficientnet-lite0]
-        [--threads 1] [--rounds 5] [--out bench/results/edge_overhead.json]
+        [--threads 1] [--rounds 5] [--inline-ms MS] [--out bench/results/edge_overhead.json]
+
+``--inline-ms`` is passed to ``edgeslim serve`` (default: the server's own default): model runs
+expected to take at most that long run on the server's event loop instead of a worker thread,
+which saves two thread handoffs per request; a node with one client may set it above its
+model's run time.
 
 Targets: p50 overhead <= 1.5 ms, p99 overhead <= 5 ms.
 """
@@ -200,7 +205,8 @@ def _pipe_worker(conn: Any, bundle: str, threads: int) -> None:
         conn.send(sess.run(None, {"input": x})[0])
 
 
-def bench_model(name: str, threads: int, rounds: int) -> dict[str, Any]:
+def bench_model(name: str, threads: int, rounds: int,
+                inline_ms: float | None = None) -> dict[str, Any]:
     bundle = zoo_bundle(name)
     load_before = load_average()
     per_round = PER_ROUND.get(name, 50)
@@ -217,7 +223,8 @@ def bench_model(name: str, threads: int, rounds: int) -> dict[str, Any]:
     here, there = ctx.Pipe()
     worker = ctx.Process(target=_pipe_worker, args=(there, str(bundle), threads), daemon=True)
     worker.start()
-    with ServerProcess(bundle, "--threads", str(threads)) as server:
+    extra = [] if inline_ms is None else ["--inline-ms", str(inline_ms)]
+    with ServerProcess(bundle, "--threads", str(threads), *extra) as server:
         conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
         reqs = [binary_request(name, x) for x in xs]
         path = f"/v2/models/{name}/infer"
@@ -254,7 +261,7 @@ def bench_model(name: str, threads: int, rounds: int) -> dict[str, Any]:
         server_ms = server_mean_ms(server.host, server.port)
     d, h, p = percentiles(direct_t), percentiles(http_t), percentiles(pipe_t)
     return {
-        "model": name, "threads": threads, "direct": d, "http": h, "pipe_control": p,
+        "model": name, "threads": threads, "inline_ms": inline_ms, "direct": d, "http": h, "pipe_control": p,
         "load_average": [load_before, load_average()],
         "overhead_p50_ms": h["p50_ms"] - d["p50_ms"],
         "overhead_p99_ms": h["p99_ms"] - d["p99_ms"],
@@ -271,12 +278,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", nargs="+", default=["digits-cnn", "efficientnet-lite0"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--inline-ms", type=float, default=None)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     results = []
     print(f"load average before: {load_average():.2f}", flush=True)
     for name in args.models:
-        r = bench_model(name, args.threads, args.rounds)
+        r = bench_model(name, args.threads, args.rounds, args.inline_ms)
         results.append(r)
         print(f"{name:20s} direct p50 {r['direct']['p50_ms']:.3f} ms p99 "
               f"{r['direct']['p99_ms']:.3f} | http p50 {r['http']['p50_ms']:.3f} ms p99 "

@@ -215,6 +215,18 @@ def test_metrics_expose_requests_latency_batches_and_model_version(client, edge_
     assert 'edgeslim_request_latency_seconds_bucket{endpoint="infer",le="0.005",model="linear"}' \
         in text
     assert 'edgeslim_batch_size_count{model="linear"}' in text
+    assert "edgeslim_inflight_requests 1.0" in text  # the /metrics request itself
+    before = _sample(text, 'edgeslim_requests_total{code="200",endpoint="infer",model="linear"}')
+    for _ in range(3):
+        client.post("/v2/models/linear/infer", json=_infer_body())
+    after = _sample(client.get("/metrics").text,
+                    'edgeslim_requests_total{code="200",endpoint="infer",model="linear"}')
+    assert after == before + 3
+
+
+def _sample(text: str, series: str) -> float:
+    return float(next(line for line in text.splitlines() if line.startswith(series + " "))
+                 .rsplit(" ", 1)[1])
 
 
 def test_repository_index_and_unknown_routes(client):

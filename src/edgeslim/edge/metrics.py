@@ -13,6 +13,8 @@ Exposed at ``GET /metrics`` in the Prometheus text format:
 
 from __future__ import annotations
 
+from typing import Any
+
 from edgeslim.errors import require
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25,
@@ -45,15 +47,35 @@ class Metrics:
                              ["model", "result"], registry=r)
         self.inflight = Gauge("edgeslim_inflight_requests", "Requests being handled.",
                               registry=r)
+        self.inflight.set_function(lambda: self._inflight)
+        self._inflight = 0
         self._served: dict[str, tuple[str, str, str]] = {}
+        # Label children by (endpoint, model, code): looking them up costs more than counting.
+        self._children: dict[tuple[str, str, int], tuple[Any, Any, Any]] = {}
+
+    def enter(self) -> None:
+        """A request started (``edgeslim_inflight_requests``; call from the event loop)."""
+        self._inflight += 1
+
+    def leave(self) -> None:
+        """A request finished."""
+        self._inflight -= 1
 
     def observe(self, endpoint: str, model: str, code: int, seconds: float) -> None:
         """Count one answered request."""
-        c = str(code)
-        self.requests.labels(endpoint, model, c).inc()
-        if code >= 400:
-            self.errors.labels(endpoint, model, c).inc()
-        self.latency.labels(endpoint, model).observe(seconds)
+        key = (endpoint, model, code)
+        children = self._children.get(key)
+        if children is None:
+            c = str(code)
+            children = (self.requests.labels(endpoint, model, c),
+                        self.errors.labels(endpoint, model, c) if code >= 400 else None,
+                        self.latency.labels(endpoint, model))
+            self._children[key] = children
+        requests, errors, latency = children
+        requests.inc()
+        if errors is not None:
+            errors.inc()
+        latency.observe(seconds)
 
     def set_model(self, name: str, version: str, sha256: str) -> None:
         """Mark ``name`` as serving ``version`` (drops the label set of the previous one)."""

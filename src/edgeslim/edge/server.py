@@ -243,7 +243,7 @@ class EdgeApp:
         """The inference endpoint in plain ASGI: the hot path, without routing, request and
         response objects (the same checks, errors and metrics as every other endpoint)."""
         t0 = time.perf_counter()
-        self.metrics.inflight.inc()
+        self.metrics.enter()
         try:
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
             content, out_headers = await self._infer(name, version, headers, receive)
@@ -255,7 +255,7 @@ class EdgeApp:
             content = json.dumps({"error": message}).encode()
             out_headers = {"content-type": "application/json"}
         finally:
-            self.metrics.inflight.dec()
+            self.metrics.leave()
         raw = [(b"content-length", str(len(content)).encode())]
         raw += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in out_headers.items()]
         await send({"type": "http.response.start", "status": status, "headers": raw})
@@ -283,13 +283,13 @@ class EdgeApp:
 
         async def handle(request: Request) -> Response:
             t0 = time.perf_counter()
-            metrics.inflight.inc()
+            metrics.enter()
             try:
                 resp = await fn(request)
             except Exception as exc:
                 resp = error(*error_status(exc, label))
             finally:
-                metrics.inflight.dec()
+                metrics.leave()
             name = request.path_params.get("name", "")
             model = name if name and self.store.get(name) is not None else ""
             metrics.observe(label, model, resp.status_code, time.perf_counter() - t0)
