@@ -261,7 +261,8 @@ def bench_model(name: str, threads: int, rounds: int,
         server_ms = server_mean_ms(server.host, server.port)
     d, h, p = percentiles(direct_t), percentiles(http_t), percentiles(pipe_t)
     return {
-        "model": name, "threads": threads, "inline_ms": inline_ms, "direct": d, "http": h, "pipe_control": p,
+        "model": name, "threads": threads, "inline_ms": inline_ms, "direct": d, "http": h,
+        "pipe_control": p,
         "load_average": [load_before, load_average()],
         "overhead_p50_ms": h["p50_ms"] - d["p50_ms"],
         "overhead_p99_ms": h["p99_ms"] - d["p99_ms"],
