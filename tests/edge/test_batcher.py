@@ -156,3 +156,39 @@ def test_a_burst_of_requests_for_a_fast_model_forms_a_batch(pool):
     _run(main())
     assert model.calls[0] == 1 and model.calls[-1] == 1
     assert model.calls[1:-1] == [8]  # the burst ran as one batch
+
+
+def test_slow_runs_leave_the_event_loop_free_and_fast_ones_stay_on_it(pool):
+    """A run expected to take more than ``inline_ms`` goes to the worker thread, so the loop
+    keeps serving (here: a ticker); a fast one runs on the loop thread itself."""
+    threads: list[str] = []
+
+    def run(feeds):
+        threads.append(threading.current_thread().name)
+        time.sleep(float(feeds["x"][0, 0]))
+        return {"y": feeds["x"]}
+
+    batcher = Batcher(run, pool, max_batch=8, window_ms=0, inline_ms=5)
+
+    async def main():
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.002)
+                ticks += 1
+
+        task = asyncio.get_running_loop().create_task(ticker())
+        await batcher.submit({"x": np.full((1, 1), 0.05, np.float32)})  # first: measured
+        before = ticks
+        await batcher.submit({"x": np.full((1, 1), 0.05, np.float32)})  # known slow
+        slow_ticks = ticks - before
+        batcher.row_seconds = 0.0001  # now known fast
+        await batcher.submit({"x": np.full((1, 1), 0.0, np.float32)})
+        task.cancel()
+        return slow_ticks
+
+    assert _run(main()) >= 5  # the loop ticked while the 50 ms run was in the worker
+    assert threads[1] != threading.main_thread().name  # slow: the worker
+    assert threads[2] == threading.main_thread().name  # fast: the loop's own thread
