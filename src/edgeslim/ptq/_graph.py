@@ -117,7 +117,7 @@ class Graph:
 
     def set_array(self, name: str, value: np.ndarray) -> None:
         """Replace (or add) initializer ``name``."""
-        tensor = self._nh.from_array(np.ascontiguousarray(value), name)
+        tensor = self._nh.from_array(np.require(value, requirements="C"), name)  # keeps 0-d
         if name in self.initializers:
             self.initializers[name].CopyFrom(tensor)
         else:

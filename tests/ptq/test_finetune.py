@@ -1,0 +1,166 @@
+"""The QOperator simulator against onnxruntime, float logits, and end-to-end tuning."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edgeslim.errors import ConfigError, ModelError
+from edgeslim.ptq import quantize
+from edgeslim.ptq._graph import make_session
+from edgeslim.ptq.finetune import QOperatorSimulator, finetune_qoperator, float_logits
+from edgeslim.ptq.static import ort_quantize_static
+
+
+def small_cnn(seed: int = 0) -> onnx.ModelProto:
+    """(N,3,12,12) -> Conv 3x3 s2 + Relu6 -> depthwise 3x3 + Relu6 -> Conv 1x1, + residual
+    Add -> GlobalAveragePool -> Flatten -> Gemm (1000 logits): the ops of efficientnet-lite0."""
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "w1": rng.normal(size=(8, 3, 3, 3)) * 0.5,
+        "b1": rng.normal(size=8) * 0.2,
+        "w2": rng.normal(size=(8, 1, 3, 3)) * 0.6,
+        "b2": rng.normal(size=8) * 0.2,
+        "w3": rng.normal(size=(8, 8, 1, 1)) * 0.4,
+        "b3": rng.normal(size=8) * 0.1,
+        "wf": rng.normal(size=(1000, 8)),
+        "bf": rng.normal(size=1000) * 0.1,
+        "lo": np.array(0.0),
+        "hi": np.array(6.0),
+    }
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in arrays.items()]
+    nodes = [
+        helper.make_node(
+            "Conv", ["input", "w1", "b1"], ["c1"], name="stem", pads=[1, 1, 1, 1], strides=[2, 2]
+        ),
+        helper.make_node("Clip", ["c1", "lo", "hi"], ["a1"], name="act1"),
+        helper.make_node("Conv", ["a1", "w2", "b2"], ["c2"], name="dw", group=8, pads=[1] * 4),
+        helper.make_node("Clip", ["c2", "lo", "hi"], ["a2"], name="act2"),
+        helper.make_node("Conv", ["a2", "w3", "b3"], ["c3"], name="project"),
+        helper.make_node("Add", ["c3", "a2"], ["s"], name="add"),
+        helper.make_node("GlobalAveragePool", ["s"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flat", axis=1),
+        helper.make_node("Gemm", ["f", "wf", "bf"], ["logits"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "small_cnn",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 12, 12])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1000])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = small_cnn()
+    rng = np.random.default_rng(1)
+    calib = rng.uniform(-1, 1, size=(64, 3, 12, 12)).astype(np.float32)
+    test = rng.uniform(-1, 1, size=(32, 3, 12, 12)).astype(np.float32)
+    feeds = [{"input": calib[i : i + 8]} for i in range(0, 64, 8)]
+    q = ort_quantize_static(model, feeds, quant_format="qoperator")
+    return model, q, calib, test
+
+
+def outputs(model, x):
+    return make_session(model).run(None, {"input": x})[0]
+
+
+def rel(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_simulator_replays_onnxruntime_integers(setup):
+    import torch
+
+    _, q, _, test = setup
+    ops = {n.op_type for n in q.graph.node}
+    assert {"QLinearConv", "QLinearAdd", "QLinearGlobalAveragePool", "QGemm"} <= ops
+    with torch.no_grad():
+        sim = QOperatorSimulator(q)(torch.from_numpy(test)).numpy()
+    ort = outputs(q, test)
+    step = float(
+        numpy_helper.to_array(next(t for t in q.graph.initializer if "logits_scale" in t.name))
+    )
+    # the same integers up to rare off-by-one roundings of float vs int32 accumulation
+    assert np.mean(np.abs(sim - ort) > step / 2) < 0.02
+    assert rel(sim, ort) < 0.01
+
+
+def test_export_without_tuning_is_the_same_model(setup):
+    _, q, _, test = setup
+    exported = QOperatorSimulator(q).export()
+    np.testing.assert_array_equal(outputs(exported, test), outputs(q, test))
+
+
+def test_float_logits_drops_the_output_requantization(setup):
+    model, q, _, test = setup
+    qf = float_logits(copy.deepcopy(q))
+    assert not any(n.op_type == "DequantizeLinear" for n in qf.graph.node)
+    gemm = next(n for n in qf.graph.node if n.op_type == "QGemm")
+    assert len(gemm.input) == 7 and gemm.output[0] == "logits"
+    assert not any("logits_scale" in t.name for t in qf.graph.initializer)
+    ref = outputs(model, test)
+    assert rel(outputs(qf, test), ref) <= rel(outputs(q, test), ref) + 1e-6
+
+
+def test_finetune_lowers_the_error_of_the_int8_model(setup):
+    model, q, calib, test = setup
+    ref_session = make_session(model)
+    before = rel(outputs(q, test), outputs(model, test))
+    tuned = finetune_qoperator(
+        q,
+        lambda x: ref_session.run(None, {"input": x})[0],
+        calib,
+        steps=80,
+        batch_size=16,
+    )
+    after = rel(outputs(tuned, test), outputs(model, test))
+    assert after < before
+    # same graph, same sizes: only initializer values changed
+    assert [n.op_type for n in tuned.graph.node] == [n.op_type for n in q.graph.node]
+    assert abs(tuned.ByteSize() - q.ByteSize()) < 64
+
+
+def test_unsupported_op_is_a_model_error(setup):
+    _, q, _, _ = setup
+    bad = copy.deepcopy(q)
+    bad.graph.node.append(helper.make_node("Softmax", ["logits"], ["probs"], name="sm"))
+    with pytest.raises(ModelError, match="Softmax"):
+        QOperatorSimulator(bad)
+
+
+def test_quantize_keeps_the_stem_float_and_tunes(setup, tmp_path):
+    model, _, calib, test = setup
+    res = quantize(
+        model,
+        calib,
+        test,
+        method="percentile",
+        quant_format="qoperator",
+        max_drop=0.0,
+        float_leading_units=1,
+        float_logits=True,
+        finetune_share=0.5,
+        time_budget_s=40,
+        progress=False,
+    )
+    assert {"stem", "act1", "dw"} <= set(res.excluded)
+    assert any(n.op_type == "Conv" and n.name == "stem" for n in res.model.graph.node)
+    assert not any(n.op_type == "DequantizeLinear" for n in res.model.graph.node)
+    stages = [h["stage"] for h in res.history]
+    assert res.goal_met or "finetune" in stages or res.metrics["relative_error"] < 0.02
+
+
+def test_bad_finetune_share_is_a_config_error(setup):
+    model, _, calib, _ = setup
+    with pytest.raises(ConfigError, match="finetune_share"):
+        quantize(model, calib, finetune_share=1.5, progress=False)
