@@ -64,15 +64,18 @@ class Builder:
         from edgeslim.ptq.static import ort_quantize_static
 
         cfg = self.cfg
+        exclude = self.expand(self.base_exclude)
+        model = copy.deepcopy(self.prepared)
+        self._restore(model, exclude)
         qdq = ort_quantize_static(
-            copy.deepcopy(self.prepared),
+            model,
             self.feeds,
             method=cfg["method"],
             per_channel=cfg["per_channel"],
             reduce_range=cfg["reduce_range"],
             activation_type=cfg["activation_type"],
             quant_format="qdq",
-            exclude=cfg["exclude"],
+            exclude=exclude,
             percentile=cfg["percentile"],
             calibration_cache=self.cache,
         )
@@ -99,6 +102,29 @@ class Builder:
         return nodes
 
     @property
+    def base_exclude(self) -> list[str]:
+        """What every build keeps in float: the user's ``exclude`` and, for the static scheme,
+        those of the first ``float_leading_units`` activation units (graph order) whose nodes
+        hold under 5% of the weights. The stem's output feeds the most noise forward and
+        its convs are tiny, so keeping it float costs almost no bytes (nor time)."""
+        leading = []
+        if self.units and self.cfg.get("float_leading_units", 0):
+            graph = Graph(self.prepared)
+            total = sum(
+                int(np.prod(graph.initializers[n.input[1]].dims)) for n in graph.weighted_nodes()
+            )
+            for key in list(self.units)[: int(self.cfg["float_leading_units"])]:
+                nodes = [graph.nodes[n] for n in self.units[key] if n in graph.nodes]
+                size = sum(
+                    int(np.prod(graph.initializers[n.input[1]].dims))
+                    for n in nodes
+                    if len(n.input) > 1 and n.input[1] in graph.initializers
+                )
+                if size <= 0.05 * total:
+                    leading.append(key)
+        return list(self.cfg["exclude"]) + leading
+
+    @property
     def units(self) -> dict[str, list[str]]:
         """Static scheme: ``"tensor:NAME"`` -> the nodes to keep in float so that activation
         NAME is never quantized (its producer, folded Relu/Clip/Pad, and all its readers)."""
@@ -116,14 +142,14 @@ class Builder:
         return out
 
     def build(self, exclude: Sequence[str]) -> Any:
-        exclude = self.expand(list(self.cfg["exclude"]) + list(exclude))
+        exclude = self.expand(self.base_exclude + list(exclude))
         model = copy.deepcopy(self.prepared)
         cfg = self.cfg
         if self.scheme == "static":
             from edgeslim.ptq.static import ort_quantize_static
 
             self._restore(model, exclude)
-            return ort_quantize_static(
+            quantized = ort_quantize_static(
                 model,
                 self.feeds,
                 method=cfg["method"],
@@ -135,6 +161,11 @@ class Builder:
                 percentile=cfg["percentile"],
                 calibration_cache=self.cache,
             )
+            if cfg.get("float_logits") and cfg["quant_format"] == "qoperator":
+                from edgeslim.ptq.finetune import float_logits
+
+                float_logits(quantized)
+            return quantized
         from edgeslim.ptq.dynamic import quantize_embeddings, rowwise_dynamic
 
         if self.scheme == "dynamic":

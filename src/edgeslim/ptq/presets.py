@@ -4,7 +4,9 @@
   format (QLinearConv; uint8 activations, the fast u8s8 kernels on x86) with percentile
   calibration, int8 per-channel weights rounded by GPTQ with bias correction, then sequential
   bias correction measured on the quantized model, then fallback of the most sensitive nodes
-  until top-1 agreement holds.
+  until top-1 agreement holds; the stem's output and the logits stay float; when the goal is
+  still missed, 60% of the time budget tunes the int8 weights, biases and activation scales end
+  to end against the float logits on the calibration data (``finetune.py``).
 - ``embedding`` (BERT-like encoders such as minilm-l6): SmoothQuant, row-wise dynamic int8
   MatMuls, int8 word embeddings, then fallback until the mean cosine holds.
 
@@ -40,6 +42,10 @@ PRESET_SETTINGS: dict[str, dict[str, Any]] = {
         "equalization": False,
         "calibration_samples": 160,
         "max_size_ratio": 0.27,
+        "float_leading_units": 1,
+        "float_logits": True,
+        "finetune_share": 0.6,
+        "finetune_samples": 1024,
     },
     "embedding": {
         "scheme": "dynamic",

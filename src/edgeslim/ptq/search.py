@@ -112,6 +112,52 @@ class _Evaluator:
         return metrics
 
 
+def _finetune_stage(
+    qmodel: Any,
+    float_model: Any,
+    calibration_data: Any,
+    samples: int | None,
+    seconds: float,
+    threads: int,
+) -> Any | None:
+    """The end-to-end tuned ``qmodel``, or None when tuning does not apply or does not lower
+    the relative output error on the calibration samples (the only data it sees)."""
+    from edgeslim.errors import ModelError
+    from edgeslim.ptq.finetune import finetune_qoperator
+
+    if seconds <= 0:
+        return None
+    feeds = to_feeds(calibration_data, float_model, limit=samples)
+    if len(feeds[0]) != 1:
+        return None
+    name = next(iter(feeds[0]))
+    images = np.concatenate([f[name] for f in feeds])
+    if images.ndim != 4 or images.dtype != np.float32:
+        return None
+    reference = make_session(float_model, threads=threads)
+
+    def float_fn(x: np.ndarray) -> np.ndarray:
+        return reference.run(None, {name: x})[0]
+
+    check = images[: min(len(images), 128)]
+
+    def error(model: Any) -> float:
+        session = make_session(model, threads=threads)
+        out = np.concatenate(
+            [session.run(None, {name: check[i : i + 16]})[0] for i in range(0, len(check), 16)]
+        )
+        ref = np.concatenate([float_fn(check[i : i + 16]) for i in range(0, len(check), 16)])
+        return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-12))
+
+    try:
+        tuned = finetune_qoperator(
+            qmodel, float_fn, images, time_budget_s=max(seconds - 15.0, 1.0), threads=threads
+        )
+    except ModelError:  # ops the simulator does not replay
+        return None
+    return tuned if error(tuned) < error(qmodel) else None
+
+
 def _validate(max_drop, time_budget_s, task, scheme, method, weight_rounding, bits, eval_fn):
     func = "quantize"
     check_fraction(max_drop, "max_drop", func, closed_right=True)
@@ -159,6 +205,10 @@ def quantize(
     exclude: Sequence[str] = (),
     max_excluded: int | None = None,
     max_size_ratio: float | None = None,
+    float_leading_units: int = 0,
+    float_logits: bool = False,
+    finetune_share: float = 0.0,
+    finetune_samples: int | None = 1024,
     calibration_samples: int | None = 256,
     sensitivity_samples: int = 64,
     batch_size: int = 8,
@@ -179,11 +229,21 @@ def quantize(
     search (the first full quantization always runs). ``report_path``: where the JSON report
     goes (always written when given).
 
+    Static QOperator only: ``float_leading_units`` keeps the first activation units (a tensor
+    with its producer and readers, in graph order) in float; ``float_logits`` lets the final
+    QGemm answer in float instead of requantized uint8; ``finetune_share`` reserves that
+    fraction of ``time_budget_s`` for tuning the int8 weights, biases and activation scales of
+    the best model end to end against the float outputs on up to ``finetune_samples``
+    calibration samples (``finetune.py``; label-free, the evaluation data is not used). The
+    tuned model is kept when its error on the calibration samples is lower.
+
     >>> res = quantize("model.onnx", calib, evaluation, max_drop=0.01)  # doctest: +SKIP
     >>> res.goal_met, res.excluded, res.metrics["top1_agreement"]  # doctest: +SKIP
     """
     _validate(max_drop, time_budget_s, task, scheme, method, weight_rounding, bits, eval_fn)
     check_int_range(sensitivity_samples, "sensitivity_samples", "quantize", 1, 1_000_000)
+    check_int_range(float_leading_units, "float_leading_units", "quantize", 0, 1_000_000)
+    check_fraction(finetune_share, "finetune_share", "quantize", closed_right=False)
     if max_size_ratio is not None:
         check_positive(max_size_ratio, "max_size_ratio", "quantize")
     start = time.perf_counter()
@@ -206,6 +266,9 @@ def quantize(
         "quantize_embeddings": quantize_embeddings,
         "bits": bits,
         "exclude": list(exclude),
+        "float_leading_units": float_leading_units,
+        "float_logits": float_logits,
+        "finetune_share": finetune_share,
         "threads": threads,
     }
     cal_feeds = to_feeds(
@@ -250,6 +313,8 @@ def quantize(
                 return fits(m)
             return m["score"] > old["score"] + 1e-12 or (goal(m) and not goal(old))
 
+        tune = finetune_share > 0 and scheme == "static" and quant_format == "qoperator"
+        search_budget = time_budget_s * (1.0 - finetune_share) if tune else time_budget_s
         if not goal(best):
             candidates = builder.candidates()
             if max_size_ratio is not None:  # nodes too big to keep in float are not analysed
@@ -257,7 +322,7 @@ def quantize(
                 candidates = [
                     c for c in candidates if within_budget(builder.prepared, [c[0]], slack)
                 ]
-            remaining = time_budget_s - (time.perf_counter() - start)
+            remaining = search_budget - (time.perf_counter() - start)
             if candidates and remaining > 0:
                 rows = max(1, len(next(iter(eval_feeds[0].values()))))
                 n_sens = -(-sensitivity_samples // rows) if eval_fn is None else None
@@ -285,7 +350,7 @@ def quantize(
                 )
                 with progress_bar("fallback", total=len(steps), enabled=progress) as advance:
                     for k in steps:
-                        if time.perf_counter() - start > time_budget_s:
+                        if time.perf_counter() - start > search_budget:
                             break
                         q, m = trial(ranked[:k], f"fallback-{k}")
                         advance(1, score=m["score"])
@@ -293,13 +358,36 @@ def quantize(
                             best_model, best, best_excl = q, m, ranked[:k]
                         if goal(m):
                             break
+        if tune and not goal(best):
+            tuned = _finetune_stage(
+                best_model,
+                builder.float_model,
+                calibration_data,
+                finetune_samples,
+                time_budget_s - (time.perf_counter() - start),
+                threads,
+            )
+            if tuned is not None:
+                q = tuned
+                m = evaluate(q)
+                m["size_bytes"] = float(q.ByteSize())
+                m["size_ratio"] = m["size_bytes"] / max(float_bytes, 1)
+                history.append(
+                    {
+                        "stage": "finetune",
+                        "excluded": list(best_excl),
+                        "metrics": m,
+                        "seconds": round(time.perf_counter() - start, 2),
+                    }
+                )
+                best_model, best = q, m
     result = QuantizationResult(
         model=best_model,
         metrics=best,
         drop=float(best["drop"]),
         max_drop=float(max_drop),
         goal_met=bool(goal(best)),
-        excluded=builder_expand(list(exclude) + best_excl),
+        excluded=builder_expand(builder.base_exclude + best_excl),
         report=report,
         history=history,
         config={k: v for k, v in cfg.items() if k != "threads"},
