@@ -4,7 +4,8 @@ For digits-cnn and efficientnet-lite0 (exported from the zoo with ``export_zoo_m
 starts ``edgeslim serve`` in a separate process (onnxruntime pinned to ``--threads``), sends
 requests with a keep-alive ``http.client`` connection using the binary tensor data extension
 (as ``tritonclient.http`` does by default), and times each request end to end. In the same run,
-interleaved call by call (so both see the same background load), it times
+interleaved call by call in a rotating order (so all see the same background load and none
+always goes first), it times
 ``InferenceSession.run`` on the same inputs with the same session options. It checks that
 every HTTP answer is bit-identical to the direct one. As a control it also calls the same
 session in a second process over a ``multiprocessing`` pipe (no HTTP): the difference between
@@ -234,27 +235,35 @@ def bench_model(name: str, threads: int, rounds: int,
             conn.getresponse().read()
             here.send(xs[i % len(xs)])
             here.recv()
+        def direct(k: int) -> None:
+            t0 = time.perf_counter()
+            sess.run(None, {"input": xs[k]})
+            direct_t.append(time.perf_counter() - t0)
+
+        def over_http(k: int) -> None:
+            nonlocal mismatches
+            body, headers = reqs[k]
+            t0 = time.perf_counter()
+            conn.request("POST", path, body, headers)
+            resp = conn.getresponse()
+            data = resp.read()
+            http_t.append(time.perf_counter() - t0)
+            got = decode_binary_response(
+                data, int(resp.getheader("Inference-Header-Content-Length")))
+            if resp.status != 200 or got.tobytes() != refs[k].tobytes():
+                mismatches += 1
+
+        def over_pipe(k: int) -> None:
+            t0 = time.perf_counter()
+            here.send(xs[k])
+            here.recv()
+            pipe_t.append(time.perf_counter() - t0)
+
+        calls = [direct, over_http, over_pipe]
         for _ in range(rounds):
-            for i in range(per_round):  # each direct call next to one HTTP and one pipe call
-                k = i % len(xs)
-                feeds = {"input": xs[k]}
-                t0 = time.perf_counter()
-                sess.run(None, feeds)
-                direct_t.append(time.perf_counter() - t0)
-                body, headers = reqs[k]
-                t0 = time.perf_counter()
-                conn.request("POST", path, body, headers)
-                resp = conn.getresponse()
-                data = resp.read()
-                http_t.append(time.perf_counter() - t0)
-                got = decode_binary_response(
-                    data, int(resp.getheader("Inference-Header-Content-Length")))
-                if resp.status != 200 or got.tobytes() != refs[k].tobytes():
-                    mismatches += 1
-                t0 = time.perf_counter()
-                here.send(xs[k])
-                here.recv()
-                pipe_t.append(time.perf_counter() - t0)
+            for i in range(per_round):  # each input through all three, in a rotating order
+                for j in range(3):
+                    calls[(i + j) % 3](i % len(xs))
         conn.close()
         here.send(None)
         worker.join(30)

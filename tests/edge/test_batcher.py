@@ -192,3 +192,25 @@ def test_slow_runs_leave_the_event_loop_free_and_fast_ones_stay_on_it(pool):
     assert _run(main()) >= 5  # the loop ticked while the 50 ms run was in the worker
     assert threads[1] != threading.main_thread().name  # slow: the worker
     assert threads[2] == threading.main_thread().name  # fast: the loop's own thread
+
+
+@pytest.mark.parametrize("solo", [True, False])
+def test_a_lone_request_of_the_only_client_runs_on_the_loop_up_to_the_solo_limit(pool, solo):
+    threads: list[str] = []
+
+    def run(feeds):
+        threads.append(threading.current_thread().name)
+        time.sleep(0.02)
+        return {"y": feeds["x"]}
+
+    batcher = Batcher(run, pool, max_batch=8, window_ms=0, inline_ms=1, solo_inline_ms=50,
+                      solo=lambda: solo)
+
+    async def main():
+        for _ in range(3):
+            await batcher.submit({"x": np.zeros((1, 1), np.float32)})
+
+    _run(main())
+    on_loop = [t == threading.main_thread().name for t in threads]
+    # The first run is not timed yet (the worker); then 20 ms: over inline_ms, under 50 ms.
+    assert on_loop == [False, solo, solo]

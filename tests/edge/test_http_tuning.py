@@ -132,3 +132,20 @@ def test_inline_ms_is_validated():
 
     with pytest.raises(ConfigError, match="inline_ms"):
         EdgeServer([], inline_ms=-1)
+
+
+def test_the_server_counts_its_open_connections(server):
+    import httpx
+
+    with httpx.Client(base_url=server.url) as one:
+        assert one.get("/v2/health/live").status_code == 200
+        assert server.connections.open >= 1
+        base = server.connections.open
+        with socket.create_connection(("127.0.0.1", server.port)) as two:
+            two.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert two.recv(100).startswith(b"HTTP/1.1 200")
+            assert server.connections.open == base + 1
+        deadline = time.monotonic() + 5
+        while server.connections.open != base and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.connections.open == base

@@ -33,8 +33,7 @@ def register(app: typer.Typer) -> None:
         inline_ms: float = typer.Option(
             4.0, "--inline-ms",
             help="Model runs expected to take at most this long run on the event loop; slower "
-                 "ones in a worker thread (ms). On a node with one client, a value above the "
-                 "model's run time saves two thread handoffs per request."),
+                 "ones in a worker thread, unless one client alone is connected (ms)."),
         max_body_mb: float = typer.Option(16.0, "--max-body-mb", help="Largest request body."),
         threads: int = typer.Option(
             None, "--threads", help="onnxruntime intra-op threads per model (default: cores)."),

@@ -107,8 +107,22 @@ class _CoalescingTransport:
         return getattr(self._transport, name)
 
 
-def edge_protocol(body_buffer: int) -> type[asyncio.Protocol] | str:
+class Connections:
+    """How many HTTP connections are open now (kept by ``edge_protocol``'s protocol)."""
+
+    def __init__(self) -> None:
+        self.open = 0
+
+    def one(self) -> bool:
+        """True while exactly one client connection is open."""
+        return self.open == 1
+
+
+def edge_protocol(body_buffer: int, connections: Connections | None = None
+                  ) -> type[asyncio.Protocol] | str:
     """uvicorn's httptools protocol, tuned for tensors; ``"auto"`` without httptools.
+
+    ``connections`` (optional) is kept up to date with the number of open connections.
 
     Writes are coalesced (see the module doc). Reading pauses only once ``body_buffer`` bytes
     of a request body wait for the app, not at uvicorn's 64 kB: at 64 kB a 600 kB body is read
@@ -140,5 +154,12 @@ def edge_protocol(body_buffer: int) -> type[asyncio.Protocol] | str:
             wrapped = _CoalescingTransport(transport, asyncio.get_running_loop())
             super().connection_made(wrapped)  # type: ignore[arg-type]
             self.flow = BodyFlow(wrapped, self)
+            if connections is not None:
+                connections.open += 1
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if connections is not None:
+                connections.open -= 1
+            super().connection_lost(exc)
 
     return EdgeHttp

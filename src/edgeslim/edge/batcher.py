@@ -16,10 +16,11 @@ runs right on the event loop: handing a 50-microsecond run to a worker thread an
 more than the run itself. Slower runs go to the worker threads, so that the loop keeps reading
 requests meanwhile: while the loop runs a model, arriving requests stay unseen in the socket
 buffers, where they can neither join the next batch nor count as load (for offloading). A
-node that serves one client at a time may raise ``inline_ms`` above its model's run time to
-save the two thread handoffs per request. Before a lone request runs inline it yields once to
-the event loop, so that the requests the server read in the same turn announce themselves and
-join one batch.
+node whose lone client waits for each answer would only pay for that, so while ``solo()``
+says a single client is connected and nothing else is in flight, a run of up to
+``solo_inline_ms`` runs on the loop too (new connections wait for it in the kernel's accept
+queue, at most that long). Before a lone request runs inline it yields once to the event loop,
+so that the requests the server read in the same turn announce themselves and join one batch.
 """
 
 from __future__ import annotations
@@ -81,11 +82,16 @@ class Batcher:
         max_batch: int = 32,
         window_ms: float = 2.0,
         inline_ms: float = 4.0,
+        solo_inline_ms: float = 50.0,
+        solo: Callable[[], bool] | None = None,
         on_batch: Callable[[int], None] | None = None,
     ) -> None:
         self.max_batch = check_int_range(max_batch, "max_batch", "Batcher", 1, 65536)
         self.window = check_positive(window_ms, "window_ms", "Batcher", allow_zero=True) / 1e3
         self.inline = check_positive(inline_ms, "inline_ms", "Batcher", allow_zero=True) / 1e3
+        self.solo_inline = check_positive(solo_inline_ms, "solo_inline_ms", "Batcher",
+                                          allow_zero=True) / 1e3
+        self._solo = solo
         self.row_seconds = math.inf  # moving average of recent model runs, per row
         self._active = 0
         self._run_fn = run
@@ -151,9 +157,14 @@ class Batcher:
         return rows * self.row_seconds <= self.inline
 
     def _alone(self, rows: int) -> bool:
-        """True when this is the only request in sight and its run is fast: run it now."""
-        return (self._active == 1 and self._expected == 0 and self._task is None
-                and self._fast(rows))
+        """True when this is the only request in sight and its run is fast, or when it is
+        also the only client's and its run takes at most ``solo_inline_ms``: run it now."""
+        if not (self._active == 1 and self._expected == 0 and self._task is None):
+            return False
+        if self._fast(rows):
+            return True
+        return (self._solo is not None and rows * self.row_seconds <= self.solo_inline
+                and self._solo())
 
     def _inline(self, inputs: Arrays, rows: int) -> Arrays:
         if self._on_batch is not None:

@@ -154,7 +154,8 @@ class ModelStore:
     ``threads`` sets onnxruntime intra-op threads per model; ``max_batch`` > 1 turns on
     dynamic batching for models with a dynamic batch axis, waiting up to
     ``batch_window_ms`` for company (see ``Batcher``); other models run one request at a time.
-    Model runs expected to take at most ``inline_ms`` run on the event loop (see ``Batcher``).
+    Model runs expected to take at most ``inline_ms`` run on the event loop, and so do those
+    of a lone request while ``solo()`` (one client connected) holds (see ``Batcher``).
     """
 
     def __init__(
@@ -166,6 +167,7 @@ class ModelStore:
         max_batch: int = 32,
         batch_window_ms: float = 2.0,
         inline_ms: float = 4.0,
+        solo: Any = None,
         metrics: Metrics | None = None,
     ) -> None:
         self.executor = executor
@@ -174,6 +176,7 @@ class ModelStore:
         self.max_batch = max_batch
         self.batch_window_ms = batch_window_ms
         self.inline_ms = inline_ms
+        self.solo = solo
         self.metrics = metrics
         self._models: dict[str, ServedModel] = {}
         self._load_lock = threading.Lock()
@@ -213,7 +216,7 @@ class ModelStore:
         batcher = Batcher(run, self.executor,
                           max_batch=self.max_batch if has_dynamic_batch(runner) else 1,
                           window_ms=self.batch_window_ms, inline_ms=self.inline_ms,
-                          on_batch=on_batch)
+                          solo=self.solo, on_batch=on_batch)
         return ServedModel(runner, pipeline, post, batcher, self.executor,
                            str(bundle.path) if bundle.path else None)
 

@@ -44,7 +44,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from edgeslim.edge._http import RECEIVE_BUFFER, edge_protocol, tune_malloc
+from edgeslim.edge._http import RECEIVE_BUFFER, Connections, edge_protocol, tune_malloc
 from edgeslim.edge.metrics import CONTENT_TYPE, Metrics
 from edgeslim.edge.model_store import ModelStore, ServedModel
 from edgeslim.edge.v2 import (
@@ -430,9 +430,10 @@ class EdgeServer:
     ``start()``). ``token`` turns on bearer auth; ``public_key`` makes every load verify the
     bundle's signature. ``max_batch`` > 1 batches concurrent requests for models with a dynamic
     batch axis (``batch_window_ms`` is the most a request waits for company); model runs expected
-    to take at most ``inline_ms`` run on the event loop, slower ones in a worker (see
-    ``Batcher``: raise it above the model's run time on a node with one client); ``threads`` are
-    onnxruntime intra-op threads per model; ``workers`` run model calls.
+    to take at most ``inline_ms`` run on the event loop, slower ones in a worker, except that a
+    lone request of the only connected client runs on the loop for up to 50 ms (see
+    ``Batcher``); ``threads`` are onnxruntime intra-op threads per model; ``workers`` run model
+    calls. ``connections.open`` counts the open HTTP connections.
 
     ``app`` is the ASGI application; a node agent may replace it with a wrapper (middleware)
     before ``start()``, which serves whatever ``app`` holds then. ``metrics`` (Prometheus
@@ -481,9 +482,10 @@ class EdgeServer:
         self.executor = ThreadPoolExecutor(max_workers=workers,
                                            thread_name_prefix="edgeslim-infer")
         self.metrics = Metrics()
+        self.connections = Connections()
         self.store = ModelStore(self.executor, public_key=public_key, threads=threads,
                                 max_batch=max_batch, batch_window_ms=batch_window_ms,
-                                inline_ms=inline_ms,
+                                inline_ms=inline_ms, solo=self.connections.one,
                                 metrics=self.metrics)
         for bundle in bundles:
             self.store.load(bundle)
@@ -556,7 +558,8 @@ class EdgeServer:
                 self.should_exit = True
 
         tune_malloc()
-        config = uvicorn.Config(self.app, http=edge_protocol(self.max_body_bytes),
+        config = uvicorn.Config(self.app,
+                                http=edge_protocol(self.max_body_bytes, self.connections),
                                 lifespan="off", access_log=False,
                                 log_level="warning", timeout_keep_alive=30,
                                 server_header=False)
