@@ -70,6 +70,19 @@ def setup():
     return model, q, calib, test
 
 
+@pytest.mark.parametrize("exclude", [["add"], ["gap", "fc"], ["stem", "act1", "dw"]])
+def test_simulator_replays_nodes_kept_in_float(setup, exclude):
+    import torch
+
+    model, _, calib, test = setup
+    feeds = [{"input": calib[i : i + 8]} for i in range(0, 64, 8)]
+    q = ort_quantize_static(model, feeds, quant_format="qoperator", exclude=exclude)
+    assert {n.op_type for n in q.graph.node} & {"Add", "Gemm", "Conv"}
+    with torch.no_grad():
+        sim = QOperatorSimulator(q)(torch.from_numpy(test)).numpy()
+    assert rel(sim, outputs(q, test)) < 0.01
+
+
 def outputs(model, x):
     return make_session(model).run(None, {"input": x})[0]
 

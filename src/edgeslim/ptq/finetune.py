@@ -15,6 +15,7 @@ unchanged. Scales and zero points are kept. Only the compression side imports th
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -39,6 +40,9 @@ SUPPORTED_OPS = (
     "Conv",
     "Clip",
     "Relu",
+    "Add",
+    "GlobalAveragePool",
+    "Gemm",
 )
 
 
@@ -232,6 +236,20 @@ class QOperatorSimulator:
                 out = env[ins[0]].clamp(lo, hi)
             elif op == "Relu":
                 out = env[ins[0]].clamp(min=0.0)
+            elif op == "Add":
+                a, b = (env[i] if i in env else self._tensor(i) for i in ins[:2])
+                out = a + b
+            elif op == "GlobalAveragePool":
+                out = env[ins[0]].mean(dim=(2, 3), keepdim=True)
+            elif op == "Gemm":
+                a = env[ins[0]]
+                if self.graph.attr(node, "transA", 0):
+                    a = a.t()
+                w = self._tensor(ins[1])
+                w = w.t() if self.graph.attr(node, "transB", 0) else w
+                out = float(self.graph.attr(node, "alpha", 1.0)) * (a @ w)
+                if len(ins) > 2 and ins[2]:
+                    out = out + float(self.graph.attr(node, "beta", 1.0)) * self._tensor(ins[2])
             elif op == "Flatten":
                 axis = int(self.graph.attr(node, "axis", 1))
                 out = torch.flatten(env[ins[0]], start_dim=axis)
@@ -306,7 +324,8 @@ def finetune_qoperator(
     inputs (N, C, H, W), drawn ``batch_size`` at a time (each mirrored left-right with
     probability 1/2 when ``flip``). The loss is the mean squared error between the simulated
     int8 outputs and the float outputs. Stops after ``steps`` optimizer steps or
-    ``time_budget_s`` seconds (at least one step runs). Returns the tuned ModelProto (a copy);
+    ``time_budget_s`` seconds (at least one step runs); the learning rates decay along a
+    cosine over whichever of the two ends first. Returns the tuned ModelProto (a copy);
     raises ``ModelError`` when the graph has ops the simulator does not replay.
     """
     import torch
@@ -328,9 +347,17 @@ def finetune_qoperator(
         data = np.asarray(images, dtype=np.float32)
         rng = np.random.default_rng(seed)
         start = time.perf_counter()
+        base_lrs = [group["lr"] for group in opt.param_groups]
         for step in range(steps):
-            if step and time_budget_s is not None and time.perf_counter() - start > time_budget_s:
+            elapsed = time.perf_counter() - start
+            if step and time_budget_s is not None and elapsed > time_budget_s:
                 break
+            # cosine decay over the steps or the time budget, whichever ends first
+            done = step / steps
+            if time_budget_s is not None:
+                done = max(done, elapsed / time_budget_s)
+            for group, lr in zip(opt.param_groups, base_lrs, strict=True):
+                group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
             x = data[rng.choice(len(data), min(batch_size, len(data)), replace=False)]
             if flip and x.ndim == 4:
                 mirror = rng.random(len(x)) < 0.5

@@ -323,7 +323,7 @@ def quantize(
                     c for c in candidates if within_budget(builder.prepared, [c[0]], slack)
                 ]
             remaining = search_budget - (time.perf_counter() - start)
-            if candidates and remaining > 0:
+            if candidates and remaining > 0 and max_excluded != 0:
                 rows = max(1, len(next(iter(eval_feeds[0].values()))))
                 n_sens = -(-sensitivity_samples // rows) if eval_fn is None else None
                 report = sensitivity_analysis(
