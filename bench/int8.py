@@ -197,14 +197,15 @@ NOTES = """\
 How edgeslim gets there (all on onnxruntime's quantizer and kernels): efficientnet-lite0 uses
 static int8 in QOperator format (QLinearConv, uint8 activations, percentile 99.99 calibration)
 with int8 per-channel weights rounded by GPTQ on calibration activations plus bias correction,
-then a sequential bias correction measured on the quantized model, then sensitivity-ranked
-float fallback within the size budget (the stem's output and the logits always float), then
-label-free end-to-end tuning of the int8 weights, biases and activation scales against the
-float logits on 512 calibration crops. minilm-l6 uses SmoothQuant (alpha 0.5), row-wise dynamic
-int8 MatMuls (one scale per token: the [CLS] token's activations are ~10x the others', which
-is what ruins onnxruntime's per-tensor dynamic range) and int8 word embeddings with one scale
-per row. PyTorch eager with 2 threads suffers most from the other processes on this shared
-machine, so the ratios against it are inflated when the load average is high."""
+then a sequential bias correction measured on the quantized model; the stem's output and the
+logits stay float; then label-free end-to-end tuning of the int8 weights, biases and activation
+scales against the float logits on 512 calibration crops (a PyTorch replay of the QOperator
+graph's integer arithmetic), written back into the same onnxruntime graph. minilm-l6 uses
+SmoothQuant (alpha 0.5), row-wise dynamic int8 MatMuls (one scale per token: the [CLS] token's
+activations are ~10x the others', which is what ruins onnxruntime's per-tensor dynamic range)
+and int8 word embeddings with one scale per row. PyTorch eager with 2 threads suffers most
+from the other processes on this shared machine, so the ratios against it are inflated when
+the load average is high."""
 
 TARGETS = {
     "efficientnet-lite0": "top-1 agreement >= 99%, >= 3x PyTorch, >= 1.3x ORT fp32, size <= 27%",
