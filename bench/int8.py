@@ -105,23 +105,9 @@ def bench_model(name: str, tmp: Path, budget: float, n_eval: int, reps: int) -> 
         torch_run = lambda f: module(torch.from_numpy(f["input"]))  # noqa: E731
     else:
         from edgeslim.datasets import english_sentences
-        from edgeslim.zoo.minilm import minilm_tokenizer
+        from edgeslim.zoo.minilm import sentence_feeds as feeds
 
         task = "embedding"
-        tok = minilm_tokenizer(64)
-
-        def feeds(sentences: list[str]) -> list[dict]:
-            out = []
-            for s in sentences:
-                e = tok.encode(s)
-                out.append(
-                    {
-                        "input_ids": np.array([e.ids], np.int64),
-                        "attention_mask": np.array([e.attention_mask], np.int64),
-                    }
-                )
-            return out
-
         calib_feeds = feeds(english_sentences(128, split="calibration"))
         eval_feeds = feeds(english_sentences(n_eval, split="evaluation"))
         calib_data, eval_data = calib_feeds, eval_feeds

@@ -38,24 +38,10 @@ def test_embedding_preset_on_minilm(tmp_path):
     from edgeslim.datasets import english_sentences
     from edgeslim.export.onnx import onnx_param_bytes
     from edgeslim.export.specs import export_zoo_model
-    from edgeslim.zoo.minilm import minilm_tokenizer
+    from edgeslim.zoo.minilm import sentence_feeds as feeds
 
     path = tmp_path / "minilm.onnx"
     export_zoo_model("minilm-l6", path, check=False)
-    tok = minilm_tokenizer(64)
-
-    def feeds(sentences):
-        out = []
-        for s in sentences:
-            e = tok.encode(s)
-            out.append(
-                {
-                    "input_ids": np.array([e.ids], np.int64),
-                    "attention_mask": np.array([e.attention_mask], np.int64),
-                }
-            )
-        return out
-
     res = quantize_int8_preset(
         path,
         feeds(english_sentences(48, split="calibration")),

@@ -152,9 +152,9 @@ class Batcher:
         finally:
             self._active -= 1
 
-    def _fast(self, rows: int) -> bool:
-        """True when a run of ``rows`` is expected to take at most ``inline_ms``."""
-        return rows * self.row_seconds <= self.inline
+    def _fast(self, rows: int, limit: float | None = None) -> bool:
+        """True when a run of ``rows`` is expected to take at most ``limit`` (``inline_ms``)."""
+        return rows * self.row_seconds <= (self.inline if limit is None else limit)
 
     def _alone(self, rows: int) -> bool:
         """True when this is the only request in sight and its run is fast, or when it is
@@ -163,8 +163,7 @@ class Batcher:
             return False
         if self._fast(rows):
             return True
-        return (self._solo is not None and rows * self.row_seconds <= self.solo_inline
-                and self._solo())
+        return self._solo is not None and self._fast(rows, self.solo_inline) and self._solo()
 
     def _inline(self, inputs: Arrays, rows: int) -> Arrays:
         if self._on_batch is not None:

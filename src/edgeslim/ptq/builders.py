@@ -61,24 +61,12 @@ class Builder:
     def _correct_bias(self) -> None:
         """Sequential empirical bias correction measured on the QDQ model (float deltas)."""
         from edgeslim.ptq.bias_correction import apply_bias_deltas, correct_quantized_bias
-        from edgeslim.ptq.static import ort_quantize_static
 
         cfg = self.cfg
         exclude = self.expand(self.base_exclude)
         model = copy.deepcopy(self.prepared)
         self._restore(model, exclude)
-        qdq = ort_quantize_static(
-            model,
-            self.feeds,
-            method=cfg["method"],
-            per_channel=cfg["per_channel"],
-            reduce_range=cfg["reduce_range"],
-            activation_type=cfg["activation_type"],
-            quant_format="qdq",
-            exclude=exclude,
-            percentile=cfg["percentile"],
-            calibration_cache=self.cache,
-        )
+        qdq = self._static(model, exclude, "qdq")
         subset, rows = [], 0
         for feed in self.feeds:  # 64 samples are plenty for per-channel means
             subset.append(feed)
@@ -87,6 +75,24 @@ class Builder:
                 break
         deltas = correct_quantized_bias(self.prepared, qdq, subset, threads=cfg["threads"])
         apply_bias_deltas(self.prepared, deltas)
+
+    def _static(self, model: Any, exclude: list[str], quant_format: str) -> Any:
+        """onnxruntime's static quantizer with this build's settings and calibration cache."""
+        from edgeslim.ptq.static import ort_quantize_static
+
+        cfg = self.cfg
+        return ort_quantize_static(
+            model,
+            self.feeds,
+            method=cfg["method"],
+            per_channel=cfg["per_channel"],
+            reduce_range=cfg["reduce_range"],
+            activation_type=cfg["activation_type"],
+            quant_format=quant_format,
+            exclude=exclude,
+            percentile=cfg["percentile"],
+            calibration_cache=self.cache,
+        )
 
     def candidates(self) -> list[tuple[str, str]]:
         graph = Graph(self.prepared)
@@ -146,21 +152,9 @@ class Builder:
         model = copy.deepcopy(self.prepared)
         cfg = self.cfg
         if self.scheme == "static":
-            from edgeslim.ptq.static import ort_quantize_static
 
             self._restore(model, exclude)
-            quantized = ort_quantize_static(
-                model,
-                self.feeds,
-                method=cfg["method"],
-                per_channel=cfg["per_channel"],
-                reduce_range=cfg["reduce_range"],
-                activation_type=cfg["activation_type"],
-                quant_format=cfg["quant_format"],
-                exclude=exclude,
-                percentile=cfg["percentile"],
-                calibration_cache=self.cache,
-            )
+            quantized = self._static(model, exclude, cfg["quant_format"])
             if cfg.get("float_logits") and cfg["quant_format"] == "qoperator":
                 from edgeslim.ptq.finetune import float_logits
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -76,6 +77,18 @@ def minilm_tokenizer(max_length: int = MAX_SEQ_LENGTH) -> Any:
 def minilm_tokenizer_json(max_length: int = MAX_SEQ_LENGTH) -> str:
     """``minilm_tokenizer(max_length)`` serialised, for shipping inside a bundle."""
     return minilm_tokenizer(max_length).to_str()
+
+
+def sentence_feeds(sentences: list[str], max_length: int = 64) -> list[dict[str, np.ndarray]]:
+    """One onnxruntime feed per sentence at its natural length (batch 1, no padding):
+    ``{"input_ids", "attention_mask"}``, int64 (1, tokens)."""
+    tokenizer = minilm_tokenizer(max_length)
+    feeds = []
+    for sentence in sentences:
+        e = tokenizer.encode(sentence)
+        feeds.append({"input_ids": np.array([e.ids], np.int64),
+                      "attention_mask": np.array([e.attention_mask], np.int64)})
+    return feeds
 
 
 def encode(sentences: list[str], tokenizer: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
