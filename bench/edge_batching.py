@@ -12,6 +12,10 @@ model run, and the ratio.
     .venv/bin/python bench/edge_batching.py [--requests 10000] [--clients 32] [--threads 1]
         [--repeats 2] [--window-ms 2] [--out bench/results/edge_batching.json]
 
+Also times onnxruntime alone at batch 1 and at batch 32 and splits the server's CPU per
+request into work that every request pays (parsing, checking, answering) and work paid once
+per model run, which shows the best ratio this server could reach with endless batches.
+
 Target: throughput with batching on >= 2x off, zero errors.
 """
 
@@ -153,6 +157,42 @@ def _batch_metrics(server: ServerProcess) -> dict[str, float]:
             "mean_rows_per_run": vals.get("edgeslim_batch_size_sum", 0.0) / count if count else 0}
 
 
+def model_costs(sess: Any, xs: list[np.ndarray], batch: int = 32,
+                seconds: float = 1.0) -> dict[str, float]:
+    """onnxruntime alone: us per request at batch 1 and us per row at ``batch``.
+
+    What batching can save is the difference: the rest of a request's server CPU is paid per
+    request whatever the batch.
+    """
+    single = xs[0]
+    rows = np.concatenate([xs[i % len(xs)] for i in range(batch)])
+
+    def per_run(feed: np.ndarray) -> float:
+        for _ in range(20):
+            sess.run(None, {"input": feed})
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            sess.run(None, {"input": feed})
+            n += 1
+        return (time.perf_counter() - t0) / n * 1e6
+
+    return {"model_us_batch1": per_run(single), f"model_us_per_row_batch{batch}":
+            per_run(rows) / batch}
+
+
+def split_server_cpu(cpu_off: float, cpu_on: float, one: float, row: float,
+                     rows: float) -> tuple[float, float]:
+    """(P, R): server CPU per request that batching cannot share, and per model run.
+
+    Solves off = P + R + one and on = P + R / rows + row, where ``one`` is the model alone at
+    batch 1 and ``row`` its cost per row in a batch (all in us per request).
+    """
+    if rows <= 1.0:
+        return cpu_off - one, 0.0
+    r = max(0.0, (cpu_off - cpu_on - (one - row)) * rows / (rows - 1.0))
+    return cpu_off - one - r, r
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--requests", type=int, default=10_000)
@@ -166,6 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     xs = example_inputs(MODEL, 64)
     sess = direct_session(bundle, args.threads)
     refs = [sess.run(None, {"input": x})[0] for x in xs]
+    costs = model_costs(sess, xs)
+    one, row = costs["model_us_batch1"], costs["model_us_per_row_batch32"]
+    print(f"onnxruntime alone ({args.threads} thread(s)): {one:.0f} us at batch 1, {row:.0f} us "
+          f"per row at batch 32: batching can save at most {one - row:.0f} us per request",
+          flush=True)
     runs: list[dict[str, Any]] = []
     for rep in range(args.repeats):
         for max_batch in (1, 32):
@@ -190,9 +235,15 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"server_cpu_us_per_request_off": cpu_off, "server_cpu_us_per_request_on": cpu_on,
                "model": MODEL, "clients": args.clients, "threads": args.threads,
                "throughput_off_rps": off, "throughput_on_rps": on, "ratio": on / off,
-               "errors": errors, "runs": runs}
+               "errors": errors, **costs, "runs": runs}
     print(f"median server CPU per request: off {cpu_off:.0f} us, on {cpu_on:.0f} us "
           f"({cpu_off / cpu_on:.2f}x less work per request with batching)")
+    b = statistics.median(r["mean_rows_per_run"] for r in runs if r["max_batch"] > 1)
+    p, r = split_server_cpu(cpu_off, cpu_on, one, row, b)
+    summary.update(per_request_us=p, per_run_us=r, ceiling=cpu_off / (p + row))
+    print(f"server CPU split (off = P + R + model at batch 1, on = P + R / rows + model per "
+          f"row): {p:.0f} us per request that no batch shares, {r:.0f} us per model run; "
+          f"with endless batches the ratio tops out at {summary['ceiling']:.2f}x")
     print(f"median throughput: off {off:.0f} req/s, on {on:.0f} req/s, ratio {on / off:.2f}x; "
           f"errors {errors}; target (>= 2x, 0 errors): "
           f"{'met' if on / off >= 2 and errors == 0 else 'NOT met'}")
