@@ -558,11 +558,13 @@ class EdgeServer:
                 self.should_exit = True
 
         tune_malloc()
+        # proxy_headers off: the node never reads the client address, and uvicorn's
+        # X-Forwarded-For middleware would wrap every request for nothing
         config = uvicorn.Config(self.app,
                                 http=edge_protocol(self.max_body_bytes, self.connections),
                                 lifespan="off", access_log=False,
                                 log_level="warning", timeout_keep_alive=30,
-                                server_header=False)
+                                server_header=False, proxy_headers=False)
         return Server(config)
 
     def start(self, timeout: float = 30.0) -> EdgeServer:
