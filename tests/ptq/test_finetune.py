@@ -177,3 +177,29 @@ def test_bad_finetune_share_is_a_config_error(setup):
     model, _, calib, _ = setup
     with pytest.raises(ConfigError, match="finetune_share"):
         quantize(model, calib, finetune_share=1.5, progress=False)
+
+
+def test_finetune_with_a_step_count_gives_the_same_model_every_run(setup):
+    model, q, calib, _ = setup
+    ref_session = make_session(model)
+
+    def tune():
+        return finetune_qoperator(
+            q,
+            lambda x: ref_session.run(None, {"input": x})[0],
+            calib,
+            steps=15,
+            batch_size=8,
+            time_budget_s=600,
+        )
+
+    first, second = tune(), tune()
+    assert first.SerializeToString() == second.SerializeToString()
+    assert first.SerializeToString() != q.SerializeToString()
+
+
+@pytest.mark.parametrize("steps", [0, -5, 2.5, True])
+def test_bad_finetune_steps_is_a_config_error(setup, steps):
+    model, _, calib, _ = setup
+    with pytest.raises(ConfigError, match="finetune_steps"):
+        quantize(model, calib, finetune_steps=steps, progress=False)

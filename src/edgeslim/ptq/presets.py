@@ -4,11 +4,12 @@
   format (QLinearConv; uint8 activations, the fast u8s8 kernels on x86) with percentile
   calibration, int8 per-channel weights rounded by GPTQ with bias correction, then sequential
   bias correction measured on the quantized model; the stem's output and the logits stay
-  float. When top-1 agreement is still short, the rest of the time budget tunes the int8
-  weights, biases and activation scales end to end against the float logits on the
-  calibration data (``finetune.py``). No sensitivity-ranked float fallback: on
-  efficientnet-lite0 it picks the 112x112 early layers, whose float kernels cost the speed-up
-  (1.15x onnxruntime fp32 instead of 1.45x) for less than tuning gains.
+  float. When top-1 agreement is still short, the int8 weights, biases and activation scales
+  are tuned end to end against the float logits on the calibration data (``finetune.py``)
+  for 1,000 steps or the rest of the time budget, whichever ends first. No sensitivity-ranked
+  float fallback: on efficientnet-lite0 it picks the 112x112 early layers, whose float
+  kernels cost the speed-up (1.15x onnxruntime fp32 instead of 1.45x) for less than tuning
+  gains.
 - ``embedding`` (BERT-like encoders such as minilm-l6): SmoothQuant, row-wise dynamic int8
   MatMuls, int8 word embeddings, then fallback until the mean cosine holds.
 
@@ -49,6 +50,9 @@ PRESET_SETTINGS: dict[str, dict[str, Any]] = {
         "finetune_share": 0.6,
         "max_excluded": 0,
         "finetune_samples": 1024,
+        # ~0.9 s a step on 2 cores: fits the benchmark's 1,200 s budget, so the tuned model
+        # is the same on every run there; a shorter budget ends the tuning first
+        "finetune_steps": 1000,
     },
     "embedding": {
         "scheme": "dynamic",

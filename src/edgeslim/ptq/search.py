@@ -119,6 +119,7 @@ def _finetune_stage(
     samples: int | None,
     seconds: float,
     threads: int,
+    steps: int | None = None,
 ) -> Any | None:
     """The end-to-end tuned ``qmodel``, or None when tuning does not apply or does not lower
     the relative output error on the calibration samples (the only data it sees)."""
@@ -151,7 +152,12 @@ def _finetune_stage(
 
     try:
         tuned = finetune_qoperator(
-            qmodel, float_fn, images, time_budget_s=max(seconds - 15.0, 1.0), threads=threads
+            qmodel,
+            float_fn,
+            images,
+            steps=steps if steps is not None else 100_000,
+            time_budget_s=max(seconds - 15.0, 1.0),
+            threads=threads,
         )
     except ModelError:  # ops the simulator does not replay
         return None
@@ -209,6 +215,7 @@ def quantize(
     float_logits: bool = False,
     finetune_share: float = 0.0,
     finetune_samples: int | None = 1024,
+    finetune_steps: int | None = None,
     calibration_samples: int | None = 256,
     sensitivity_samples: int = 64,
     batch_size: int = 8,
@@ -234,8 +241,11 @@ def quantize(
     QGemm answer in float instead of requantized uint8; ``finetune_share`` reserves that
     fraction of ``time_budget_s`` for tuning the int8 weights, biases and activation scales of
     the best model end to end against the float outputs on up to ``finetune_samples``
-    calibration samples (``finetune.py``; label-free, the evaluation data is not used). The
-    tuned model is kept when its error on the calibration samples is lower.
+    calibration samples (``finetune.py``; label-free, the evaluation data is not used), for
+    ``finetune_steps`` optimizer steps or until the budget ends (None: the budget alone). A
+    step count that fits in the budget makes the tuned model the same on every run; a budget
+    that ends first makes it depend on the machine's speed. The tuned model is kept when its
+    error on the calibration samples is lower.
 
     >>> res = quantize("model.onnx", calib, evaluation, max_drop=0.01)  # doctest: +SKIP
     >>> res.goal_met, res.excluded, res.metrics["top1_agreement"]  # doctest: +SKIP
@@ -244,6 +254,8 @@ def quantize(
     check_int_range(sensitivity_samples, "sensitivity_samples", "quantize", 1, 1_000_000)
     check_int_range(float_leading_units, "float_leading_units", "quantize", 0, 1_000_000)
     check_fraction(finetune_share, "finetune_share", "quantize", closed_right=False)
+    if finetune_steps is not None:
+        check_int_range(finetune_steps, "finetune_steps", "quantize", 1, 10_000_000)
     if max_size_ratio is not None:
         check_positive(max_size_ratio, "max_size_ratio", "quantize")
     start = time.perf_counter()
@@ -269,6 +281,7 @@ def quantize(
         "float_leading_units": float_leading_units,
         "float_logits": float_logits,
         "finetune_share": finetune_share,
+        "finetune_steps": finetune_steps,
         "threads": threads,
     }
     cal_feeds = to_feeds(
@@ -366,6 +379,7 @@ def quantize(
                 finetune_samples,
                 time_budget_s - (time.perf_counter() - start),
                 threads,
+                finetune_steps,
             )
             if tuned is not None:
                 q = tuned
