@@ -180,22 +180,27 @@ def test_bad_finetune_share_is_a_config_error(setup):
 
 
 def test_finetune_with_a_step_count_gives_the_same_model_every_run(setup):
+    """The learning rates follow the steps, not the clock: a slow start (a busy machine)
+    changes nothing as long as the steps end within the budget."""
+    import time
+
     model, q, calib, _ = setup
     ref_session = make_session(model)
 
-    def tune():
-        return finetune_qoperator(
-            q,
-            lambda x: ref_session.run(None, {"input": x})[0],
-            calib,
-            steps=15,
-            batch_size=8,
-            time_budget_s=600,
-        )
+    def tune(first_call_delay: float):
+        calls = []
 
-    first, second = tune(), tune()
-    assert first.SerializeToString() == second.SerializeToString()
-    assert first.SerializeToString() != q.SerializeToString()
+        def float_fn(x):
+            if not calls:
+                time.sleep(first_call_delay)
+            calls.append(1)
+            return ref_session.run(None, {"input": x})[0]
+
+        return finetune_qoperator(q, float_fn, calib, steps=12, batch_size=8, time_budget_s=10)
+
+    quick, slow_start = tune(0.0), tune(1.5)
+    assert quick.SerializeToString() == slow_start.SerializeToString()
+    assert quick.SerializeToString() != q.SerializeToString()
 
 
 @pytest.mark.parametrize("steps", [0, -5, 2.5, True])
@@ -203,3 +208,11 @@ def test_bad_finetune_steps_is_a_config_error(setup, steps):
     model, _, calib, _ = setup
     with pytest.raises(ConfigError, match="finetune_steps"):
         quantize(model, calib, finetune_steps=steps, progress=False)
+
+
+def test_finetune_needs_steps_or_a_time_budget(setup):
+    _, q, calib, _ = setup
+    with pytest.raises(ConfigError, match="steps"):
+        finetune_qoperator(q, lambda x: x, calib)
+    with pytest.raises(ConfigError, match="'steps'"):
+        finetune_qoperator(q, lambda x: x, calib, steps=0)

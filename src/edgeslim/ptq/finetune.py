@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from edgeslim.errors import ModelError
+from edgeslim._validate import check_int_range
+from edgeslim.errors import ConfigError, ModelError
 from edgeslim.ptq._graph import Graph
 
 __all__ = ["SUPPORTED_OPS", "QOperatorSimulator", "finetune_qoperator", "float_logits"]
@@ -307,7 +308,7 @@ def finetune_qoperator(
     float_fn: Callable[[np.ndarray], np.ndarray],
     images: np.ndarray,
     *,
-    steps: int = 100_000,
+    steps: int | None = None,
     batch_size: int = 8,
     lr_weight: float = 1e-2,
     lr_bias: float = 3e-3,
@@ -323,13 +324,22 @@ def finetune_qoperator(
     ``float_fn(x)``: the float model's outputs for a float32 batch ``x``. ``images``: unlabeled
     inputs (N, C, H, W), drawn ``batch_size`` at a time (each mirrored left-right with
     probability 1/2 when ``flip``). The loss is the mean squared error between the simulated
-    int8 outputs and the float outputs. Stops after ``steps`` optimizer steps or
-    ``time_budget_s`` seconds (at least one step runs); the learning rates decay along a
-    cosine over whichever of the two ends first. Returns the tuned ModelProto (a copy);
+    int8 outputs and the float outputs. The learning rates decay along a cosine over
+    ``steps`` optimizer steps, and ``time_budget_s`` (seconds) stops the tuning early when it
+    ends first: the result then depends on the machine's speed, otherwise it is the same on
+    every run. ``steps=None`` tunes for ``time_budget_s``, the cosine following the clock. At
+    least one step runs. Returns the tuned ModelProto (a copy);
     raises ``ModelError`` when the graph has ops the simulator does not replay.
     """
     import torch
 
+    if steps is None and time_budget_s is None:
+        raise ConfigError(
+            "finetune_qoperator needs 'steps' or 'time_budget_s' to know when to stop. "
+            "Got neither."
+        )
+    if steps is not None:
+        check_int_range(steps, "steps", "finetune_qoperator", 1, 10_000_000)
     sim = QOperatorSimulator(qmodel)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -348,14 +358,13 @@ def finetune_qoperator(
         rng = np.random.default_rng(seed)
         start = time.perf_counter()
         base_lrs = [group["lr"] for group in opt.param_groups]
-        for step in range(steps):
+        step = 0
+        while steps is None or step < steps:
             elapsed = time.perf_counter() - start
             if step and time_budget_s is not None and elapsed > time_budget_s:
                 break
-            # cosine decay over the steps or the time budget, whichever ends first
-            done = step / steps
-            if time_budget_s is not None:
-                done = max(done, elapsed / time_budget_s)
+            # cosine decay over the steps (the same on every run), or over the clock
+            done = step / steps if steps is not None else elapsed / time_budget_s
             for group, lr in zip(opt.param_groups, base_lrs, strict=True):
                 group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
             x = data[rng.choice(len(data), min(batch_size, len(data)), replace=False)]
@@ -373,6 +382,7 @@ def finetune_qoperator(
                     p.clamp_(-1.0, 1.0)
             if log is not None:
                 log(step, float(loss.detach()))
+            step += 1
         return sim.export()
     finally:
         torch.set_num_threads(previous_threads)

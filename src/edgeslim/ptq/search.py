@@ -155,7 +155,7 @@ def _finetune_stage(
             qmodel,
             float_fn,
             images,
-            steps=steps if steps is not None else 100_000,
+            steps=steps,
             time_budget_s=max(seconds - 15.0, 1.0),
             threads=threads,
         )
