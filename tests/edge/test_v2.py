@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 
 from edgeslim.edge.v2 import (
+    PLANS,
+    PlanCache,
     V2Error,
+    _plan_of,
     encode_infer_response,
     parse_header_length,
     parse_infer_request,
@@ -127,3 +130,72 @@ def test_binary_size_mismatches_are_refused():
 
 def test_v2_shape_marks_symbolic_dims():
     assert v2_shape(["batch", 3, None, 224]) == [-1, 3, -1, 224]
+
+
+def _binary_head(shape, **params) -> bytes:
+    n = int(np.prod(shape)) * 4
+    return json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": list(shape),
+                                   "parameters": {"binary_data_size": n}}],
+                       "parameters": params}).encode()
+
+
+def test_a_repeated_header_reuses_its_layout_and_reads_each_body():
+    head = _binary_head([2, 3], binary_data_output=True, tag="t")
+    a, b = np.arange(6, dtype=np.float32), -np.arange(6, dtype=np.float32)
+    first = parse_infer_request(head + a.tobytes(), len(head))
+    hits = PLANS.hits
+    second = parse_infer_request(head + b.tobytes(), len(head))
+    assert PLANS.hits == hits + 1  # the second request took the kept layout
+    np.testing.assert_array_equal(first.inputs[0].array, a.reshape(2, 3))
+    np.testing.assert_array_equal(second.inputs[0].array, b.reshape(2, 3))
+    assert second.inputs[0].shape == [2, 3] and second.binary_output is True
+    # each request gets its own containers: changing one does not reach the next
+    second.parameters["tag"] = "changed"
+    second.inputs[0].shape.append(9)
+    third = parse_infer_request(head + a.tobytes(), len(head))
+    assert third.parameters == {"binary_data_output": True, "tag": "t"}
+    assert third.inputs[0].shape == [2, 3]
+
+
+def test_a_kept_layout_never_skips_a_check():
+    head = _binary_head([4, 4])
+    body = head + np.zeros(16, np.float32).tobytes()
+    parse_infer_request(body, len(head), max_elements=1 << 20)  # kept for this limit
+    with pytest.raises(V2Error, match="elements; at most 8") as info:
+        parse_infer_request(body, len(head), max_elements=8)
+    assert info.value.status == 413
+    with pytest.raises(V2Error, match="only 60 remain"):
+        parse_infer_request(body[:-4], len(head), max_elements=1 << 20)
+
+
+def test_the_layout_cache_keeps_at_most_its_size():
+    cache = PlanCache(size=2)
+    heads = [_binary_head([k]) for k in (1, 2, 3)]
+    for k, head in enumerate(heads, 1):
+        req = parse_infer_request(head + np.zeros(k, np.float32).tobytes(), len(head))
+        cache.put(head, 1, _plan_of(req, 4 * k))
+    assert cache.get(heads[0], 1) is None  # the oldest went first
+    assert cache.get(heads[2], 1) is not None and cache.get(heads[2], 2) is None
+    assert cache.get(b"x" * (PlanCache.MAX_HEADER + 1), 1) is None
+
+
+def test_responses_of_one_layout_carry_their_own_values_and_id():
+    head = _binary_head([1, 3], binary_data_output=True)
+    req = parse_infer_request(head + np.zeros(3, np.float32).tobytes(), len(head))
+    contents = []
+    for k in range(2):
+        out = np.full((1, 3), k + 0.5, np.float32)
+        content, headers = encode_infer_response("m", "1", req, {"y": out})
+        result = th.InferResult.from_response_body(
+            content, header_length=int(headers["Inference-Header-Content-Length"]))
+        np.testing.assert_array_equal(result.as_numpy("y"), out)
+        headers["content-type"] = "changed"  # the caller may change its copy
+        contents.append(content)
+    assert contents[0] != contents[1]
+    _, headers = encode_infer_response("m", "1", req, {"y": np.zeros((1, 3), np.float32)})
+    assert headers["content-type"] == "application/octet-stream"
+    wide, _ = encode_infer_response("m", "1", req, {"y": np.zeros((2, 3), np.float32)})
+    assert b'"shape":[2,3]' in wide and b'"binary_data_size":24' in wide
+    req.id = "abc"
+    content, headers = encode_infer_response("m", "1", req, {"y": np.zeros((1, 3), np.float32)})
+    assert json.loads(content[:int(headers["Inference-Header-Content-Length"])])["id"] == "abc"

@@ -15,12 +15,21 @@ Covers JSON tensors and the binary tensor data extension as stock clients
 Every malformed request raises ``V2Error`` (an HTTP status and a message naming the problem),
 which the server turns into ``{"error": "..."}``. Numeric tensors only (BOOL, UINT*, INT*, FP16,
 FP32, FP64); BYTES and BF16 are refused with a message.
+
+Clients send the same JSON header again and again (same names, shapes and options, only the
+binary bytes differ), so a request whose inputs are all binary is decoded once per distinct
+header: the checked layout is kept (``PlanCache``, a few hundred headers) and later requests
+with that header only slice their bytes. Likewise the JSON header of a binary response is
+built once per layout. A request whose bytes do not fit a kept layout goes through the full
+decoding, which names the problem. On a 64-pixel digits request the two save ~10 us of the
+~20 us the codec took.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +55,7 @@ V2_TO_NUMPY: dict[str, np.dtype] = {
     "FP64": np.dtype("<f8"),
 }
 NUMPY_TO_V2: dict[str, str] = {dt.name: name for name, dt in V2_TO_NUMPY.items()}
+_DTYPE_TO_V2: dict[np.dtype, str] = {dt: name for name, dt in V2_TO_NUMPY.items()}
 _UNSUPPORTED = {"BYTES": "string tensors", "BF16": "bfloat16"}
 
 
@@ -60,6 +70,10 @@ class V2Error(Exception):
 
 def v2_datatype(dtype: Any) -> str:
     """The V2 name of a numpy dtype (``float32`` -> ``FP32``)."""
+    try:
+        return _DTYPE_TO_V2[dtype]
+    except (KeyError, TypeError):
+        pass
     name = dtype.name if isinstance(dtype, np.dtype) else np.dtype(dtype).name
     if name not in NUMPY_TO_V2:
         raise V2Error(f"dtype {name} has no V2 datatype", 500)
@@ -81,7 +95,7 @@ class InputTensor:
     array: np.ndarray
 
 
-@dataclass
+@dataclass(frozen=True)
 class OutputRequest:
     name: str
     binary: bool | None = None  # None: follow the request-level binary_data_output
@@ -194,12 +208,102 @@ def parse_header_length(value: str | None, body_size: int) -> int | None:
     return n
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """The checked layout of an all-binary request: what ``parse_infer_request`` needs to
+    bind a body with the same JSON header (inputs as name, datatype, shape, dtype, offset,
+    size)."""
+
+    id: str | None
+    inputs: tuple[tuple[str, str, tuple[int, ...], np.dtype, int, int], ...]
+    blob_size: int
+    outputs: tuple[OutputRequest, ...]
+    binary_output: bool
+    parameters: Mapping[str, Any]
+
+    def bind(self, blob: memoryview) -> InferRequest | None:
+        """The request for ``blob``, or None when its size does not fit this layout."""
+        if len(blob) != self.blob_size:
+            return None
+        inputs = [InputTensor(name, datatype, list(shape),
+                              np.frombuffer(blob[start:start + size], dtype=dt).reshape(shape))
+                  for name, datatype, shape, dt, start, size in self.inputs]
+        return InferRequest(self.id, inputs, list(self.outputs), self.binary_output,
+                            dict(self.parameters))
+
+
+class PlanCache:
+    """Layouts of recently seen all-binary request headers, at most ``size`` of them (the
+    oldest goes first). Safe to share between threads."""
+
+    #: Headers longer than this are decoded every time (a header of names and shapes is short).
+    MAX_HEADER = 4096
+
+    def __init__(self, size: int = 256) -> None:
+        self.size = size
+        self._plans: dict[tuple[bytes, int], _Plan] = {}
+        self._lock = threading.Lock()
+        self.hits = 0
+
+    def get(self, head: bytes, max_elements: int) -> _Plan | None:
+        plan = self._plans.get((head, max_elements))
+        if plan is not None:
+            self.hits += 1
+        return plan
+
+    def put(self, head: bytes, max_elements: int, plan: _Plan) -> None:
+        if len(head) > self.MAX_HEADER or self.size <= 0:
+            return
+        with self._lock:
+            while len(self._plans) >= self.size:
+                del self._plans[next(iter(self._plans))]
+            self._plans[(head, max_elements)] = plan
+
+    def clear(self) -> None:
+        with self._lock:
+            self._plans.clear()
+
+
+#: The process-wide cache ``parse_infer_request`` uses.
+PLANS = PlanCache()
+
+
 def parse_infer_request(
     body: bytes, header_length: int | None, *, max_elements: int = 1 << 26
 ) -> InferRequest:
-    """Decode a V2 infer request body (JSON, or JSON header + binary tensor data)."""
-    head = body if header_length is None else body[:header_length]
-    blob = memoryview(body)[len(head):] if header_length is not None else memoryview(b"")
+    """Decode a V2 infer request body (JSON, or JSON header + binary tensor data).
+
+    Binary arrays are read-only views of ``body``.
+    """
+    if header_length is not None:
+        head = body[:header_length]
+        blob = memoryview(body)[header_length:]
+        plan = PLANS.get(head, max_elements)
+        if plan is not None:
+            req = plan.bind(blob)
+            if req is not None:
+                return req
+        req, binary_inputs = _decode(head, blob, max_elements)
+        if binary_inputs:
+            PLANS.put(head, max_elements, _plan_of(req, len(blob)))
+        return req
+    return _decode(body, memoryview(b""), max_elements)[0]
+
+
+def _plan_of(req: InferRequest, blob_size: int) -> _Plan:
+    inputs = []
+    start = 0
+    for t in req.inputs:
+        size = t.array.nbytes
+        inputs.append((t.name, t.datatype, tuple(t.shape), t.array.dtype, start, size))
+        start += size
+    return _Plan(req.id, tuple(inputs), blob_size, tuple(req.outputs), req.binary_output,
+                 dict(req.parameters))
+
+
+def _decode(head: bytes, blob: memoryview, max_elements: int) -> tuple[InferRequest, bool]:
+    """The request, and whether every input came in binary (so its layout may be kept)."""
+    all_binary = True
     try:
         doc = json.loads(head)
     except (UnicodeDecodeError, ValueError) as exc:
@@ -250,6 +354,7 @@ def parse_infer_request(
             if "data" not in item:
                 raise V2Error(f"{where} has neither 'data' nor binary_data_size")
             arr = _json_array(item["data"], datatype, shape, where)
+            all_binary = False
         inputs.append(InputTensor(name, datatype, shape, arr))
     if offset != len(blob):
         raise V2Error(
@@ -280,7 +385,7 @@ def parse_infer_request(
     binary_output = params.get("binary_data_output", False)
     if not isinstance(binary_output, bool):
         raise V2Error("parameters.binary_data_output must be true or false")
-    return InferRequest(rid, inputs, outputs, binary_output, dict(params))
+    return InferRequest(rid, inputs, outputs, binary_output, dict(params)), all_binary
 
 
 def encode_infer_response(
@@ -290,21 +395,59 @@ def encode_infer_response(
     outputs: Mapping[str, np.ndarray],
 ) -> tuple[bytes, dict[str, str]]:
     """The response body and extra headers for ``outputs`` (already filtered and ordered)."""
-    wanted = {o.name: o for o in request.outputs}
-    entries: list[dict[str, Any]] = []
-    chunks: list[bytes] = []
+    wanted = {o.name: o for o in request.outputs} if request.outputs else {}
+    layout = []
+    arrays = []
     for name, arr in outputs.items():
         arr = np.asarray(arr)
-        entry: dict[str, Any] = {
-            "name": name,
-            "datatype": v2_datatype(arr.dtype),
-            "shape": list(arr.shape),
-        }
         req = wanted.get(name)
         binary = req.binary if req is not None and req.binary is not None else (
             request.binary_output)
+        layout.append((name, arr.dtype, arr.shape, binary))
+        arrays.append(arr)
+    key = (model_name, model_version, request.id, tuple(layout))
+    cached = _HEADS.get(key) if request.id is None else None
+    if cached is None:
+        cached = _response_head(model_name, model_version, request.id, layout)
+        if request.id is None and cached[2]:
+            _HEADS.put(key, cached)
+    head, headers, all_binary = cached
+    if all_binary:
+        chunks = [np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
+                  for arr in arrays]
+        return b"".join([head, *chunks]), dict(headers)
+    return _encode_mixed(model_name, model_version, request.id, layout, arrays)
+
+
+def _response_head(model_name: str, model_version: str, rid: str | None,
+                   layout: list[tuple[str, np.dtype, tuple[int, ...], bool]]
+                   ) -> tuple[bytes, dict[str, str], bool]:
+    """(JSON header, HTTP headers, True) of an all-binary response; (b"", {}, False) when an
+    output goes as JSON data."""
+    if not all(binary for *_, binary in layout):
+        return b"", {}, False
+    entries = [{"name": name, "datatype": v2_datatype(dt), "shape": list(shape),
+                "parameters": {"binary_data_size": math.prod(shape) * dt.itemsize}}
+               for name, dt, shape, _ in layout]
+    doc: dict[str, Any] = {"model_name": model_name, "model_version": model_version,
+                           "outputs": entries}
+    if rid is not None:
+        doc["id"] = rid
+    head = json.dumps(doc, separators=(",", ":")).encode()
+    return head, {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(head))}, True
+
+
+def _encode_mixed(model_name: str, model_version: str, rid: str | None,
+                  layout: list[tuple[str, np.dtype, tuple[int, ...], bool]],
+                  arrays: list[np.ndarray]) -> tuple[bytes, dict[str, str]]:
+    """A response with at least one output as JSON ``data`` (built every time)."""
+    entries: list[dict[str, Any]] = []
+    chunks: list[bytes] = []
+    for (name, dt, shape, binary), arr in zip(layout, arrays, strict=True):
+        entry: dict[str, Any] = {"name": name, "datatype": v2_datatype(dt),
+                                 "shape": list(shape)}
         if binary:
-            data = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
+            data = np.ascontiguousarray(arr, dtype=dt.newbyteorder("<")).tobytes()
             entry["parameters"] = {"binary_data_size": len(data)}
             chunks.append(data)
         else:
@@ -312,8 +455,8 @@ def encode_infer_response(
         entries.append(entry)
     doc: dict[str, Any] = {"model_name": model_name, "model_version": model_version,
                            "outputs": entries}
-    if request.id is not None:
-        doc["id"] = request.id
+    if rid is not None:
+        doc["id"] = rid
     head = json.dumps(doc, separators=(",", ":")).encode()
     if not chunks:
         return head, {"content-type": "application/json"}
@@ -321,6 +464,28 @@ def encode_infer_response(
         "content-type": "application/octet-stream",
         HEADER_LENGTH: str(len(head)),
     }
+
+
+class _HeadCache:
+    """JSON headers of all-binary responses by layout (model, version, outputs' names,
+    dtypes, shapes); at most ``size``, the oldest goes first."""
+
+    def __init__(self, size: int = 256) -> None:
+        self.size = size
+        self._heads: dict[Any, tuple[bytes, dict[str, str], bool]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> tuple[bytes, dict[str, str], bool] | None:
+        return self._heads.get(key)
+
+    def put(self, key: Any, value: tuple[bytes, dict[str, str], bool]) -> None:
+        with self._lock:
+            while len(self._heads) >= self.size:
+                del self._heads[next(iter(self._heads))]
+            self._heads[key] = value
+
+
+_HEADS = _HeadCache()
 
 
 def error_body(message: str) -> dict[str, str]:
