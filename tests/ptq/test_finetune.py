@@ -216,3 +216,18 @@ def test_finetune_needs_steps_or_a_time_budget(setup):
         finetune_qoperator(q, lambda x: x, calib)
     with pytest.raises(ConfigError, match="'steps'"):
         finetune_qoperator(q, lambda x: x, calib, steps=0)
+
+
+def test_a_zero_time_budget_runs_one_step_and_a_negative_one_is_refused(setup):
+    model, q, calib, _ = setup
+    ref_session = make_session(model)
+    calls = []
+
+    def float_fn(x):
+        calls.append(len(x))
+        return ref_session.run(None, {"input": x})[0]
+
+    finetune_qoperator(q, float_fn, calib, time_budget_s=0, batch_size=4)
+    assert calls == [4]
+    with pytest.raises(ConfigError, match=r"time_budget_s.*-1"):
+        finetune_qoperator(q, float_fn, calib, time_budget_s=-1)

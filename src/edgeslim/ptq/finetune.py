@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeslim._validate import check_int_range
+from edgeslim._validate import check_int_range, check_positive
 from edgeslim.errors import ConfigError, ModelError
 from edgeslim.ptq._graph import Graph
 
@@ -340,6 +340,8 @@ def finetune_qoperator(
         )
     if steps is not None:
         check_int_range(steps, "steps", "finetune_qoperator", 1, 10_000_000)
+    if time_budget_s is not None:
+        check_positive(time_budget_s, "time_budget_s", "finetune_qoperator", allow_zero=True)
     sim = QOperatorSimulator(qmodel)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -364,7 +366,11 @@ def finetune_qoperator(
             if step and time_budget_s is not None and elapsed > time_budget_s:
                 break
             # cosine decay over the steps (the same on every run), or over the clock
-            done = step / steps if steps is not None else elapsed / time_budget_s
+            if steps is not None:
+                done = step / steps
+            else:
+                assert time_budget_s is not None
+                done = elapsed / time_budget_s if time_budget_s > 0 else 1.0
             for group, lr in zip(opt.param_groups, base_lrs, strict=True):
                 group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
             x = data[rng.choice(len(data), min(batch_size, len(data)), replace=False)]
