@@ -144,7 +144,7 @@ def test_a_repeated_header_reuses_its_layout_and_reads_each_body():
     a, b = np.arange(6, dtype=np.float32), -np.arange(6, dtype=np.float32)
     first = parse_infer_request(head + a.tobytes(), len(head))
     hits = PLANS.hits
-    second = parse_infer_request(head + b.tobytes(), len(head))
+    second = parse_infer_request(bytearray(head + b.tobytes()), len(head))
     assert PLANS.hits == hits + 1  # the second request took the kept layout
     np.testing.assert_array_equal(first.inputs[0].array, a.reshape(2, 3))
     np.testing.assert_array_equal(second.inputs[0].array, b.reshape(2, 3))

@@ -246,6 +246,8 @@ class PlanCache:
         self.hits = 0
 
     def get(self, head: bytes, max_elements: int) -> _Plan | None:
+        if len(head) > self.MAX_HEADER:
+            return None
         plan = self._plans.get((head, max_elements))
         if plan is not None:
             self.hits += 1
@@ -276,7 +278,7 @@ def parse_infer_request(
     Binary arrays are read-only views of ``body``.
     """
     if header_length is not None:
-        head = body[:header_length]
+        head = bytes(body[:header_length])
         blob = memoryview(body)[header_length:]
         plan = PLANS.get(head, max_elements)
         if plan is not None:
