@@ -76,6 +76,17 @@ def test_runner_attributes(mlp_runner, mlp_path):
         load(mlp_path, intra_op_num_threads=0)
 
 
+def test_idle_threads_spin_unless_told_not_to(mlp_runner, mlp_path):
+    key = "session.intra_op.allow_spinning"
+    assert mlp_runner.session.get_session_options().get_session_config_entry(key) == "1"
+    quiet = load(mlp_path, intra_op_num_threads=2, spin=False)
+    assert quiet.session.get_session_options().get_session_config_entry(key) == "0"
+    x = np.ones((3, 8), np.float32)
+    np.testing.assert_array_equal(quiet.run(x)["logits"], mlp_runner.run(x)["logits"])
+    with pytest.raises(ConfigError, match=r"'spin'.*'no'"):
+        load(mlp_path, spin="no")
+
+
 def test_dtype_is_never_cast_silently(mlp_runner):
     x64 = np.random.default_rng(2).standard_normal((2, 8))
     with pytest.raises(InferenceError, match=r"must be float32; got float64.*cast=True"):

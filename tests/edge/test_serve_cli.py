@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from edgeslim.bundle import generate_keypair
 from edgeslim.cli import main
+from edgeslim.edge.server import EdgeServer
+from edgeslim.errors import ConfigError
 
 
 def test_serve_refuses_unsigned_bundle_under_public_key(edge_bundles, tmp_path, capsys):
@@ -18,3 +22,15 @@ def test_serve_refuses_missing_bundle_and_bad_options(edge_bundles, tmp_path, ca
     assert "does not exist" in capsys.readouterr().err
     assert main(["serve", str(edge_bundles["linear"]), "--max-batch", "0"]) == 2
     assert "'max_batch'" in capsys.readouterr().err
+
+
+def test_server_passes_spin_to_every_model(edge_bundles):
+    key = "session.intra_op.allow_spinning"
+    server = EdgeServer([edge_bundles["linear"]], threads=2, spin=False)
+    try:
+        (model,) = [server.store.get(n) for n in server.store.names()]
+        assert model.runner.session.get_session_options().get_session_config_entry(key) == "0"
+    finally:
+        server.stop()
+    with pytest.raises(ConfigError, match="'spin'"):
+        EdgeServer([edge_bundles["linear"]], spin=1)

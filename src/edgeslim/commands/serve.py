@@ -37,6 +37,10 @@ def register(app: typer.Typer) -> None:
         max_body_mb: float = typer.Option(16.0, "--max-body-mb", help="Largest request body."),
         threads: int = typer.Option(
             None, "--threads", help="onnxruntime intra-op threads per model (default: cores)."),
+        spin: bool = typer.Option(
+            True, "--spin/--no-spin",
+            help="Idle onnxruntime threads spin-wait for the next run: lower latency, but they "
+                 "keep cores busy between requests (--no-spin on battery or shared cores)."),
         public_key: Path = typer.Option(
             None, "--public-key", help="Refuse bundles not signed with this Ed25519 key."),
     ) -> None:
@@ -50,7 +54,7 @@ def register(app: typer.Typer) -> None:
                 [str(b) for b in bundles], host=host, port=port, token=token or None,
                 public_key=str(public_key) if public_key is not None else None,
                 max_batch=max_batch, batch_window_ms=batch_window_ms, inline_ms=inline_ms,
-                max_body_mb=max_body_mb, threads=threads,
+                max_body_mb=max_body_mb, threads=threads, spin=spin,
             )
         except SignatureError as exc:
             exc.exit_code = 4

@@ -151,7 +151,8 @@ def has_dynamic_batch(runner: Runner) -> bool:
 class ModelStore:
     """Models by name, loaded and swapped atomically.
 
-    ``threads`` sets onnxruntime intra-op threads per model; ``max_batch`` > 1 turns on
+    ``threads`` sets onnxruntime intra-op threads per model and ``spin`` whether idle ones
+    spin-wait (see ``Runner``); ``max_batch`` > 1 turns on
     dynamic batching for models with a dynamic batch axis, waiting up to
     ``batch_window_ms`` for company (see ``Batcher``); other models run one request at a time.
     Model runs expected to take at most ``inline_ms`` run on the event loop, and so do those
@@ -164,6 +165,7 @@ class ModelStore:
         *,
         public_key: PublicKeyLike | None = None,
         threads: int | None = None,
+        spin: bool = True,
         max_batch: int = 32,
         batch_window_ms: float = 2.0,
         inline_ms: float = 4.0,
@@ -173,6 +175,7 @@ class ModelStore:
         self.executor = executor
         self.public_key = public_key
         self.threads = threads
+        self.spin = spin
         self.max_batch = max_batch
         self.batch_window_ms = batch_window_ms
         self.inline_ms = inline_ms
@@ -195,9 +198,10 @@ class ModelStore:
         bundle = source if isinstance(source, Bundle) else read_bundle(
             source, public_key=self.public_key)
         if self.public_key is not None and not bundle.verified:
-            runner = Runner(bundle, public_key=self.public_key, intra_op_num_threads=self.threads)
+            runner = Runner(bundle, public_key=self.public_key, intra_op_num_threads=self.threads,
+                            spin=self.spin)
         else:
-            runner = Runner(bundle, intra_op_num_threads=self.threads)
+            runner = Runner(bundle, intra_op_num_threads=self.threads, spin=self.spin)
         runner.probe()
         m = runner.manifest
         try:

@@ -83,8 +83,13 @@ class Runner:
 
     ``bundle`` is a path or a ``Bundle`` from ``read_bundle``. ``intra_op_num_threads``
     defaults to ``default_threads()``; inter-op is 1, graph optimisation is "all" and execution
-    sequential. ``warmup`` runs the model once on zeros of the declared shapes (symbolic dims
-    set to 1). A model onnxruntime cannot load or run raises ``BundleError``.
+    sequential. ``spin``: whether idle intra-op threads spin-wait for the next run
+    (onnxruntime's default) instead of sleeping. Spinning answers sooner but keeps the extra
+    threads busy for a while after every run: on the project's 2-core machine, 2 threads and a
+    request every 2 ms, digits-cnn took 0.06 ms a run spinning and 0.11 ms sleeping, for
+    2.3 ms and 0.2 ms of CPU per run. Turn it off on a node that runs on battery or shares its
+    cores. ``warmup`` runs the model once on zeros of the declared shapes (symbolic dims set
+    to 1). A model onnxruntime cannot load or run raises ``BundleError``.
 
     Attributes: ``manifest`` (dict), ``bundle``, ``inputs`` / ``outputs`` (``TensorSpec``
     tuples in manifest order), ``name``, ``version``, ``session`` (the InferenceSession).
@@ -96,6 +101,7 @@ class Runner:
         *,
         public_key: PublicKeyLike | None = None,
         intra_op_num_threads: int | None = None,
+        spin: bool = True,
         warmup: bool = True,
         limits: Limits | None = None,
     ) -> None:
@@ -121,6 +127,10 @@ class Runner:
         self.inputs: tuple[TensorSpec, ...] = bundle.inputs
         self.outputs: tuple[TensorSpec, ...] = bundle.outputs
         self.intra_op_num_threads = intra_op_num_threads
+        if not isinstance(spin, bool):
+            raise ConfigError(f"The 'spin' parameter of Runner must be True or False. "
+                              f"Got {spin!r} instead.")
+        self.spin = spin
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = intra_op_num_threads
@@ -128,6 +138,7 @@ class Runner:
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3  # errors only; a warning is not the user's problem
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         try:
             self.session = ort.InferenceSession(
                 bundle.model_bytes, sess_options=opts, providers=["CPUExecutionProvider"]
@@ -298,6 +309,7 @@ def load(
     public_key: PublicKeyLike | None = None,
     *,
     intra_op_num_threads: int | None = None,
+    spin: bool = True,
     warmup: bool = True,
 ) -> Runner:
     """``edgeslim.load``: check a bundle and return a warmed-up ``Runner`` for it.
@@ -305,4 +317,4 @@ def load(
     With ``public_key`` the bundle must carry a valid signature (``SignatureError`` if not).
     """
     return Runner(path, public_key=public_key, intra_op_num_threads=intra_op_num_threads,
-                  warmup=warmup)
+                  spin=spin, warmup=warmup)

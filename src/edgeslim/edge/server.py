@@ -432,7 +432,8 @@ class EdgeServer:
     batch axis (``batch_window_ms`` is the most a request waits for company); model runs expected
     to take at most ``inline_ms`` run on the event loop, slower ones in a worker, except that a
     lone request of the only connected client runs on the loop for up to 50 ms (see
-    ``Batcher``); ``threads`` are onnxruntime intra-op threads per model; ``workers`` run model
+    ``Batcher``); ``threads`` are onnxruntime intra-op threads per model and ``spin`` whether
+    idle ones spin-wait for the next run (see ``Runner``); ``workers`` run model
     calls. ``connections.open`` counts the open HTTP connections.
 
     ``app`` is the ASGI application; a node agent may replace it with a wrapper (middleware)
@@ -459,6 +460,7 @@ class EdgeServer:
         inline_ms: float = 4.0,
         max_body_mb: float = 16.0,
         threads: int | None = None,
+        spin: bool = True,
         workers: int = 1,
     ) -> None:
         from concurrent.futures import ThreadPoolExecutor
@@ -473,6 +475,9 @@ class EdgeServer:
         check_int_range(workers, "workers", "EdgeServer", 1, 256)
         if threads is not None:
             check_int_range(threads, "threads", "EdgeServer", 1, 256)
+        if not isinstance(spin, bool):
+            raise ConfigError(f"The 'spin' parameter of EdgeServer must be True or False. "
+                              f"Got {spin!r} instead.")
         if token is not None and (not isinstance(token, str) or not token.strip()
                                   or not token.isprintable()):
             raise ConfigError("The 'token' parameter of EdgeServer must be a non-empty "
@@ -483,7 +488,7 @@ class EdgeServer:
                                            thread_name_prefix="edgeslim-infer")
         self.metrics = Metrics()
         self.connections = Connections()
-        self.store = ModelStore(self.executor, public_key=public_key, threads=threads,
+        self.store = ModelStore(self.executor, public_key=public_key, threads=threads, spin=spin,
                                 max_batch=max_batch, batch_window_ms=batch_window_ms,
                                 inline_ms=inline_ms, solo=self.connections.one,
                                 metrics=self.metrics)
