@@ -105,6 +105,9 @@ class Runner:
         warmup: bool = True,
         limits: Limits | None = None,
     ) -> None:
+        if not isinstance(spin, bool):
+            raise ConfigError(f"The 'spin' parameter of Runner must be True or False. "
+                              f"Got {spin!r} instead.")
         require("onnxruntime", "edge", "Running a bundle")
         import onnxruntime as ort
 
@@ -127,9 +130,6 @@ class Runner:
         self.inputs: tuple[TensorSpec, ...] = bundle.inputs
         self.outputs: tuple[TensorSpec, ...] = bundle.outputs
         self.intra_op_num_threads = intra_op_num_threads
-        if not isinstance(spin, bool):
-            raise ConfigError(f"The 'spin' parameter of Runner must be True or False. "
-                              f"Got {spin!r} instead.")
         self.spin = spin
 
         opts = ort.SessionOptions()
