@@ -6,6 +6,8 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edgeslim.edge.v2 import (
     PLANS,
@@ -199,3 +201,50 @@ def test_responses_of_one_layout_carry_their_own_values_and_id():
     req.id = "abc"
     content, headers = encode_infer_response("m", "1", req, {"y": np.zeros((1, 3), np.float32)})
     assert json.loads(content[:int(headers["Inference-Header-Content-Length"])])["id"] == "abc"
+
+
+_layout_inputs = st.lists(
+    st.tuples(st.sampled_from(DTYPES[:-1]), st.lists(st.integers(0, 4), max_size=3)),
+    min_size=1, max_size=3)
+
+
+@settings(max_examples=60, deadline=None)
+@given(inputs=_layout_inputs, seed=st.integers(0, 2**16), cut=st.integers(-3, 3),
+       out_binary=st.sampled_from([None, True, False]))
+def test_a_kept_layout_decodes_like_a_fresh_request(inputs, seed, cut, out_binary):
+    """Any all-binary layout: the second body with a header (taken from the kept layout) reads
+    the same as decoding it from scratch, and a body of another size fails the same way."""
+    from edgeslim.edge.v2 import _decode
+
+    rng = np.random.default_rng(seed)
+    tensors, blobs = [], []
+    for k, (dt, shape) in enumerate(inputs):
+        np_dt = np.dtype(th.triton_to_np_dtype(dt))
+        arr = (rng.random(shape) > 0.5 if dt == "BOOL" else
+               rng.integers(0, 100, size=shape).astype(np_dt))
+        tensors.append({"name": f"t{k}", "datatype": dt, "shape": shape,
+                        "parameters": {"binary_data_size": arr.nbytes}})
+        blobs.append(arr.astype(np_dt).tobytes())
+    doc = {"inputs": tensors, "parameters": {"binary_data_output": True}}
+    if out_binary is not None:
+        doc["outputs"] = [{"name": "y", "parameters": {"binary_data": out_binary}}]
+    head = json.dumps(doc).encode()
+    first = b"".join(blobs)
+    second = bytes(rng.integers(0, 2, size=len(first), dtype=np.uint8)) if first else b""
+    parse_infer_request(head + first, len(head))  # keeps the layout
+    for blob in (second, second[: max(0, len(second) + cut)] + b"\0" * max(0, cut)):
+        try:
+            fresh = _decode(head, memoryview(blob), 1 << 26)[0]
+        except V2Error as exc:
+            with pytest.raises(V2Error) as info:
+                parse_infer_request(head + blob, len(head))
+            assert (info.value.status, info.value.message) == (exc.status, exc.message)
+            continue
+        got = parse_infer_request(head + blob, len(head))
+        assert (got.id, got.binary_output, got.parameters, got.outputs) == (
+            fresh.id, fresh.binary_output, fresh.parameters, fresh.outputs)
+        assert [(t.name, t.datatype, t.shape) for t in got.inputs] == [
+            (t.name, t.datatype, t.shape) for t in fresh.inputs]
+        for a, b in zip(got.inputs, fresh.inputs, strict=True):
+            assert a.array.dtype == b.array.dtype
+            assert a.array.tobytes() == b.array.tobytes()
