@@ -232,17 +232,36 @@ class _Plan:
                             dict(self.parameters))
 
 
+class _Bounded:
+    """A dict of at most ``size`` entries, the oldest dropped first; safe to share between
+    threads (lookups are single dict reads)."""
+
+    def __init__(self, size: int = 256) -> None:
+        self.size = size
+        self._items: dict[Any, Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        return self._items.get(key)
+
+    def put(self, key: Any, value: Any) -> None:
+        if self.size <= 0:
+            return
+        with self._lock:
+            while len(self._items) >= self.size:
+                del self._items[next(iter(self._items))]
+            self._items[key] = value
+
+
 class PlanCache:
     """Layouts of recently seen all-binary request headers, at most ``size`` of them (the
-    oldest goes first). Safe to share between threads."""
+    oldest goes first), by header and element limit. Safe to share between threads."""
 
     #: Headers longer than this are decoded every time (a header of names and shapes is short).
     MAX_HEADER = 4096
 
     def __init__(self, size: int = 256) -> None:
-        self.size = size
-        self._plans: dict[tuple[bytes, int], _Plan] = {}
-        self._lock = threading.Lock()
+        self._plans = _Bounded(size)
         self.hits = 0
 
     def get(self, head: bytes, max_elements: int) -> _Plan | None:
@@ -254,16 +273,8 @@ class PlanCache:
         return plan
 
     def put(self, head: bytes, max_elements: int, plan: _Plan) -> None:
-        if len(head) > self.MAX_HEADER or self.size <= 0:
-            return
-        with self._lock:
-            while len(self._plans) >= self.size:
-                del self._plans[next(iter(self._plans))]
-            self._plans[(head, max_elements)] = plan
-
-    def clear(self) -> None:
-        with self._lock:
-            self._plans.clear()
+        if len(head) <= self.MAX_HEADER:
+            self._plans.put((head, max_elements), plan)
 
 
 #: The process-wide cache ``parse_infer_request`` uses.
@@ -431,12 +442,17 @@ def _response_head(model_name: str, model_version: str, rid: str | None,
     entries = [{"name": name, "datatype": v2_datatype(dt), "shape": list(shape),
                 "parameters": {"binary_data_size": math.prod(shape) * dt.itemsize}}
                for name, dt, shape, _ in layout]
+    head = _response_json(model_name, model_version, rid, entries)
+    return head, {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(head))}, True
+
+
+def _response_json(model_name: str, model_version: str, rid: str | None,
+                   entries: list[dict[str, Any]]) -> bytes:
     doc: dict[str, Any] = {"model_name": model_name, "model_version": model_version,
                            "outputs": entries}
     if rid is not None:
         doc["id"] = rid
-    head = json.dumps(doc, separators=(",", ":")).encode()
-    return head, {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(head))}, True
+    return json.dumps(doc, separators=(",", ":")).encode()
 
 
 def _encode_mixed(model_name: str, model_version: str, rid: str | None,
@@ -455,11 +471,7 @@ def _encode_mixed(model_name: str, model_version: str, rid: str | None,
         else:
             entry["data"] = arr.ravel().tolist()
         entries.append(entry)
-    doc: dict[str, Any] = {"model_name": model_name, "model_version": model_version,
-                           "outputs": entries}
-    if rid is not None:
-        doc["id"] = rid
-    head = json.dumps(doc, separators=(",", ":")).encode()
+    head = _response_json(model_name, model_version, rid, entries)
     if not chunks:
         return head, {"content-type": "application/json"}
     return b"".join([head, *chunks]), {
@@ -468,26 +480,9 @@ def _encode_mixed(model_name: str, model_version: str, rid: str | None,
     }
 
 
-class _HeadCache:
-    """JSON headers of all-binary responses by layout (model, version, outputs' names,
-    dtypes, shapes); at most ``size``, the oldest goes first."""
-
-    def __init__(self, size: int = 256) -> None:
-        self.size = size
-        self._heads: dict[Any, tuple[bytes, dict[str, str], bool]] = {}
-        self._lock = threading.Lock()
-
-    def get(self, key: Any) -> tuple[bytes, dict[str, str], bool] | None:
-        return self._heads.get(key)
-
-    def put(self, key: Any, value: tuple[bytes, dict[str, str], bool]) -> None:
-        with self._lock:
-            while len(self._heads) >= self.size:
-                del self._heads[next(iter(self._heads))]
-            self._heads[key] = value
-
-
-_HEADS = _HeadCache()
+#: JSON headers of all-binary responses by layout (model, version, outputs' names, dtypes,
+#: shapes).
+_HEADS = _Bounded()
 
 
 def error_body(message: str) -> dict[str, str]:
