@@ -149,3 +149,81 @@ def test_the_server_counts_its_open_connections(server):
         while server.connections.open != base and time.monotonic() < deadline:
             time.sleep(0.01)
         assert server.connections.open == base
+
+
+def _batch_sizes(url: str) -> tuple[float, float]:
+    """(model runs, rows run) of model ``linear`` from the server's /metrics."""
+    import httpx
+
+    text = httpx.get(url + "/metrics").text
+    values = {}
+    for line in text.splitlines():
+        for key in ("edgeslim_batch_size_count", "edgeslim_batch_size_sum"):
+            if line.startswith(key + '{model="linear"}'):
+                values[key] = float(line.rsplit(" ", 1)[1])
+    return values.get("edgeslim_batch_size_count", 0.0), values.get("edgeslim_batch_size_sum",
+                                                                       0.0)
+
+
+def _read_answer(s: socket.socket) -> tuple[int, bytes]:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += s.recv(65536)
+    head_end = data.index(b"\r\n\r\n") + 4
+    fields = dict(line.split(b": ", 1) for line in data[:head_end - 4].split(b"\r\n")[1:])
+    while len(data) - head_end < int(fields[b"content-length"]):
+        data += s.recv(65536)
+    return int(data.split(b" ", 2)[1]), data[head_end:]
+
+
+def test_a_batch_waits_for_a_request_whose_body_is_still_arriving(edge_bundles):
+    """The window counts a request from its headers on, not from its last body byte: a whole
+    request arriving while another's body is on its way waits for it (up to the window), and
+    both run as one batch."""
+    import threading
+
+    import httpx
+
+    from edgeslim.edge.server import EdgeServer
+
+    rng = np.random.default_rng(5)
+    xa, xb = (rng.normal(size=(1, 64)).astype(np.float32) for _ in range(2))
+    sess = ort.InferenceSession(read_bundle(edge_bundles["linear"]).model_bytes,
+                                providers=["CPUExecutionProvider"])
+
+    def body(x: np.ndarray) -> bytes:
+        return json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64],
+                                       "data": x.ravel().tolist()}]}).encode()
+
+    srv = EdgeServer([edge_bundles["linear"]], threads=1, batch_window_ms=5000).start()
+    try:
+        batcher = srv.store.get("linear").batcher
+        before = _batch_sizes(srv.url)
+        b = body(xb)
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as slow:
+            slow.sendall(b"POST /v2/models/linear/infer HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                         % (len(b), b[:len(b) // 2]))
+            deadline = time.monotonic() + 10
+            while batcher._expected == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert batcher._expected == 1  # admitted while its body is still coming
+            answers: list[httpx.Response] = []
+            whole = threading.Thread(target=lambda: answers.append(
+                httpx.post(srv.url + "/v2/models/linear/infer", content=body(xa), timeout=30)))
+            whole.start()
+            time.sleep(0.3)
+            assert whole.is_alive()  # the whole request waits for its company
+            assert _batch_sizes(srv.url) == before  # and nothing has run yet
+            slow.sendall(b[len(b) // 2:])
+            whole.join(30)
+            status, raw = _read_answer(slow)
+        after = _batch_sizes(srv.url)
+    finally:
+        srv.stop()
+    assert status == 200 and answers[0].status_code == 200
+    assert (after[0] - before[0], after[1] - before[1]) == (1, 2)  # one run of both rows
+    np.testing.assert_allclose(answers[0].json()["outputs"][0]["data"],
+                               sess.run(None, {"input": xa})[0].ravel(), rtol=1e-6)
+    np.testing.assert_allclose(json.loads(raw)["outputs"][0]["data"],
+                               sess.run(None, {"input": xb})[0].ravel(), rtol=1e-6)

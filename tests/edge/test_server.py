@@ -130,6 +130,31 @@ def test_binary_header_problems_and_oversize_bodies(client):
     assert r.status_code == 200
 
 
+
+def test_requests_that_fail_before_their_run_leave_no_announcement_behind(server, client):
+    """Each request is announced to its batcher when admitted (so batches wait for it); every
+    way of failing before the run withdraws it, or later batches would wait the window."""
+    import socket
+    import time
+
+    client.post("/v2/models/linear/infer", content=b"{\"inputs\": [")
+    client.post("/v2/models/linear/infer", content=b"[" + b"0," * 600_000 + b"0]")
+    client.post("/v2/models/linear/infer", json=_infer_body(shape=[1, 63], data=[0.5] * 63))
+    client.post("/v2/models/sensor/raw", json=[1.0, 2.0])
+    client.post("/v2/models/sensor/raw", content=b"not json")
+    client.post("/v2/models/image/raw", content=b"not an image")
+    with socket.create_connection(("127.0.0.1", server.port)) as s:  # gone mid-body
+        s.sendall(b"POST /v2/models/linear/infer HTTP/1.1\r\nHost: x\r\nAuthorization: "
+                  b"Bearer " + TOKEN.encode() + b"\r\nContent-Length: 1000\r\n\r\n{")
+        time.sleep(0.1)
+    deadline = time.monotonic() + 10
+    names = ("linear", "sensor", "image")
+    while time.monotonic() < deadline and any(
+            server.store.get(n).batcher._expected for n in names):
+        time.sleep(0.01)
+    assert [server.store.get(n).batcher._expected for n in names] == [0, 0, 0]
+    assert client.post("/v2/models/linear/infer", json=_infer_body()).status_code == 200
+
 def test_auth(server):
     import httpx
 

@@ -341,10 +341,12 @@ class EdgeApp:
                      ) -> tuple[bytes, dict[str, str]]:
         """One V2 inference: body and headers of the answer, or the error raised."""
         model = self._lookup(name, version)
-        body = await receive_body(receive, headers, self.max_body)
-        header_length = parse_header_length(headers.get(HEADER_LENGTH_KEY), len(body))
+        # Announced before its body is read, so that a batch forming meanwhile waits (up to
+        # the window) for a request still arriving: a large tensor takes several reads.
         model.batcher.expect()
         try:
+            body = await receive_body(receive, headers, self.max_body)
+            header_length = parse_header_length(headers.get(HEADER_LENGTH_KEY), len(body))
             req = parse_infer_request(body, header_length, max_elements=self.max_elements)
             feeds = model.feeds(req)
             names = model.wanted_outputs(req)
@@ -357,6 +359,25 @@ class EdgeApp:
 
     async def raw(self, request: Request) -> Response:
         model = self._model(request)
+        model.batcher.expect()  # as for infer: announced while its body and preprocessing run
+        try:
+            feeds = await self._raw_feeds(request, model)
+        except BaseException:
+            model.batcher.unexpect()
+            raise
+        outputs = await model.infer(feeds, expected=True)
+        results = model.post.apply(outputs, feeds)
+        doc: dict[str, Any] = {"model_name": model.name, "model_version": model.version,
+                               "outputs": {}}
+        for key, value in results.items():
+            if isinstance(value, np.ndarray):
+                doc["outputs"][key] = value.tolist()
+            else:
+                doc[key] = value
+        return JSONResponse(doc)
+
+    async def _raw_feeds(self, request: Request, model: ServedModel) -> dict[str, np.ndarray]:
+        """The raw payload of ``request`` through the model's preprocessing, checked."""
         body = await read_body(request, self.max_body)
         kind = model.pipeline.raw_kind
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -375,16 +396,7 @@ class EdgeApp:
                 raise V2Error(f"model '{model.name}' takes {want}; the body is not valid "
                               f"JSON: {exc}"[:300]) from None
         feeds = await asyncio.to_thread(model.pipeline.apply, payload)
-        outputs = await model.infer(model.runner.check_inputs(feeds))
-        results = model.post.apply(outputs, feeds)
-        doc: dict[str, Any] = {"model_name": model.name, "model_version": model.version,
-                               "outputs": {}}
-        for key, value in results.items():
-            if isinstance(value, np.ndarray):
-                doc["outputs"][key] = value.tolist()
-            else:
-                doc[key] = value
-        return JSONResponse(doc)
+        return model.runner.check_inputs(feeds)
 
     async def index(self, request: Request) -> Response:
         return JSONResponse(self.store.index())
