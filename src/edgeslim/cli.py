@@ -22,7 +22,24 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from edgeslim import __version__
+
+        typer.echo(f"edgeslim {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Compress neural networks, package them as signed bundles, serve them at the edge."""
 
 # Modules under edgeslim.commands that define ``register(app)``.
 COMMAND_MODULES = ["zoo", "compress", "bench", "demo", "bundle", "serve", "fleet", "optimize"]
@@ -43,14 +60,23 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Abort:
         Console(stderr=True).print("aborted")
         return 130
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            return exc.exit_code
+    except Exception as exc:
+        if _is_usage_error(exc):  # a missing argument, an unknown option, a bad value
+            exc.show()  # type: ignore[attr-defined]
+            return int(exc.exit_code)  # type: ignore[attr-defined]
         raise
     return rc if isinstance(rc, int) else 0
+
+
+def _is_usage_error(exc: Exception) -> bool:
+    """True for click's usage errors, whether from click itself or from the copy of click
+    that typer vendors (typer >= 0.20 raises its own classes, which are not click's)."""
+    import click
+
+    if isinstance(exc, click.ClickException):
+        return True
+    return (isinstance(exc, typer.TyperException) and callable(getattr(exc, "show", None))
+            and isinstance(getattr(exc, "exit_code", None), int))
 
 
 if __name__ == "__main__":  # pragma: no cover
