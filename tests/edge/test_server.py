@@ -94,6 +94,9 @@ BAD = [
     ("text", {"inputs": [
         {"name": "input_ids", "datatype": "INT64", "shape": [1, 3], "data": [2, 4, 3]}]}, 400,
      "also needs the inputs ['attention_mask']"),
+    ("linear", _infer_body(data=[1e40] * 64), 400, "out of the range of FP32"),
+    ("linear", json.dumps(_infer_body(data=[float("nan")] * 64)).encode(), 400,
+     "holds NaN, which is not JSON"),
     ("linear", b"{\"inputs\": [", 400, "not valid JSON"),
     ("linear", b"\xff\xfe", 400, "not valid JSON"),
 ]
@@ -154,6 +157,23 @@ def test_requests_that_fail_before_their_run_leave_no_announcement_behind(server
         time.sleep(0.01)
     assert [server.store.get(n).batcher._expected for n in names] == [0, 0, 0]
     assert client.post("/v2/models/linear/infer", json=_infer_body()).status_code == 200
+
+
+def test_outputs_json_cannot_carry_are_refused_by_name_and_sent_as_binary_on_request(client):
+    """A model may answer NaN or infinity on finite inputs; JSON has no such numbers, so a JSON
+    answer is refused (422, naming the output) and a binary one carries them as they are."""
+    body = _infer_body(data=[3e38] * 64)  # finite FP32, overflows inside the model
+    r = client.post("/v2/models/linear/infer", json=body)
+    assert r.status_code == 422, r.text
+    assert "output 'logits' holds NaN or infinity" in r.json()["error"]
+    body["parameters"] = {"binary_data_output": True}
+    r = client.post("/v2/models/linear/infer", json=body)
+    assert r.status_code == 200
+    n = int(r.headers["inference-header-content-length"])
+    got = np.frombuffer(r.content[n:], np.float32)
+    assert got.shape == (10,) and not np.isfinite(got).all()
+    r = client.post("/v2/models/sensor/raw", json=[1e308, -1e308] * 64)  # z-score overflows
+    assert r.status_code == 422 and "NaN or infinity" in r.json()["error"], r.text
 
 def test_auth(server):
     import httpx

@@ -50,6 +50,7 @@ from edgeslim.edge.model_store import ModelStore, ServedModel
 from edgeslim.edge.v2 import (
     HEADER_LENGTH,
     V2Error,
+    check_json_safe,
     encode_infer_response,
     parse_header_length,
     parse_infer_request,
@@ -371,10 +372,16 @@ class EdgeApp:
                                "outputs": {}}
         for key, value in results.items():
             if isinstance(value, np.ndarray):
+                check_json_safe(key, value)
                 doc["outputs"][key] = value.tolist()
             else:
                 doc[key] = value
-        return JSONResponse(doc)
+        try:
+            content = json.dumps(doc, allow_nan=False, separators=(",", ":")).encode()
+        except ValueError:  # a NaN score from postprocessing
+            raise V2Error(f"the answer of model '{model.name}' holds NaN or infinity, which "
+                          f"JSON cannot carry", 422) from None
+        return Response(content, media_type="application/json")
 
     async def _raw_feeds(self, request: Request, model: ServedModel) -> dict[str, np.ndarray]:
         """The raw payload of ``request`` through the model's preprocessing, checked."""

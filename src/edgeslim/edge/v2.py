@@ -181,10 +181,27 @@ def _json_array(data: Any, datatype: str, shape: list[int], where: str) -> np.nd
             info = np.iinfo(dt)
             if flat and (min(flat) < info.min or max(flat) > info.max):
                 raise OverflowError
-        arr = np.array(flat, dtype=dt)
+        with np.errstate(over="ignore"):
+            arr = np.array(flat, dtype=dt)
+        if dt.kind == "f" and not np.isfinite(arr).all():  # JSON has no inf: it overflowed
+            raise OverflowError
     except (OverflowError, ValueError):
         raise V2Error(f"{where} holds a value out of the range of {datatype}") from None
     return arr.reshape(shape)
+
+
+def _no_constant(name: str) -> Any:
+    """``json.loads`` hook: Python reads NaN and Infinity, which JSON does not have."""
+    raise V2Error(f"the request JSON holds {name}, which is not JSON; send numbers (NaN and "
+                  f"infinities only as binary tensor data)")
+
+
+def check_json_safe(name: str, arr: np.ndarray) -> None:
+    """Refuse an output that JSON cannot carry (NaN or an infinity) with a 422 naming it."""
+    if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+        raise V2Error(f"output {name!r} holds NaN or infinity, which JSON cannot carry; ask for "
+                      f"it as binary tensor data (parameters.binary_data_output: true) to get "
+                      f"the values as they are", 422)
 
 
 def _fits(v: Any, datatype: str, dt: np.dtype) -> bool:
@@ -318,7 +335,7 @@ def _decode(head: bytes, blob: memoryview, max_elements: int) -> tuple[InferRequ
     """The request, and whether every input came in binary (so its layout may be kept)."""
     all_binary = True
     try:
-        doc = json.loads(head)
+        doc = json.loads(head, parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError) as exc:
         raise V2Error(f"the request body is not valid JSON: {exc}"[:300]) from None
     except RecursionError:
@@ -469,6 +486,7 @@ def _encode_mixed(model_name: str, model_version: str, rid: str | None,
             entry["parameters"] = {"binary_data_size": len(data)}
             chunks.append(data)
         else:
+            check_json_safe(name, arr)
             entry["data"] = arr.ravel().tolist()
         entries.append(entry)
     head = _response_json(model_name, model_version, rid, entries)

@@ -205,8 +205,11 @@ class Pipeline:
             value = _to_array(raw)
         else:
             value = raw
-        for fn in self._fns:
-            value = fn(value)
+        # Extreme values overflow to inf or NaN; the answer says so (a 422 at the server),
+        # so numpy's warnings would only repeat it in the log.
+        with np.errstate(over="ignore", invalid="ignore"):
+            for fn in self._fns:
+                value = fn(value)
         return self._to_inputs(value)
 
     def _to_inputs(self, value: Any) -> dict[str, np.ndarray]:
@@ -271,8 +274,9 @@ class PostPipeline:
     ) -> dict[str, Any]:
         results: dict[str, Any] = dict(outputs)
         ctx = dict(context or {})
-        for fn in self._fns:
-            results = fn(results, ctx)
+        with np.errstate(over="ignore", invalid="ignore"):  # as in ``Pipeline.apply``
+            for fn in self._fns:
+                results = fn(results, ctx)
         return results
 
 
