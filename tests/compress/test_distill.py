@@ -91,6 +91,27 @@ def test_mse_on_outputs_without_labels_brings_the_student_to_the_teacher(
     assert accuracy(student, test) > 0.9
 
 
+
+def test_a_pruned_student_keeps_its_zeros_through_distillation(digits_mlp, digits_split,
+                                                                 one_thread):
+    from edgeslim.compress.prune import measure_sparsity, prune
+
+    x = torch.from_numpy(digits_split.x_train)
+    unlabelled = [x[i : i + 64] for i in range(0, len(x), 64)]
+    pruned = prune(digits_mlp, sparsity=0.8, progress=False).model
+    zeros = {n: (m.weight == 0).clone() for n, m in pruned.named_modules()
+             if isinstance(m, nn.Linear)}
+    kept = distill(copy.deepcopy(pruned), digits_mlp, unlabelled, loss="mse", alpha=1.0,
+                   epochs=2, lr=1e-2, progress=False)
+    for name, m in kept.named_modules():
+        if isinstance(m, nn.Linear):
+            assert bool((m.weight[zeros[name]] == 0).all()), name
+    total = sum(s.params - s.nonzero for s in measure_sparsity(kept).values())
+    assert total == sum(int(z.sum()) for z in zeros.values())
+    dense = distill(copy.deepcopy(pruned), digits_mlp, unlabelled, loss="mse", alpha=1.0,
+                    epochs=2, lr=1e-2, keep_zeros=False, progress=False)
+    assert sum(s.params - s.nonzero for s in measure_sparsity(dense).values()) < total // 2
+
 def test_feature_maps_are_matched_through_a_projection(digits_cnn, digits_split, one_thread):
     teacher_state = copy.deepcopy(digits_cnn.state_dict())
     x = torch.from_numpy(digits_split.x_train)

@@ -28,7 +28,7 @@ from torch.nn import functional as F
 
 from edgeslim._validate import check_fraction, check_int_range, check_positive
 from edgeslim.compress._batch import Batches, call_model, describe, has_labels, primary_output
-from edgeslim.compress.train import fit
+from edgeslim.compress.train import fit, zero_keeper
 from edgeslim.errors import ConfigError, EdgeslimError, ModelError
 
 __all__ = ["LOSSES", "distill", "kl_loss"]
@@ -61,6 +61,7 @@ def distill(
     lr: float = 1e-3,
     features: Sequence[tuple[str, str]] | None = None,
     weight_decay: float = 0.0,
+    keep_zeros: bool = True,
     progress: bool = True,
 ) -> nn.Module:
     """Train ``student`` (in place) to imitate ``teacher`` on ``train_data``; returns it in
@@ -77,6 +78,8 @@ def distill(
             label loss.
         epochs, lr, weight_decay: the training budget (Adam with cosine decay).
         features: ``(student_layer, teacher_layer)`` pairs of module names for ``"feature"``.
+        keep_zeros: weights of the student's Linear and convolution layers that are exactly
+            zero (a pruned student) stay zero, so distillation keeps the sparsity.
         progress: show a progress bar.
 
     Raises:
@@ -155,6 +158,7 @@ def distill(
                 loss_fn=loss_fn,
                 params=[*student.parameters(), *projections.parameters()],
                 weight_decay=weight_decay,
+                after_step=zero_keeper(student) if keep_zeros else None,
                 desc="distilling",
                 progress=progress,
             )

@@ -13,7 +13,7 @@ from torch import nn
 
 from edgeslim.progress import progress_bar
 
-__all__ = ["LossFn", "accuracy", "fit", "predict"]
+__all__ = ["LossFn", "accuracy", "fit", "predict", "zero_keeper"]
 
 # loss(model, inputs, labels) -> scalar tensor
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -77,6 +77,27 @@ def fit(
                 advance(1, loss=float(loss.detach()))
             sched.step()
     return model.eval()
+
+
+def zero_keeper(model: nn.Module) -> Callable[[], None] | None:
+    """For ``fit(after_step=...)``: a function that sets back to zero every weight of the
+    model's Linear and convolution layers that is exactly zero now (the pruned ones), so
+    that training after pruning keeps the sparsity; None when no such weight is zero."""
+    masks = []
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+            zero = m.weight.detach() == 0
+            if bool(zero.any()):
+                masks.append((m.weight, zero))
+    if not masks:
+        return None
+
+    @torch.no_grad()
+    def keep() -> None:
+        for w, zero in masks:
+            w.masked_fill_(zero, 0.0)
+
+    return keep
 
 
 @torch.no_grad()

@@ -222,10 +222,10 @@ def _check_finetune(**p: Any) -> None:
 
 
 def _run_finetune(ctx: RecipeContext, **p: Any) -> None:
-    from edgeslim.compress.train import fit
+    from edgeslim.compress.train import fit, zero_keeper
 
     fit(ctx.model, ctx.need_train("finetune"), epochs=p["epochs"], lr=p["lr"],
-        progress=ctx.progress)
+        after_step=zero_keeper(ctx.model), progress=ctx.progress)
 
 
 # -- pack (ONNX: Deep-Compression weight sharing + entropy-coded zip) --------------------------
