@@ -50,8 +50,8 @@ def run_recipe(
     rows = [measure("original", original, workload)]
     steps = recipe.torch_steps
     for i, step in enumerate(steps):
-        if progress:
-            n = len(steps)
+        if progress:  # numbered among all the recipe's steps; the ONNX ones come after
+            n = len(recipe.steps)
             console.print(f"[bold cyan]step {i + 1}/{n}[/] {step.name} {step.params}")
         report = run_step(ctx, step.name, step.params)
         ctx.model.eval()
