@@ -21,7 +21,18 @@ def test_serve_refuses_missing_bundle_and_bad_options(edge_bundles, tmp_path, ca
     assert main(["serve", str(tmp_path / "nope.eslim"), "--port", "0"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["serve", str(edge_bundles["linear"]), "--max-batch", "0"]) == 2
-    assert "'max_batch'" in capsys.readouterr().err
+    assert "Invalid value for '--max-batch'" in capsys.readouterr().err  # the flag, not Python
+    assert main(["serve", str(edge_bundles["linear"]), "--port", "70000"]) == 2
+    assert "Invalid value for '--port'" in capsys.readouterr().err
+
+
+def test_serve_refuses_two_bundles_of_one_model_name(edge_bundles, tmp_path, capsys):
+    import shutil
+
+    twin = shutil.copy(edge_bundles["linear"], tmp_path / "twin.eslim")
+    assert main(["serve", str(edge_bundles["linear"]), str(twin), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "two bundles hold the model 'linear'" in err and "twin.eslim" in err
 
 
 def test_server_passes_spin_to_every_model(edge_bundles):

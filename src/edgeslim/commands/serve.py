@@ -20,23 +20,26 @@ def register(app: typer.Typer) -> None:
     @app.command("serve")
     def serve_cmd(
         bundles: list[Path] = typer.Argument(..., help="One or more .eslim bundles to serve."),
-        port: int = typer.Option(8000, "--port", "-p", help="TCP port (0: any free port)."),
+        port: int = typer.Option(8000, "--port", "-p", min=0, max=65535,
+                                 help="TCP port (0: any free port)."),
         host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
         token: str = typer.Option(
             None, "--token", envvar=TOKEN_ENV, show_envvar=True,
             help="Require 'Authorization: Bearer TOKEN' (health checks stay open)."),
         max_batch: int = typer.Option(
-            32, "--max-batch", help="Most rows per batched model run (1: no batching)."),
+            32, "--max-batch", min=1, max=65536,
+            help="Most rows per batched model run (1: no batching)."),
         batch_window_ms: float = typer.Option(
-            2.0, "--batch-window-ms",
+            2.0, "--batch-window-ms", min=0.0,
             help="Most time a request waits for others to batch with (ms)."),
         inline_ms: float = typer.Option(
-            4.0, "--inline-ms",
+            4.0, "--inline-ms", min=0.0,
             help="Model runs expected to take at most this long run on the event loop; slower "
                  "ones in a worker thread, unless one client alone is connected (ms)."),
         max_body_mb: float = typer.Option(16.0, "--max-body-mb", help="Largest request body."),
         threads: int = typer.Option(
-            None, "--threads", help="onnxruntime intra-op threads per model (default: cores)."),
+            None, "--threads", min=1, max=256,
+            help="onnxruntime intra-op threads per model (default: cores)."),
         spin: bool = typer.Option(
             True, "--spin/--no-spin",
             help="Idle onnxruntime threads spin-wait for the next run: lower latency, but they "

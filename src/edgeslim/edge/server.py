@@ -511,8 +511,15 @@ class EdgeServer:
                                 max_batch=max_batch, batch_window_ms=batch_window_ms,
                                 inline_ms=inline_ms, solo=self.connections.one,
                                 metrics=self.metrics)
+        sources: dict[str, Any] = {}
         for bundle in bundles:
-            self.store.load(bundle)
+            served = self.store.load(bundle)
+            if served.name in sources:  # one name serves one model: refuse, do not shadow
+                raise ConfigError(
+                    f"two bundles hold the model '{served.name}': {sources[served.name]} and "
+                    f"{served.source or bundle}; serve one of them (a node serves one version "
+                    f"of each model name, and 'load' swaps it)")
+            sources[served.name] = served.source or bundle
         self.max_body_bytes = int(max_body_mb * (1 << 20))
         self.app = EdgeApp(self.store, self.metrics, token=token,
                            max_body_bytes=self.max_body_bytes)
