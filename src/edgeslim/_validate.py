@@ -52,3 +52,20 @@ def check_choice(value: Any, name: str, func: str, choices: Collection[str]) -> 
         allowed = ", ".join(repr(c) for c in sorted(choices))
         raise _fail(name, func, f"one of {allowed}", value)
     return str(value)
+
+
+def json_kind(value: Any) -> str:
+    """What a value decoded from JSON was, in JSON's words (for messages to HTTP clients)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__

@@ -105,8 +105,19 @@ def test_grayscale_digits_style_pipeline():
 
 def test_bad_image_bytes_and_too_small_crop_raise_inference_error():
     pipe = Pipeline(IMAGENET)
-    with pytest.raises(InferenceError, match="could not decode"):
+    with pytest.raises(InferenceError, match=r"not a JPEG or PNG image \(19 bytes starting with "
+                                              r"b'not an i'\)"):
         pipe.apply(b"not an image at all")
+    with pytest.raises(InferenceError, match="the body is empty"):
+        pipe.apply(b"")
+    import io
+
+    from PIL import Image
+
+    gif = io.BytesIO()
+    Image.fromarray(_photo(8, 8)).save(gif, format="GIF")
+    with pytest.raises(InferenceError, match="is a GIF image; this model takes JPEG or PNG"):
+        pipe.apply(gif.getvalue())
     with pytest.raises(InferenceError, match="JPEG or PNG"):
         pipe.apply("a string")
     tiny = Pipeline([{"op": "image.decode"}, {"op": "image.center_crop", "size": 64},

@@ -209,7 +209,7 @@ def test_raw_image_applies_manifest_pre_and_postprocessing(client, edge_bundles)
     assert doc["topk"][0] == [{"index": best, "label": m["labels"][best],
                                "score": pytest.approx(float(logits[0, best]))}]
     r = client.post("/v2/models/image/raw", content=b"GIF89a not really")
-    assert r.status_code == 400 and "could not decode" in r.json()["error"]
+    assert r.status_code == 400 and "not a JPEG or PNG image" in r.json()["error"]
 
 
 def test_raw_text_gives_pooled_normalised_embeddings(client, edge_bundles):

@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from edgeslim._validate import json_kind
+
 HEADER_LENGTH = "Inference-Header-Content-Length"
 MAX_RANK = 16
 
@@ -112,7 +114,7 @@ class InferRequest:
 
 def _obj(value: Any, where: str) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
-        raise V2Error(f"{where} must be a JSON object; got {type(value).__name__}")
+        raise V2Error(f"{where} must be a JSON object; got {json_kind(value)}")
     return value
 
 
@@ -175,7 +177,9 @@ def _json_array(data: Any, datatype: str, shape: list[int], where: str) -> np.nd
         if not _fits(v, datatype, dt):
             what = {"BOOL": "true/false"}.get(datatype, "integers" if dt.kind in "iu" else
                                               "numbers")
-            raise V2Error(f"{where} is {datatype} but 'data' holds {v!r}; send {what}"[:300])
+            shown = json.dumps(v) if isinstance(v, (str, int, float, bool, type(None))) else (
+                json_kind(v))
+            raise V2Error(f"{where} is {datatype} but 'data' holds {shown}; send {what}"[:300])
     try:
         if dt.kind in "iu":
             info = np.iinfo(dt)
@@ -344,7 +348,7 @@ def _decode(head: bytes, blob: memoryview, max_elements: int) -> tuple[InferRequ
     params = _params(doc, "the request")
     rid = doc.get("id")
     if rid is not None and not isinstance(rid, str):
-        raise V2Error(f"'id' must be a string; got {type(rid).__name__}")
+        raise V2Error(f"'id' must be a string; got {json_kind(rid)}")
     raw_inputs = doc.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise V2Error("the request needs 'inputs': a non-empty list of tensors")

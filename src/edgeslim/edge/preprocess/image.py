@@ -57,10 +57,8 @@ def _decode(params: dict[str, Any], ctx: BuildContext) -> Any:
             )
         try:
             img = Image.open(io.BytesIO(bytes(raw)), formats=_FORMATS)
-        except Exception as exc:
-            raise InferenceError(
-                f"could not decode the image: {exc}; send JPEG or PNG bytes"
-            ) from None
+        except Exception:
+            raise InferenceError(_not_an_image(bytes(raw))) from None
         w, h = img.size
         if w * h > max_pixels:
             raise InferenceError(
@@ -73,6 +71,20 @@ def _decode(params: dict[str, Any], ctx: BuildContext) -> Any:
             raise InferenceError(f"could not decode the image: {exc}") from None
 
     return step
+
+
+def _not_an_image(raw: bytes) -> str:
+    """Why ``raw`` is refused, naming what it is when Pillow knows the format."""
+    if not raw:
+        return "the body is empty; send the bytes of a JPEG or PNG image"
+    try:
+        fmt = _pil().open(io.BytesIO(raw)).format
+    except Exception:
+        fmt = None
+    if fmt:
+        return f"the body is a {fmt} image; this model takes JPEG or PNG"
+    return (f"the body is not a JPEG or PNG image ({len(raw)} bytes starting with "
+            f"{raw[:8]!r}); send the bytes of a JPEG or PNG image")
 
 
 def _resample(name: str) -> Any:

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeslim._validate import json_kind
 from edgeslim.edge.preprocess._spec import (
     ARRAY,
     SERIES,
@@ -51,7 +52,7 @@ def to_series(raw: Any) -> np.ndarray:
         if not isinstance(raw, list) or not raw:
             raise InferenceError(
                 f"a sensor payload is a non-empty JSON array of numbers or of rows of numbers; "
-                f"got {type(raw).__name__}"
+                f"got {json_kind(raw)}"
             )
         try:
             arr = np.array(raw, dtype=np.float64)

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeslim._validate import json_kind
 from edgeslim.edge.preprocess._spec import (
     TEXT,
     TOKENS,
@@ -68,7 +69,7 @@ def _texts(raw: Any) -> list[str]:
             raise InferenceError(f"at most {MAX_TEXTS} texts per request; got {len(raw)}")
         return raw
     raise InferenceError(
-        f"text.tokenize expects a string or a non-empty list of strings; got {type(raw).__name__}"
+        f"text.tokenize expects a string or a non-empty list of strings; got {json_kind(raw)}"
     )
 
 
