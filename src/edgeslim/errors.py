@@ -50,6 +50,18 @@ class InferenceError(EdgeslimError, ValueError):
     """Inputs given to a model do not match its declared inputs."""
 
 
+class UnreachableError(EdgeslimError):
+    """A service edgeslim talks to (the fleet controller) did not answer: exit code 5."""
+
+    exit_code = 5
+
+
+class StillRunningError(EdgeslimError):
+    """A wait ran out before the work it waited for ended (which goes on): exit code 3."""
+
+    exit_code = 3
+
+
 def require(module: str, extra: str, purpose: str) -> None:
     """Raise ``MissingDependencyError`` naming the extra when ``module`` cannot be imported."""
     import importlib.util

@@ -79,8 +79,12 @@ def test_deploy_status_rollback_through_the_cli(broker, controller_proc, tmp_pat
         assert rc == 2 and "422" in err
         rc, out, _ = _run(capsys, "fleet", "deploy", str(bundles["probe"]), *fast)
         assert rc == 1 and "rolled_back" in out
-        rc, out, _ = _run(capsys, "fleet", "deploy", str(bundles["v2"]), *fast)
-        assert rc == 0 and node.model.version == "2"
+        slow = ["--controller", url, "--canary", "0.5", "--soak", "2", "--timeout", "0.3"]
+        rc, _, err = _run(capsys, "fleet", "deploy", str(bundles["v2"]), *slow)
+        assert rc == 3 and "still" in err and "it goes on" in err  # not a bad input (2)
+        wait_until(lambda: httpx.get(f"{url}/deployments/latest").json()["state"] == "succeeded",
+                   30, what="the deployment to go on and succeed")
+        assert node.model.version == "2"
         rc, out, _ = _run(capsys, "fleet", "rollback", "--controller", url)
         assert rc == 0 and "rolled_back" in out
         wait_until(lambda: node.model.version == "1", 10, what="the node back on v1")
@@ -94,6 +98,12 @@ def test_deploy_status_rollback_through_the_cli(broker, controller_proc, tmp_pat
     proc.send_signal(signal.SIGTERM)
     t0 = time.monotonic()
     assert proc.wait(15) == 0 and time.monotonic() - t0 < 15
+
+
+def test_operator_verbs_exit_5_when_the_controller_does_not_answer(capsys):
+    for verb in (["status"], ["rollback"]):
+        rc, _, err = _run(capsys, "fleet", *verb, "--controller", "http://127.0.0.1:9")
+        assert rc == 5 and "Cannot reach the controller" in err
 
 
 def test_node_verb_refuses_bad_options(tmp_path, keys, capsys):

@@ -2,7 +2,8 @@
 
 The long-running verbs (``controller``, ``node``) log to standard error and stop cleanly on
 SIGINT or SIGTERM. ``deploy``, ``status`` and ``rollback`` talk to the controller's HTTP API.
-Exit codes: 0 success, 1 a deployment that was rolled back or failed, 2 bad input.
+Exit codes: 0 success, 1 a deployment that was rolled back or failed, 2 bad input, 3 a
+deployment still running when --timeout ran out (it goes on), 5 the controller did not answer.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 import typer
 
-from edgeslim.errors import ConfigError
+from edgeslim.errors import ConfigError, StillRunningError, UnreachableError
 
 fleet_app = typer.Typer(
     name="fleet",
@@ -67,7 +68,8 @@ def _call(client: Any, method: str, path: str, **kw: Any) -> Any:
     try:
         r = client.request(method, path, **kw)
     except httpx.HTTPError as exc:
-        raise ConfigError(f"Cannot reach the controller at {client.base_url}: {exc}") from None
+        raise UnreachableError(f"Cannot reach the controller at {client.base_url}: {exc}"
+                               ) from None
     if r.status_code >= 400:
         try:
             msg = r.json().get("error", r.text)
@@ -197,7 +199,9 @@ def _wait_final(client: Any, dep: int, timeout: float) -> dict[str, Any]:
         if row["state"] in ("succeeded", "rolled_back", "failed"):
             return dict(row)
         if time.monotonic() > deadline:
-            raise ConfigError(f"Deployment {dep} still {row['state']} after {timeout:g} s.")
+            raise StillRunningError(
+                f"Deployment {dep} is still {row['state']} after {timeout:g} s; it goes on "
+                f"(follow it with 'edgeslim fleet status --controller {client.base_url}').")
         time.sleep(0.3)
 
 

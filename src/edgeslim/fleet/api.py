@@ -8,7 +8,7 @@
 | GET    | ``/bundles/SHA``              | the bundle bytes; ``Range: bytes=N-`` resumes (206)    |
 | GET    | ``/nodes``                    | every node (``online`` computed from ``last_seen``)    |
 | POST   | ``/deployments``              | ``{"bundle": SHA, "selector": {}, "params": {...}}``  |
-| GET    | ``/deployments[/ID]``         | deployments with their targets                        |
+| GET    | ``/deployments[/ID]``         | deployments with targets; ``latest``: the newest      |
 | POST   | ``/deployments/ID/rollback``  | roll back (``latest`` for the newest)                 |
 | GET    | ``/records?kind=&node=&since=``| stored outbox records (telemetry, reports, results)  |
 
@@ -115,13 +115,17 @@ def build_app(c: Controller) -> Any:
         return JSONResponse([d.to_dict() for d in c.registry.deployments()])
 
     def get_deployment(request: Request) -> Response:
-        try:
-            dep = int(request.path_params["dep"])
-        except ValueError:
-            return JSONResponse({"error": "deployment id must be an integer"}, status_code=400)
-        row = c.registry.deployment(dep)
+        raw = request.path_params["dep"]
+        if raw == "latest":  # as for rollback: the newest deployment
+            rows = c.registry.deployments()
+            if not rows:
+                return JSONResponse({"error": "No deployment yet"}, status_code=404)
+            return JSONResponse(max(rows, key=lambda d: d.id).to_dict())
+        if not raw.isdigit():
+            return JSONResponse({"error": "deployment id must be an integer or 'latest'"}, 400)
+        row = c.registry.deployment(int(raw))
         if row is None:
-            return JSONResponse({"error": f"No deployment {dep}"}, status_code=404)
+            return JSONResponse({"error": f"No deployment {raw}"}, status_code=404)
         return JSONResponse(row.to_dict())
 
     def rollback(request: Request) -> Response:
