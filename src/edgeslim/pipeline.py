@@ -60,18 +60,25 @@ def compress(
     preset: str | None = None,
     workload: Workload | None = None,
     name: str | None = None,
+    version: str | None = None,
     sign_key: str | Path | None = None,
     progress: bool = True,
 ) -> CompressResult:
     """Compress ``model`` (zoo name, ``.onnx`` path, ``module:callable`` or ``nn.Module``).
 
     Give a ``recipe`` or a ``preset`` (default ``int8``), not both. The bundle is written
-    atomically to ``out``; with ``sign_key`` it is signed.
+    atomically to ``out``; with ``sign_key`` it is signed. ``name`` and ``version`` are the
+    model's name and version in the manifest (what a node serves and reports; version "1"
+    by default).
     """
+    from edgeslim.bundle.manifest import VERSION_RE
     from edgeslim.presets import DEFAULT_PRESET, preset_recipe
 
     if recipe is not None and preset is not None:
         raise ConfigError("Give either a recipe or a preset, not both.")
+    if version is not None and (not isinstance(version, str) or not VERSION_RE.fullmatch(version)):
+        raise ConfigError(f"The model version must be 1-64 of A-Z a-z 0-9 _ . + -. "
+                          f"Got {version!r} instead.")
     if recipe is None:
         recipe = preset_recipe(preset or DEFAULT_PRESET)
     recipe.validate()
@@ -134,6 +141,7 @@ def compress(
         metrics[f"original_{wl.metric}"] = rows[0].metric
     manifest: dict[str, Any] = {
         "name": bundle_name,
+        "version": version or "1",
         "task": wl.task,
         "inputs": _specs(session.get_inputs(), wl),
         "outputs": _specs(session.get_outputs(), wl),

@@ -43,10 +43,10 @@ def test_fp32_cli_roundtrip_signed(tmp_path, digits_mlp):
     assert main(["keygen", "--out", str(tmp_path / "keys")]) == 0
     out = tmp_path / "mlp.eslim"
     rc = main(["compress", "digits-mlp", "--preset", "fp32", "-o", str(out), "-q",
-               "--sign-key", str(tmp_path / "keys" / "signing.key")])
+               "--sign-key", str(tmp_path / "keys" / "signing.key"), "--model-version", "2.1"])
     assert rc == 0
     manifest = json.loads(zipfile.ZipFile(out).read("manifest.json"))
-    assert manifest["name"] == "digits-mlp"
+    assert manifest["name"] == "digits-mlp" and manifest["version"] == "2.1"
     assert manifest["inputs"] == [{"name": "input", "dtype": "float32", "shape": ["batch", 64]}]
     assert manifest["outputs"][0]["shape"] == ["batch", 10]
     assert "probe" in manifest and manifest["metrics"]["accuracy"] > 0.95
@@ -59,6 +59,13 @@ def test_fp32_cli_roundtrip_signed(tmp_path, digits_mlp):
         ref = digits_mlp(torch.from_numpy(x)).numpy()
     got = load(out).run({"input": x})["logits"]
     np.testing.assert_allclose(got, ref, atol=1e-4)
+
+
+def test_a_bad_model_version_is_refused_before_any_work(tmp_path, capsys):
+    out = tmp_path / "x.eslim"
+    rc = main(["compress", "digits-mlp", "--preset", "fp32", "-o", str(out), "-q",
+               "--model-version", "v 2"])
+    assert rc == 2 and "'v 2'" in capsys.readouterr().err and not out.exists()
 
 
 def test_recipe_file_through_cli(tmp_path):

@@ -62,7 +62,7 @@ DTYPES = (
 )
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-_VERSION_RE = re.compile(r"[A-Za-z0-9_.+-]{1,64}")
+VERSION_RE = re.compile(r"[A-Za-z0-9_.+-]{1,64}")
 _TASK_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
 _CREATED_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z")
@@ -242,7 +242,7 @@ def validate_manifest(manifest: Any, *, stage: str = "read") -> dict[str, Any]:
             f"{FORMAT!r} only."
         )
     if "version" in m:
-        c.string(m["version"], "version", _VERSION_RE, "a string of 1-64 of A-Z a-z 0-9 _ . + -")
+        c.string(m["version"], "version", VERSION_RE, "a string of 1-64 of A-Z a-z 0-9 _ . + -")
     if "created" in m:
         c.string(m["created"], "created", _CREATED_RE, "a UTC time like '2026-11-29T13:00:00Z'")
     if "task" in m:

@@ -19,6 +19,8 @@ def register(app: typer.Typer) -> None:
             None, "--preset", help="fp32 | int8 (default) | deep-compression"
         ),
         name: str | None = typer.Option(None, "--name", help="model name in the bundle"),
+        version: str | None = typer.Option(
+            None, "--model-version", help="model version in the bundle (default 1)"),
         sign_key: Path | None = typer.Option(
             None, "--sign-key", help="Ed25519 private key (edgeslim keygen)"
         ),
@@ -34,7 +36,7 @@ def register(app: typer.Typer) -> None:
         console = Console()
         rec = load_recipe(recipe) if recipe is not None else None
         result = compress(model, out=out, recipe=rec, preset=preset, name=name,
-                          sign_key=sign_key, progress=not quiet)
+                          version=version, sign_key=sign_key, progress=not quiet)
         metric_name = next(iter(result.onnx_metrics))
         if result.rows:
             console.print(render_table(result.rows, metric_name))

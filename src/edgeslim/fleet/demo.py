@@ -162,7 +162,7 @@ def _make_bundles(work: Path, key: Path, console: Any) -> tuple[Path, Path]:
     console.print("compressing digits-mlp with preset int8 -> v2.eslim ...")
     try:
         v2 = Path(compress("digits-mlp", out=work / "v2.eslim", preset="int8", sign_key=key,
-                           name="digits-mlp", progress=False).bundle)  # fmt: skip
+                           name="digits-mlp", version="2", progress=False).bundle)  # fmt: skip
     except EdgeslimError as exc:  # keep the demo about the fleet: re-version v1 instead
         console.print(f"[yellow]int8 compression failed ({exc}); v2 = v1's model as version 2")
         v2 = _reversion(v1, work / "v2.eslim", key, "2")
