@@ -143,6 +143,12 @@ def test_sigint_then_rerun_resumes_without_redoing(tmp_path):
     before = _done(store)
     assert len(before) >= 2 and all(n == 1 for n in before.values())
     assert not (tmp_path / "best.eslim").exists()
+    rebuilt = subprocess.run(_cli("report", str(tmp_path / "run")), env=_env(),
+                             capture_output=True, text=True, timeout=120)
+    assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
+    html = (tmp_path / "run" / "index.html").read_text()
+    assert "This run was interrupted: no bundle was written" in html
+    assert "Budget met" not in html
 
     again = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
     assert again.returncode == 0, again.stderr[-3000:]

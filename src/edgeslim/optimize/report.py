@@ -144,6 +144,17 @@ def _e(v: Any) -> str:
 
 def _verdict(data: dict[str, Any]) -> str:
     best: Judged | None = data["best"]
+    outcome = data["outcome"]
+    if outcome.get("interrupted") or "bundle" not in outcome:
+        what = ("was interrupted" if outcome.get("interrupted") else
+                "has not finished (it is still running, or it stopped without saying why)")
+        so_far = ""
+        if best is not None:
+            state = "meets the budget" if best.meets else "fails " + ", ".join(best.failed)
+            so_far = f" The best candidate so far is {_e(best.key)}, which {_e(state)}."
+        return (f'<p class="bad">This run {what}: no bundle was written.{so_far} Run the same '
+                f'command again to resume; finished candidates are read back from the '
+                f'store.</p>')
     if best is None:
         return '<p class="bad">No candidate finished.</p>'
     if best.meets:
