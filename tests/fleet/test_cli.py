@@ -115,6 +115,8 @@ def test_node_verb_refuses_bad_options(tmp_path, keys, capsys):
     assert rc == 2 and "'id'" in err
     rc, _, err = _run(capsys, *base, "--broker", "mqtt://h", "--labels", "oops")
     assert rc == 2 and "key=value" in err
+    rc, _, err = _run(capsys, *base, "--broker", "mqtt://h", "--log-level", "verbose")
+    assert rc == 2 and "--log-level must be one of debug, info" in err and "'verbose'" in err
 
 
 @pytest.mark.slow

@@ -31,15 +31,23 @@ def register(app: typer.Typer) -> None:
     app.add_typer(fleet_app, name="fleet")
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
 def _logging(level: str) -> None:
     import logging
 
+    if str(level).lower() not in LOG_LEVELS:
+        raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}. "
+                          f"Got {level!r} instead.")
+    level = str(level).lower()
     logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
+        level=getattr(logging, level.upper()),
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    for chatty in ("httpx", "httpcore"):  # one line per HTTP call, even at debug
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 def _wait_for_signal() -> None:
