@@ -36,6 +36,21 @@ def test_budget_rejects(kwargs, word):
         Budget(**kwargs)
 
 
+@pytest.mark.parametrize("model, kwargs, word", [
+    ("nosuch-model", {}, "nosuch-model"),
+    ("digits-mlp", {"objective": "speed"}, "objective"),
+    ("digits-mlp", {"time_budget": "ten minutes"}, "time budget"),
+])
+def test_refused_input_leaves_no_report_folder(tmp_path, model, kwargs, word):
+    from edgeslim.errors import EdgeslimError
+    from edgeslim.optimize import optimize
+
+    run = tmp_path / "never" / "run"
+    with pytest.raises(EdgeslimError, match=word):
+        optimize(model, max_drop=0.01, out=tmp_path / "x.eslim", report_dir=run, **kwargs)
+    assert not run.exists() and not (tmp_path / "never").exists()
+
+
 def test_candidate_recipe_and_key():
     c = Candidate(ratio=0.5, distill=True, epochs=4, sparsity=0.7, sparse_epochs=2,
                   format="pack", bits=4)

@@ -122,7 +122,6 @@ def optimize(
     profile = (device_profile if isinstance(device_profile, DeviceProfile) or device_profile
                is None else load_profile(device_profile))
     run_dir = Path(report_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     store_path = Path(store) if store is not None else run_dir / "search.sqlite"
     torch.set_num_threads(threads)
 
@@ -148,6 +147,7 @@ def optimize(
                 "workload": wl.name, "metric_name": wl.metric, "factor": factor,
                 "profile": profile.to_dict() if profile else None,
                 "reference_here_ms": reference_here, "out": str(Path(out))}
+    run_dir.mkdir(parents=True, exist_ok=True)  # only now that every input was accepted
     with ResultStore(store_path) as st:
         run_id = st.begin_run(settings["model"], mhash, settings)
         search = Search(resolved, wl, budget, st, run_dir, mhash, label, threads=threads,
@@ -166,7 +166,7 @@ def optimize(
         bundle = write_best(best, base, budget, settings, Path(out), sign_key=sign_key)
         skipped = [f"{c.label()}: {why}" for c, why in search.skipped]
         outcome = {"best": best.key, "budget_met": best.meets, "failed": best.failed,
-                   "bundle": str(bundle), "skipped": skipped,
+                   "bundle": str(Path(bundle).resolve()), "skipped": skipped,
                    "failed_candidates": [f"{c.label()}: {e}" for c, e in search.failed],
                    "elapsed_s": time.monotonic() - started,
                    "throughput_batch": search.throughput_batch}
