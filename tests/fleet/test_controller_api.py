@@ -36,11 +36,13 @@ def test_upload_is_content_addressed_and_ranges_resume(api, bundles):
     assert [b["sha256"] for b in api.get("/bundles").json()] == [info["sha256"]]
 
 
-def test_bundles_that_do_not_verify_are_refused_unless_forced(api, bundles):
+def test_bundles_that_do_not_verify_are_refused_unless_forced(api, controller, bundles):
     for role in ("foreign", "unsigned"):
         r = api.post("/bundles", content=bundles[role].read_bytes())
         assert r.status_code == 422, r.text
         assert "signature" in r.json()["error"].lower() or "signed" in r.json()["error"]
+        assert ".tmp" not in r.json()["error"]  # the upload is named, not a scratch file
+    assert not [p.name for p in controller.bundles_dir.iterdir() if p.name.startswith(".")]
     r = api.post("/bundles", params={"force": "1"}, content=bundles["foreign"].read_bytes())
     assert r.status_code == 201 and r.json()["verified"] is False
     corrupt = api.post("/bundles", content=b"PK\x03\x04 not a zip")

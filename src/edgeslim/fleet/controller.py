@@ -317,28 +317,29 @@ class Controller:
         from edgeslim.bundle import read_bundle
 
         sha = hashlib.sha256(data).hexdigest()
+        verified = False
+        try:  # checked in memory: a refused upload never touches the disk, and errors name
+            # the upload, not a temporary file
+            b = read_bundle(
+                data, public_key=self.public_key, require_signature=self.public_key is not None
+            )
+            verified = bool(b.verified)
+            manifest, name, version = b.manifest, b.name, b.version
+        except SignatureError:
+            if not force:
+                raise
+            b = read_bundle(data)
+            manifest, name, version = b.manifest, b.name, b.version
+        except BundleError:
+            if not force:
+                raise
+            manifest, name, version = {}, "unreadable", "?"
         tmp = self.bundles_dir / f".{sha}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
         try:
-            verified = False
-            try:
-                b = read_bundle(
-                    tmp, public_key=self.public_key, require_signature=self.public_key is not None
-                )
-                verified = bool(b.verified)
-                manifest, name, version = b.manifest, b.name, b.version
-            except SignatureError:
-                if not force:
-                    raise
-                b = read_bundle(tmp)
-                manifest, name, version = b.manifest, b.name, b.version
-            except BundleError:
-                if not force:
-                    raise
-                manifest, name, version = {}, "unreadable", "?"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, self.bundle_path(sha))
         finally:
             if tmp.exists():
