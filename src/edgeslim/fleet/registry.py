@@ -59,7 +59,8 @@ CREATE TABLE IF NOT EXISTS targets (
     node TEXT NOT NULL,
     phase TEXT NOT NULL,             -- canary | rest
     previous_sha TEXT,               -- what the node served before (rollback target)
-    state TEXT NOT NULL,             -- pending | sent | installed | failed | rolled_back
+    state TEXT NOT NULL,             -- pending | sent | installed | failed | rolled_back |
+                                     -- reverted | skipped (never sent; deployment rolled back)
     detail TEXT NOT NULL DEFAULT '',
     updated REAL NOT NULL,
     PRIMARY KEY (deployment, node)
@@ -381,7 +382,7 @@ class Registry:
         rows = self._query(
             "SELECT t.node, t.deployment, t.state, t.previous_sha, d.bundle_sha FROM targets t "
             "JOIN deployments d ON d.id = t.deployment "
-            "WHERE t.state != 'pending' ORDER BY t.deployment"
+            "WHERE t.state NOT IN ('pending', 'skipped') ORDER BY t.deployment"
         )
         out: dict[str, tuple[int, str, bool]] = {}
         for node, dep, state, prev, sha in rows:

@@ -3,7 +3,8 @@
 A deployment moves through ``pending -> canary -> soak -> rolling -> succeeded``; any failure
 takes it to ``rolling_back -> rolled_back``. Each target (a node) moves through ``pending ->
 sent -> installed | failed``, and on rollback ``rolled_back -> reverted`` (``reverted`` once
-the node reports it serves its previous bundle again). The controller's only lever is the
+the node reports it serves its previous bundle again); targets a rolled-back deployment never
+sent anything to end ``skipped``. The controller's only lever is the
 retained desired state of each node; the node's only answer is a report record in its outbox.
 
 Rollback triggers:
@@ -300,8 +301,12 @@ class Rollout(threading.Thread):
     def _rollback(self, reason: str) -> None:
         """Point every touched target back at its previous bundle; wait for confirmations."""
         self._state("rolling_back", reason)
-        touched = [t for t in self._targets().values() if t.state not in ("pending", "reverted")]
+        targets = self._targets().values()
+        touched = [t for t in targets if t.state not in ("pending", "reverted")]
         self.c.registry.set_targets(self.dep_id, [t.node for t in touched], "rolled_back", reason)
+        # the targets it never reached end too: "skipped" (they were never sent the bundle)
+        self.c.registry.set_targets(self.dep_id, [t.node for t in targets if t.state == "pending"],
+                                    "skipped", f"never sent: {reason}", only_from=("pending",))
         for t in touched:  # after marking, so a fast confirmation lands on "rolled_back"
             self.c.revert_node(t.node, self.dep_id, t.previous_sha)
         deadline = time.monotonic() + min(self.p.install_timeout_s, 60.0)
