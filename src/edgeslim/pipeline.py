@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 
 from edgeslim._ort import ort_session
-from edgeslim.errors import ConfigError
+from edgeslim.errors import ConfigError, ModelError
 from edgeslim.recipe.core import Recipe
 from edgeslim.recipe.measure import StepMetrics
-from edgeslim.recipe.workload import Workload, workload_for
+from edgeslim.recipe.workload import WORKLOADS, Workload, workload_for
 
 __all__ = ["CompressResult", "compress", "onnx_latency_ms"]
 
@@ -79,17 +79,29 @@ def compress(
     if version is not None and (not isinstance(version, str) or not VERSION_RE.fullmatch(version)):
         raise ConfigError(f"The model version must be 1-64 of A-Z a-z 0-9 _ . + -. "
                           f"Got {version!r} instead.")
+    from_preset = recipe is None
     if recipe is None:
         recipe = preset_recipe(preset or DEFAULT_PRESET)
     recipe.validate()
     model_name = model if isinstance(model, str) else None
     bundle_name = name or recipe.name or (Path(model_name).stem if model_name else "model")
+    _check_out(out, model)
+    if sign_key is not None:  # a bad key fails now, not after the compression
+        from edgeslim.bundle.signing import load_private_key
 
-    import onnx
+        load_private_key(sign_key)
 
     from edgeslim.zoo import load_model
 
     resolved = load_model(model)
+    if isinstance(resolved, Path):
+        proto = _load_onnx(resolved)
+        if workload is None and recipe.data is None:
+            how = ("a preset cannot say which; give a recipe (--recipe) with only ONNX steps "
+                   "(ptq, pack) and" if from_preset else "give the recipe")
+            raise ConfigError(
+                f"The ONNX file {str(resolved)!r} comes with no data to calibrate and evaluate "
+                f"it on: {how} a 'data:' key (one of {', '.join(sorted(WORKLOADS))}).")
     wl = workload or workload_for(
         model_name, recipe.data, reference=None if isinstance(resolved, Path) else resolved
     )
@@ -103,7 +115,6 @@ def compress(
                     f"The model {str(resolved)!r} is an ONNX file; the recipe's torch steps "
                     f"({names}) need a torch model. Use ONNX steps only (ptq, pack)."
                 )
-            proto = onnx.load(str(resolved))
             original_bytes = resolved.stat().st_size
         else:
             from edgeslim.export import export_onnx
@@ -115,7 +126,7 @@ def compress(
                   "dynamic_axes": wl.dynamic_axes or None}
             path = Path(tmp) / "model.onnx"
             export_onnx(result.model, wl.example_inputs, path, **io)
-            proto = onnx.load(str(path))
+            proto = _load_onnx(path)
             original_bytes = path.stat().st_size
             if recipe.torch_steps:  # the size to compare with is the untouched model's
                 orig_path = Path(tmp) / "original.onnx"
@@ -169,6 +180,38 @@ def compress(
                           compression=compression)
     metrics["bundle_bytes"] = bundle.stat().st_size
     return CompressResult(bundle, manifest, rows, metrics)
+
+
+def _check_out(out: str | Path, model: Any) -> None:
+    """Refuse an output path that cannot take the bundle, before any work is done."""
+    path = Path(out)
+    if path.is_dir():
+        raise ConfigError(f"The output {str(path)!r} is a folder; give a file path such as "
+                          f"{str(path / 'model.eslim')!r}.")
+    if isinstance(model, (str, Path)) and Path(model).exists() and \
+            Path(model).resolve() == path.resolve():
+        raise ConfigError(f"The output {str(path)!r} is the input model; writing the bundle "
+                          f"there would destroy it. Give another -o path.")
+    for parent in path.resolve().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"Cannot write {str(path)!r}: {str(parent)!r} is a file, "
+                                  f"not a folder.")
+            break
+
+
+def _load_onnx(path: Path) -> Any:
+    """The ONNX model at ``path``, or a ``ModelError`` saying why it is not one."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path))
+    except Exception as exc:  # protobuf's DecodeError and kin: not an ONNX file
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{str(path)!r} is not an ONNX model: {reason[:200]}") from None
+    if proto.ir_version <= 0 or not proto.graph.node:  # e.g. an empty file parses as nothing
+        raise ModelError(f"{str(path)!r} is not an ONNX model: it holds no graph.")
+    return proto
 
 
 def _run_onnx_steps(

@@ -114,3 +114,54 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "verified signature" in out and "test accuracy" in out
     assert _accuracy(tmp_path / "digits-cnn.eslim") > 0.97
+
+
+def test_bad_outputs_keys_and_onnx_files_are_refused_before_any_work(tmp_path, monkeypatch,
+                                                                      capsys):
+    import edgeslim.zoo
+
+    assert main(["keygen", "--out", str(tmp_path / "keys")]) == 0
+    same = tmp_path / "same.onnx"
+    same.write_bytes(b"precious")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data: digits\nsteps: [pack]\n")
+
+    def untouched(*a, **k):
+        raise AssertionError("work started before the inputs were checked")
+
+    monkeypatch.setattr(edgeslim.zoo, "load_model", untouched)
+    cases = [
+        (["compress", str(same), "--recipe", str(recipe), "-o", str(same)], 2,
+         "is the input model"),
+        (["compress", "digits-mlp", "--preset", "fp32", "-o", str(tmp_path)], 2,
+         "is a folder"),
+        (["compress", "digits-mlp", "--preset", "fp32", "-o", str(same / "x.eslim")], 2,
+         "is a file, not a folder"),
+        (["compress", "digits-mlp", "--preset", "fp32", "-o", str(tmp_path / "k.eslim"),
+          "--sign-key", str(tmp_path / "keys" / "signing.pub")], 4, "not a PEM private key"),
+    ]
+    for argv, code, phrase in cases:
+        assert main([*argv, "-q"]) == code, argv
+        assert phrase in capsys.readouterr().err, argv
+    assert same.read_bytes() == b"precious" and not (tmp_path / "k.eslim").exists()
+
+
+def test_files_that_are_not_onnx_get_one_line(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data: digits\nsteps: [pack]\n")
+    fake, empty = tmp_path / "fake.onnx", tmp_path / "empty.onnx"
+    fake.write_text("this is not a protobuf\n" * 3)
+    empty.write_bytes(b"")
+    for path, phrase in ((fake, "is not an ONNX model"), (empty, "it holds no graph")):
+        assert main(["compress", str(path), "--recipe", str(recipe), "-o",
+                     str(tmp_path / "x.eslim"), "-q"]) == 2
+        err = capsys.readouterr().err
+        assert phrase in err and "Traceback" not in err
+    from tests.bundle.helpers import mlp_onnx
+
+    real = tmp_path / "real.onnx"
+    real.write_bytes(mlp_onnx())
+    assert main(["compress", str(real), "--preset", "fp32", "-o", str(tmp_path / "x.eslim"),
+                 "-q"]) == 2
+    assert "a preset cannot say which" in capsys.readouterr().err
+    assert not (tmp_path / "x.eslim").exists()

@@ -32,6 +32,14 @@ def test_recipe_from_python_objects_and_dict_agree():
         ({"steps": [42]}, "Step 1 must be"),
         ({"steps": [{"pack": {}}, {"prune": {"sparsity": 0.5}}]}, "List every torch step"),
         (["prune"], "must be a mapping"),
+        ({"steps": [{"prune": {"sparsity": 0.5, "ignored_layers": 7}}]},
+         "In step 1 ('prune'): The 'ignored_layers' parameter of prune must be a list of layer "
+         "names"),
+        ({"steps": [{"prune": {"sparsity": 0.5, "steps": -3}}]}, "In step 1 ('prune')"),
+        ({"steps": [{"prune_structured": {"round_to": -4}}]}, "'round_to'"),
+        ({"steps": [{"ptq": {"scheme": "bogus"}}]},
+         "In step 1 ('ptq'): The 'scheme' parameter of ptq"),
+        ({"export": {"opset": 99}, "steps": ["pack"]}, "Unknown top-level key 'export'"),
     ],
 )
 def test_bad_recipes_fail_fast_naming_the_value(raw, needle):
@@ -56,6 +64,14 @@ def test_load_recipe_reports_bad_yaml_and_missing_file(tmp_path):
         load_recipe(bad)
     with pytest.raises(ConfigError, match="does not exist"):
         load_recipe(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match=r"not valid YAML at line 2, column 1"):
+        load_recipe(bad)
+    png = tmp_path / "photo.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    with pytest.raises(ConfigError, match="is not text"):
+        load_recipe(png)
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_recipe(tmp_path)
 
 
 def test_every_preset_is_a_valid_recipe():

@@ -24,7 +24,7 @@ from edgeslim.errors import ConfigError
 
 __all__ = ["Recipe", "Step", "load_recipe"]
 
-_TOP_KEYS = {"name", "data", "steps", "description", "export"}
+_TOP_KEYS = {"name", "data", "steps", "description"}
 
 
 def _suggest(word: str, allowed: Sequence[str]) -> str:
@@ -165,10 +165,23 @@ def load_recipe(path: str | Path) -> Recipe:
     import yaml
 
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"The recipe {str(path)!r} is a folder; give a YAML file.")
     if not p.is_file():
         raise ConfigError(f"The recipe file {str(path)!r} does not exist.")
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"The recipe file {str(path)!r} is not text (not UTF-8); a recipe is "
+                          "a YAML file.") from None
+    except OSError as exc:
+        raise ConfigError(f"Cannot read the recipe file {str(path)!r}: {exc.strerror}.") from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"The recipe file {str(path)!r} is not valid YAML: {exc}") from None
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"The recipe file {str(path)!r} is not valid YAML{at}: "
+                          f"{problem}.") from None
     return Recipe.from_dict(raw, source=f"recipe file {str(path)!r}")

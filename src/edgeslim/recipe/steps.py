@@ -76,6 +76,13 @@ def _epochs(v: Any, step: str) -> None:
     check_int_range(v, "epochs", step, 0, 10_000)
 
 
+def _layer_names(v: Any, step: str) -> None:
+    """``ignored_layers``: absent, or a list of module names (strings)."""
+    if v is not None and not (isinstance(v, list) and all(isinstance(n, str) for n in v)):
+        raise ConfigError(f"The 'ignored_layers' parameter of {step} must be a list of layer "
+                          f"names such as ['fc2']. Got {v!r} instead.")
+
+
 # -- prune (unstructured magnitude, the seed's weight clipping) --------------------------------
 
 _PRUNE = {"sparsity": None, "threshold": None, "scope": "global", "schedule": "oneshot",
@@ -93,6 +100,8 @@ def _check_prune(**p: Any) -> None:
     check_choice(p.get("schedule", "oneshot"), "schedule", "prune", {"oneshot", "gradual"})
     _epochs(p.get("epochs", 0), "prune")
     check_positive(p.get("lr", 1e-3), "lr", "prune")
+    check_int_range(p.get("steps", 4), "steps", "prune", 1, 1000)
+    _layer_names(p.get("ignored_layers"), "prune")
 
 
 def _run_prune(ctx: RecipeContext, **p: Any) -> dict[str, Any]:
@@ -128,6 +137,9 @@ def _check_struct(**p: Any) -> None:
                  {"l1", "l2", "taylor", "activation"})
     check_choice(p.get("scope", "layer"), "scope", "prune_structured", {"global", "layer"})
     check_fraction(p.get("head_ratio", 0.0), "head_ratio", "prune_structured")
+    if p.get("round_to") is not None:
+        check_int_range(p["round_to"], "round_to", "prune_structured", 1, 4096)
+    _layer_names(p.get("ignored_layers"), "prune_structured")
 
 
 def _run_struct(ctx: RecipeContext, **p: Any) -> dict[str, Any]:
@@ -257,6 +269,10 @@ def _check_ptq(**p: Any) -> None:
     if p.get("max_drop") is not None:
         check_fraction(p["max_drop"], "max_drop", "ptq", closed_right=True)
     check_positive(p.get("time_budget_s", 900.0), "time_budget_s", "ptq")
+    if p.get("scheme") is not None:
+        from edgeslim.ptq.search import SCHEMES
+
+        check_choice(p["scheme"], "scheme", "ptq", SCHEMES)
 
 
 def _run_ptq(octx: OnnxContext, **p: Any) -> dict[str, Any]:
