@@ -165,3 +165,29 @@ def test_files_that_are_not_onnx_get_one_line(tmp_path, capsys):
                  "-q"]) == 2
     assert "a preset cannot say which" in capsys.readouterr().err
     assert not (tmp_path / "x.eslim").exists()
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_an_interrupted_compress_leaves_nothing_behind(tmp_path, sig):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    out = tmp_path / "x.eslim"
+    proc = subprocess.Popen([sys.executable, "-m", "edgeslim.cli", "compress", "digits-mlp",
+                             "--preset", "deep-compression", "-o", str(out), "-q"],
+                            env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob("edgeslim-*")) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1]
+        time.sleep(0.05)
+    assert list(tmp_path.glob("edgeslim-*")), "the compression never started"
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted: nothing was written" in err and "Traceback" not in err
+    assert not list(tmp_path.glob("edgeslim-*")) and not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -13,7 +15,9 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Argument(
             ..., help="zoo name, path to a .onnx file, or package.module:callable"
         ),
-        out: Path = typer.Option(..., "-o", "--out", help="where to write the .eslim bundle"),
+        out: Path = typer.Option(..., "-o", "--out",
+                                 help="where to write the .eslim bundle (an existing file is "
+                                      "replaced, only once the new bundle is complete)"),
         recipe: Path | None = typer.Option(None, "--recipe", help="recipe YAML file"),
         preset: str | None = typer.Option(
             None, "--preset", help="fp32 | int8 (default) | deep-compression"
@@ -35,12 +39,34 @@ def register(app: typer.Typer) -> None:
 
         console = Console()
         rec = load_recipe(recipe) if recipe is not None else None
-        result = compress(model, out=out, recipe=rec, preset=preset, name=name,
-                          version=version, sign_key=sign_key, progress=not quiet)
+        previous = _cleanup_on_sigterm()
+        try:
+            result = compress(model, out=out, recipe=rec, preset=preset, name=name,
+                              version=version, sign_key=sign_key, progress=not quiet)
+        except KeyboardInterrupt:
+            Console(stderr=True).print(f"interrupted: nothing was written to {out}")
+            raise typer.Exit(130) from None
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
         metric_name = next(iter(result.onnx_metrics))
         if result.rows:
             console.print(render_table(result.rows, metric_name))
         print_bundle_summary(console, result)
+
+
+def _cleanup_on_sigterm() -> Any:
+    """Make SIGTERM stop the process as Ctrl-C does, through the cleanup code (temporary
+    folders, partial files), instead of killing it on the spot; returns the old handler."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, stop)
 
 
 def print_bundle_summary(console, result) -> None:  # type: ignore[no-untyped-def]
