@@ -151,7 +151,7 @@ def _verdict(data: dict[str, Any]) -> str:
         so_far = ""
         if best is not None:
             state = "meets the budget" if best.meets else "fails " + ", ".join(best.failed)
-            so_far = f" The best candidate so far is {_e(best.key)}, which {_e(state)}."
+            so_far = f" The best candidate so far is {_e(best.label)}, which {_e(state)}."
         return (f'<p class="bad">This run {what}: no bundle was written.{so_far} Run the same '
                 f'command again to resume; finished candidates are read back from the '
                 f'store.</p>')
