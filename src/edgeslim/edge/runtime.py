@@ -85,10 +85,8 @@ class Runner:
     defaults to ``default_threads()``; inter-op is 1, graph optimisation is "all" and execution
     sequential. ``spin``: whether idle intra-op threads spin-wait for the next run
     (onnxruntime's default) instead of sleeping. Spinning answers sooner but keeps the extra
-    threads busy for a while after every run: on the project's 2-core machine, 2 threads and a
-    request every 2 ms, digits-cnn took 0.06 ms a run spinning and 0.11 ms sleeping, for
-    2.3 ms and 0.2 ms of CPU per run. Turn it off on a node that runs on battery or shares its
-    cores. ``warmup`` runs the model once on zeros of the declared shapes (symbolic dims set
+    threads busy for a while after every run, which costs the most CPU for small models and
+    sparse requests. Turn it off on a node that runs on battery or shares its cores. ``warmup`` runs the model once on zeros of the declared shapes (symbolic dims set
     to 1). A model onnxruntime cannot load or run raises ``BundleError``.
 
     Attributes: ``manifest`` (dict), ``bundle``, ``inputs`` / ``outputs`` (``TensorSpec``
