@@ -180,3 +180,16 @@ def test_size_budget_limits_the_fallback():
     tight = quantize(model, x[:32], x[32:], max_size_ratio=full_ratio + 0.01, **kwargs)
     assert tight.excluded == [] and len(tight.history) == 1
     assert tight.metrics["size_ratio"] <= full_ratio + 0.01
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy"])
+def test_calibration_prints_nothing_on_stdout(method, capfd):
+    """onnxruntime's histogram calibrators print progress; a command's stdout (which may be
+    JSON) must not carry it."""
+    from edgeslim.ptq.static import ort_quantize_static
+
+    rng = np.random.default_rng(0)
+    feeds = [{"input": rng.normal(size=(8, 16)).astype(np.float32)} for _ in range(4)]
+    q = ort_quantize_static(mlp(), feeds, method=method)
+    assert any(n.op_type == "QuantizeLinear" for n in q.graph.node)
+    assert capfd.readouterr().out == ""

@@ -9,6 +9,8 @@ grid). Calibration ranges can be cached in a file so a search re-quantizes witho
 
 from __future__ import annotations
 
+import contextlib
+import io
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -85,7 +87,10 @@ def ort_quantize_static(
     extra: dict[str, Any] = {}
     if method == "percentile":
         extra["CalibPercentile"] = percentile
-    with tempfile.TemporaryDirectory(prefix="edgeslim-ptq-") as tmp:
+    # onnxruntime's histogram calibrators print their progress to stdout; edgeslim shows its
+    # own, and stdout may carry a command's JSON
+    with tempfile.TemporaryDirectory(prefix="edgeslim-ptq-") as tmp, \
+            contextlib.redirect_stdout(io.StringIO()):
         src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
         onnx.save(model, str(src))
         if defaults:
