@@ -125,6 +125,7 @@ def compress(
             io = {"input_names": wl.input_names, "output_names": wl.output_names,
                   "dynamic_axes": wl.dynamic_axes or None}
             path = Path(tmp) / "model.onnx"
+            _say(progress, "exporting to ONNX and checking it against PyTorch ...")
             export_onnx(result.model, wl.example_inputs, path, **io)
             proto = _load_onnx(path)
             original_bytes = path.stat().st_size
@@ -137,6 +138,7 @@ def compress(
         log += onnx_log
         model_bytes = proto.SerializeToString()
 
+    _say(progress, f"measuring the bundle on onnxruntime ({wl.metric}, latency) ...")
     session = ort_session(model_bytes)
     feeds = {n: a[:1] for n, a in zip(wl.input_names, wl.eval_batches[0][0], strict=True)}
     metric = wl.evaluate_onnx(session)
@@ -180,6 +182,14 @@ def compress(
                           compression=compression)
     metrics["bundle_bytes"] = bundle.stat().st_size
     return CompressResult(bundle, manifest, rows, metrics)
+
+
+def _say(progress: bool, text: str) -> None:
+    """One progress line on stderr (also when it is not a terminal, unlike progress bars)."""
+    if progress:
+        from rich.console import Console
+
+        Console(stderr=True).print(text, highlight=False)
 
 
 def _check_out(out: str | Path, model: Any) -> None:
