@@ -15,8 +15,8 @@ def register(app: typer.Typer) -> None:
         from edgeslim.zoo import ZOO
 
         table = Table(title="edgeslim zoo")
-        for col in ("name", "task", "extra", "summary"):
-            table.add_column(col)
+        for col in ("name", "task", "extra", "summary"):  # wrap, never cut with an ellipsis
+            table.add_column(col, overflow="fold", no_wrap=col == "name")
         for entry in ZOO.values():
             table.add_row(entry.name, entry.task, entry.extra, entry.summary)
         Console().print(table)
