@@ -45,3 +45,15 @@ def test_server_passes_spin_to_every_model(edge_bundles):
         server.stop()
     with pytest.raises(ConfigError, match="'spin'"):
         EdgeServer([edge_bundles["linear"]], spin=1)
+
+
+def test_a_busy_port_is_refused_before_anything_is_announced(edge_bundles, capsys):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", str(edge_bundles["linear"]), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert "Cannot listen on 127.0.0.1" in err and "serving" not in err

@@ -63,9 +63,12 @@ def register(app: typer.Typer) -> None:
             exc.exit_code = 4
             raise
         console = Console(stderr=True)
-        for m in server.models():
-            console.print(f"serving {m['name']} version {m['version']} "
-                          f"(batching {'on' if m['batching'] else 'off'})", highlight=False)
         auth = "bearer token required" if token else "no auth"
-        server.serve_forever(lambda url: console.print(
-            f"listening on {url} ({auth}); pid {os.getpid()}", highlight=False))
+
+        def announce(url: str) -> None:  # once the port is ours, not before
+            for m in server.models():
+                console.print(f"serving {m['name']} version {m['version']} "
+                              f"(batching {'on' if m['batching'] else 'off'})", highlight=False)
+            console.print(f"listening on {url} ({auth}); pid {os.getpid()}", highlight=False)
+
+        server.serve_forever(announce)
