@@ -86,8 +86,9 @@ class Runner:
     sequential. ``spin``: whether idle intra-op threads spin-wait for the next run
     (onnxruntime's default) instead of sleeping. Spinning answers sooner but keeps the extra
     threads busy for a while after every run, which costs the most CPU for small models and
-    sparse requests. Turn it off on a node that runs on battery or shares its cores. ``warmup`` runs the model once on zeros of the declared shapes (symbolic dims set
-    to 1). A model onnxruntime cannot load or run raises ``BundleError``.
+    sparse requests. Turn it off on a node that runs on battery or shares its cores.
+    ``warmup`` runs the model once on zeros of the declared shapes (symbolic dims set to 1).
+    A model onnxruntime cannot load or run raises ``BundleError``.
 
     Attributes: ``manifest`` (dict), ``bundle``, ``inputs`` / ``outputs`` (``TensorSpec``
     tuples in manifest order), ``name``, ``version``, ``session`` (the InferenceSession).
