@@ -140,3 +140,153 @@ def test_demo_without_mosquitto_says_how_to_install_it(monkeypatch, capsys):
     monkeypatch.setattr(broker_mod.os, "access", lambda path, mode: False)
     rc, _, err = _run(capsys, "fleet", "demo")
     assert rc != 0 and "apt-get install mosquitto" in err
+
+
+# ---------------------------------------------------------------------- bad input, refused early
+# An invalid --broker (or a Mosquitto said to be missing, or a controller that does not answer)
+# stands behind every case below: if a check were missing, the command would still stop at once,
+# with another message, and never start anything.
+BAD_BROKER = ["--broker", "http://127.0.0.1:1883"]
+DEAD = "http://127.0.0.1:9"
+
+
+def _refused(capsys, argv, *needles):
+    rc, out, err = _run(capsys, *argv)
+    assert rc == 2, (argv, rc, out, err)
+    assert "Traceback" not in err and all(n in err for n in needles), (argv, err)
+
+
+def test_controller_verb_refuses_bad_ports_numbers_and_folders(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    base = ["fleet", "controller", *BAD_BROKER, "--data", str(tmp_path / "ctl")]
+    for port in ("70000", "-1"):  # was an OverflowError traceback
+        _refused(capsys, [*base, "--http-port", port], "--http-port")
+    _refused(capsys, [*base, "--offline-after", "nan"], "--offline-after", "nan", "seconds")
+    _refused(capsys, [*base, "--offline-after", "-5"], "--offline-after", "-5")
+    for days in ("-1", "0", "inf", "nan"):  # 0 or less would delete every record each minute
+        _refused(capsys, [*base, "--retention-days", days], "--retention-days", "(0, 36500]")
+    base = ["fleet", "controller", *BAD_BROKER]
+    _refused(capsys, [*base, "--data", str(afile)], "--data", "is a file, not a folder")
+    _refused(capsys, [*base, "--data", str(afile / "sub")], "--data", "is a file")
+    assert not (tmp_path / "ctl").exists()
+
+
+def test_node_verb_refuses_bad_numbers_urls_and_folders(tmp_path, keys, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    base = ["fleet", "node", *BAD_BROKER, "--id", "n1", "--controller", "http://127.0.0.1:1",
+            "--public-key", str(keys[1])]  # fmt: skip
+    ok = [*base, "--data", str(tmp_path / "n1")]
+    _refused(capsys, [*ok, "--cloud", "notaurl"], "--cloud", "http(s) URL", "'notaurl'")
+    _refused(capsys, [*ok, "--cloud", "ftp://h"], "--cloud", "'ftp://h'")
+    _refused(capsys, [*base, "--data", str(afile)], "--data", "is a file, not a folder")
+    for flag in ("--heartbeat", "--telemetry"):
+        for bad in ("nan", "inf", "-1", "0", "1e300"):  # 1e300 overflowed the ticker's wait
+            _refused(capsys, [*ok, flag, bad], flag, "(0, 86400]")
+    for bad in ("nan", "-1", "1e-300"):
+        _refused(capsys, [*ok, "--max-download-rate", bad], "--max-download-rate", ">= 1")
+    _refused(capsys, [*ok, "--port", "70000"], "--port")
+    _refused(capsys, [*ok, "--threads", "0"], "--threads")
+    assert not (tmp_path / "n1").exists()
+
+
+def test_controller_and_node_config_refuse_what_the_cli_refuses(tmp_path):
+    from edgeslim.errors import ConfigError
+    from edgeslim.fleet.controller import Controller
+    from edgeslim.fleet.node import NodeConfig
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    mq = "mqtt://c:p@127.0.0.1:1"
+    for kw in ({"offline_after": float("nan")}, {"retention_s": -1.0}, {"http_port": 70000}):
+        with pytest.raises(ConfigError, match=next(iter(kw))):
+            Controller(mq, tmp_path / "ctl", **kw)
+    with pytest.raises(ConfigError, match="is a file"):
+        Controller(mq, afile)
+    assert not (tmp_path / "ctl").exists()
+    cfg = dict(node_id="n1", broker=mq, controller="http://h:1", data_dir=tmp_path / "n1",
+               public_key=afile)  # fmt: skip
+    for kw in ({"cloud_url": "notaurl"}, {"data_dir": afile}, {"heartbeat_s": 1e300},
+               {"max_download_rate": 1e-300}):  # fmt: skip
+        with pytest.raises(ConfigError):
+            NodeConfig(**{**cfg, **kw}).validate()
+
+
+def test_demo_refuses_bad_node_counts_and_a_file_workdir(monkeypatch, tmp_path, capsys):
+    import edgeslim.fleet.broker as broker_mod
+    from edgeslim.errors import ConfigError, MissingDependencyError
+    from edgeslim.fleet.demo import run_demo
+
+    def missing() -> str:
+        raise MissingDependencyError("mosquitto is missing (test)")
+
+    # Mosquitto "missing": without the checks the demo stops there instead of spawning nodes
+    monkeypatch.setattr(broker_mod, "mosquitto_path", missing)
+    for n in ("0", "-2", "33", "100000"):  # 0 was a ZeroDivisionError, 100000 spawned nodes
+        _refused(capsys, ["fleet", "demo", "--nodes", n], "--nodes")
+    for n in (0, -2, 100000):
+        with pytest.raises(ConfigError, match="--nodes must be an integer from 1 to 32"):
+            run_demo(nodes=n)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    _refused(capsys, ["fleet", "demo", "--workdir", str(afile)], "--workdir",
+             "is a file, not a folder")  # fmt: skip
+    with pytest.raises(ConfigError, match="--workdir"):
+        run_demo(workdir=afile)
+    _refused(capsys, ["fleet", "demo", "--bundle", str(afile), "--bundle", str(afile)],
+             "--key-dir")  # fmt: skip
+
+
+def test_deploy_checks_every_parameter_before_uploading(tmp_path, capsys):
+    bundle = tmp_path / "b.eslim"
+    bundle.write_bytes(b"PK not really")
+    # The controller does not answer: an upload attempt would exit 5, a refusal exits 2.
+    base = ["fleet", "deploy", str(bundle), "--controller", DEAD, "--no-wait"]
+    cases = [
+        ("--canary", "nan", "[0.0, 1.0]"),  # was a JSON traceback, after the upload
+        ("--canary", "1.5", "[0.0, 1.0]"),
+        ("--soak", "-1", ">= 0"),
+        ("--soak", "inf", ">= 0"),
+        ("--max-error-rate", "nan", "[0.0, 1.0]"),
+        ("--max-p99-ratio", "inf", "> 0"),
+        ("--max-p99-ratio", "0", "> 0"),
+        ("--install-timeout", "0", "> 0"),
+        ("--install-timeout", "nan", "> 0"),
+        ("--parallel", "0", "--parallel"),
+        ("--timeout", "0", "positive number of seconds"),
+        ("--timeout", "nan", "positive number of seconds"),
+        ("--timeout", "-3", "positive number of seconds"),
+    ]
+    for flag, bad, allowed in cases:
+        _refused(capsys, [*base, flag, bad], flag, allowed)
+    _refused(capsys, [*base, "--selector", "oops"], "key=value")
+
+
+def test_rollback_refuses_bad_options_before_calling_the_controller(capsys):
+    base = ["fleet", "rollback", "--controller", DEAD]
+    _refused(capsys, [*base, "--deployment", "../nodes"], "--deployment", "'latest'")
+    _refused(capsys, [*base, "--deployment", "0"], "--deployment")
+    _refused(capsys, [*base, "--timeout", "nan"], "--timeout", "nan")
+    _refused(capsys, [*base, "--timeout", "0"], "--timeout")
+
+
+def test_rollback_no_wait_says_it_was_requested_and_json_prints_the_row(controller, capsys):
+    from edgeslim.fleet.rollout import RolloutParams
+
+    def soaking() -> int:
+        dep = controller.registry.create_deployment("0" * 64, {}, 0.1,
+                                                    RolloutParams().to_dict(), [])  # fmt: skip
+        controller.registry.set_deployment_state(dep, "soak", "watching canaries for 10 s")
+        return dep
+
+    dep = soaking()
+    rc, out, _ = _run(capsys, "fleet", "rollback", "--controller", controller.url, "--no-wait")
+    assert rc == 0 and f"rollback requested for deployment {dep}" in out
+    assert "soak" not in out and "watching" not in out  # the state before is not news
+    assert controller.wait_deployment(dep, 20) == "rolled_back"
+    dep = soaking()
+    rc, out, _ = _run(capsys, "fleet", "rollback", "--controller", controller.url,
+                      "--deployment", str(dep), "--json")  # fmt: skip
+    row = json.loads(out)
+    assert rc == 0 and row["id"] == dep and row["state"] == "rolled_back"

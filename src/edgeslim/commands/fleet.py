@@ -9,6 +9,9 @@ deployment still running when --timeout ran out (it goes on), 5 the controller d
 from __future__ import annotations
 
 import json
+import math
+import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -62,6 +65,45 @@ def _wait_for_signal() -> None:
         pass
 
 
+def _number(
+    value: float, flag: str, what: str, *, lo: float = 0.0, allow_lo: bool = False,
+    hi: float | None = None,
+) -> float:
+    """A finite float above ``lo`` (or equal with ``allow_lo``) and at most ``hi``; else a
+    ``ConfigError`` naming the flag: "--soak must be WHAT. Got nan instead."."""
+    ok = (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        and (value >= lo if allow_lo else value > lo) and (hi is None or value <= hi)
+    )
+    if not ok:
+        raise ConfigError(f"{flag} must be {what}. Got {value!r} instead.")
+    return float(value)
+
+
+def _folder(path: Path | None, flag: str) -> None:
+    """Refuse a folder option that names a file (or lies under one) before anything is made."""
+    if path is None:
+        return
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                if p == path:
+                    raise ConfigError(f"{flag} {str(path)!r} is a file, not a folder. Give a "
+                                      "folder (it is created if missing).")
+                raise ConfigError(f"{flag} {str(path)!r} cannot be a folder: {str(p)!r} is a "
+                                  "file.")
+            if p != path and not os.access(p, os.W_OK | os.X_OK):
+                raise ConfigError(f"{flag} {str(path)!r} cannot be created: "
+                                  f"{str(p)!r} is not writable.")
+            return
+
+
+def _http_url(value: str | None, flag: str) -> None:
+    if value is not None and not re.match(r"https?://[^/\s]+", value):
+        raise ConfigError(f"{flag} must be an http(s) URL (http://HOST:PORT). "
+                          f"Got {value!r} instead.")
+
+
 def _client(controller: str) -> Any:
     import httpx
 
@@ -91,19 +133,26 @@ def _call(client: Any, method: str, path: str, **kw: Any) -> Any:
 @fleet_app.command("controller")
 def controller_cmd(
     broker: str = typer.Option(..., "--broker", help=_BROKER_HELP),
-    http_port: int = typer.Option(8700, "--http-port", help="HTTP API port."),
+    http_port: int = typer.Option(8700, "--http-port", min=0, max=65535,
+                                  help="HTTP API port (0: any free port)."),
     http_host: str = typer.Option("127.0.0.1", "--http-host", help="HTTP API address."),
     data: Path = typer.Option(..., "--data", help="Directory for the registry and bundles."),
     public_key: Path | None = typer.Option(
         None, "--public-key", help="Ed25519 public key (PEM) that uploaded bundles must verify."
     ),
     offline_after: float = typer.Option(30.0, help="Seconds of silence before a node is stale."),
-    retention_days: float = typer.Option(7.0, help="Days stored records are kept."),
+    retention_days: float = typer.Option(
+        7.0, help="Days stored records are kept (> 0, at most 36500; records older are deleted "
+                  "once a minute, so 0 would keep none)."
+    ),
     log_level: str = typer.Option("info", help="debug, info, warning or error."),
 ) -> None:
     """Run the fleet controller until SIGINT/SIGTERM."""
     from edgeslim.fleet.controller import Controller
 
+    _number(offline_after, "--offline-after", "a positive number of seconds")
+    _number(retention_days, "--retention-days", "a number of days in (0, 36500]", hi=36500.0)
+    _folder(data, "--data")
     _logging(log_level)
     c = Controller(
         broker,
@@ -126,20 +175,27 @@ def controller_cmd(
 def node_cmd(
     broker: str = typer.Option(..., "--broker", help=_BROKER_HELP),
     node_id: str = typer.Option(..., "--id", help="Node id: [A-Za-z0-9_.-]{1,64}."),
-    port: int = typer.Option(8000, "--port", help="KServe V2 HTTP port."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535,
+                             help="KServe V2 HTTP port (0: any free port)."),
     host: str = typer.Option("127.0.0.1", "--host", help="KServe V2 HTTP address."),
     data: Path = typer.Option(..., "--data", help="Directory for bundles and the outbox."),
     public_key: Path = typer.Option(..., "--public-key", help="Pinned Ed25519 public key."),
     controller: str = typer.Option(..., "--controller", help="Controller HTTP URL."),
     labels: str = typer.Option("", "--labels", help="Extra labels: k=v,k2=v2."),
-    heartbeat: float = typer.Option(5.0, help="Seconds between status heartbeats."),
-    telemetry: float = typer.Option(5.0, help="Seconds between telemetry records."),
-    threads: int = typer.Option(1, help="onnxruntime intra-op threads."),
-    max_download_rate: float | None = typer.Option(None, help="Download cap, bytes/s."),
-    offload_threshold: int = typer.Option(
-        0, help="In-flight requests before offloading to a peer (0: never)."
+    heartbeat: float = typer.Option(5.0, help="Seconds between status heartbeats (at most "
+                                    "86400)."),
+    telemetry: float = typer.Option(5.0, help="Seconds between telemetry records (at most "
+                                    "86400)."),
+    threads: int = typer.Option(1, min=1, max=256, help="onnxruntime intra-op threads."),
+    max_download_rate: float | None = typer.Option(
+        None, help="Download cap, bytes/s (at least 1)."
     ),
-    cloud: str | None = typer.Option(None, help="Cloud-tier V2 base URL for offloading."),
+    offload_threshold: int = typer.Option(
+        0, min=0, max=10**6, help="In-flight requests before offloading to a peer (0: never)."
+    ),
+    cloud: str | None = typer.Option(
+        None, help="Cloud-tier V2 base URL for offloading: http(s)://HOST:PORT."
+    ),
     share_results: bool = typer.Option(False, help="Publish outputs on edgeslim/results/SHA."),
     measure: bool = typer.Option(True, help="Measure the reference model for the labels."),
     log_level: str = typer.Option("info", help="debug, info, warning or error."),
@@ -148,6 +204,14 @@ def node_cmd(
     from edgeslim.fleet.node import Node, NodeConfig
     from edgeslim.fleet.protocol import parse_labels
 
+    _number(heartbeat, "--heartbeat", "a number of seconds in (0, 86400]", hi=86400.0)
+    _number(telemetry, "--telemetry", "a number of seconds in (0, 86400]", hi=86400.0)
+    if max_download_rate is not None:
+        _number(max_download_rate, "--max-download-rate", "a number of bytes/s >= 1", lo=1.0,
+                allow_lo=True)
+    _http_url(controller, "--controller")
+    _http_url(cloud, "--cloud")
+    _folder(data, "--data")
     _logging(log_level)
     cfg = NodeConfig(
         node_id=node_id,
@@ -183,8 +247,6 @@ def node_cmd(
 
 # ---------------------------------------------------------------------- operator verbs
 def _upload_or_sha(client: Any, bundle: str, force: bool) -> str:
-    import re
-
     if re.fullmatch(r"[0-9a-f]{64}", bundle) and not Path(bundle).exists():
         return bundle
     path = Path(bundle)
@@ -198,6 +260,31 @@ def _upload_or_sha(client: Any, bundle: str, force: bool) -> str:
         params={"force": "1" if force else "0"},
     )
     return str(info["sha256"])
+
+
+# RolloutParams field -> the ``fleet deploy`` flag that sets it
+_DEPLOY_FLAGS = {
+    "canary": "--canary",
+    "soak_s": "--soak",
+    "max_error_rate": "--max-error-rate",
+    "max_p99_ratio": "--max-p99-ratio",
+    "install_timeout_s": "--install-timeout",
+    "parallel": "--parallel",
+}
+
+
+def _rollout_params(params: dict[str, Any]) -> dict[str, Any]:
+    """Check ``params`` as the controller will (``RolloutParams``), naming the flag at fault."""
+    from edgeslim.fleet.rollout import RolloutParams
+
+    try:
+        RolloutParams.from_dict(params)
+    except ConfigError as exc:
+        m = re.match(r"The '(\w+)' parameter of deploy must be (.*)", str(exc), re.S)
+        if m is None or m.group(1) not in _DEPLOY_FLAGS:
+            raise
+        raise ConfigError(f"{_DEPLOY_FLAGS[m.group(1)]} must be {m.group(2)}") from None
+    return params
 
 
 def _wait_final(client: Any, dep: int, timeout: float) -> dict[str, Any]:
@@ -235,30 +322,30 @@ def deploy_cmd(
     max_error_rate: float = typer.Option(0.01, help="Allowed rise of the canary error rate."),
     max_p99_ratio: float = typer.Option(3.0, help="Allowed canary/baseline p99 ratio."),
     install_timeout: float = typer.Option(120.0, help="Seconds a node has to report."),
-    parallel: int = typer.Option(100, help="Nodes installing at once."),
+    parallel: int = typer.Option(100, min=1, max=10**6, help="Nodes installing at once."),
     force: bool = typer.Option(False, help="Deploy a bundle the controller cannot verify."),
     wait: bool = typer.Option(True, help="Wait for the deployment to finish."),
-    timeout: float = typer.Option(600.0, help="Seconds to wait."),
+    timeout: float = typer.Option(600.0, help="Seconds to wait (> 0)."),
     as_json: bool = typer.Option(False, "--json", help="Print the deployment as JSON."),
 ) -> None:
     """Roll BUNDLE out: canaries first, then the rest; automatic rollback on failure."""
     from edgeslim.fleet.protocol import parse_labels
 
+    # Every parameter is checked here, before the bundle is uploaded.
+    params = _rollout_params({
+        "canary": canary,
+        "soak_s": soak,
+        "max_error_rate": max_error_rate,
+        "max_p99_ratio": max_p99_ratio,
+        "install_timeout_s": install_timeout,
+        "parallel": parallel,
+        "force": force,
+    })  # fmt: skip
+    _number(timeout, "--timeout", "a positive number of seconds")
+    labels = parse_labels(selector)
     with _client(controller) as client:
         sha = _upload_or_sha(client, bundle, force)
-        body = {
-            "bundle": sha,
-            "selector": parse_labels(selector),
-            "params": {
-                "canary": canary,
-                "soak_s": soak,
-                "max_error_rate": max_error_rate,
-                "max_p99_ratio": max_p99_ratio,
-                "install_timeout_s": install_timeout,
-                "parallel": parallel,
-                "force": force,
-            },
-        }
+        body = {"bundle": sha, "selector": labels, "params": params}
         row = _call(client, "POST", "/deployments", json=body)
         if wait:
             row = _wait_final(client, int(row["id"]), timeout)
@@ -325,19 +412,38 @@ def rollback_cmd(
     controller: str = typer.Option(..., "--controller", help="Controller HTTP URL."),
     deployment: str = typer.Option("latest", "--deployment", help="Deployment id or 'latest'."),
     wait: bool = typer.Option(True, help="Wait until the rollback is done."),
-    timeout: float = typer.Option(120.0, help="Seconds to wait."),
+    timeout: float = typer.Option(120.0, help="Seconds to wait (> 0)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the deployment as JSON."),
 ) -> None:
     """Roll a deployment back: every node it touched returns to its previous bundle."""
+    if deployment != "latest" and not re.fullmatch(r"[1-9][0-9]{0,17}", deployment):
+        raise ConfigError("--deployment must be a deployment id (a positive integer) or "
+                          f"'latest'. Got {deployment!r} instead.")
+    _number(timeout, "--timeout", "a positive number of seconds")
     with _client(controller) as client:
         row = _call(client, "POST", f"/deployments/{deployment}/rollback")
         if wait:
             row = _wait_final(client, int(row["id"]), timeout)
-    _print_deployment(row)
+    if as_json:
+        print(json.dumps(row, indent=2))
+    elif wait:
+        _print_deployment(row)
+    else:  # the row still shows the state before the rollback: do not print it as news
+        print(f"rollback requested for deployment {row['id']}; follow it with 'edgeslim fleet "
+              f"status --controller {controller}' or GET /deployments/{row['id']}")
+
+
+DEMO_MAX_NODES = 32  # also enforced by run_demo
 
 
 @fleet_app.command("demo")
 def demo_cmd(
-    nodes: int = typer.Option(3, "--nodes", help="Node processes to start."),
+    nodes: int = typer.Option(
+        3, "--nodes", min=1, max=DEMO_MAX_NODES,
+        help=f"Node processes to start, 1 to {DEMO_MAX_NODES}: each is its own Python process "
+             "with an inference runtime and an HTTP server, all on this machine; more is a "
+             "load test, not a demo.",
+    ),
     bundle: list[Path] = typer.Option(
         [], "--bundle", help="Two signed bundles (v1, v2) instead of compressing digits-mlp."
     ),
@@ -347,4 +453,5 @@ def demo_cmd(
     """Broker + controller + NODES nodes on this machine; roll out v1 then v2 under traffic."""
     from edgeslim.fleet.demo import run_demo
 
+    _folder(workdir, "--workdir")
     run_demo(nodes=nodes, bundles=bundle, key_dir=key, workdir=workdir)

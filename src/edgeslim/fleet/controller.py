@@ -22,6 +22,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from edgeslim._validate import check_int_range, check_positive
 from edgeslim.errors import BundleError, ConfigError, SignatureError
 from edgeslim.fleet.backoff import Backoff
 from edgeslim.fleet.link import MqttLink
@@ -78,6 +79,13 @@ class Controller:
         backoff: Backoff | None = None,
         client_id: str = "edgeslim-controller",
     ) -> None:
+        f = "Controller"
+        check_int_range(http_port, "http_port", f, 0, 65535)
+        check_positive(offline_after, "offline_after", f)
+        check_positive(retention_s, "retention_s", f)
+        if Path(data_dir).exists() and not Path(data_dir).is_dir():
+            raise ConfigError(f"The 'data_dir' parameter of {f} must be a folder; "
+                              f"{str(data_dir)!r} is a file.")
         self.broker = broker if isinstance(broker, BrokerURL) else BrokerURL.parse(broker)
         self.data = Path(data_dir)
         self.bundles_dir = self.data / "bundles"

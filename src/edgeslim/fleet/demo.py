@@ -181,6 +181,10 @@ def _reversion(src: Path, out: Path, key: Path, version: str) -> Path:
     )
 
 
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def run_demo(
     *,
     nodes: int = 3,
@@ -188,31 +192,44 @@ def run_demo(
     key_dir: Path | None = None,
     workdir: Path | None = None,
 ) -> None:
-    """See the module docstring. Raises ``MissingDependencyError`` without Mosquitto."""
+    """See the module docstring. Raises ``MissingDependencyError`` without Mosquitto.
+
+    ``nodes`` is 1 to ``DEMO_MAX_NODES`` (32): every node is its own process on this machine.
+    """
     import httpx
 
     from edgeslim.bundle import generate_keypair, read_bundle
-    from edgeslim.commands.fleet import status_table, wide_console
+    from edgeslim.commands.fleet import DEMO_MAX_NODES, _folder, status_table, wide_console
     from edgeslim.fleet.broker import Broker, free_port, mosquitto_path
     from edgeslim.fleet.controller import Controller
     from edgeslim.fleet.rollout import RolloutParams
 
-    console = wide_console()
-    mosquitto_path()  # a clear message on how to install it, before any work
+    # every argument is checked before anything is made or started
+    if isinstance(nodes, bool) or not isinstance(nodes, int) or not 1 <= nodes <= DEMO_MAX_NODES:
+        raise ConfigError(f"--nodes must be an integer from 1 to {DEMO_MAX_NODES} (each node is "
+                          f"a process on this machine). Got {nodes!r} instead.")
     if bundles and len(bundles) != 2:
         raise ConfigError(f"--bundle must be given twice (v1 and v2). Got {len(bundles)}.")
+    if bundles and key_dir is None:
+        raise ConfigError("--bundle needs --key-dir holding the signing.pub they verify with.")
+    for b in bundles or []:
+        if not Path(b).is_file():
+            raise ConfigError(f"--bundle {str(b)!r} is not a file.")
+    _folder(Path(workdir) if workdir is not None else None, "--workdir")
+    console = wide_console()
+    mosquitto_path()  # a clear message on how to install it, before any work
     own = workdir is None
     work = Path(workdir or tempfile.mkdtemp(prefix="edgeslim-fleet-demo-"))
     work.mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen[bytes]] = []
     broker = controller = traffic = None
+    # The nodes run in their own sessions (a Ctrl-C in the terminal does not reach them), so
+    # the clean-up below must run on SIGTERM too, or a killed demo leaves them behind.
+    on_term = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, _raise_interrupt) if on_term else None
     try:
-        if bundles:
-            if key_dir is None:
-                raise ConfigError(
-                    "--bundle needs --key-dir holding the signing.pub they verify with."
-                )
-            pub = key_dir / "signing.pub"
+        if bundles and key_dir is not None:  # (bundles without key_dir: refused above)
+            pub = Path(key_dir) / "signing.pub"
             v1, v2 = bundles
         else:
             key, pub = generate_keypair(work / "keys")
@@ -264,8 +281,14 @@ def run_demo(
             rows.append(d)
         console.print(status_table(rows, title="edgeslim fleet status"))
     finally:
+        if on_term:  # a second SIGTERM must not cut the clean-up short
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if traffic is not None and traffic.is_alive():
             traffic.stop()
+        for p in procs:  # all at once, then wait: not 10 s per node in turn
+            with contextlib.suppress(OSError):
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
         for p in procs:
             stop_process(p)
         if controller is not None:
@@ -276,3 +299,5 @@ def run_demo(
             shutil.rmtree(work, ignore_errors=True)
         with contextlib.suppress(Exception):
             console.print("demo: everything stopped")
+        if on_term:
+            signal.signal(signal.SIGTERM, old_term if old_term is not None else signal.SIG_DFL)

@@ -103,18 +103,31 @@ class NodeConfig:
         f = "fleet node"
         check_node_id(self.node_id, f)
         check_int_range(self.port, "port", f, 0, 65535)
-        check_positive(self.heartbeat_s, "heartbeat_s", f)
-        check_positive(self.telemetry_s, "telemetry_s", f)
+        for name in ("heartbeat_s", "telemetry_s"):  # a timer past a day overflows waits
+            if check_positive(getattr(self, name), name, f) > 86400.0:
+                raise ConfigError(f"The '{name}' parameter of {f} must be at most 86400 (a "
+                                  f"day). Got {getattr(self, name)!r} instead.")
         check_int_range(self.threads, "threads", f, 1, 256)
         check_int_range(self.download_attempts, "download_attempts", f, 1, 1000)
         check_int_range(self.offload_threshold, "offload_threshold", f, 0, 10**6)
-        if self.max_download_rate is not None:
-            check_positive(self.max_download_rate, "max_download_rate", f)
+        rate = self.max_download_rate
+        if rate is not None and check_positive(rate, "max_download_rate", f) < 1.0:
+            raise ConfigError(f"The 'max_download_rate' parameter of {f} must be at least 1 "
+                              f"(bytes/s). Got {rate!r} instead.")
         if not str(self.controller).startswith(("http://", "https://")):
             raise ConfigError(
                 "The '--controller' option must be an http(s) URL. "
                 f"Got {self.controller!r} instead."
             )
+        if self.cloud_url is not None and not str(self.cloud_url).startswith(
+            ("http://", "https://")
+        ):
+            raise ConfigError(
+                f"The '--cloud' option must be an http(s) URL. Got {self.cloud_url!r} instead."
+            )
+        if Path(self.data_dir).exists() and not Path(self.data_dir).is_dir():
+            raise ConfigError(f"The '--data' option {str(self.data_dir)!r} is a file, not a "
+                              "folder.")
         if not Path(self.public_key).is_file():
             raise ConfigError(
                 f"The '--public-key' file {str(self.public_key)!r} does not exist; a node only "
