@@ -189,3 +189,23 @@ def test_download_refuses_bytes_that_do_not_hash_to_the_address(tmp_path, file_s
     assert not store.has(SHA) and store.resume_offset(SHA) == 0
     with httpx.Client() as client, pytest.raises(BundleError, match="no bundle"):
         store.download(f"{url}/b/missing", SHA, client=client)
+
+
+def test_a_capped_download_grows_in_small_steps_and_never_beats_the_cap(tmp_path, file_server):
+    import time
+
+    url, root, _ = file_server
+    data = os.urandom(60_000)
+    sha = hashlib.sha256(data).hexdigest()
+    (root / "x").write_bytes(data)
+    store = BundleStore(tmp_path / "node")
+    seen: list[tuple[int, float]] = []
+    t0 = time.monotonic()
+    with httpx.Client() as client:
+        store.download(f"{url}/b/x", sha, client=client, max_rate=100_000,
+                       on_progress=lambda n, total: seen.append((n, time.monotonic() - t0)))
+    steps = [b - a for (a, _), (b, _) in zip([(0, 0.0), *seen[:-1]], seen, strict=True)]
+    assert sum(steps) == len(data) and max(steps) <= 10_000  # a tenth of a second's worth
+    for n, t in seen[1:]:  # bytes got before this chunk stayed within the cap
+        assert n - 10_000 <= 100_000 * t + 1
+    assert store.path(sha).read_bytes() == data

@@ -192,8 +192,11 @@ class BundleStore:
                 mode, have = "wb", 0
             total = resp.headers.get("content-length")
             total_size = have + int(total) if total is not None else None
+            # under a cap, read about a tenth of a second's worth at a time, so the file (and
+            # the link) grows smoothly instead of in 64 KiB bursts
+            step = CHUNK if not max_rate else int(min(CHUNK, max(1024, max_rate / 10)))
             with open(part, mode) as f:
-                for chunk in resp.iter_bytes(CHUNK):
+                for chunk in resp.iter_bytes(step):
                     if stop is not None and stop.is_set():
                         raise BundleError("download interrupted by shutdown")
                     f.write(chunk)
