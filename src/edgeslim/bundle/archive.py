@@ -52,8 +52,10 @@ from edgeslim.bundle.signing import (
     PublicKeyLike,
     load_private_key,
     load_public_key,
+    output_problem,
     sign_manifest,
     verify_signature,
+    write_error_reason,
 )
 from edgeslim.errors import BundleError, ConfigError, EdgeslimError, SignatureError
 
@@ -167,10 +169,19 @@ def _zinfo(name: str, method: int) -> zipfile.ZipInfo:
     return info
 
 
+def _check_target(target: Path) -> None:
+    """Refuse a bundle path that cannot be written, before any work is done (cheap)."""
+    problem = output_problem(target)
+    if problem:
+        raise BundleError(f"Cannot write the bundle to {target}: {problem}.")
+
+
 def _atomic_zip(target: Path, entries: list[tuple[str, bytes, int]]) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    _check_target(target)
+    tmp: str | None = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
         with os.fdopen(fd, "w+b") as f:
             with zipfile.ZipFile(f, "w") as zf:
                 for name, data, method in entries:
@@ -180,11 +191,12 @@ def _atomic_zip(target: Path, entries: list[tuple[str, bytes, int]]) -> Path:
         os.chmod(tmp, 0o644)
         os.replace(tmp, target)
     except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         if isinstance(exc, OSError):
-            raise BundleError(f"Cannot write the bundle to {target}: {exc.strerror or exc}.") \
-                from None
+            raise BundleError(f"Cannot write the bundle to {target}: "
+                              f"{write_error_reason(target, exc)}.") from None
         raise
     with contextlib.suppress(OSError):  # make the rename itself durable
         dfd = os.open(target.parent, os.O_RDONLY)
@@ -218,6 +230,7 @@ def write_bundle(
     ``"stored"``. Parent directories are created. Bad input raises ``ConfigError``.
     """
     check_choice(compression, "compression", "write_bundle", COMPRESSIONS)
+    _check_target(Path(path))
     if not isinstance(manifest, Mapping):
         raise ConfigError(f"The 'manifest' parameter of write_bundle must be a dict. Got "
                           f"{type(manifest).__name__} instead.")
@@ -445,6 +458,8 @@ def sign_bundle(
 
     The manifest bytes are kept as they are, so the new signature covers the same manifest.
     """
+    target = Path(out) if out is not None else Path(path)
+    _check_target(target)
     bundle = read_bundle(path)
     key = load_private_key(sign_key)
     model_method = COMPRESSIONS.get(bundle.entries[MODEL_ENTRY].compression, zipfile.ZIP_DEFLATED)
@@ -456,7 +471,7 @@ def sign_bundle(
                 for n, d in sorted(bundle.files.items())]
     entries.append((SIGNATURE_ENTRY, sign_manifest(bundle.manifest_bytes, key),
                     zipfile.ZIP_STORED))
-    return _atomic_zip(Path(out) if out is not None else Path(path), entries)
+    return _atomic_zip(target, entries)
 
 
 def extract_bundle(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
@@ -132,7 +133,42 @@ def verify_signature(manifest_bytes: bytes, signature: bytes, public_key: Public
         ) from None
 
 
-def _write_private(path: Path, data: bytes, mode: int) -> None:
+def output_problem(path: Path, *, folder: bool = False) -> str | None:
+    """Why ``path`` cannot be written as a file (a folder with ``folder=True``), or None.
+
+    Cheap and side-effect free, for checking an output before the work that fills it: a folder
+    where a file goes (or a file where a folder goes), a file among the parent folders, or a
+    nearest existing folder that is not writable. What it cannot foresee (a full disk) still
+    fails at write time.
+    """
+    try:
+        if folder and path.exists() and not path.is_dir():
+            return f"{path} is a file, not a folder"
+        if not folder and path.is_dir():
+            return f"{path} is a folder, not a file"
+        start = path if folder and path.is_dir() else path.parent
+        for where in (start, *start.parents):
+            if where.exists():
+                if not where.is_dir():
+                    return f"{where} is a file, not a folder"
+                if not os.access(where, os.W_OK | os.X_OK):
+                    return f"the folder {where} is not writable (Permission denied)"
+                return None
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
+def write_error_reason(path: Path, exc: OSError) -> str:
+    """The reason in words why writing ``path`` failed with ``exc`` (for a one-line error)."""
+    return output_problem(path) or exc.strerror or str(exc)
+
+
+def _write_temp(path: Path, data: bytes, mode: int) -> str:
+    """Write ``data`` to a new temporary file beside ``path``; return its name.
+
+    An ``OSError`` leaves no temporary file behind; the caller renames or removes it.
+    """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, mode)
@@ -140,18 +176,70 @@ def _write_private(path: Path, data: bytes, mode: int) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    return tmp
+
+
+def _unlink_quietly(*names: str | None) -> None:
+    for name in names:
+        if name is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(name)
+
+
+def _install_pair(key_path: Path, private_pem: bytes, pub_path: Path, public_pem: bytes) -> None:
+    """Replace both key files, or neither: on any failure the old pair stays as it was.
+
+    Both new files are written to temporary files first; the old private key is copied aside
+    before it is replaced, and put back when the public key cannot be installed after it.
+    """
+    tmp_key = tmp_pub = backup = None
+    current = key_path
+    try:
+        tmp_key = _write_temp(key_path, private_pem, 0o600)
+        current = pub_path
+        tmp_pub = _write_temp(pub_path, public_pem, 0o644)
+        current = key_path
+        if key_path.is_file():
+            backup = _write_temp(key_path, key_path.read_bytes(),
+                                 stat.S_IMODE(key_path.stat().st_mode))
+        os.replace(tmp_key, key_path)
+        tmp_key = None
+        current = pub_path
+        try:
+            os.replace(tmp_pub, pub_path)
+            tmp_pub = None
+        except BaseException:
+            if backup is None:  # there was no old private key: take the new one away again
+                _unlink_quietly(str(key_path))
+            else:
+                kept, backup = backup, None  # never delete the only copy of the old key
+                try:
+                    os.replace(kept, key_path)
+                except OSError as exc:
+                    raise ConfigError(
+                        f"Cannot write the key file {pub_path}, nor put the old private key "
+                        f"back ({exc.strerror or exc}): the old private key is kept in "
+                        f"{kept}.") from None
+            raise
+    except OSError as exc:
+        raise ConfigError(f"Cannot write the key file {current}: "
+                          f"{write_error_reason(current, exc)}. No key file was changed.") \
+            from None
+    finally:
+        _unlink_quietly(tmp_key, tmp_pub, backup)
 
 
 def generate_keypair(out_dir: str | os.PathLike, *, force: bool = False) -> tuple[Path, Path]:
     """Make a new Ed25519 key pair; return ``(out_dir/signing.key, out_dir/signing.pub)``.
 
     The private key is PKCS8 PEM with mode 0600, the public key SubjectPublicKeyInfo PEM.
-    Existing key files are refused (``ConfigError``) unless ``force=True``.
+    Existing key files are refused (``ConfigError``) unless ``force=True``; a folder in the
+    place of either file is always refused. The two files are replaced together or not at
+    all: on a failure the old pair is left as it was.
     """
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -161,14 +249,25 @@ def generate_keypair(out_dir: str | os.PathLike, *, force: bool = False) -> tupl
         raise ConfigError(
             f"The 'out_dir' parameter of generate_keypair must be a directory; {out} is a file."
         )
+    problem = output_problem(out, folder=True)
+    if problem:
+        raise ConfigError(f"Cannot write the key pair into {out}: {problem}.")
     key_path, pub_path = out / PRIVATE_KEY_FILE, out / PUBLIC_KEY_FILE
-    existing = [str(p) for p in (key_path, pub_path) if p.exists()]
+    for p in (key_path, pub_path):
+        if p.is_dir():
+            raise ConfigError(f"Cannot write the key file {p}: it is a folder, not a file. "
+                              "Remove it or choose another --out folder; no key was changed.")
+    existing = [str(p) for p in (key_path, pub_path) if p.exists() or p.is_symlink()]
     if existing and not force:
         raise ConfigError(
             f"Refusing to overwrite existing key files {', '.join(existing)}; pass force=True "
             "(CLI: --force) to replace them."
         )
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"Cannot make the key folder {out}: "
+                          f"{output_problem(out, folder=True) or exc.strerror or exc}.") from None
     key = Ed25519PrivateKey.generate()
     private_pem = key.private_bytes(
         serialization.Encoding.PEM,
@@ -178,6 +277,5 @@ def generate_keypair(out_dir: str | os.PathLike, *, force: bool = False) -> tupl
     public_pem = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    _write_private(key_path, private_pem, 0o600)
-    _write_private(pub_path, public_pem, 0o644)
+    _install_pair(key_path, private_pem, pub_path, public_pem)
     return key_path, pub_path

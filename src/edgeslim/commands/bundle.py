@@ -174,9 +174,14 @@ def register(app: typer.Typer) -> None:
     @app.command("keygen")
     def keygen_cmd(
         out: Path = typer.Option(Path("."), "--out", help="Directory for the two key files."),
-        force: bool = typer.Option(False, "--force", help="Overwrite existing key files."),
+        force: bool = typer.Option(
+            False, "--force", help="Replace existing key files (both together, or neither)."
+        ),
     ) -> None:
-        """Make an Ed25519 key pair: OUT/signing.key (private, 0600) and OUT/signing.pub."""
+        """Make an Ed25519 key pair: OUT/signing.key (private, 0600) and OUT/signing.pub.
+
+        Existing key files are refused unless --force; the pair is replaced as a whole.
+        """
         from edgeslim.bundle import generate_keypair
 
         key, pub = generate_keypair(out, force=force)

@@ -16,12 +16,26 @@ DEMO_RECIPE = {
 }
 
 
+def _check_out_dir(out_dir: Path) -> None:
+    """Refuse an --out-dir that cannot be a folder, before the demo's work."""
+    from edgeslim.bundle.signing import output_problem
+    from edgeslim.errors import ConfigError
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out-dir {out_dir} is a file, not a folder.")
+    problem = output_problem(out_dir, folder=True)
+    if problem:
+        raise ConfigError(f"Cannot make --out-dir {out_dir}: {problem}.")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("demo")
     def demo_cmd(
         out_dir: Path | None = typer.Option(None, "--out-dir", help="keep the bundle here"),
     ) -> None:
         """Compress the built-in digits-cnn end to end, sign it, load it back, print a summary."""
+        if out_dir is not None:
+            _check_out_dir(out_dir)
         import numpy as np
         from rich.console import Console
         from rich.panel import Panel
@@ -42,7 +56,14 @@ def register(app: typer.Typer) -> None:
             title="edgeslim",
         ))
         work = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="edgeslim-demo-"))
-        work.mkdir(parents=True, exist_ok=True)
+        try:
+            work.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            from edgeslim.bundle.signing import output_problem
+            from edgeslim.errors import ConfigError
+
+            raise ConfigError(f"Cannot make --out-dir {work}: "
+                              f"{output_problem(work, folder=True) or exc.strerror}.") from None
         key, pub = generate_keypair(work / "keys", force=True)
         recipe = Recipe.from_dict(DEMO_RECIPE)
         result = compress("digits-cnn", out=work / "digits-cnn.eslim", recipe=recipe,

@@ -78,6 +78,23 @@ def _event_printer(console: Any, dash: _Dashboard, max_drop: float) -> Any:
     return on_event
 
 
+def _check_outputs(out: Path, run_dir: Path, *, report_given: bool) -> None:
+    """Refuse a bundle path or report folder that cannot be written, before any work."""
+    from edgeslim.bundle.signing import output_problem
+    from edgeslim.errors import ConfigError
+
+    problem = output_problem(out)
+    if problem:
+        raise ConfigError(f"Cannot write the bundle -o {out}: {problem}.")
+    what = (f"--report {run_dir}" if report_given else
+            f"the report folder {run_dir} (the default for -o {out}; choose one with --report)")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"{what[0].upper()}{what[1:]} is a file, not a folder.")
+    problem = output_problem(run_dir, folder=True)
+    if problem:
+        raise ConfigError(f"Cannot make {what}: {problem}.")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("optimize")
     def optimize_cmd(
@@ -118,6 +135,7 @@ def register(app: typer.Typer) -> None:
 
         console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
         run_dir = report or out.with_name(out.name.removesuffix(".eslim") + ".report")
+        _check_outputs(out, run_dir, report_given=report is not None)
         dash = _Dashboard(parse_duration(time_budget), "metric")
         live = Live(dash, console=console, refresh_per_second=4, transient=True) \
             if console.is_terminal and not quiet else None
@@ -169,28 +187,51 @@ def register(app: typer.Typer) -> None:
         """Write RUN_DIR/index.html (tables + plots) from an optimize run's store."""
         from rich.console import Console
 
+        from edgeslim.bundle.signing import write_error_reason
+        from edgeslim.errors import ConfigError
         from edgeslim.optimize.report import candidates_table, load_run, write_report
 
-        page = write_report(run_dir, store=store, run_id=run)
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ConfigError(f"{run_dir} is a file, not a report folder: give the --report "
+                              "folder of an optimize run.")
+        try:
+            page = write_report(run_dir, store=store, run_id=run)
+        except OSError as exc:
+            where = Path(exc.filename) if isinstance(exc.filename, str) else run_dir
+            raise ConfigError(f"Cannot write the report in {run_dir}: "
+                              f"{write_error_reason(where, exc)}.") from None
         console = Console(width=None if sys.stdout.isatty() else 150)
         console.print(candidates_table(load_run(store or Path(run_dir) / "search.sqlite", run)))
         console.print(f"report: {page}")
 
     @app.command("device-profile")
     def device_profile_cmd(
-        out: Path = typer.Option(..., "-o", "--out", help="profile file to write (JSON)"),
+        out: Path = typer.Option(..., "-o", "--out",
+                                 help="profile file to write (JSON); an existing file is "
+                                      "refused unless --force"),
         threads: int = typer.Option(2, "--threads", help="threads models run with here"),
         reference: str = typer.Option("digits-cnn", "--reference",
                                       help="digits-cnn | fleet-reference (torch-free)"),
         name: str | None = typer.Option(None, "--name", help="profile name"),
+        force: bool = typer.Option(False, "--force",
+                                   help="replace an existing file at --out"),
     ) -> None:
-        """Measure this machine's reference latency and write a device profile."""
+        """Measure this machine's reference latency and write a device profile.
+
+        The file is written atomically; an existing file at --out is kept unless --force.
+        """
         from edgeslim._validate import check_choice, check_int_range
-        from edgeslim.optimize.profile import REFERENCE_MODELS, dump_profile, this_machine
+        from edgeslim.optimize.profile import (
+            REFERENCE_MODELS,
+            check_profile_target,
+            dump_profile,
+            this_machine,
+            write_profile,
+        )
 
         check_choice(reference, "reference", "device-profile", REFERENCE_MODELS)
         check_int_range(threads, "threads", "device-profile", 1, 256)
+        check_profile_target(out, force=force)  # before the measurement, not after
         text = dump_profile(this_machine(threads, reference=reference, name=name))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n", encoding="utf-8")
+        write_profile(out, text + "\n", force=force)
         typer.echo(text)

@@ -68,6 +68,19 @@ def _label(model: Any, name: str | None) -> str:
     return label
 
 
+def _check_report_dir(run_dir: Path) -> None:
+    """Refuse a report folder that cannot be made, before the search (not after it)."""
+    from edgeslim.bundle.signing import output_problem
+
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"The report folder {run_dir} (report_dir; CLI: --report) is a file, "
+                          "not a folder.")
+    problem = output_problem(run_dir, folder=True)
+    if problem:
+        raise ConfigError(f"Cannot make the report folder {run_dir} (report_dir; CLI: "
+                          f"--report): {problem}.")
+
+
 def optimize(
     model: Any,
     *,
@@ -122,6 +135,7 @@ def optimize(
     profile = (device_profile if isinstance(device_profile, DeviceProfile) or device_profile
                is None else load_profile(device_profile))
     run_dir = Path(report_dir)
+    _check_report_dir(run_dir)
     store_path = Path(store) if store is not None else run_dir / "search.sqlite"
     torch.set_num_threads(threads)
 
@@ -184,13 +198,16 @@ def optimize(
 
 
 def judge_run(st: ResultStore, mhash: str, settings: dict[str, Any], *,
-              batch: int | None = None) -> tuple[list[Judged], Judged | None]:
+              batch: int | None = None, until: float | None = None
+              ) -> tuple[list[Judged], Judged | None]:
     """Every finished candidate of this model in the store measured as this run measures
-    (same threads, same throughput ``batch``), judged under ``settings``."""
+    (same threads, same throughput ``batch``), judged under ``settings``; with ``until`` (a
+    run's end, ``time.time()``), only those finished by then (not a later run's)."""
     from edgeslim.optimize.space import Candidate
 
     rows = [r for r in st.candidates(mhash, status="done")
-            if r.result and r.result.get("metric_name") == settings["metric_name"]
+            if (until is None or r.finished is None or r.finished <= until)
+            and r.result and r.result.get("metric_name") == settings["metric_name"]
             and r.result.get("threads") == settings["threads"]
             and (batch is None or r.result.get("batch") == batch)
             and r.bundle and Path(r.bundle).is_file()]

@@ -42,9 +42,11 @@ from edgeslim.errors import ConfigError
 __all__ = [
     "REFERENCE_MODELS",
     "DeviceProfile",
+    "check_profile_target",
     "load_profile",
     "measure_reference",
     "profile_from_labels",
+    "write_profile",
 ]
 
 REFERENCE_MODELS = ("digits-cnn", "fleet-reference")
@@ -135,6 +137,9 @@ def load_profile(path: str | os.PathLike[str]) -> DeviceProfile:
     import yaml
 
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"The device profile {str(path)!r} is a folder, not a file: give the "
+                          "profile's JSON or YAML file (edgeslim device-profile -o FILE).")
     if not p.is_file():
         raise ConfigError(f"The device profile {str(path)!r} does not exist.")
     try:
@@ -232,3 +237,49 @@ def dump_profile(profile: DeviceProfile) -> str:
                       "latency_ms": profile.reference_latency_ms,
                       "threads": profile.reference_threads},
     }, indent=2)
+
+
+def check_profile_target(path: str | os.PathLike[str], *, force: bool = False) -> Path:
+    """Refuse a profile path before anything is measured: a folder, a file among its parent
+    folders, a folder that is not writable, or an existing file without ``force``."""
+    from edgeslim.bundle.signing import output_problem
+
+    p = Path(path)
+    problem = output_problem(p)
+    if problem:
+        raise ConfigError(f"Cannot write the device profile {p}: {problem}.")
+    if (p.exists() or p.is_symlink()) and not force:
+        raise ConfigError(f"Refusing to overwrite the existing file {p}; pass force=True "
+                          "(CLI: --force) to replace it, or choose another -o path.")
+    return p
+
+
+def write_profile(path: str | os.PathLike[str], text: str, *, force: bool = False) -> Path:
+    """Write a profile's text to ``path`` atomically (a temporary file beside it, then
+    ``os.replace``): ``path`` never shows a half-written profile, and a failure leaves what
+    was there. An existing file is replaced only with ``force`` (``ConfigError`` otherwise).
+    """
+    import contextlib
+
+    from edgeslim.bundle.signing import write_error_reason
+
+    p = check_profile_target(path, force=force)
+    tmp: str | None = None
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, p)
+    except BaseException as exc:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise ConfigError(f"Cannot write the device profile {p}: "
+                              f"{write_error_reason(p, exc)}.") from None
+        raise
+    return p

@@ -1,0 +1,136 @@
+"""Outputs that cannot be written: one line, exit 2, no temporary file, nothing lost.
+
+A folder cannot be made unwritable for root with chmod, so an unwritable folder is simulated
+by a regular file where a parent folder should be, or by ``tempfile.mkstemp`` / ``os.replace``
+raising ``PermissionError`` for the target folder only.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from edgeslim.bundle import generate_keypair, write_bundle
+from edgeslim.cli import main
+from edgeslim.errors import BundleError
+from tests.bundle.helpers import mlp_manifest
+
+
+def _deny_mkstemp_in(monkeypatch, folder: Path) -> None:
+    real = tempfile.mkstemp
+
+    def mkstemp(*args, **kwargs):
+        if Path(kwargs.get("dir") or "").resolve() == folder.resolve():
+            raise PermissionError(13, "Permission denied", str(folder))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+
+
+def _one_line_error(capsys, *words: str) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    for word in words:
+        assert word in err, (word, err)
+    return err
+
+
+@pytest.fixture()
+def bundle(tmp_path, mlp_bytes):
+    return write_bundle(tmp_path / "m.eslim", model_onnx=mlp_bytes, manifest=mlp_manifest())
+
+
+def test_write_bundle_into_a_folder_it_cannot_write(tmp_path, mlp_bytes, monkeypatch):
+    out = tmp_path / "ro"
+    out.mkdir()
+    _deny_mkstemp_in(monkeypatch, out)
+    with pytest.raises(BundleError, match=r"Cannot write the bundle to .*x\.eslim: "
+                                          r"Permission denied"):
+        write_bundle(out / "x.eslim", model_onnx=mlp_bytes, manifest=mlp_manifest())
+    assert os.listdir(out) == []
+
+
+def test_compress_into_a_folder_it_cannot_write(tmp_path, monkeypatch, capsys):
+    # the check before the work passes (the folder exists); the write itself is refused
+    out = tmp_path / "ro"
+    out.mkdir()
+    _deny_mkstemp_in(monkeypatch, out)
+    rc = main(["compress", "digits-mlp", "--preset", "fp32", "-q", "-o", str(out / "x.eslim")])
+    assert rc == 2
+    _one_line_error(capsys, "Cannot write the bundle to", "x.eslim", "Permission denied")
+    assert os.listdir(out) == []
+
+
+def test_sign_to_a_path_under_a_file(tmp_path, bundle, keypair, capsys):
+    blocker = tmp_path / "afile"
+    blocker.write_text("keep me")
+    assert main(["sign", str(bundle), "--key", str(keypair[0]),
+                 "-o", str(blocker / "x.eslim")]) == 2
+    _one_line_error(capsys, "Cannot write the bundle", f"{blocker} is a file, not a folder")
+    assert blocker.read_text() == "keep me"
+
+
+def test_sign_in_place_in_a_folder_it_cannot_write(tmp_path, bundle, keypair, monkeypatch,
+                                                   capsys):
+    before = bundle.read_bytes()
+    _deny_mkstemp_in(monkeypatch, bundle.parent)
+    assert main(["sign", str(bundle), "--key", str(keypair[0])]) == 2
+    _one_line_error(capsys, "Cannot write the bundle", "Permission denied")
+    assert bundle.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["m.eslim"]
+
+
+def test_keygen_out_under_a_file(tmp_path, capsys):
+    blocker = tmp_path / "afile"
+    blocker.write_text("keep me")
+    assert main(["keygen", "--out", str(blocker / "keys")]) == 2
+    _one_line_error(capsys, str(blocker / "keys"), f"{blocker} is a file, not a folder")
+    assert blocker.read_text() == "keep me"
+
+
+def test_keygen_into_a_folder_it_cannot_write(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "keys"
+    out.mkdir()
+    _deny_mkstemp_in(monkeypatch, out)
+    assert main(["keygen", "--out", str(out)]) == 2
+    _one_line_error(capsys, "Cannot write the key file", "Permission denied")
+    assert os.listdir(out) == []
+
+
+def test_keygen_force_with_a_folder_as_public_key_keeps_the_old_key(tmp_path, capsys):
+    out = tmp_path / "keys"
+    old_key, _ = generate_keypair(out)
+    (out / "signing.pub").unlink()
+    (out / "signing.pub").mkdir()
+    before = old_key.read_bytes()
+    assert main(["keygen", "--out", str(out), "--force"]) == 2
+    _one_line_error(capsys, str(out / "signing.pub"), "is a folder")
+    assert old_key.read_bytes() == before
+    assert sorted(os.listdir(out)) == ["signing.key", "signing.pub"]
+    assert os.listdir(out / "signing.pub") == []
+
+
+def test_keygen_force_replaces_both_files_or_neither(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "keys"
+    key, pub = generate_keypair(out)
+    old = (key.read_bytes(), pub.read_bytes())
+    real = os.replace
+
+    def replace(src, dst, *args, **kwargs):  # the public key's rename fails, after the key's
+        if Path(dst) == pub:
+            raise PermissionError(13, "Permission denied", str(dst))
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    assert main(["keygen", "--out", str(out), "--force"]) == 2
+    _one_line_error(capsys, "Cannot write the key file", "signing.pub", "Permission denied")
+    assert (key.read_bytes(), pub.read_bytes()) == old
+    assert sorted(os.listdir(out)) == ["signing.key", "signing.pub"]
+    monkeypatch.undo()
+    assert main(["keygen", "--out", str(out), "--force"]) == 0
+    assert key.read_bytes() != old[0] and pub.read_bytes() != old[1]
+    assert sorted(os.listdir(out)) == ["signing.key", "signing.pub"]

@@ -1,0 +1,213 @@
+"""optimize, report, device-profile and demo outputs: a bad place to write is refused with one
+line and exit 2, before the work where that is cheap, and nothing there is lost.
+
+A folder cannot be made unwritable for root with chmod, so an unwritable place is a regular
+file where a folder should be, or ``tempfile.mkstemp`` raising ``PermissionError`` for the
+target folder only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from edgeslim.cli import main
+from edgeslim.errors import ConfigError
+
+
+def _one_line_error(capsys, *words: str) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    for word in words:
+        assert word in err, (word, err)
+    return err
+
+
+@pytest.fixture()
+def no_measuring(monkeypatch):
+    """Fail the test if the reference model is measured: refusals must come before that."""
+    import edgeslim.optimize.profile as profile
+
+    def measure(*args, **kwargs):
+        raise AssertionError("measured the reference before checking the output path")
+
+    monkeypatch.setattr(profile, "measure_reference", measure)
+
+
+@pytest.fixture()
+def blocker(tmp_path):
+    path = tmp_path / "afile"
+    path.write_text("keep me")
+    return path
+
+
+# --------------------------------------------------------------------------- device-profile
+
+
+def test_device_profile_under_a_file(blocker, no_measuring, capsys):
+    assert main(["device-profile", "--reference", "fleet-reference",
+                 "-o", str(blocker / "p.json")]) == 2
+    _one_line_error(capsys, "Cannot write the device profile",
+                    f"{blocker} is a file, not a folder")
+    assert blocker.read_text() == "keep me"
+
+
+def test_device_profile_onto_a_folder(tmp_path, no_measuring, capsys):
+    folder = tmp_path / "profiles"
+    folder.mkdir()
+    assert main(["device-profile", "--reference", "fleet-reference", "-o", str(folder)]) == 2
+    _one_line_error(capsys, f"{folder} is a folder, not a file")
+    assert os.listdir(folder) == []
+
+
+def test_device_profile_keeps_an_existing_file_unless_force(tmp_path, capsys, monkeypatch):
+    from edgeslim.optimize import load_profile
+
+    target = tmp_path / "model.eslim"
+    target.write_bytes(b"PK\x03\x04 a bundle, not a profile")
+    with monkeypatch.context() as m:
+        m.setattr("edgeslim.optimize.profile.measure_reference",
+                  lambda *a, **k: pytest.fail("measured before refusing the existing file"))
+        assert main(["device-profile", "--reference", "fleet-reference",
+                     "-o", str(target)]) == 2
+    _one_line_error(capsys, str(target), "--force")
+    assert target.read_bytes() == b"PK\x03\x04 a bundle, not a profile"
+    assert sorted(os.listdir(tmp_path)) == ["model.eslim"]
+    assert "--force" in _help(capsys, "device-profile")
+
+    assert main(["device-profile", "--reference", "fleet-reference", "--name", "here",
+                 "-o", str(target), "--force"]) == 0
+    assert load_profile(target).name == "here"
+    assert json.loads(target.read_text())["reference"]["model"] == "fleet-reference"
+    assert sorted(os.listdir(tmp_path)) == ["model.eslim"]
+
+
+def _help(capsys, verb: str) -> str:
+    capsys.readouterr()
+    assert main([verb, "--help"]) == 0
+    return capsys.readouterr().out
+
+
+def test_device_profile_write_failure_keeps_the_old_file(tmp_path, monkeypatch, capsys):
+    target = tmp_path / "p.json"
+    target.write_text("old profile")
+    real = tempfile.mkstemp
+
+    def mkstemp(*args, **kwargs):
+        if Path(kwargs.get("dir") or "").resolve() == tmp_path.resolve():
+            raise PermissionError(13, "Permission denied", str(tmp_path))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    assert main(["device-profile", "--reference", "fleet-reference",
+                 "-o", str(target), "--force"]) == 2
+    _one_line_error(capsys, f"Cannot write the device profile {target}", "Permission denied")
+    assert target.read_text() == "old profile"
+    assert os.listdir(tmp_path) == ["p.json"]
+
+
+def test_a_folder_given_as_device_profile(tmp_path, capsys):
+    from edgeslim.optimize import load_profile
+
+    with pytest.raises(ConfigError, match="is a folder, not a file"):
+        load_profile(tmp_path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_profile(tmp_path / "nope.json")
+
+
+# --------------------------------------------------------------------------- optimize
+
+
+@pytest.fixture()
+def no_model_loading(monkeypatch):
+    import edgeslim.zoo
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("loaded the model before checking the output paths")
+
+    monkeypatch.setattr(edgeslim.zoo, "load_model", load_model)
+
+
+def test_optimize_report_is_a_file(tmp_path, blocker, no_model_loading, capsys):
+    out = tmp_path / "o.eslim"
+    assert main(["optimize", "digits-cnn", "--max-drop", "0.01", "--report", str(blocker),
+                 "-o", str(out), "-q"]) == 2
+    _one_line_error(capsys, f"--report {blocker} is a file, not a folder")
+    assert blocker.read_text() == "keep me"
+    assert sorted(os.listdir(tmp_path)) == ["afile"]
+
+
+def test_optimize_outputs_under_a_file(tmp_path, blocker, no_model_loading, capsys):
+    assert main(["optimize", "digits-cnn", "--max-drop", "0.01", "--report",
+                 str(blocker / "run"), "-o", str(tmp_path / "o.eslim"), "-q"]) == 2
+    _one_line_error(capsys, f"--report {blocker / 'run'}", f"{blocker} is a file, not a folder")
+    assert main(["optimize", "digits-cnn", "--max-drop", "0.01",
+                 "-o", str(blocker / "o.eslim"), "-q"]) == 2
+    _one_line_error(capsys, f"-o {blocker / 'o.eslim'}", f"{blocker} is a file, not a folder")
+    assert sorted(os.listdir(tmp_path)) == ["afile"]
+
+
+def test_optimize_api_refuses_a_file_as_report_dir(tmp_path, blocker, no_model_loading):
+    from edgeslim.optimize import optimize
+
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        optimize("digits-cnn", max_drop=0.01, out=tmp_path / "o.eslim", report_dir=blocker)
+    assert blocker.read_text() == "keep me"
+
+
+# --------------------------------------------------------------------------- report and demo
+
+
+def _small_store(run: Path) -> None:
+    """A real store holding one finished run with one candidate (the fp32 baseline)."""
+    from edgeslim.optimize.space import Candidate
+    from edgeslim.optimize.store import ResultStore
+
+    run.mkdir(parents=True)
+    bundle = run / "c.eslim"
+    bundle.write_bytes(b"stands in for a bundle")
+    settings = {"model": "digits-cnn", "label": "digits-cnn",
+                "budget": {"max_drop": 0.01, "latency_ms": None, "size_mb": None,
+                           "time_s": 60.0},
+                "objective": "throughput", "threads": 2, "throughput_batch": 256,
+                "workload": "digits", "metric_name": "accuracy", "factor": 1.0,
+                "profile": None, "reference_here_ms": None, "out": "x.eslim"}
+    with ResultStore(run / "search.sqlite") as st:
+        run_id = st.begin_run("digits-cnn", "h", settings)
+        st.start("k", "h", Candidate().config())
+        st.finish("k", {"metric": 0.98, "latency_ms": 0.1, "throughput": 1000.0,
+                        "bundle_bytes": 1000, "metric_name": "accuracy", "threads": 2,
+                        "batch": 256}, bundle=str(bundle), seconds=1.0)
+        st.end_run(run_id, {"best": "k", "budget_met": True, "failed": [],
+                            "bundle": str(bundle), "throughput_batch": 256})
+
+
+def test_report_of_a_file(blocker, capsys):
+    assert main(["report", str(blocker)]) == 2
+    _one_line_error(capsys, f"{blocker} is a file, not a report folder")
+    assert blocker.read_text() == "keep me"
+
+
+def test_report_that_cannot_be_written(tmp_path, capsys):
+    run = tmp_path / "run"
+    _small_store(run)
+    (run / "pareto.png").mkdir()  # the first plot cannot be written
+    assert main(["report", str(run)]) == 2
+    _one_line_error(capsys, f"Cannot write the report in {run}", "pareto.png is a folder")
+    assert sorted(os.listdir(run)) == ["c.eslim", "pareto.png", "search.sqlite"]
+    (run / "pareto.png").rmdir()
+    assert main(["report", str(run)]) == 0
+    assert (run / "index.html").is_file() and (run / "pareto.png").is_file()
+
+
+def test_demo_out_dir_is_a_file(blocker, capsys):
+    assert main(["demo", "--out-dir", str(blocker)]) == 2
+    _one_line_error(capsys, f"--out-dir {blocker} is a file, not a folder")
+    assert main(["demo", "--out-dir", str(blocker / "sub")]) == 2
+    _one_line_error(capsys, f"--out-dir {blocker / 'sub'}", f"{blocker} is a file, not a folder")
+    assert blocker.read_text() == "keep me"
