@@ -185,3 +185,40 @@ def test_sensitivity_plot_prefers_ptq_report(tmp_path):
     assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     data["judged"][0].result["steps"] = []
     assert not plot_sensitivity(data, tmp_path / "none.png")  # nothing measured: no image
+
+
+def test_a_runs_report_holds_only_the_candidates_finished_by_its_end(tmp_path, monkeypatch):
+    """A later run adds candidates to the shared store; the first run's report (rebuilt after)
+    must not list them."""
+    import time as _time
+
+    from edgeslim.optimize.report import load_run
+    from edgeslim.optimize.space import Candidate
+
+    settings = {"metric_name": "accuracy", "threads": 2, "throughput_batch": 64,
+                "budget": {"max_drop": 0.01}, "factor": 1.0, "objective": "throughput"}
+    clock = iter(range(1000, 2000, 10))
+    monkeypatch.setattr(_time, "time", lambda: float(next(clock)))
+    bundle = tmp_path / "b.eslim"
+    bundle.write_bytes(b"x")
+
+    def finish(st, config, metric):
+        key = candidate_key("m", "digits", Candidate(**config))
+        st.start(key, "m", Candidate(**config).config())
+        st.finish(key, {"metric": metric, "metric_name": "accuracy", "threads": 2, "batch": 64,
+                        "latency_ms": 1.0, "throughput": 100.0, "bundle_bytes": 1000},
+                  bundle=str(bundle), seconds=1.0)
+
+    path = tmp_path / "s.sqlite"
+    with ResultStore(path) as st:
+        run1 = st.begin_run("m", "m", settings)
+        finish(st, {}, 0.98)
+        finish(st, {"ratio": 0.5}, 0.975)
+        st.end_run(run1, {"best": "x", "bundle": str(bundle)})
+        run2 = st.begin_run("m", "m", settings)
+        finish(st, {"ratio": 0.8}, 0.97)
+        st.end_run(run2, {"best": "y", "bundle": str(bundle)})
+    first = {j.label for j in load_run(path, run1)["judged"]}
+    latest = {j.label for j in load_run(path, run2)["judged"]}
+    assert first == {"fp32", Candidate(ratio=0.5).label()}
+    assert latest == first | {Candidate(ratio=0.8).label()}

@@ -71,7 +71,8 @@ def load_run(store_path: str | os.PathLike[str], run_id: int | None = None) \
                               f"{', '.join(str(r['id']) for r in runs)}.")
         batch = (run["outcome"] or {}).get("throughput_batch") \
             or run["settings"].get("throughput_batch")
-        judged, base = judge_run(st, run["model_hash"], run["settings"], batch=batch)
+        judged, base = judge_run(st, run["model_hash"], run["settings"], batch=batch,
+                                 until=run.get("finished"))
         sensitivity = st.get_meta(run["model_hash"], "sensitivity")
         rows = st.candidates(run["model_hash"])
     outcome = run["outcome"] or {}

@@ -74,6 +74,7 @@ class CandidateRow:
     evaluations: int
     seconds: float | None
     seq: int | None
+    finished: float | None = None  # when it was last finished (time.time())
 
 
 class ResultStore:
@@ -110,7 +111,7 @@ class ResultStore:
     def get(self, key: str) -> CandidateRow | None:
         row = self._db.execute(
             "SELECT key, model_hash, config, status, result, error, bundle, evaluations, "
-            "seconds, seq FROM candidates WHERE key = ?", (key,)).fetchone()
+            "seconds, seq, finished FROM candidates WHERE key = ?", (key,)).fetchone()
         return _row(row) if row else None
 
     def start(self, key: str, model_hash: str, config: dict[str, Any]) -> None:
@@ -142,7 +143,7 @@ class ResultStore:
                    status: str | None = None) -> list[CandidateRow]:
         """Stored candidates in the order they were first started."""
         sql = ("SELECT key, model_hash, config, status, result, error, bundle, evaluations, "
-               "seconds, seq FROM candidates")
+               "seconds, seq, finished FROM candidates")
         where, args = [], []
         if model_hash is not None:
             where.append("model_hash = ?")
@@ -194,7 +195,7 @@ class ResultStore:
 
 
 def _row(r: tuple[Any, ...]) -> CandidateRow:
-    key, mh, config, status, result, error, bundle, evaluations, seconds, seq = r
+    key, mh, config, status, result, error, bundle, evaluations, seconds, seq, finished = r
     return CandidateRow(key, mh, json.loads(config), status,
                         json.loads(result) if result else None, error, bundle,
-                        int(evaluations), seconds, seq)
+                        int(evaluations), seconds, seq, finished)
