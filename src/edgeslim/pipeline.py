@@ -202,12 +202,11 @@ def _check_out(out: str | Path, model: Any) -> None:
             Path(model).resolve() == path.resolve():
         raise ConfigError(f"The output {str(path)!r} is the input model; writing the bundle "
                           f"there would destroy it. Give another -o path.")
-    for parent in path.resolve().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ConfigError(f"Cannot write {str(path)!r}: {str(parent)!r} is a file, "
-                                  f"not a folder.")
-            break
+    from edgeslim.bundle.signing import output_problem
+
+    problem = output_problem(path)  # a file among the parents, a folder we cannot write
+    if problem:
+        raise ConfigError(f"Cannot write {str(path)!r}: {problem}.")
 
 
 def _load_onnx(path: Path) -> Any:

@@ -18,6 +18,7 @@ and flag any image that failed to render (the test checks this in headless Chrom
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import os
@@ -115,19 +116,34 @@ def write_report(run_dir: str | os.PathLike[str], *, store: str | os.PathLike[st
     """Write ``run_dir/index.html`` and its PNGs; return the page's path."""
     run_dir = Path(run_dir)
     data = load_run(store or run_dir / "search.sqlite", run_id)
-    run_dir.mkdir(parents=True, exist_ok=True)
     from edgeslim.optimize import plots
 
-    images = []
-    for name, fn in (("pareto.png", plots.plot_pareto), ("sensitivity.png", plots.plot_sensitivity),
-                     ("sparsity.png", plots.plot_sparsity), ("latency.png", plots.plot_latency)):
-        if fn(data, run_dir / name):
-            images.append(name)
     page = run_dir / "index.html"
     tmp = page.with_suffix(".html.tmp")
-    tmp.write_text(_html(data, images), encoding="utf-8")
-    os.replace(tmp, page)
-    (run_dir / "summary.json").write_text(json.dumps(_summary(data), indent=2), encoding="utf-8")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        images = []
+        for name, fn in (("pareto.png", plots.plot_pareto),
+                         ("sensitivity.png", plots.plot_sensitivity),
+                         ("sparsity.png", plots.plot_sparsity),
+                         ("latency.png", plots.plot_latency)):
+            if fn(data, run_dir / name):
+                images.append(name)
+        tmp.write_text(_html(data, images), encoding="utf-8")
+        os.replace(tmp, page)
+        summary = run_dir / "summary.json"
+        summary.with_suffix(".json.tmp").write_text(json.dumps(_summary(data), indent=2),
+                                                    encoding="utf-8")
+        os.replace(summary.with_suffix(".json.tmp"), summary)
+    except OSError as exc:
+        for left in (tmp, run_dir / "summary.json.tmp"):  # no half-written page left over
+            with contextlib.suppress(OSError):
+                left.unlink(missing_ok=True)
+        from edgeslim.bundle.signing import write_error_reason
+
+        where = Path(exc.filename) if exc.filename else run_dir
+        raise ConfigError(f"Cannot write the report in {run_dir}: "
+                          f"{write_error_reason(where, exc)}.") from None
     return page
 
 
