@@ -41,6 +41,8 @@ def test_fleet_node_labels_make_a_profile(tmp_path):
     p = tmp_path / "node.json"
     p.write_text(json.dumps({"id": "edge-7", "labels": labels}))
     assert load_profile(p).name == "edge-7"
+    entry = profile_from_labels({"id": "edge-7", "labels": labels})  # and from Python
+    assert entry.name == "edge-7" and entry.reference_latency_ms == prof.reference_latency_ms
 
 
 def test_per_core_scaling_without_reference():

@@ -109,7 +109,12 @@ class DeviceProfile:
 
 def profile_from_labels(labels: dict[str, Any], *, name: str | None = None) -> DeviceProfile:
     """A profile from a fleet node's labels (``device_class``, ``cores``, ``memory_mb``,
-    ``ref_latency_us``: the fleet reference MLP at one thread)."""
+    ``ref_latency_us``: the fleet reference MLP at one thread), given as a plain mapping or as
+    an entry of the controller's ``GET /nodes`` (``{"id": ..., "labels": {...}}``)."""
+    if isinstance(labels, dict) and isinstance(labels.get("labels"), dict):
+        return profile_from_labels(labels["labels"], name=name or labels.get("name")
+                                   or labels.get("id"))
+
     def _int(key: str) -> int | None:
         v = labels.get(key)
         if v in (None, ""):
