@@ -30,7 +30,11 @@ def test_parse_duration_rejects(text):
 @pytest.mark.parametrize("kwargs, word", [({"max_drop": 1.5}, "max_drop"),
                                           ({"max_drop": -0.1}, "max_drop"),
                                           ({"max_drop": 0.01, "size_mb": 0}, "size_mb"),
-                                          ({"max_drop": 0.01, "latency_ms": -1}, "latency_ms")])
+                                          ({"max_drop": 0.01, "latency_ms": -1}, "latency_ms"),
+                                          ({"max_drop": 0.01, "size_mb": float("inf")},
+                                           "size_mb"),
+                                          ({"max_drop": 0.01, "latency_ms": float("nan")},
+                                           "latency_ms")])
 def test_budget_rejects(kwargs, word):
     with pytest.raises(ConfigError, match=word):
         Budget(**kwargs)

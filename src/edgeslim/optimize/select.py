@@ -17,6 +17,7 @@ can be judged under another budget or device profile without redoing any candida
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,9 +46,9 @@ class Budget:
         for name in ("latency_ms", "size_mb", "time_s"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
-                                  or not v > 0):
-                raise ConfigError(f"The '{name}' parameter of optimize must be a number > 0. "
-                                  f"Got {v!r} instead.")
+                                  or not 0 < v < math.inf):
+                raise ConfigError(f"The '{name}' parameter of optimize must be a finite number "
+                                  f"> 0 (leave it out for no limit). Got {v!r} instead.")
 
     def to_dict(self) -> dict[str, Any]:
         return {"max_drop": self.max_drop, "latency_ms": self.latency_ms,
