@@ -69,3 +69,12 @@ def json_kind(value: Any) -> str:
     if isinstance(value, dict):
         return "an object"
     return type(value).__name__
+
+
+def yaml_error_line(exc: Exception) -> str:
+    """A YAML (or decoding) error as one line: where it is and what is wrong, without the
+    parser's multi-line excerpt of the file."""
+    mark = getattr(exc, "problem_mark", None)
+    at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    problem = getattr(exc, "problem", None) or (str(exc).strip().splitlines() or [""])[0]
+    return f"{at}{problem}"

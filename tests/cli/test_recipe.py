@@ -64,7 +64,7 @@ def test_load_recipe_reports_bad_yaml_and_missing_file(tmp_path):
         load_recipe(bad)
     with pytest.raises(ConfigError, match="does not exist"):
         load_recipe(tmp_path / "missing.yaml")
-    with pytest.raises(ConfigError, match=r"not valid YAML at line 2, column 1"):
+    with pytest.raises(ConfigError, match=r"not valid YAML: line 2, column 1: "):
         load_recipe(bad)
     png = tmp_path / "photo.png"
     png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))

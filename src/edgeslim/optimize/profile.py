@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from edgeslim._validate import yaml_error_line
 from edgeslim.errors import ConfigError
 
 __all__ = [
@@ -150,8 +151,8 @@ def load_profile(path: str | os.PathLike[str]) -> DeviceProfile:
     try:
         raw = yaml.safe_load(p.read_text(encoding="utf-8"))  # YAML reads JSON too
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"The device profile {str(path)!r} is not JSON or YAML: {exc}") \
-            from None
+        raise ConfigError(f"The device profile {str(path)!r} is not JSON or YAML: "
+                          f"{yaml_error_line(exc)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"The device profile {str(path)!r} must be a mapping. Got "
                           f"{type(raw).__name__} instead.")

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgeslim._validate import yaml_error_line
 from edgeslim.errors import ConfigError
 
 __all__ = ["Recipe", "Step", "load_recipe"]
@@ -179,9 +180,6 @@ def load_recipe(path: str | Path) -> Recipe:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        where = getattr(exc, "problem_mark", None)
-        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"The recipe file {str(path)!r} is not valid YAML{at}: "
-                          f"{problem}.") from None
+        raise ConfigError(f"The recipe file {str(path)!r} is not valid YAML: "
+                          f"{yaml_error_line(exc)}.") from None
     return Recipe.from_dict(raw, source=f"recipe file {str(path)!r}")
