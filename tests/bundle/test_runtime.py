@@ -199,6 +199,23 @@ def test_signature_through_load(mlp_path, keypair, other_keypair):
     assert Runner(bundle, public_key=keypair[1]).bundle.verified
     with pytest.raises(SignatureError):
         Runner(bundle, public_key=other_keypair[1])
+    checked = read_bundle(mlp_path, public_key=keypair[1])  # verified, but with another key
+    with pytest.raises(SignatureError, match="does not verify"):
+        load(checked, other_keypair[1])
+
+
+def test_a_server_checks_a_bundle_read_elsewhere_with_its_own_key(mlp_path, keypair,
+                                                                   other_keypair):
+    from edgeslim.edge.server import EdgeServer
+
+    checked = read_bundle(mlp_path, public_key=keypair[1])
+    server = EdgeServer(public_key=other_keypair[1])
+    try:
+        with pytest.raises(SignatureError, match="does not verify"):
+            server.swap(checked)
+        assert server.models() == []
+    finally:
+        server.stop()
 
 
 def test_inspect_ok(mlp_path, keypair, capsys):

@@ -197,11 +197,9 @@ class ModelStore:
         """Load, verify, warm up and probe a bundle without serving it yet."""
         bundle = source if isinstance(source, Bundle) else read_bundle(
             source, public_key=self.public_key)
-        if self.public_key is not None and not bundle.verified:
-            runner = Runner(bundle, public_key=self.public_key, intra_op_num_threads=self.threads,
-                            spin=self.spin)
-        else:
-            runner = Runner(bundle, intra_op_num_threads=self.threads, spin=self.spin)
+        # a Bundle read elsewhere may have been verified with another key: check with ours
+        runner = Runner(bundle, public_key=self.public_key, intra_op_num_threads=self.threads,
+                        spin=self.spin)
         runner.probe()
         m = runner.manifest
         try:

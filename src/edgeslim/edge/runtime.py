@@ -112,7 +112,7 @@ class Runner:
 
         if not isinstance(bundle, Bundle):
             bundle = read_bundle(bundle, public_key=public_key, limits=limits)
-        elif public_key is not None and not bundle.verified:
+        elif public_key is not None:  # always against this key: ``verified`` may mean another
             if bundle.signature is None:
                 raise SignatureError(f"Bundle '{bundle.name}' is not signed, but a public key "
                                      "was given: refusing an unsigned bundle.")
