@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import re
 
 import pytest
 import torch
@@ -136,6 +137,12 @@ def chains(draw) -> tuple[nn.Module, list[str]]:
 def test_any_chain_matches_its_masked_reference(case, ratio, importance, scope):
     model, chain = case
     x = torch.rand(8, 16)
+    keep = [int(n * (1 - ratio)) for n in _widths(model, chain)[:-1]]
+    if scope == "layer" and ratio > 0 and min(keep, default=1) < 1:  # a layer would be emptied
+        with pytest.raises(ConfigError, match="would leave no channel"):
+            prune_structured(model, x[:1], ratio=ratio, importance=importance, scope=scope,
+                             progress=False)
+        return
     result = prune_structured(
         model, x[:1], ratio=ratio, importance=importance, scope=scope, progress=False
     )
@@ -143,9 +150,8 @@ def test_any_chain_matches_its_masked_reference(case, ratio, importance, scope):
     widths = _widths(pruned, chain)
     assert widths[-1] == _widths(model, chain)[-1]
     assert all(w >= 1 for w in widths)
-    if scope == "layer":  # each group keeps int(n * (1 - ratio)) channels (at least one)
-        for before, after in zip(_widths(model, chain)[:-1], widths[:-1], strict=True):
-            assert after == max(1, int(before * (1 - ratio))) or after == before
+    if scope == "layer":  # each group keeps int(n * (1 - ratio)) channels, none is skipped
+        assert widths[:-1] == keep
     ref = masked_reference(model, pruned, chain)
     with torch.no_grad():
         torch.testing.assert_close(pruned(x), ref(x), rtol=1e-4, atol=1e-5)
@@ -248,6 +254,20 @@ def test_iterative_steps_reach_the_same_widths_and_call_back(digits_cnn):
 def test_round_to_keeps_widths_multiples(digits_cnn):
     result = prune_structured(digits_cnn, X1, ratio=0.3, round_to=8, progress=False)
     assert [w % 8 for w in _widths(result.model, CNN_CHAIN)[:3]] == [0, 0, 0]
+
+
+@pytest.mark.parametrize(("kwargs", "phrase"), [
+    ({"ratio": 0.97}, "would leave no channel in conv1 (32): use a ratio below 0.9688"),
+    ({"ratio": 0.99}, "conv1 (32)"),
+    ({"ratio": 0.5, "round_to": 48}, "round_to=48 is more than they keep"),
+])
+def test_a_ratio_or_round_to_no_layer_can_reach_is_refused_not_skipped(digits_cnn, kwargs,
+                                                                        phrase):
+    """torch-pruning would skip such a layer silently: at 0.99 conv1 and conv2 stayed whole."""
+    with pytest.raises(ConfigError, match=re.escape(phrase)):
+        prune_structured(digits_cnn, torch.zeros(1, 64), progress=False, **kwargs)
+    near = prune_structured(digits_cnn, torch.zeros(1, 64), ratio=0.95, progress=False).model
+    assert (near.conv1.out_channels, near.conv2.out_channels) == (1, 3)  # every layer pruned
 
 
 def test_ignored_layers_by_name_or_module_of_the_original(digits_cnn):

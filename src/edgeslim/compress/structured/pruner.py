@@ -179,6 +179,8 @@ def prune_structured(
                     forward_fn=forward,
                     root_module_types=list(ROOT_TYPES),
                 )
+                if scope == "layer" and prune_ratio > 0 and not only_heads:
+                    _check_reachable(pruner, work, prune_ratio, round_to)
             for step in range(iterative_steps):
                 if importance in DATA_DRIVEN:
                     collect_statistics(work, scorer, data, loss_fn=loss_fn, progress=progress)
@@ -222,6 +224,42 @@ def prune_structured(
         },
     )
     return StructuredResult(work, report)
+
+
+def _check_reachable(pruner: Any, work: nn.Module, ratio: float, round_to: int | None) -> None:
+    """Refuse a ``ratio`` (or ``round_to``) that would leave a layer group with no channel.
+
+    torch-pruning skips such a group without a word, so ``ratio=0.99`` would return a model
+    with its first layers untouched (and bigger than at 0.95). Each group of ``scope="layer"``
+    keeps ``int(width * (1 - ratio))`` channels, rounded down to a multiple of ``round_to``.
+    """
+    names = {id(m): n for n, m in work.named_modules()}
+    short = []
+    for group in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
+                                          root_module_types=pruner.root_module_types):
+        dep = group[0].dep
+        if not pruner.DG.is_out_channel_pruning_fn(dep.handler):
+            continue
+        if pruner._is_atten_group(group)[0]:  # attention loses whole heads only
+            continue
+        width = pruner.DG.get_out_channels(dep.target.module)
+        if not width or width <= 1:
+            continue
+        keep = int(width * (1 - ratio))
+        if round_to:
+            keep -= keep % round_to
+        if keep < 1:
+            short.append(f"{names.get(id(dep.target.module), '?')} ({width})")
+    if short:
+        most = "a smaller ratio"
+        if not round_to:
+            narrowest = min(int(x.rsplit("(", 1)[1].rstrip(")")) for x in short)
+            most = f"a ratio below {1 - 1 / narrowest:.4g}"
+        hint = (f"round_to={round_to} is more than they keep; use a smaller round_to or ratio"
+                if round_to else f"use {most}")
+        raise ConfigError(
+            f"ratio={ratio:g} would leave no channel in {', '.join(short)}: {hint}, or add "
+            f"them to ignored_layers.")
 
 
 @contextlib.contextmanager
