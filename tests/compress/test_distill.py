@@ -234,3 +234,20 @@ def test_other_bad_input_is_refused_before_training():
                 features=[("conv2", "fc1")], progress=False)
     with pytest.raises(ConfigError, match=r"'epochs'.*0"):
         distill(DigitsCNN(), DigitsCNN(), BATCH, epochs=0, progress=False)
+
+
+def test_bad_training_data_and_the_teacher_as_student_are_refused(digits_mlp):
+    from edgeslim.zoo.digits import digits_loaders
+
+    x, y = next(iter(digits_loaders()[0]))
+    student = DigitsMLP(hidden=(16, 8))
+    with pytest.raises(ModelError, match="are the same module"):
+        distill(digits_mlp, digits_mlp, [(x, y)], epochs=1, progress=False)
+    for data, phrase in ((None, "Got NoneType"), (5, "Got int"),
+                         ([(x, y.float())], "cannot train on batch 0"),
+                         ([(x, y + 100)], "Target 108 is out of bounds"),
+                         ([(x, y[:5])], "cannot train on batch 0"),
+                         ([(x, y), (x[:, :10], y)], "cannot train on batch 1")):
+        with pytest.raises((ConfigError, ModelError)) as info:
+            distill(student, digits_mlp, data, epochs=1, alpha=0.5, progress=False)
+        assert phrase in str(info.value), (phrase, str(info.value))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import re
 
 import numpy as np
 import pytest
@@ -203,3 +204,38 @@ def test_bad_inputs_are_typed_errors_naming_the_value():
         prune([1, 2, 3], sparsity=0.5)
     with pytest.raises(ModelError, match=r"no Linear or convolution layer.*ReLU"):
         prune(nn.ReLU(), sparsity=0.5)
+
+
+@pytest.mark.parametrize(("train_data", "kwargs", "phrase"), [
+    (5, {}, "must be an iterable of (inputs, labels) batches. Got int"),
+    ("empty", {}, "yielded no batches"),
+    ("first", {}, "cannot train on batch 0 of shape [(64, 64)]: tuple index out of range"),
+    ("float-labels", {}, "expected target dtype to be Long"),
+    ("big-labels", {}, "Target 108 is out of bounds. Batches must be"),
+    ("narrow", {}, "cannot train on batch 0 of shape [(64, 10), (64,)]"),
+    ("good", {"loss_fn": 3}, "'loss_fn' of fine-tuning must be callable"),
+])
+def test_training_data_the_model_cannot_train_on_is_a_config_error(digits_cnn, train_data,
+                                                                   kwargs, phrase):
+    import torch
+
+    from edgeslim.zoo.digits import digits_loaders
+
+    x, y = next(iter(digits_loaders()[0]))
+    data = {"empty": [], "first": [(x,)], "float-labels": [(x, y.float())],
+            "big-labels": [(x, y + 100)], "narrow": [(x[:, :10], y)],
+            "good": [(x, y)]}.get(str(train_data), train_data)
+    before = [p.detach().clone() for p in digits_cnn.parameters()]
+    with pytest.raises(ConfigError) as info:
+        prune(digits_cnn, sparsity=0.5, epochs=1, train_data=data, progress=False, **kwargs)
+    assert phrase in str(info.value)
+    assert all(torch.equal(a, b) for a, b in zip(before, digits_cnn.parameters(), strict=True))
+
+
+def test_ignored_layers_takes_one_name_and_refuses_what_is_not_a_layer(digits_cnn):
+    one = prune(digits_cnn, sparsity=0.5, ignored_layers="fc2", progress=False)
+    assert float((one.model.fc2.weight == 0).float().mean()) == 0.0  # fc2 untouched
+    assert float((one.model.fc1.weight == 0).float().mean()) > 0.3
+    for bad, phrase in (([3], "Got 3 (int)"), (7, "Got int instead")):
+        with pytest.raises(ConfigError, match=re.escape(phrase)):
+            prune(digits_cnn, sparsity=0.5, ignored_layers=bad, progress=False)

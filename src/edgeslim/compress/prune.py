@@ -103,8 +103,21 @@ def polynomial_schedule(final: float, steps: int, initial: float = 0.0) -> list[
 def prunable_layers(
     model: nn.Module, ignored_layers: Iterable[str | nn.Module] | None = None
 ) -> dict[str, nn.Module]:
-    """``{module name: module}`` for each Linear/conv layer not ignored; shared weights once."""
-    ignored = list(ignored_layers or [])
+    """``{module name: module}`` for each Linear/conv layer not ignored; shared weights once.
+
+    ``ignored_layers``: layer names or modules (one of them alone is taken as a list of one).
+    """
+    if isinstance(ignored_layers, (str, nn.Module)):
+        ignored_layers = [ignored_layers]
+    try:
+        ignored = list(ignored_layers or [])
+    except TypeError:
+        raise ConfigError(f"The 'ignored_layers' parameter must be a list of layer names or "
+                          f"modules. Got {type(ignored_layers).__name__} instead.") from None
+    odd = [n for n in ignored if not isinstance(n, (str, nn.Module))]
+    if odd:
+        raise ConfigError(f"The 'ignored_layers' parameter must hold layer names (str) or "
+                          f"modules. Got {odd[0]!r} ({type(odd[0]).__name__}).")
     found = {name: m for name, m in model.named_modules() if isinstance(m, PRUNABLE)}
     names = {n for n in ignored if isinstance(n, str)}
     unknown = sorted(names - set(found))

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgeslim.errors import ConfigError
 from edgeslim.progress import progress_bar
 
 __all__ = ["LossFn", "accuracy", "fit", "predict", "zero_keeper"]
@@ -48,7 +49,17 @@ def fit(
 
     ``after_step`` runs after every optimiser step (pruning uses it to hold masks);
     ``before_epoch(epoch)`` runs at the start of each epoch (gradual schedules use it).
+    Data that is not an iterable of batches, yields none, or that the model cannot train on
+    (shapes, dtypes, labels) raises ``ConfigError`` naming the batch and the reason.
     """
+    if loss_fn is not None and not callable(loss_fn):
+        raise ConfigError(f"The 'loss_fn' of {desc} must be callable as loss_fn(model, x, y). "
+                          f"Got {type(loss_fn).__name__} instead.")
+    try:
+        iter(data)
+    except TypeError:
+        raise ConfigError(f"The training data of {desc} must be an iterable of (inputs, labels) "
+                          f"batches. Got {type(data).__name__} instead.") from None
     loss_fn = loss_fn or _cross_entropy
     opt = torch.optim.Adam(
         list(params) if params is not None else model.parameters(),
@@ -62,21 +73,41 @@ def fit(
     total = steps_per_epoch * epochs if steps_per_epoch else None
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
     model.train()
+    steps = 0
     with progress_bar(desc, total=total, enabled=progress) as advance:
         for epoch in range(epochs):
             if before_epoch is not None:
                 before_epoch(epoch)
-            for batch in data:
-                x, y = _split(batch)
-                opt.zero_grad(set_to_none=True)
-                loss = loss_fn(model, x, y)
-                loss.backward()
+            for i, batch in enumerate(data):
+                try:
+                    x, y = _split(batch)
+                    opt.zero_grad(set_to_none=True)
+                    loss = loss_fn(model, x, y)
+                    loss.backward()
+                except (TypeError, ValueError, IndexError, KeyError, RuntimeError) as exc:
+                    raise _bad_batch(desc, i, batch, exc) from exc
                 opt.step()
+                steps += 1
                 if after_step is not None:
                     after_step()
                 advance(1, loss=float(loss.detach()))
+            if steps == 0:
+                raise ConfigError(f"The training data of {desc} yielded no batches; "
+                                  f"{epochs} epoch(s) would train nothing.")
             sched.step()
     return model.eval()
+
+
+def _bad_batch(desc: str, index: int, batch: Any, exc: Exception) -> ConfigError:
+    """Why training stopped on a batch, in one line: which batch, its shapes, the reason."""
+    from edgeslim.compress._batch import describe
+
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ConfigError(
+        f"{desc} cannot train on batch {index} of shape {describe(batch)}: "
+        f"{reason[:300].rstrip('.')}. "
+        "Batches must be (inputs, labels) with inputs the model accepts and labels integer "
+        "class indices in range (or give a loss_fn that takes them).")
 
 
 def zero_keeper(model: nn.Module) -> Callable[[], None] | None:
