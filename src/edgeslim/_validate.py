@@ -7,10 +7,17 @@ Never ``assert`` on user input: asserts vanish under ``python -O``.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Collection
 from typing import Any
 
 from edgeslim.errors import ConfigError
+
+
+def _real(value: Any) -> bool:
+    """A real number that is not a bool: Python's int and float, and numpy's scalars too
+    (numpy registers them as ``numbers.Real``; its bool is not one)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _fail(name: str, func: str, what: str, value: Any) -> ConfigError:
@@ -21,7 +28,7 @@ def check_fraction(value: Any, name: str, func: str, *, closed_right: bool = Fal
     """A float in [0, 1) (or [0, 1] with ``closed_right``)."""
     right = "]" if closed_right else ")"
     what = f"a float in the range [0.0, 1.0{right}"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+    if not _real(value) or math.isnan(value):
         raise _fail(name, func, what, value)
     ok = 0.0 <= value <= 1.0 if closed_right else 0.0 <= value < 1.0
     if not ok:
@@ -31,7 +38,7 @@ def check_fraction(value: Any, name: str, func: str, *, closed_right: bool = Fal
 
 def check_int_range(value: Any, name: str, func: str, lo: int, hi: int) -> int:
     """An int in [lo, hi]."""
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+    if not _real(value) or not isinstance(value, numbers.Integral) or not lo <= value <= hi:
         raise _fail(name, func, f"an int in the range [{lo}, {hi}]", value)
     return int(value)
 
@@ -39,7 +46,7 @@ def check_int_range(value: Any, name: str, func: str, lo: int, hi: int) -> int:
 def check_positive(value: Any, name: str, func: str, *, allow_zero: bool = False) -> float:
     """A finite float > 0 (or >= 0)."""
     what = "a finite float >= 0" if allow_zero else "a finite float > 0"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not _real(value) or not math.isfinite(value):
         raise _fail(name, func, what, value)
     if value < 0 or (value == 0 and not allow_zero):
         raise _fail(name, func, what, value)

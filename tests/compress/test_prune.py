@@ -239,3 +239,12 @@ def test_ignored_layers_takes_one_name_and_refuses_what_is_not_a_layer(digits_cn
     for bad, phrase in (([3], "Got 3 (int)"), (7, "Got int instead")):
         with pytest.raises(ConfigError, match=re.escape(phrase)):
             prune(digits_cnn, sparsity=0.5, ignored_layers=bad, progress=False)
+
+
+def test_numpy_scalars_are_numbers_like_any_other(digits_cnn):
+    """Parameters often come out of numpy (a sweep, a config): np.float32(0.5) is 0.5."""
+    a = prune(digits_cnn, sparsity=np.float32(0.5), epochs=np.int64(0), progress=False)
+    b = prune(digits_cnn, sparsity=0.5, epochs=0, progress=False)
+    assert a.sparsity == pytest.approx(b.sparsity) and a.objective == pytest.approx(b.objective)
+    with pytest.raises(ConfigError, match="Got True instead"):
+        prune(digits_cnn, sparsity=True, progress=False)
