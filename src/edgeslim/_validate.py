@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Collection
+from pathlib import Path
 from typing import Any
 
 from edgeslim.errors import ConfigError
@@ -85,3 +87,10 @@ def yaml_error_line(exc: Exception) -> str:
     at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
     problem = getattr(exc, "problem", None) or (str(exc).strip().splitlines() or [""])[0]
     return f"{at}{problem}"
+
+
+def check_path(value: Any, name: str, func: str) -> Path:
+    """A filesystem path given as ``str`` or ``os.PathLike`` (not None, a number, ...)."""
+    if isinstance(value, (str, os.PathLike)) and str(value) != "":
+        return Path(value)
+    raise _fail(name, func, "a path (str or os.PathLike)", value)

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from edgeslim._ort import ort_session
+from edgeslim._validate import check_path
 from edgeslim.errors import ConfigError, ModelError
 from edgeslim.recipe.core import Recipe
 from edgeslim.recipe.measure import StepMetrics
@@ -71,11 +72,18 @@ def compress(
     model's name and version in the manifest (what a node serves and reports; version "1"
     by default).
     """
-    from edgeslim.bundle.manifest import VERSION_RE
+    from edgeslim.bundle.manifest import NAME_RE, VERSION_RE
     from edgeslim.presets import DEFAULT_PRESET, preset_recipe
 
     if recipe is not None and preset is not None:
         raise ConfigError("Give either a recipe or a preset, not both.")
+    if recipe is not None and not isinstance(recipe, Recipe):
+        raise ConfigError(f"The 'recipe' of compress must be a Recipe (from load_recipe or "
+                          f"Recipe.from_dict). Got {type(recipe).__name__} instead.")
+    check_path(out, "out", "compress")
+    if name is not None and (not isinstance(name, str) or not NAME_RE.fullmatch(name)):
+        raise ConfigError(f"The model name must be 1-64 of A-Z a-z 0-9 _ . - (a V2 model "
+                          f"name). Got {name!r} instead.")
     if version is not None and (not isinstance(version, str) or not VERSION_RE.fullmatch(version)):
         raise ConfigError(f"The model version must be 1-64 of A-Z a-z 0-9 _ . + -. "
                           f"Got {version!r} instead.")

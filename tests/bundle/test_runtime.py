@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -266,3 +267,30 @@ def test_edge_imports_without_torch(mlp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "(1, 4)"
+
+
+def test_paths_and_options_of_the_wrong_kind_are_config_errors(tmp_path, mlp_path):
+    import torch
+
+    from edgeslim.bundle import generate_keypair, sign_bundle
+    from edgeslim.edge.server import EdgeServer
+
+    for call, phrase in (
+        (lambda: load(None), "must be a path or a Bundle"),
+        (lambda: load(5), "Got int instead"),
+        (lambda: read_bundle(None), "'path' parameter of read_bundle must be a path"),
+        (lambda: generate_keypair(None), "'out_dir' parameter of generate_keypair"),
+        (lambda: write_bundle(None, model_onnx=b"", manifest={}), "'path' parameter of write"),
+        (lambda: sign_bundle(None, "k"), "'path' parameter of sign_bundle"),
+        (lambda: EdgeServer(str(mlp_path)), "must be a list of bundle paths"),
+        (lambda: EdgeServer(None), "Got NoneType instead"),
+        (lambda: EdgeServer([], host=5), "'host' parameter of EdgeServer"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(phrase)):
+            call()
+    runner = load(mlp_path)
+    x = torch.rand(2, 8, requires_grad=True)  # a tensor straight out of training code
+    np.testing.assert_array_equal(runner.run({"input": x})["logits"],
+                                  runner.run({"input": x.detach().numpy()})["logits"])
+    with pytest.raises(ConfigError, match="'cast' parameter of run"):
+        runner.run({"input": x.detach().numpy()}, cast="no")

@@ -30,7 +30,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, BinaryIO, Union
 
-from edgeslim._validate import check_choice
+from edgeslim._validate import check_choice, check_path
 from edgeslim.bundle._onnxproto import read_onnx_header
 from edgeslim.bundle._zipread import DEFAULT_LIMITS, Limits, read_entry
 from edgeslim.bundle.manifest import (
@@ -230,7 +230,7 @@ def write_bundle(
     ``"stored"``. Parent directories are created. Bad input raises ``ConfigError``.
     """
     check_choice(compression, "compression", "write_bundle", COMPRESSIONS)
-    _check_target(Path(path))
+    _check_target(check_path(path, "path", "write_bundle"))
     if not isinstance(manifest, Mapping):
         raise ConfigError(f"The 'manifest' parameter of write_bundle must be a dict. Got "
                           f"{type(manifest).__name__} instead.")
@@ -424,7 +424,7 @@ def read_bundle(
         opened: BinaryIO = io.BytesIO(bytes(path))
         where: Path | None = None
     else:
-        where = Path(path)
+        where = check_path(path, "path", "read_bundle")
         try:
             opened = open(where, "rb")  # noqa: SIM115 - closed below
         except FileNotFoundError:
@@ -458,7 +458,8 @@ def sign_bundle(
 
     The manifest bytes are kept as they are, so the new signature covers the same manifest.
     """
-    target = Path(out) if out is not None else Path(path)
+    target = check_path(out if out is not None else path, "out" if out is not None else "path",
+                        "sign_bundle")
     _check_target(target)
     bundle = read_bundle(path)
     key = load_private_key(sign_key)

@@ -61,7 +61,7 @@ DTYPES = (
     "uint64",
 )
 
-_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 VERSION_RE = re.compile(r"[A-Za-z0-9_.+-]{1,64}")
 _TASK_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
@@ -227,7 +227,7 @@ def validate_manifest(manifest: Any, *, stage: str = "read") -> dict[str, Any]:
         raise err(f"The manifest must be a JSON object. Got {type(manifest).__name__}.")
     m = dict(manifest)
 
-    c.string(c.need(m, "name"), "name", _NAME_RE, "1-64 characters from A-Z a-z 0-9 _ . -")
+    c.string(c.need(m, "name"), "name", NAME_RE, "1-64 characters from A-Z a-z 0-9 _ . -")
     if set(m["name"]) == {"."}:
         raise c.fail("name", "a name that is not only dots", m["name"])
     inputs = c.tensors(c.need(m, "inputs"), "inputs")

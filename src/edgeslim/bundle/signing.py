@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
+from edgeslim._validate import check_path
 from edgeslim.errors import ConfigError, SignatureError
 
 if TYPE_CHECKING:
@@ -244,7 +245,7 @@ def generate_keypair(out_dir: str | os.PathLike, *, force: bool = False) -> tupl
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    out = Path(out_dir)
+    out = check_path(out_dir, "out_dir", "generate_keypair")
     if out.exists() and not out.is_dir():
         raise ConfigError(
             f"The 'out_dir' parameter of generate_keypair must be a directory; {out} is a file."

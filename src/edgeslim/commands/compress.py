@@ -44,6 +44,7 @@ def register(app: typer.Typer) -> None:
             result = compress(model, out=out, recipe=rec, preset=preset, name=name,
                               version=version, sign_key=sign_key, progress=not quiet)
         except KeyboardInterrupt:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut this
             Console(stderr=True).print(f"interrupted: nothing was written to {out}")
             raise typer.Exit(130) from None
         finally:

@@ -111,6 +111,9 @@ class Runner:
         import onnxruntime as ort
 
         if not isinstance(bundle, Bundle):
+            if not isinstance(bundle, (str, os.PathLike)):
+                raise ConfigError(f"The bundle given to load/Runner must be a path or a Bundle "
+                                  f"from read_bundle. Got {type(bundle).__name__} instead.")
             bundle = read_bundle(bundle, public_key=public_key, limits=limits)
         elif public_key is not None:  # always against this key: ``verified`` may mean another
             if bundle.signature is None:
@@ -215,9 +218,12 @@ class Runner:
     def _check_one(
         self, spec: TensorSpec, value: Any, cast: bool, symbols: dict[str, tuple[int, str]]
     ) -> np.ndarray:
+        if callable(getattr(value, "detach", None)):  # a torch tensor, maybe one with grad
+            value = value.detach()
+            value = value.cpu() if callable(getattr(value, "cpu", None)) else value
         try:
             arr = np.asarray(value)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RuntimeError) as exc:
             raise InferenceError(f"Input '{spec.name}' is not an array: {exc}.") from None
         want = np.dtype(spec.dtype)
         if arr.dtype != want:
@@ -232,7 +238,7 @@ class Runner:
             if not np.can_cast(arr.dtype, want, casting="same_kind"):
                 raise InferenceError(
                     f"Input '{spec.name}' must be {spec.dtype}; got {arr.dtype}, which does not "
-                    f"cast to it without changing kind (cast=True casts within a kind only)."
+                    f"cast to it even with cast=True (floats never become integers)."
                 )
             arr = arr.astype(want)
         if arr.ndim != spec.rank:
@@ -260,10 +266,14 @@ class Runner:
     def run(self, inputs: Any, *, cast: bool = False) -> dict[str, np.ndarray]:
         """Run the model; return ``{output name: array}`` in the manifest's output order.
 
-        ``inputs`` is a dict input name -> array, or one array when the model has one input.
-        Dtypes must match exactly unless ``cast=True`` (which casts within a kind, e.g.
-        float64 -> float32, never float -> int).
+        ``inputs`` is a dict input name -> array (numpy, or anything ``np.asarray`` reads, such
+        as a torch tensor), or one array when the model has one input. Dtypes must match
+        exactly unless ``cast=True``, which converts as numpy's "same_kind" rule allows
+        (float64 -> float32, int -> float), never float -> int.
         """
+        if not isinstance(cast, bool):
+            raise ConfigError(f"The 'cast' parameter of run must be True or False. "
+                              f"Got {cast!r} instead.")
         feeds = self.check_inputs(inputs, cast=cast)
         try:
             values = self.session.run(self._output_names, feeds)

@@ -31,6 +31,7 @@ import contextlib
 import hmac
 import json
 import logging
+import os
 import re
 import time
 import zlib
@@ -486,6 +487,13 @@ class EdgeServer:
 
         from edgeslim._validate import check_int_range, check_positive
 
+        if isinstance(bundles, (str, os.PathLike)) or not isinstance(bundles, (list, tuple)):
+            raise ConfigError(f"The 'bundles' parameter of EdgeServer must be a list of bundle "
+                              f"paths (or Bundles), e.g. [{str(bundles)!r}]. Got "
+                              f"{type(bundles).__name__} instead.")
+        if not isinstance(host, str) or not host:
+            raise ConfigError(f"The 'host' parameter of EdgeServer must be an address such as "
+                              f"'127.0.0.1' or '::'. Got {host!r} instead.")
         check_int_range(port, "port", "EdgeServer", 0, 65535)
         check_int_range(max_batch, "max_batch", "EdgeServer", 1, 65536)
         check_positive(batch_window_ms, "batch_window_ms", "EdgeServer", allow_zero=True)
