@@ -156,11 +156,24 @@ def test_sensitivity_analysis_budget_marks_report_incomplete():
         ({"bits": 9}, "bits"),
         ({"scheme": "weight_only", "bits": 3}, "bits"),
         ({"weight_rounding": "adaround"}, "weight_rounding"),
+        ({"batch_size": 0}, "'batch_size'"),
+        ({"calibration_samples": 0}, "'calibration_samples'"),
+        ({"threads": 0}, "'threads'"),
+        ({"method": "percentile", "percentile": 200.0}, "'percentile'"),
+        ({"exclude": ["nope"]}, "names nodes the model does not have: 'nope'"),
+        ({"exclude": "fc1"}, "must be a list of node names"),
+        ({"eval_fn": lambda m: "x"}, "eval_fn must return a number"),
+        ({"eval_fn": lambda m: float("nan")}, "a score must be a finite number"),
     ],
 )
 def test_bad_parameters_are_config_errors(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         quantize(mlp(), np.zeros((4, 16), np.float32), progress=False, **kwargs)
+
+
+def test_calibration_data_of_the_wrong_width_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"has shape \[4, 10\]; the model expects \['\?', 16\]"):
+        quantize(mlp(), np.zeros((4, 10), np.float32), progress=False)
 
 
 def test_size_budget_limits_the_fallback():

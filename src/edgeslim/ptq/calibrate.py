@@ -46,6 +46,8 @@ class InputSpec:
     name: str
     dtype: Any
     rank: int
+    #: the fixed size of each axis, None where the graph leaves it free (batch, sequence)
+    dims: tuple[int | None, ...] = ()
 
 
 def input_specs(model: Any) -> list[InputSpec]:
@@ -61,6 +63,8 @@ def input_specs(model: Any) -> list[InputSpec]:
                 value.name,
                 _ONNX_TO_NUMPY.get(tensor.elem_type, np.float32),
                 len(tensor.shape.dim),
+                tuple(d.dim_value if d.HasField("dim_value") else None
+                      for d in tensor.shape.dim),
             )
         )
     return specs
@@ -81,6 +85,13 @@ def _fit(value: Any, spec: InputSpec, where: str) -> np.ndarray:
             f"Calibration item {where} for input {spec.name!r} has {arr.ndim} axes; the model "
             f"expects {spec.rank} (batch first) or {spec.rank - 1} (one sample)."
         )
+    for axis, (want, got) in enumerate(zip(spec.dims, arr.shape, strict=False)):
+        if want is not None and want != got:
+            shape = ["?" if d is None else d for d in spec.dims]
+            raise ConfigError(
+                f"Calibration item {where} for input {spec.name!r} has shape "
+                f"{list(arr.shape)}; the model expects {shape} (axis {axis} is {got}, not "
+                f"{want}).")
     return np.ascontiguousarray(arr.astype(spec.dtype, copy=False))
 
 

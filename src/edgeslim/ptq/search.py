@@ -87,11 +87,24 @@ class QuantizationResult:
         }
 
 
+def _score(eval_fn: Callable[[Any], Any], model: Any) -> float:
+    """The user's metric of ``model`` as a finite float, or a ConfigError saying what came."""
+    got = eval_fn(model)
+    try:
+        value = float(got)
+    except (TypeError, ValueError):
+        raise ConfigError(f"eval_fn must return a number (higher is better); it returned "
+                          f"{got!r}.") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ConfigError(f"eval_fn returned {value}; a score must be a finite number.")
+    return value
+
+
 class _Evaluator:
     def __init__(self, float_model: Any, feeds: list[dict], task: str, eval_fn, threads: int):
         self.task, self.eval_fn, self.feeds, self.threads = task, eval_fn, feeds, threads
         if eval_fn is not None:
-            self.baseline = float(eval_fn(float_model))
+            self.baseline = _score(eval_fn, float_model)
         else:
             self.reference = self._outputs(float_model, feeds)
             self.baseline = 1.0
@@ -103,7 +116,7 @@ class _Evaluator:
 
     def __call__(self, model: Any, limit: int | None = None) -> dict[str, float]:
         if self.eval_fn is not None:
-            score = float(self.eval_fn(model))
+            score = _score(self.eval_fn, model)
             return {"score": score, "drop": self.baseline - score}
         feeds = self.feeds if limit is None else self.feeds[:limit]
         out = self._outputs(model, feeds)
@@ -258,8 +271,23 @@ def quantize(
         check_int_range(finetune_steps, "finetune_steps", "quantize", 1, 10_000_000)
     if max_size_ratio is not None:
         check_positive(max_size_ratio, "max_size_ratio", "quantize")
+    check_int_range(batch_size, "batch_size", "quantize", 1, 1_000_000)
+    if calibration_samples is not None:
+        check_int_range(calibration_samples, "calibration_samples", "quantize", 1, 10_000_000)
+    check_int_range(threads, "threads", "quantize", 1, 256)
+    if not 50.0 < check_positive(percentile, "percentile", "quantize") <= 100.0:
+        raise ConfigError(f"The 'percentile' parameter of quantize must be in (50, 100], the "
+                          f"share of values the range keeps. Got {percentile!r} instead.")
+    if isinstance(exclude, str) or not all(isinstance(n, str) for n in exclude):
+        raise ConfigError(f"The 'exclude' parameter of quantize must be a list of node names. "
+                          f"Got {exclude!r} instead.")
     start = time.perf_counter()
     float_model = as_model(model)
+    unknown = sorted(set(exclude) - {n.name for n in float_model.graph.node})
+    if unknown:
+        names = ", ".join(n.name for n in float_model.graph.node[:12] if n.name)
+        raise ConfigError(f"The 'exclude' parameter of quantize names nodes the model does not "
+                          f"have: {', '.join(map(repr, unknown))}. Its nodes include: {names}.")
     float_bytes = _float_bytes(float_model)
     cfg = {
         "scheme": scheme,
