@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgeslim._validate import check_int_range
+from edgeslim.errors import ConfigError
 
 __all__ = ["PackReport", "kmeans_codebook", "share_weights"]
 
@@ -99,6 +100,10 @@ def share_weights(  # type: ignore[no-untyped-def]
     from onnx import helper, numpy_helper
 
     check_int_range(bits, "bits", "share_weights", 1, 8)
+    check_int_range(min_size, "min_size", "share_weights", 1, 2**31)
+    if not isinstance(model, onnx.ModelProto):
+        raise ConfigError(f"share_weights takes an onnx.ModelProto (onnx.load(path)). Got "
+                          f"{type(model).__name__} instead.")
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import onnx
@@ -206,3 +207,27 @@ def test_calibration_prints_nothing_on_stdout(method, capfd):
     q = ort_quantize_static(mlp(), feeds, method=method)
     assert any(n.op_type == "QuantizeLinear" for n in q.graph.node)
     assert capfd.readouterr().out == ""
+
+
+def test_sensitivity_analysis_and_share_weights_refuse_what_they_cannot_use():
+    from edgeslim.packing import share_weights
+
+    model = mlp()
+    good = [("fc1", "MatMul")]
+    for kwargs, phrase in (
+        ({"build": None}, "'build' parameter of sensitivity_analysis must be callable"),
+        ({"evaluate": lambda m: {"acc": 1.0}}, "must return a dict with a 'score'"),
+        ({"evaluate": lambda m: {"score": float("nan")}}, "it must be a finite number"),
+        ({"candidates": "abc"}, "must be a list of (node_name, op_type) pairs"),
+        ({"time_budget_s": -1}, "'time_budget_s'"),
+    ):
+        args = {"build": lambda excl: model, "evaluate": lambda m: {"score": 1.0},
+                "candidates": good, **kwargs}
+        with pytest.raises(ConfigError, match=re.escape(phrase)):
+            sensitivity_analysis(args.pop("build"), args.pop("evaluate"), args.pop("candidates"),
+                                 progress=False, **args)
+    for call, phrase in ((lambda: share_weights(None), "takes an onnx.ModelProto"),
+                         (lambda: share_weights("m.onnx"), "Got str instead"),
+                         (lambda: share_weights(model, min_size=-1), "'min_size'")):
+        with pytest.raises(ConfigError, match=re.escape(phrase)):
+            call()

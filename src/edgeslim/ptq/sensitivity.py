@@ -9,12 +9,15 @@ JSON. The analysis stops early when its time budget runs out, and says so in the
 from __future__ import annotations
 
 import json
+import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgeslim._validate import check_positive
+from edgeslim.errors import ConfigError
 from edgeslim.progress import progress_bar
 
 __all__ = ["NodeSensitivity", "SensitivityReport", "sensitivity_analysis"]
@@ -66,6 +69,22 @@ def _rank_key(ns: NodeSensitivity) -> tuple[float, float]:
     return (-ns.gain, 0.0)
 
 
+def _score(metrics: Any, node: str | None = None) -> float:
+    """``metrics["score"]`` as a finite float, or a ConfigError saying what ``evaluate`` gave."""
+    where = f" for node {node!r}" if node else " for the fully quantized model"
+    if not isinstance(metrics, Mapping) or "score" not in metrics:
+        raise ConfigError(f"evaluate must return a dict with a 'score' (higher is better); it "
+                          f"returned {metrics!r:.120}{where}.")
+    try:
+        value = float(metrics["score"])
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value):
+        raise ConfigError(f"evaluate's 'score'{where} is {metrics['score']!r}; it must be a "
+                          "finite number.")
+    return value
+
+
 def sensitivity_analysis(
     build: Callable[[Sequence[str]], Any],
     evaluate: Callable[[Any], dict[str, float]],
@@ -80,10 +99,22 @@ def sensitivity_analysis(
     ``build(exclude)`` returns the model quantized with the nodes ``exclude`` kept in float;
     ``evaluate(model)`` returns metrics with a ``"score"`` (higher is better).
     """
+    func = "sensitivity_analysis"
+    for what, fn in (("build", build), ("evaluate", evaluate)):
+        if not callable(fn):
+            raise ConfigError(f"The '{what}' parameter of {func} must be callable. Got "
+                              f"{type(fn).__name__} instead.")
+    if isinstance(candidates, (str, bytes)) or not all(
+            isinstance(c, (tuple, list)) and len(c) == 2 and all(isinstance(v, str) for v in c)
+            for c in candidates):
+        raise ConfigError(f"The 'candidates' parameter of {func} must be a list of "
+                          f"(node_name, op_type) pairs. Got {candidates!r:.120} instead.")
+    if time_budget_s is not None:
+        check_positive(time_budget_s, "time_budget_s", func, allow_zero=True)
     start = time.perf_counter()
     if base_metrics is None:
         base_metrics = evaluate(build(()))
-    base = float(base_metrics["score"])
+    base = _score(base_metrics)
     nodes: list[NodeSensitivity] = []
     complete = True
     with progress_bar("sensitivity", total=len(candidates), enabled=progress) as advance:
@@ -92,7 +123,7 @@ def sensitivity_analysis(
                 complete = False
                 break
             metrics = evaluate(build([name]))
-            score = float(metrics["score"])
+            score = _score(metrics, name)
             nodes.append(NodeSensitivity(name, op_type, score, score - base, dict(metrics)))
             advance(1, best=max(n.gain for n in nodes))
     nodes.sort(key=_rank_key)
