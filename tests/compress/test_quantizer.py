@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -225,3 +227,13 @@ def test_bad_inputs_name_the_problem():
         minmax_quantize(np.array(["a"]), 8)
     with pytest.raises(ConfigError, match=r"'levels'.*Got 0"):
         level_quantize(np.ones(2), 0)
+
+
+@pytest.mark.parametrize(("value", "phrase"), [
+    (None, "Got NoneType"), ({"a": 1}, "Got dict"), ("abc", "Got str"),
+    ([0.1, "x"], "Got list of dtype"), (np.array([0.5, np.nan]), "NaN or infinite"),
+    (torch.tensor([float("inf")]), "NaN or infinite"),
+])
+def test_level_quantize_refuses_what_is_not_finite_real_numbers(value, phrase):
+    with pytest.raises(ConfigError, match=re.escape(phrase)):
+        level_quantize(value)

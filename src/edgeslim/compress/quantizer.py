@@ -240,7 +240,9 @@ def minmax_quantize(
 def level_quantize(x: ArrayLike, levels: int = 2) -> ArrayLike:
     """The seed's simple quantizer ``round(x * levels) / levels`` (a grid of step 1/levels).
 
-    Works on numpy arrays and torch tensors and returns the same kind and dtype.
+    Works on real numpy arrays (or lists of numbers) and torch tensors; returns the same kind,
+    with the same dtype for floats (integers come back as float64 or torch's default float,
+    since the grid has fractions). NaN and infinities are refused, as by ``minmax_quantize``.
 
     >>> level_quantize(np.array([0.2, 0.3, -0.8]), levels=2).tolist()
     [0.0, 0.5, -1.0]
@@ -250,8 +252,24 @@ def level_quantize(x: ArrayLike, levels: int = 2) -> ArrayLike:
             f"The 'levels' parameter of level_quantize must be an int >= 1. Got {levels!r} instead."
         )
     if isinstance(x, torch.Tensor):
+        if x.is_complex() or x.dtype == torch.bool:
+            raise ConfigError(f"level_quantize takes a real tensor. Got dtype {x.dtype}.")
+        if not bool(torch.isfinite(x).all()):
+            raise ConfigError("level_quantize got NaN or infinite values; quantize finite "
+                              "values only.")
         return torch.round(x * levels) / levels
-    return np.round(np.asarray(x) * levels) / levels
+    try:
+        arr = np.asarray(x)
+    except (TypeError, ValueError):
+        arr = np.asarray(None)
+    if arr.dtype.kind not in "iuf":
+        raise ConfigError(f"level_quantize takes a real array, list of numbers or tensor. Got "
+                          f"{type(x).__name__}" + (f" of dtype {arr.dtype}" if isinstance(
+                              x, (np.ndarray, list, tuple)) else "") + ".")
+    if not np.isfinite(arr).all():
+        raise ConfigError("level_quantize got NaN or infinite values; quantize finite values "
+                          "only.")
+    return np.round(arr * levels) / levels
 
 
 class _FakeQuantSTE(torch.autograd.Function):
