@@ -425,6 +425,11 @@ def test_ratio_outside_0_1_is_refused_with_the_value(ratio):
         prune_structured(DigitsMLP(), X1, ratio=ratio, progress=False)
 
 
+def test_a_model_with_nothing_to_prune_is_refused():
+    with pytest.raises(ModelError, match="there is nothing to prune"):
+        prune_structured(nn.Sequential(nn.ReLU()), torch.zeros(1, 4), ratio=0.5, progress=False)
+
+
 def test_bad_inputs_are_typed_errors_naming_the_value():
     with pytest.raises(ModelError, match=r"torch.nn.Module.*str"):
         prune_structured("digits-cnn", X1, ratio=0.5)

@@ -150,6 +150,9 @@ def prune_structured(
     if heads:
         round_to = math.lcm(round_to or 1, *heads)
     widths_before = layer_widths(work)
+    if not widths_before:
+        raise ModelError(f"{_FUNC} found no convolution, Linear, attention, embedding or LSTM "
+                         f"layer in {type(model).__name__}: there is nothing to prune.")
     macs_before, params_before = count(work, example_inputs)
     scorer = make_importance(importance)
 
