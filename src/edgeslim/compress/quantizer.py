@@ -116,7 +116,8 @@ def _as_float64(x: Any, func: str) -> tuple[torch.Tensor, bool, Any]:
         if arr.dtype.kind not in "biuf":
             raise ConfigError(
                 f"{func} needs a numpy array or a torch tensor of numbers. "
-                f"Got an array of dtype {arr.dtype} instead."
+                + (f"Got an array of dtype {arr.dtype} instead." if isinstance(x, np.ndarray)
+                   else f"Got {type(x).__name__} instead.")
             )
         t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float64))
         is_numpy = True
