@@ -16,6 +16,7 @@ import pytest
 from edgeslim.bundle import generate_keypair, write_bundle
 from edgeslim.cli import main
 from edgeslim.errors import BundleError
+from tests._errors import one_line_error
 from tests.bundle.helpers import mlp_manifest
 
 
@@ -28,15 +29,6 @@ def _deny_mkstemp_in(monkeypatch, folder: Path) -> None:
         return real(*args, **kwargs)
 
     monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
-
-
-def _one_line_error(capsys, *words: str) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    assert len(err.strip().splitlines()) == 1, err
-    for word in words:
-        assert word in err, (word, err)
-    return err
 
 
 @pytest.fixture()
@@ -61,7 +53,7 @@ def test_compress_into_a_folder_it_cannot_write(tmp_path, monkeypatch, capsys):
     _deny_mkstemp_in(monkeypatch, out)
     rc = main(["compress", "digits-mlp", "--preset", "fp32", "-q", "-o", str(out / "x.eslim")])
     assert rc == 2
-    _one_line_error(capsys, "Cannot write the bundle to", "x.eslim", "Permission denied")
+    one_line_error(capsys, "Cannot write the bundle to", "x.eslim", "Permission denied")
     assert os.listdir(out) == []
 
 
@@ -70,7 +62,7 @@ def test_sign_to_a_path_under_a_file(tmp_path, bundle, keypair, capsys):
     blocker.write_text("keep me")
     assert main(["sign", str(bundle), "--key", str(keypair[0]),
                  "-o", str(blocker / "x.eslim")]) == 2
-    _one_line_error(capsys, "Cannot write the bundle", f"{blocker} is a file, not a folder")
+    one_line_error(capsys, "Cannot write the bundle", f"{blocker} is a file, not a folder")
     assert blocker.read_text() == "keep me"
 
 
@@ -79,7 +71,7 @@ def test_sign_in_place_in_a_folder_it_cannot_write(tmp_path, bundle, keypair, mo
     before = bundle.read_bytes()
     _deny_mkstemp_in(monkeypatch, bundle.parent)
     assert main(["sign", str(bundle), "--key", str(keypair[0])]) == 2
-    _one_line_error(capsys, "Cannot write the bundle", "Permission denied")
+    one_line_error(capsys, "Cannot write the bundle", "Permission denied")
     assert bundle.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["m.eslim"]
 
@@ -88,7 +80,7 @@ def test_keygen_out_under_a_file(tmp_path, capsys):
     blocker = tmp_path / "afile"
     blocker.write_text("keep me")
     assert main(["keygen", "--out", str(blocker / "keys")]) == 2
-    _one_line_error(capsys, str(blocker / "keys"), f"{blocker} is a file, not a folder")
+    one_line_error(capsys, str(blocker / "keys"), f"{blocker} is a file, not a folder")
     assert blocker.read_text() == "keep me"
 
 
@@ -97,7 +89,7 @@ def test_keygen_into_a_folder_it_cannot_write(tmp_path, monkeypatch, capsys):
     out.mkdir()
     _deny_mkstemp_in(monkeypatch, out)
     assert main(["keygen", "--out", str(out)]) == 2
-    _one_line_error(capsys, "Cannot write the key file", "Permission denied")
+    one_line_error(capsys, "Cannot write the key file", "Permission denied")
     assert os.listdir(out) == []
 
 
@@ -108,7 +100,7 @@ def test_keygen_force_with_a_folder_as_public_key_keeps_the_old_key(tmp_path, ca
     (out / "signing.pub").mkdir()
     before = old_key.read_bytes()
     assert main(["keygen", "--out", str(out), "--force"]) == 2
-    _one_line_error(capsys, str(out / "signing.pub"), "is a folder")
+    one_line_error(capsys, str(out / "signing.pub"), "is a folder")
     assert old_key.read_bytes() == before
     assert sorted(os.listdir(out)) == ["signing.key", "signing.pub"]
     assert os.listdir(out / "signing.pub") == []
@@ -127,7 +119,7 @@ def test_keygen_force_replaces_both_files_or_neither(tmp_path, monkeypatch, caps
 
     monkeypatch.setattr(os, "replace", replace)
     assert main(["keygen", "--out", str(out), "--force"]) == 2
-    _one_line_error(capsys, "Cannot write the key file", "signing.pub", "Permission denied")
+    one_line_error(capsys, "Cannot write the key file", "signing.pub", "Permission denied")
     assert (key.read_bytes(), pub.read_bytes()) == old
     assert sorted(os.listdir(out)) == ["signing.key", "signing.pub"]
     monkeypatch.undo()

@@ -166,12 +166,16 @@ def file_server(tmp_path):
     srv.stop()
 
 
+def _served(root, tmp_path, size: int) -> tuple[bytes, str, BundleStore]:
+    """Random bytes served as /b/x, their sha256, and an empty node store to fetch them into."""
+    data = os.urandom(size)
+    (root / "x").write_bytes(data)
+    return data, hashlib.sha256(data).hexdigest(), BundleStore(tmp_path / "node")
+
+
 def test_download_resumes_a_broken_transfer_with_range(tmp_path, file_server):
     url, root, seen = file_server
-    data = os.urandom(300_000)
-    sha = hashlib.sha256(data).hexdigest()
-    (root / "x").write_bytes(data)
-    store = BundleStore(tmp_path / "node")
+    data, sha, store = _served(root, tmp_path, 300_000)
     (store.downloads / f"{sha}.part").write_bytes(data[:123_456])  # a transfer cut short
     with httpx.Client() as client:
         path = store.download(f"{url}/b/x", sha, client=client)
@@ -195,10 +199,7 @@ def test_a_capped_download_grows_in_small_steps_and_never_beats_the_cap(tmp_path
     import time
 
     url, root, _ = file_server
-    data = os.urandom(60_000)
-    sha = hashlib.sha256(data).hexdigest()
-    (root / "x").write_bytes(data)
-    store = BundleStore(tmp_path / "node")
+    data, sha, store = _served(root, tmp_path, 60_000)
     seen: list[tuple[int, float]] = []
     t0 = time.monotonic()
     with httpx.Client() as client:

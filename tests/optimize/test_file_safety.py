@@ -17,15 +17,7 @@ import pytest
 
 from edgeslim.cli import main
 from edgeslim.errors import ConfigError
-
-
-def _one_line_error(capsys, *words: str) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    assert len(err.strip().splitlines()) == 1, err
-    for word in words:
-        assert word in err, (word, err)
-    return err
+from tests._errors import one_line_error
 
 
 @pytest.fixture()
@@ -52,7 +44,7 @@ def blocker(tmp_path):
 def test_device_profile_under_a_file(blocker, no_measuring, capsys):
     assert main(["device-profile", "--reference", "fleet-reference",
                  "-o", str(blocker / "p.json")]) == 2
-    _one_line_error(capsys, "Cannot write the device profile",
+    one_line_error(capsys, "Cannot write the device profile",
                     f"{blocker} is a file, not a folder")
     assert blocker.read_text() == "keep me"
 
@@ -61,7 +53,7 @@ def test_device_profile_onto_a_folder(tmp_path, no_measuring, capsys):
     folder = tmp_path / "profiles"
     folder.mkdir()
     assert main(["device-profile", "--reference", "fleet-reference", "-o", str(folder)]) == 2
-    _one_line_error(capsys, f"{folder} is a folder, not a file")
+    one_line_error(capsys, f"{folder} is a folder, not a file")
     assert os.listdir(folder) == []
 
 
@@ -75,7 +67,7 @@ def test_device_profile_keeps_an_existing_file_unless_force(tmp_path, capsys, mo
                   lambda *a, **k: pytest.fail("measured before refusing the existing file"))
         assert main(["device-profile", "--reference", "fleet-reference",
                      "-o", str(target)]) == 2
-    _one_line_error(capsys, str(target), "--force")
+    one_line_error(capsys, str(target), "--force")
     assert target.read_bytes() == b"PK\x03\x04 a bundle, not a profile"
     assert sorted(os.listdir(tmp_path)) == ["model.eslim"]
     assert "--force" in _help(capsys, "device-profile")
@@ -106,7 +98,7 @@ def test_device_profile_write_failure_keeps_the_old_file(tmp_path, monkeypatch, 
     monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
     assert main(["device-profile", "--reference", "fleet-reference",
                  "-o", str(target), "--force"]) == 2
-    _one_line_error(capsys, f"Cannot write the device profile {target}", "Permission denied")
+    one_line_error(capsys, f"Cannot write the device profile {target}", "Permission denied")
     assert target.read_text() == "old profile"
     assert os.listdir(tmp_path) == ["p.json"]
 
@@ -137,7 +129,7 @@ def test_optimize_report_is_a_file(tmp_path, blocker, no_model_loading, capsys):
     out = tmp_path / "o.eslim"
     assert main(["optimize", "digits-cnn", "--max-drop", "0.01", "--report", str(blocker),
                  "-o", str(out), "-q"]) == 2
-    _one_line_error(capsys, f"--report {blocker} is a file, not a folder")
+    one_line_error(capsys, f"--report {blocker} is a file, not a folder")
     assert blocker.read_text() == "keep me"
     assert sorted(os.listdir(tmp_path)) == ["afile"]
 
@@ -145,10 +137,10 @@ def test_optimize_report_is_a_file(tmp_path, blocker, no_model_loading, capsys):
 def test_optimize_outputs_under_a_file(tmp_path, blocker, no_model_loading, capsys):
     assert main(["optimize", "digits-cnn", "--max-drop", "0.01", "--report",
                  str(blocker / "run"), "-o", str(tmp_path / "o.eslim"), "-q"]) == 2
-    _one_line_error(capsys, f"--report {blocker / 'run'}", f"{blocker} is a file, not a folder")
+    one_line_error(capsys, f"--report {blocker / 'run'}", f"{blocker} is a file, not a folder")
     assert main(["optimize", "digits-cnn", "--max-drop", "0.01",
                  "-o", str(blocker / "o.eslim"), "-q"]) == 2
-    _one_line_error(capsys, f"-o {blocker / 'o.eslim'}", f"{blocker} is a file, not a folder")
+    one_line_error(capsys, f"-o {blocker / 'o.eslim'}", f"{blocker} is a file, not a folder")
     assert sorted(os.listdir(tmp_path)) == ["afile"]
 
 
@@ -189,7 +181,7 @@ def _small_store(run: Path) -> None:
 
 def test_report_of_a_file(blocker, capsys):
     assert main(["report", str(blocker)]) == 2
-    _one_line_error(capsys, f"{blocker} is a file, not a report folder")
+    one_line_error(capsys, f"{blocker} is a file, not a report folder")
     assert blocker.read_text() == "keep me"
 
 
@@ -198,7 +190,7 @@ def test_report_that_cannot_be_written(tmp_path, capsys):
     _small_store(run)
     (run / "pareto.png").mkdir()  # the first plot cannot be written
     assert main(["report", str(run)]) == 2
-    _one_line_error(capsys, f"Cannot write the report in {run}", "pareto.png is a folder")
+    one_line_error(capsys, f"Cannot write the report in {run}", "pareto.png is a folder")
     assert sorted(os.listdir(run)) == ["c.eslim", "pareto.png", "search.sqlite"]
     (run / "pareto.png").rmdir()
     assert main(["report", str(run)]) == 0
@@ -207,7 +199,7 @@ def test_report_that_cannot_be_written(tmp_path, capsys):
 
 def test_demo_out_dir_is_a_file(blocker, capsys):
     assert main(["demo", "--out-dir", str(blocker)]) == 2
-    _one_line_error(capsys, f"--out-dir {blocker} is a file, not a folder")
+    one_line_error(capsys, f"--out-dir {blocker} is a file, not a folder")
     assert main(["demo", "--out-dir", str(blocker / "sub")]) == 2
-    _one_line_error(capsys, f"--out-dir {blocker / 'sub'}", f"{blocker} is a file, not a folder")
+    one_line_error(capsys, f"--out-dir {blocker / 'sub'}", f"{blocker} is a file, not a folder")
     assert blocker.read_text() == "keep me"

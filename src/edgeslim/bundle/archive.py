@@ -30,6 +30,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, BinaryIO, Union
 
+from edgeslim._atomic import write_atomically
 from edgeslim._validate import check_choice, check_path
 from edgeslim.bundle._onnxproto import read_onnx_header
 from edgeslim.bundle._zipread import DEFAULT_LIMITS, Limits, read_entry
@@ -178,26 +179,17 @@ def _check_target(target: Path) -> None:
 
 def _atomic_zip(target: Path, entries: list[tuple[str, bytes, int]]) -> Path:
     _check_target(target)
-    tmp: str | None = None
+
+    def fill(f: BinaryIO) -> None:
+        with zipfile.ZipFile(f, "w") as zf:
+            for name, data, method in entries:
+                zf.writestr(_zinfo(name, method), data)
+
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w+b") as f:
-            with zipfile.ZipFile(f, "w") as zf:
-                for name, data, method in entries:
-                    zf.writestr(_zinfo(name, method), data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException as exc:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise BundleError(f"Cannot write the bundle to {target}: "
-                              f"{write_error_reason(target, exc)}.") from None
-        raise
+        write_atomically(target, fill)
+    except OSError as exc:
+        raise BundleError(f"Cannot write the bundle to {target}: "
+                          f"{write_error_reason(target, exc)}.") from None
     with contextlib.suppress(OSError):  # make the rename itself durable
         dfd = os.open(target.parent, os.O_RDONLY)
         try:

@@ -265,27 +265,13 @@ def write_profile(path: str | os.PathLike[str], text: str, *, force: bool = Fals
     ``os.replace``): ``path`` never shows a half-written profile, and a failure leaves what
     was there. An existing file is replaced only with ``force`` (``ConfigError`` otherwise).
     """
-    import contextlib
-
+    from edgeslim._atomic import write_atomically
     from edgeslim.bundle.signing import write_error_reason
 
     p = check_profile_target(path, force=force)
-    tmp: str | None = None
     try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, p)
-    except BaseException as exc:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise ConfigError(f"Cannot write the device profile {p}: "
-                              f"{write_error_reason(p, exc)}.") from None
-        raise
+        write_atomically(p, lambda f: f.write(text.encode("utf-8")))
+    except OSError as exc:
+        raise ConfigError(f"Cannot write the device profile {p}: "
+                          f"{write_error_reason(p, exc)}.") from None
     return p
