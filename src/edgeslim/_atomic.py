@@ -1,4 +1,5 @@
-"""Writing a file whole or not at all: a temporary file beside it, fsync, then a rename."""
+"""Writing files safely: whole or not at all (a temporary file, fsync, rename), and the reason
+in words when a path cannot be written, found before the work that fills it."""
 
 from __future__ import annotations
 
@@ -31,3 +32,34 @@ def write_atomically(path: Path, fill: Callable[[BinaryIO], None], *, mode: int 
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
         raise
+
+
+def output_problem(path: Path, *, folder: bool = False) -> str | None:
+    """Why ``path`` cannot be written as a file (a folder with ``folder=True``), or None.
+
+    Cheap and side-effect free, for checking an output before the work that fills it: a folder
+    where a file goes (or a file where a folder goes), a file among the parent folders, or a
+    nearest existing folder that is not writable. What it cannot foresee (a full disk) still
+    fails at write time.
+    """
+    try:
+        if folder and path.exists() and not path.is_dir():
+            return f"{path} is a file, not a folder"
+        if not folder and path.is_dir():
+            return f"{path} is a folder, not a file"
+        start = path if folder and path.is_dir() else path.parent
+        for where in (start, *start.parents):
+            if where.exists():
+                if not where.is_dir():
+                    return f"{where} is a file, not a folder"
+                if not os.access(where, os.W_OK | os.X_OK):
+                    return f"the folder {where} is not writable (Permission denied)"
+                return None
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
+def write_error_reason(path: Path, exc: OSError) -> str:
+    """The reason in words why writing ``path`` failed with ``exc`` (for a one-line error)."""
+    return output_problem(path) or exc.strerror or str(exc)

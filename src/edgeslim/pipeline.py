@@ -210,7 +210,7 @@ def _check_out(out: str | Path, model: Any) -> None:
             Path(model).resolve() == path.resolve():
         raise ConfigError(f"The output {str(path)!r} is the input model; writing the bundle "
                           f"there would destroy it. Give another -o path.")
-    from edgeslim.bundle.signing import output_problem
+    from edgeslim._atomic import output_problem
 
     problem = output_problem(path)  # a file among the parents, a folder we cannot write
     if problem:

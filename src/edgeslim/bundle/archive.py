@@ -30,7 +30,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, BinaryIO, Union
 
-from edgeslim._atomic import write_atomically
+from edgeslim._atomic import output_problem, write_atomically, write_error_reason
 from edgeslim._validate import check_choice, check_path
 from edgeslim.bundle._onnxproto import read_onnx_header
 from edgeslim.bundle._zipread import DEFAULT_LIMITS, Limits, read_entry
@@ -53,10 +53,8 @@ from edgeslim.bundle.signing import (
     PublicKeyLike,
     load_private_key,
     load_public_key,
-    output_problem,
     sign_manifest,
     verify_signature,
-    write_error_reason,
 )
 from edgeslim.errors import BundleError, ConfigError, EdgeslimError, SignatureError
 

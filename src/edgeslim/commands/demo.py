@@ -18,7 +18,7 @@ DEMO_RECIPE = {
 
 def _check_out_dir(out_dir: Path) -> None:
     """Refuse an --out-dir that cannot be a folder, before the demo's work."""
-    from edgeslim.bundle.signing import output_problem
+    from edgeslim._atomic import output_problem
     from edgeslim.errors import ConfigError
 
     if out_dir.exists() and not out_dir.is_dir():
@@ -59,7 +59,7 @@ def register(app: typer.Typer) -> None:
         try:
             work.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            from edgeslim.bundle.signing import output_problem
+            from edgeslim._atomic import output_problem
             from edgeslim.errors import ConfigError
 
             raise ConfigError(f"Cannot make --out-dir {work}: "

@@ -80,7 +80,7 @@ def _event_printer(console: Any, dash: _Dashboard, max_drop: float) -> Any:
 
 def _check_outputs(out: Path, run_dir: Path, *, report_given: bool) -> None:
     """Refuse a bundle path or report folder that cannot be written, before any work."""
-    from edgeslim.bundle.signing import output_problem
+    from edgeslim._atomic import output_problem
     from edgeslim.errors import ConfigError
 
     problem = output_problem(out)
@@ -187,19 +187,13 @@ def register(app: typer.Typer) -> None:
         """Write RUN_DIR/index.html (tables + plots) from an optimize run's store."""
         from rich.console import Console
 
-        from edgeslim.bundle.signing import write_error_reason
         from edgeslim.errors import ConfigError
         from edgeslim.optimize.report import candidates_table, load_run, write_report
 
         if run_dir.exists() and not run_dir.is_dir():
             raise ConfigError(f"{run_dir} is a file, not a report folder: give the --report "
                               "folder of an optimize run.")
-        try:
-            page = write_report(run_dir, store=store, run_id=run)
-        except OSError as exc:
-            where = Path(exc.filename) if isinstance(exc.filename, str) else run_dir
-            raise ConfigError(f"Cannot write the report in {run_dir}: "
-                              f"{write_error_reason(where, exc)}.") from None
+        page = write_report(run_dir, store=store, run_id=run)  # ConfigError if it cannot
         console = Console(width=None if sys.stdout.isatty() else 150)
         console.print(candidates_table(load_run(store or Path(run_dir) / "search.sqlite", run)))
         console.print(f"report: {page}")

@@ -70,7 +70,7 @@ def _label(model: Any, name: str | None) -> str:
 
 def _check_report_dir(run_dir: Path) -> None:
     """Refuse a report folder that cannot be made, before the search (not after it)."""
-    from edgeslim.bundle.signing import output_problem
+    from edgeslim._atomic import output_problem
 
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"The report folder {run_dir} (report_dir; CLI: --report) is a file, "

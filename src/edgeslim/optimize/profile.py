@@ -248,7 +248,7 @@ def dump_profile(profile: DeviceProfile) -> str:
 def check_profile_target(path: str | os.PathLike[str], *, force: bool = False) -> Path:
     """Refuse a profile path before anything is measured: a folder, a file among its parent
     folders, a folder that is not writable, or an existing file without ``force``."""
-    from edgeslim.bundle.signing import output_problem
+    from edgeslim._atomic import output_problem
 
     p = Path(path)
     problem = output_problem(p)
@@ -265,8 +265,7 @@ def write_profile(path: str | os.PathLike[str], text: str, *, force: bool = Fals
     ``os.replace``): ``path`` never shows a half-written profile, and a failure leaves what
     was there. An existing file is replaced only with ``force`` (``ConfigError`` otherwise).
     """
-    from edgeslim._atomic import write_atomically
-    from edgeslim.bundle.signing import write_error_reason
+    from edgeslim._atomic import write_atomically, write_error_reason
 
     p = check_profile_target(path, force=force)
     try:

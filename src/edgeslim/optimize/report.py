@@ -139,7 +139,7 @@ def write_report(run_dir: str | os.PathLike[str], *, store: str | os.PathLike[st
         for left in (tmp, run_dir / "summary.json.tmp"):  # no half-written page left over
             with contextlib.suppress(OSError):
                 left.unlink(missing_ok=True)
-        from edgeslim.bundle.signing import write_error_reason
+        from edgeslim._atomic import write_error_reason
 
         where = Path(exc.filename) if exc.filename else run_dir
         raise ConfigError(f"Cannot write the report in {run_dir}: "
