@@ -248,3 +248,17 @@ def test_numpy_scalars_are_numbers_like_any_other(digits_cnn):
     assert a.sparsity == pytest.approx(b.sparsity) and a.objective == pytest.approx(b.objective)
     with pytest.raises(ConfigError, match="Got True instead"):
         prune(digits_cnn, sparsity=True, progress=False)
+
+
+def test_checking_the_training_data_draws_no_random_numbers(digits_mlp):
+    """A shuffled DataLoader's iterator draws its seed from torch's RNG: the checks must not
+    make one, or the same seed would give another model than before (make demo did)."""
+    from edgeslim.compress.train import fit
+
+    x = torch.rand(32, 64)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(
+        x, torch.zeros(32, dtype=torch.long)), batch_size=8, shuffle=True)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    fit(copy.deepcopy(digits_mlp), loader, epochs=0, progress=False)
+    assert torch.equal(torch.get_rng_state(), before)

@@ -97,12 +97,10 @@ def distill(
     if student is teacher:
         raise ModelError(f"The student and the teacher of {_FUNC} are the same module; "
                          "distill into a separate student (e.g. copy.deepcopy(teacher)).")
-    try:
-        iter(train_data)
-    except TypeError:
+    if not isinstance(train_data, Iterable):  # not iter(): a DataLoader's iterator draws a seed
         raise ConfigError(f"The 'train_data' of {_FUNC} must be an iterable of (x, y) batches "
                           f"(or bare x with alpha=1). Got {type(train_data).__name__} "
-                          "instead.") from None
+                          "instead.")
     terms = _parse_loss(loss)
     temperature = check_positive(temperature, "temperature", _FUNC)
     alpha = check_fraction(alpha, "alpha", _FUNC, closed_right=True)

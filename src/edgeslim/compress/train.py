@@ -55,11 +55,9 @@ def fit(
     if loss_fn is not None and not callable(loss_fn):
         raise ConfigError(f"The 'loss_fn' of {desc} must be callable as loss_fn(model, x, y). "
                           f"Got {type(loss_fn).__name__} instead.")
-    try:
-        iter(data)
-    except TypeError:
+    if not isinstance(data, Iterable):  # not iter(data): a DataLoader's iterator draws a seed
         raise ConfigError(f"The training data of {desc} must be an iterable of (inputs, labels) "
-                          f"batches. Got {type(data).__name__} instead.") from None
+                          f"batches. Got {type(data).__name__} instead.")
     loss_fn = loss_fn or _cross_entropy
     opt = torch.optim.Adam(
         list(params) if params is not None else model.parameters(),
