@@ -237,3 +237,11 @@ def test_bad_inputs_name_the_problem():
 def test_level_quantize_refuses_what_is_not_finite_real_numbers(value, phrase):
     with pytest.raises(ConfigError, match=re.escape(phrase)):
         level_quantize(value)
+
+
+def test_a_0d_input_keeps_its_shape_and_an_overflowing_range_is_refused():
+    for x in (np.array(0.7), torch.tensor(0.7)):
+        q = minmax_quantize(x)
+        assert tuple(q.q.shape) == () and tuple(q.dequantize().shape) == ()
+    with pytest.raises(ConfigError, match="range .max - min. is a finite float64"):
+        minmax_quantize(np.array([-1.7e308, 1.7e308]))

@@ -41,7 +41,7 @@ def test_budget_rejects(kwargs, word):
 
 
 @pytest.mark.parametrize("model, kwargs, word", [
-    ("nosuch-model", {}, "nosuch-model"),
+    ("nosuch-model", {}, "optimize takes a zoo name"),
     ("digits-mlp", {"objective": "speed"}, "objective"),
     ("digits-mlp", {"time_budget": "ten minutes"}, "time budget"),
 ])

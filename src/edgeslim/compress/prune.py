@@ -229,7 +229,8 @@ def prune(
     epochs; ``"gradual"`` prunes in ``steps`` steps along the Zhu & Gupta schedule from
     ``initial_sparsity`` to ``sparsity``, splitting ``epochs`` fine-tuning epochs between the
     steps. Fine-tuning uses ``train_data`` (``(x, y)`` batches), Adam at ``lr`` and
-    ``loss_fn`` (cross-entropy by default). The model is copied unless ``inplace``.
+    ``loss_fn`` (cross-entropy by default). The model is copied unless ``inplace``; the
+    pruned model comes back in eval mode, ready to evaluate or export.
 
     >>> from edgeslim.zoo.digits import DigitsMLP
     >>> res = prune(DigitsMLP(), sparsity=0.5, progress=False)

@@ -119,13 +119,17 @@ def _as_float64(x: Any, func: str) -> tuple[torch.Tensor, bool, Any]:
                 + (f"Got an array of dtype {arr.dtype} instead." if isinstance(x, np.ndarray)
                    else f"Got {type(x).__name__} instead.")
             )
-        t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float64))
+        # np.array, not np.ascontiguousarray: the latter turns a 0-d array into shape (1,)
+        t = torch.from_numpy(np.array(arr, dtype=np.float64, order="C"))
         is_numpy = True
         dtype = arr.dtype if arr.dtype.kind == "f" else np.dtype(np.float64)
     if t.numel() == 0:
         raise ConfigError(f"{func} needs a non-empty array. Got shape {tuple(t.shape)} instead.")
     if not bool(torch.isfinite(t).all()):
         raise ConfigError(f"{func} needs finite values. Got an array holding NaN or inf.")
+    if not bool(torch.isfinite(t.max() - t.min())):
+        raise ConfigError(f"{func} needs values whose range (max - min) is a finite float64; "
+                          f"these span from {float(t.min()):g} to {float(t.max()):g}.")
     return t, is_numpy, dtype
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeslim._validate import check_int_range
-from edgeslim.errors import ConfigError
+from edgeslim.errors import ConfigError, ModelError
 from edgeslim.optimize.profile import DeviceProfile, load_profile, measure_reference
 from edgeslim.optimize.select import OBJECTIVES, Budget, Judged, judge, pareto_front, pick
 from edgeslim.optimize.store import ResultStore
@@ -122,7 +122,7 @@ def optimize(
     from edgeslim.optimize.search import Search
     from edgeslim.optimize.space import model_hash
     from edgeslim.recipe.workload import workload_for
-    from edgeslim.zoo import load_model
+    from edgeslim.zoo import ZOO, load_model
 
     budget = Budget(max_drop=max_drop, latency_ms=latency_ms, size_mb=size_mb,
                     time_s=parse_duration(time_budget))
@@ -139,6 +139,11 @@ def optimize(
     store_path = Path(store) if store is not None else run_dir / "search.sqlite"
     torch.set_num_threads(threads)
 
+    if isinstance(model, str) and not model.endswith(".onnx") and ":" not in model \
+            and model not in ZOO:
+        raise ModelError(f"Unknown model {model!r}. optimize takes a zoo name "
+                         f"({', '.join(ZOO)}), 'package.module:callable' returning an "
+                         "nn.Module, or an nn.Module (it prunes and fine-tunes, so no .onnx).")
     resolved = load_model(model)
     if isinstance(resolved, Path):
         raise ConfigError(f"optimize needs a torch model to prune and fine-tune; "
