@@ -243,5 +243,5 @@ def test_a_0d_input_keeps_its_shape_and_an_overflowing_range_is_refused():
     for x in (np.array(0.7), torch.tensor(0.7)):
         q = minmax_quantize(x)
         assert tuple(q.q.shape) == () and tuple(q.dequantize().shape) == ()
-    with pytest.raises(ConfigError, match="range .max - min. is a finite float64"):
+    with pytest.raises(ConfigError, match=re.escape("range (max - min) is a finite float64")):
         minmax_quantize(np.array([-1.7e308, 1.7e308]))
