@@ -234,22 +234,17 @@ def _load_onnx(path: Path) -> Any:
 def _run_onnx_steps(
     recipe: Recipe, proto: Any, wl: Workload, progress: bool, report_path: Path
 ) -> tuple[list[dict[str, Any]], Any, str]:
-    from rich.console import Console
-
     from edgeslim.recipe.steps import OnnxContext, run_step
 
-    console = Console(stderr=True)
     octx = OnnxContext(model=proto, workload=wl, progress=progress, report_path=report_path)
     log = []
     first = len(recipe.torch_steps)
     for i, step in enumerate(recipe.onnx_steps, start=first + 1):
-        if progress:
-            console.print(f"[bold cyan]step {i}/{len(recipe.steps)}[/] {step.name} "
-                          f"{step.params} (on the exported ONNX model)")
+        _say(progress, f"[bold cyan]step {i}/{len(recipe.steps)}[/] {step.name} {step.params} "
+                       "(on the exported ONNX model)")
         report = run_step(octx, step.name, step.params)
         score = wl.evaluate_onnx(ort_session(octx.model))
-        if progress:
-            console.print(f"  {step.name}: {wl.metric} {score:.4f} on onnxruntime")
+        _say(progress, f"  {step.name}: {wl.metric} {score:.4f} on onnxruntime")
         log.append({"step": step.name, "params": step.params, "report": report,
                     "metrics": {wl.metric: score}})
     return log, octx.model, octx.compression

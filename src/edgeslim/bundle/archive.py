@@ -176,7 +176,7 @@ def _check_target(target: Path) -> None:
 
 
 def _atomic_zip(target: Path, entries: list[tuple[str, bytes, int]]) -> Path:
-    _check_target(target)
+    """Write the zip whole or not at all (callers ran ``_check_target`` before their work)."""
 
     def fill(f: BinaryIO) -> None:
         with zipfile.ZipFile(f, "w") as zf:

@@ -12,15 +12,6 @@ from typing import Any
 
 import typer
 
-from edgeslim.errors import SignatureError
-
-SIGNATURE_EXIT = 4
-
-
-def _signature_exit(exc: SignatureError) -> SignatureError:
-    exc.exit_code = SIGNATURE_EXIT  # cli.main prints the one line and exits with this
-    return exc
-
 
 def _runtime_check(bundle: Any) -> dict[str, Any]:
     """Load the model in onnxruntime and run its probe; BundleError when either fails."""
@@ -151,10 +142,7 @@ def register(app: typer.Typer) -> None:
         """Verify a bundle (zip, sizes, sha256, signature, onnxruntime load, probe); show it."""
         from edgeslim.bundle import read_bundle
 
-        try:
-            b = read_bundle(bundle, public_key=public_key)
-        except SignatureError as exc:
-            raise _signature_exit(exc) from None
+        b = read_bundle(bundle, public_key=public_key)  # a SignatureError exits 4
         checks = {"onnxruntime": "not checked (--no-run)", "probe": None}
         if not no_run:
             checks = _runtime_check(b)
@@ -199,8 +187,5 @@ def register(app: typer.Typer) -> None:
         """Sign a bundle's manifest with an Ed25519 key (replaces any signature)."""
         from edgeslim.bundle import sign_bundle
 
-        try:
-            path = sign_bundle(bundle, key, out=out)
-        except SignatureError as exc:
-            raise _signature_exit(exc) from None
+        path = sign_bundle(bundle, key, out=out)
         typer.echo(f"signed: {path}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import sys
 import time
@@ -82,20 +81,16 @@ def _number(
 
 def _folder(path: Path | None, flag: str) -> None:
     """Refuse a folder option that names a file (or lies under one) before anything is made."""
+    from edgeslim._atomic import output_problem
+
     if path is None:
         return
-    for p in (path, *path.parents):
-        if p.exists():
-            if not p.is_dir():
-                if p == path:
-                    raise ConfigError(f"{flag} {str(path)!r} is a file, not a folder. Give a "
-                                      "folder (it is created if missing).")
-                raise ConfigError(f"{flag} {str(path)!r} cannot be a folder: {str(p)!r} is a "
-                                  "file.")
-            if p != path and not os.access(p, os.W_OK | os.X_OK):
-                raise ConfigError(f"{flag} {str(path)!r} cannot be created: "
-                                  f"{str(p)!r} is not writable.")
-            return
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {str(path)!r} is a file, not a folder. Give a folder (it is "
+                          "created if missing).")
+    problem = output_problem(path, folder=True)  # a file above it, a folder we cannot write
+    if problem:
+        raise ConfigError(f"{flag} {str(path)!r} cannot be used: {problem}.")
 
 
 def _http_url(value: str | None, flag: str) -> None:

@@ -11,8 +11,6 @@ from pathlib import Path
 
 import typer
 
-from edgeslim.errors import SignatureError
-
 TOKEN_ENV = "EDGESLIM_TOKEN"
 
 
@@ -52,16 +50,12 @@ def register(app: typer.Typer) -> None:
 
         from edgeslim.edge.server import EdgeServer
 
-        try:
-            server = EdgeServer(
-                [str(b) for b in bundles], host=host, port=port, token=token or None,
-                public_key=str(public_key) if public_key is not None else None,
-                max_batch=max_batch, batch_window_ms=batch_window_ms, inline_ms=inline_ms,
-                max_body_mb=max_body_mb, threads=threads, spin=spin,
-            )
-        except SignatureError as exc:
-            exc.exit_code = 4
-            raise
+        server = EdgeServer(  # a SignatureError exits 4 (its exit_code)
+            [str(b) for b in bundles], host=host, port=port, token=token or None,
+            public_key=str(public_key) if public_key is not None else None,
+            max_batch=max_batch, batch_window_ms=batch_window_ms, inline_ms=inline_ms,
+            max_body_mb=max_body_mb, threads=threads, spin=spin,
+        )
         console = Console(stderr=True)
         auth = "bearer token required" if token else "no auth"
 

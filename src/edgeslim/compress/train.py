@@ -112,9 +112,11 @@ def zero_keeper(model: nn.Module) -> Callable[[], None] | None:
     """For ``fit(after_step=...)``: a function that sets back to zero every weight of the
     model's Linear and convolution layers that is exactly zero now (the pruned ones), so
     that training after pruning keeps the sparsity; None when no such weight is zero."""
+    from edgeslim.compress.prune import PRUNABLE  # prune imports this module
+
     masks = []
     for m in model.modules():
-        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+        if isinstance(m, PRUNABLE):
             zero = m.weight.detach() == 0
             if bool(zero.any()):
                 masks.append((m.weight, zero))

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeslim.bundle import Bundle, read_bundle
+from edgeslim.bundle import Bundle
 from edgeslim.bundle.signing import PublicKeyLike
 from edgeslim.edge.batcher import Batcher
 from edgeslim.edge.metrics import Metrics
@@ -195,11 +195,11 @@ class ModelStore:
 
     def build(self, source: str | os.PathLike | Bundle) -> ServedModel:
         """Load, verify, warm up and probe a bundle without serving it yet."""
-        bundle = source if isinstance(source, Bundle) else read_bundle(
-            source, public_key=self.public_key)
-        # a Bundle read elsewhere may have been verified with another key: check with ours
-        runner = Runner(bundle, public_key=self.public_key, intra_op_num_threads=self.threads,
+        # Runner reads a path under our key, and checks a Bundle read elsewhere (maybe
+        # verified with another key) against ours
+        runner = Runner(source, public_key=self.public_key, intra_op_num_threads=self.threads,
                         spin=self.spin)
+        bundle = runner.bundle
         runner.probe()
         m = runner.manifest
         try:

@@ -18,13 +18,13 @@ and flag any image that failed to render (the test checks this in headless Chrom
 
 from __future__ import annotations
 
-import contextlib
 import html
 import json
 import os
 from pathlib import Path
 from typing import Any
 
+from edgeslim._atomic import write_atomically, write_error_reason
 from edgeslim.errors import ConfigError
 from edgeslim.optimize.select import Judged
 from edgeslim.optimize.store import ResultStore
@@ -119,7 +119,6 @@ def write_report(run_dir: str | os.PathLike[str], *, store: str | os.PathLike[st
     from edgeslim.optimize import plots
 
     page = run_dir / "index.html"
-    tmp = page.with_suffix(".html.tmp")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         images = []
@@ -129,18 +128,11 @@ def write_report(run_dir: str | os.PathLike[str], *, store: str | os.PathLike[st
                          ("latency.png", plots.plot_latency)):
             if fn(data, run_dir / name):
                 images.append(name)
-        tmp.write_text(_html(data, images), encoding="utf-8")
-        os.replace(tmp, page)
-        summary = run_dir / "summary.json"
-        summary.with_suffix(".json.tmp").write_text(json.dumps(_summary(data), indent=2),
-                                                    encoding="utf-8")
-        os.replace(summary.with_suffix(".json.tmp"), summary)
+        html_text = _html(data, images).encode("utf-8")
+        summary = json.dumps(_summary(data), indent=2).encode("utf-8")
+        write_atomically(page, lambda f: f.write(html_text))
+        write_atomically(run_dir / "summary.json", lambda f: f.write(summary))
     except OSError as exc:
-        for left in (tmp, run_dir / "summary.json.tmp"):  # no half-written page left over
-            with contextlib.suppress(OSError):
-                left.unlink(missing_ok=True)
-        from edgeslim._atomic import write_error_reason
-
         where = Path(exc.filename) if exc.filename else run_dir
         raise ConfigError(f"Cannot write the report in {run_dir}: "
                           f"{write_error_reason(where, exc)}.") from None
