@@ -231,3 +231,45 @@ def test_a_zero_time_budget_runs_one_step_and_a_negative_one_is_refused(setup):
     assert calls == [4]
     with pytest.raises(ConfigError, match=r"time_budget_s.*-1"):
         finetune_qoperator(q, float_fn, calib, time_budget_s=-1)
+
+
+def kl(a, b):
+    """Mean KL divergence from softmax(b) to softmax(a) over rows."""
+    def log_softmax(z):
+        z = z - z.max(axis=1, keepdims=True)
+        return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+    lb, la = log_softmax(b.astype(np.float64)), log_softmax(a.astype(np.float64))
+    return float(np.mean(np.sum(np.exp(lb) * (lb - la), axis=1)))
+
+
+def test_finetune_with_the_kl_loss_brings_the_softmax_closer(setup):
+    model, q, calib, test = setup
+    ref_session = make_session(model)
+    ref = outputs(model, test)
+    before = kl(outputs(q, test), ref)
+    losses = []
+    tuned = finetune_qoperator(
+        q,
+        lambda x: ref_session.run(None, {"input": x})[0],
+        calib,
+        steps=80,
+        batch_size=16,
+        loss="kl",
+        log=lambda step, value: losses.append(value),
+    )
+    assert kl(outputs(tuned, test), ref) < before
+    # what was logged is the KL, not the squared error of the logits
+    with_mse = []
+    finetune_qoperator(q, lambda x: ref_session.run(None, {"input": x})[0], calib, steps=1,
+                       batch_size=16, log=lambda step, value: with_mse.append(value))
+    assert losses[0] != pytest.approx(with_mse[0])
+    assert [n.op_type for n in tuned.graph.node] == [n.op_type for n in q.graph.node]
+
+
+def test_an_unknown_finetune_loss_is_a_config_error(setup):
+    model, q, calib, _ = setup
+    with pytest.raises(ConfigError, match=r"'loss'.*'kl', 'mse'.*'hinge'"):
+        finetune_qoperator(q, lambda x: x, calib, steps=1, loss="hinge")
+    with pytest.raises(ConfigError, match=r"finetune_loss.*'ce'"):
+        quantize(model, calib, finetune_loss="ce", progress=False)

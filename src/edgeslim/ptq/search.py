@@ -26,6 +26,7 @@ from edgeslim.ptq._graph import as_model, make_session
 from edgeslim.ptq.builders import Builder, within_budget
 from edgeslim.ptq.builders import float_bytes as _float_bytes
 from edgeslim.ptq.calibrate import CALIBRATION_METHODS, to_feeds
+from edgeslim.ptq.finetune import LOSSES
 from edgeslim.ptq.metrics import TASKS, task_metrics
 from edgeslim.ptq.sensitivity import SensitivityReport, sensitivity_analysis
 from edgeslim.ptq.static import WEIGHT_ROUNDING
@@ -133,6 +134,7 @@ def _finetune_stage(
     seconds: float,
     threads: int,
     steps: int | None = None,
+    loss: str = "mse",
 ) -> Any | None:
     """The end-to-end tuned ``qmodel``, or None when tuning does not apply or does not lower
     the relative output error on the calibration samples (the only data it sees)."""
@@ -171,6 +173,7 @@ def _finetune_stage(
             steps=steps,
             time_budget_s=max(seconds - 15.0, 1.0),
             threads=threads,
+            loss=loss,
         )
     except ModelError:  # ops the simulator does not replay
         return None
@@ -229,6 +232,7 @@ def quantize(
     finetune_share: float = 0.0,
     finetune_samples: int | None = 1024,
     finetune_steps: int | None = None,
+    finetune_loss: str = "mse",
     calibration_samples: int | None = 256,
     sensitivity_samples: int = 64,
     batch_size: int = 8,
@@ -255,7 +259,9 @@ def quantize(
     fraction of ``time_budget_s`` for tuning the int8 weights, biases and activation scales of
     the best model end to end against the float outputs on up to ``finetune_samples``
     calibration samples (``finetune.py``; label-free, the evaluation data is not used), for
-    ``finetune_steps`` optimizer steps or until the budget ends (None: the budget alone). A
+    ``finetune_steps`` optimizer steps or until the budget ends (None: the budget alone),
+    minimising ``finetune_loss`` (``"mse"`` on the outputs, or ``"kl"`` on their softmax, for
+    logits; see ``finetune.finetune_qoperator``). A
     step count that fits in the budget makes the tuned model the same on every run; a budget
     that ends first makes it depend on the machine's speed. The tuned model is kept when its
     error on the calibration samples is lower.
@@ -269,6 +275,7 @@ def quantize(
     check_fraction(finetune_share, "finetune_share", "quantize", closed_right=False)
     if finetune_steps is not None:
         check_int_range(finetune_steps, "finetune_steps", "quantize", 1, 10_000_000)
+    check_choice(finetune_loss, "finetune_loss", "quantize", LOSSES)
     if max_size_ratio is not None:
         check_positive(max_size_ratio, "max_size_ratio", "quantize")
     check_int_range(batch_size, "batch_size", "quantize", 1, 1_000_000)
@@ -310,6 +317,7 @@ def quantize(
         "float_logits": float_logits,
         "finetune_share": finetune_share,
         "finetune_steps": finetune_steps,
+        "finetune_loss": finetune_loss,
         "threads": threads,
     }
     cal_feeds = to_feeds(
@@ -408,6 +416,7 @@ def quantize(
                 time_budget_s - (time.perf_counter() - start),
                 threads,
                 finetune_steps,
+                finetune_loss,
             )
             if tuned is not None:
                 q = tuned
