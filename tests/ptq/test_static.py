@@ -69,3 +69,11 @@ def test_non_finite_activations_leave_calibration_to_onnxruntime(tmp_path):
     bad[1]["input"][0, 0, 0, 0] = np.inf
     assert not static.percentile_ranges(src, bad, 99.9, tmp_path / "r.json")
     assert not (tmp_path / "r.json").exists()
+
+
+def test_feeds_given_as_a_generator_are_read_for_every_pass(tmp_path):
+    data = feeds()
+    from_list = ort_quantize_static(conv_chain(), data, method="percentile", percentile=99.9)
+    from_generator = ort_quantize_static(conv_chain(), (f for f in data), method="percentile",
+                                         percentile=99.9)
+    assert from_generator.SerializeToString() == from_list.SerializeToString()

@@ -185,6 +185,7 @@ def ort_quantize_static(
             contextlib.redirect_stdout(io.StringIO()):
         src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
         onnx.save(model, str(src))
+        feeds = list(feeds)  # read more than once below
         cache = Path(calibration_cache) if calibration_cache else Path(tmp) / "ranges.json"
         if (
             not defaults
