@@ -34,13 +34,6 @@ from peers import load_average
 THREADS = 2
 
 
-def agreement(out: np.ndarray, ref: np.ndarray) -> dict[str, float]:
-    return {
-        "top1_agreement": float((out.argmax(1) == ref.argmax(1)).mean()),
-        "relative_error": float(np.linalg.norm(out - ref) / np.linalg.norm(ref)),
-    }
-
-
 def untuned_model(calib: np.ndarray, evals: np.ndarray, fp32: Path) -> Path:
     """The int8 preset's model before tuning (cached under the bench work folder)."""
     from edgeslim.ptq.presets import quantize_int8_preset
@@ -68,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     from edgeslim.export.specs import export_zoo_model
     from edgeslim.ptq._graph import make_session
     from edgeslim.ptq.finetune import finetune_qoperator
+    from edgeslim.ptq.metrics import classification_metrics
     from edgeslim.zoo import load_model
 
     torch.set_num_threads(THREADS)
@@ -87,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def score(model: Any) -> dict[str, Any]:
         s = make_session(model, threads=THREADS)
-        return {"evaluation": agreement(run(s, evals), ref_eval),
-                "calibration": agreement(run(s, calib[:300]), ref_seen)}
+        return {"evaluation": classification_metrics(ref_eval, run(s, evals)),
+                "calibration": classification_metrics(ref_seen, run(s, calib[:300]))}
 
     qmodel = onnx.load(str(untuned_model(calib, evals, fp32)))
     print("untuned:", json.dumps(score(qmodel)), flush=True)

@@ -91,11 +91,10 @@ def percentile_ranges(model_path: Path, feeds: Sequence[dict], percentile: float
         session = calibrator.infer_session
         names = [o.name for o in session.get_outputs()]
         wanted = [(i, n) for i, n in enumerate(names) if n in calibrator.tensors_to_calibrate]
-        # pass 1: the signed range and the range of the absolute values of every tensor
+        # pass 1: the signed range and the smallest magnitude of every tensor
         lo: dict[str, Any] = {}
         hi: dict[str, Any] = {}
         abs_lo: dict[str, Any] = {}
-        abs_hi: dict[str, Any] = {}
         for feed in feeds:
             outputs = session.run(None, feed)
             for i, name in wanted:
@@ -104,16 +103,17 @@ def percentile_ranges(model_path: Path, feeds: Sequence[dict], percentile: float
                     continue
                 if not np.isfinite(values).all():
                     return False
-                magnitude = np.absolute(values)
                 lo[name] = min(lo.get(name, math.inf), values.min())
                 hi[name] = max(hi.get(name, -math.inf), values.max())
-                abs_lo[name] = min(abs_lo.get(name, math.inf), magnitude.min())
-                abs_hi[name] = max(abs_hi.get(name, -math.inf), magnitude.max())
-        # pass 2: histograms over the edges numpy draws for all the values at once
+                abs_lo[name] = min(abs_lo.get(name, math.inf), np.absolute(values).min())
+        # pass 2: histograms over the edges numpy draws for all the values at once (the
+        # largest magnitude is that of the signed range's ends)
         edges = {
-            name: np.histogram_bin_edges(np.array([abs_lo[name], abs_hi[name]]).astype(
-                np.asarray(abs_hi[name]).dtype), bins=calibrator.num_bins)
-            for name in abs_hi
+            name: np.histogram_bin_edges(
+                np.array([abs_lo[name], max(abs(lo[name]), abs(hi[name]))]),
+                bins=calibrator.num_bins,
+            )
+            for name in abs_lo
         }
         counts = {name: np.zeros(len(e) - 1, dtype=np.int64) for name, e in edges.items()}
         for feed in feeds:
