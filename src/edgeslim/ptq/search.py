@@ -253,6 +253,13 @@ def quantize(
     search (the first full quantization always runs). ``report_path``: where the JSON report
     goes (always written when given).
 
+    ``method`` calibrates the activation ranges of the static scheme: ``"minmax"`` (the
+    extremes seen), ``"percentile"`` (the range that keeps ``percentile`` % of the magnitudes)
+    or ``"entropy"`` (the range, symmetric about zero and then clipped to the extremes, whose
+    quantization to 255 levels loses the least information, by the KL divergence of a 2,047-bin
+    histogram, after TensorRT). The two histogram methods read the calibration data a batch at
+    a time, twice (``static.histogram_ranges``).
+
     Static QOperator only: ``float_leading_units`` keeps the first activation units (a tensor
     with its producer and readers, in graph order) in float; ``float_logits`` lets the final
     QGemm answer in float instead of requantized uint8; ``finetune_share`` reserves that

@@ -6,12 +6,12 @@ weight rounding and bias correction (``rounding.py``), all computed on calibrati
 passes the rounded weights through onnxruntime's quantizer unchanged (they already lie on its
 grid). Calibration ranges can be cached in a file so a search re-quantizes without recalibrating.
 
-Percentile ranges are computed here, a batch at a time (``percentile_ranges``), and handed to
-``quantize_static`` as its calibration cache. onnxruntime's own percentile calibrator keeps
-every intermediate tensor of every calibration sample until it builds its histograms: 11.8 GB
-for efficientnet-lite0 on 160 crops. Two passes over the batches (first the range of each
-tensor, then its histogram over exactly the edges onnxruntime would draw) give the same
-histograms, and so the same ranges, with one batch's tensors in memory.
+Percentile and entropy ranges are computed here, a batch at a time (``histogram_ranges``),
+and handed to ``quantize_static`` as its calibration cache. onnxruntime's own histogram
+calibrators keep every intermediate tensor of every calibration sample until they build their
+histograms: 11.8 GB for efficientnet-lite0 on 160 crops. Two passes over the batches (first
+the range of each tensor, then its histogram over exactly the edges onnxruntime would draw)
+give the same histograms, and so the same ranges, with one batch's tensors in memory.
 """
 
 from __future__ import annotations
@@ -27,7 +27,14 @@ from typing import Any
 from edgeslim._validate import check_choice
 from edgeslim.ptq.calibrate import CALIBRATION_METHODS, FeedReader
 
-__all__ = ["FORMATS", "WEIGHT_ROUNDING", "ort_quantize_static", "percentile_ranges", "preprocess"]
+__all__ = [
+    "FORMATS",
+    "HISTOGRAM_METHODS",
+    "WEIGHT_ROUNDING",
+    "histogram_ranges",
+    "ort_quantize_static",
+    "preprocess",
+]
 
 FORMATS = ("qdq", "qoperator")
 WEIGHT_ROUNDING = ("nearest", "gptq")
@@ -54,28 +61,93 @@ def preprocess(model: Any) -> Any:
         return onnx.load(str(dst))
 
 
-def percentile_ranges(model_path: Path, feeds: Sequence[dict], percentile: float,
-                      cache: Path) -> bool:
-    """Write to ``cache`` the percentile ranges ``quantize_static`` would compute (see module doc).
+HISTOGRAM_METHODS = ("percentile", "entropy")
+# Entropy calibration's histogram: bins over [-m, m] (m the largest magnitude; odd, so that one
+# bin is centred on zero) and the levels each candidate range is quantized to in the search.
+# onnxruntime's quantize_static keeps its calibrator's defaults, 128 and 128, with which the
+# search has a single candidate, the whole range: entropy then gives minmax's ranges
+# (onnxruntime#9597). 255 levels are int8's; the bins give the range to 1/1023 of m.
+ENTROPY_BINS = 2047
+ENTROPY_LEVELS = 255
 
-    ``model_path``: the float model as ``quantize_static`` gets it. Returns False, writing
-    nothing, when a calibrated tensor holds NaN or infinity, or when onnxruntime's percentile
-    calibrator is not the symmetric one this reproduces (onnxruntime's own calibrator then
-    runs as before).
+
+def entropy_threshold(hist: Any, edges: Any, lowest: Any, highest: Any,
+                      levels: int) -> tuple[Any, Any]:
+    """The range ``[-t, t]`` (clipped to ``[lowest, highest]``) whose quantization to ``levels``
+    levels loses the least information (KL divergence) about the histogram, as onnxruntime's
+    ``HistogramCollector.get_entropy_threshold`` chooses it, with its loops over bins done by
+    numpy: the same candidates, distributions and divergences, so the same choice, in a small
+    fraction of the time (tests compare the two).
+
+    ``hist``: counts of a signed histogram whose bins are centred on zero (``edges`` from
+    ``-m`` to ``m``); ``levels``: the number of quantized bins.
+    """
+    import numpy as np
+    from onnxruntime.quantization.calibrate import entropy
+    from onnxruntime.quantization.quant_utils import smooth_distribution
+
+    hist = np.asarray(hist)
+    n = hist.size
+    zero = n // 2
+    half = levels // 2
+    dtype = edges.dtype
+    before = np.concatenate(([0], np.cumsum(hist)))  # before[k] = hist[:k].sum()
+    total = before[-1]
+    divergences = np.zeros(zero - half + 1)
+    bounds = []
+    for i in range(half, zero + 1):
+        start, end = zero - i, min(zero + i + 1, n)
+        bounds.append((start, end))
+        window = hist[start:end]
+        # the reference: the window with the outliers on either side folded into its ends
+        p = window.copy()
+        p[0] += before[start]
+        p[-1] += total - before[end]
+        merged = window.size // levels
+        whole = levels * merged
+        # the candidate: the window merged into `levels` bins, each spread evenly over the
+        # bins of its group where the reference is non-zero (onnxruntime's integer counts)
+        quantized = window[:whole].reshape(levels, merged).sum(axis=1)
+        quantized[-1] += window[whole:].sum()
+        nonzero = (p[:whole] != 0).reshape(levels, merged).sum(axis=1)
+        spread = np.where(nonzero != 0, quantized / np.maximum(nonzero, 1), 0.0)
+        q = np.zeros(p.size, dtype=np.int64)
+        q[:whole] = np.repeat(spread, merged)
+        p, q = smooth_distribution(p), smooth_distribution(q)
+        divergences[i - half] = (np.inf if p is None or q is None
+                                 else np.array(entropy(p, q), dtype=dtype))
+    start, end = bounds[int(np.argmin(divergences))]
+    low, high = edges[start], edges[end]
+    return (lowest if low < lowest else low), (highest if high > highest else high)
+
+
+def histogram_ranges(model_path: Path, feeds: Sequence[dict], method: str, percentile: float,
+                     cache: Path) -> bool:
+    """Write to ``cache`` the ranges ``quantize_static`` would compute (see module doc).
+
+    ``method``: ``"percentile"`` (histograms of magnitudes, onnxruntime's symmetric percentile
+    calibrator) or ``"entropy"`` (histograms of signed values over the largest magnitude,
+    onnxruntime's entropy calibrator); ``model_path``: the float model as ``quantize_static``
+    gets it. Returns False, writing nothing, when a calibrated tensor holds NaN or infinity or
+    no value at all, or when onnxruntime's calibrator is not the one this reproduces
+    (onnxruntime's own calibrator then runs as before).
     """
     import numpy as np
     import onnx
     from onnxruntime.quantization.calibrate import (
         CalibrationMethod,
         HistogramCollector,
+        TensorsData,
         create_calibrator,
         save_tensors_data,
     )
     from onnxruntime.quantization.quant_utils import load_model_with_shape_infer
     from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
+    check_choice(method, "method", "histogram_ranges", HISTOGRAM_METHODS)
     with tempfile.TemporaryDirectory(prefix="edgeslim-calib-") as tmp:
-        # what quantize_static calibrates: the shape-inferred model, every quantizable op type
+        # what quantize_static calibrates: the shape-inferred model, every quantizable op type,
+        # the calibrator quantize_static creates for these options
         inferred = Path(tmp) / "model.onnx"
         onnx.save_model(load_model_with_shape_infer(Path(model_path)), str(inferred),
                         save_as_external_data=True)
@@ -83,15 +155,20 @@ def percentile_ranges(model_path: Path, feeds: Sequence[dict], percentile: float
             inferred,
             list(set(QLinearOpsRegistry) | set(QDQRegistry)),
             augmented_model_path=str(Path(tmp) / "augmented.onnx"),
-            calibrate_method=CalibrationMethod.Percentile,
-            extra_options={"percentile": percentile},
+            calibrate_method=(CalibrationMethod.Percentile if method == "percentile"
+                              else CalibrationMethod.Entropy),
+            extra_options=({"percentile": percentile} if method == "percentile"
+                           else {"num_bins": ENTROPY_BINS, "num_quantized_bins": ENTROPY_LEVELS}),
         )
-        if calibrator.method != "percentile" or not calibrator.symmetric:
-            return False  # onnxruntime histograms signed values then, not what is done here
+        # onnxruntime histograms magnitudes for the symmetric percentile calibrator and signed
+        # values for entropy; anything else is not what is reproduced here
+        magnitudes = method == "percentile"
+        if calibrator.method != method or (magnitudes and not calibrator.symmetric):
+            return False
         session = calibrator.infer_session
         names = [o.name for o in session.get_outputs()]
         wanted = [(i, n) for i, n in enumerate(names) if n in calibrator.tensors_to_calibrate]
-        # pass 1: the signed range and the smallest magnitude of every tensor
+        # pass 1: the signed range (and for magnitudes the smallest magnitude) of every tensor
         lo: dict[str, Any] = {}
         hi: dict[str, Any] = {}
         abs_lo: dict[str, Any] = {}
@@ -105,35 +182,58 @@ def percentile_ranges(model_path: Path, feeds: Sequence[dict], percentile: float
                     return False
                 lo[name] = min(lo.get(name, math.inf), values.min())
                 hi[name] = max(hi.get(name, -math.inf), values.max())
-                abs_lo[name] = min(abs_lo.get(name, math.inf), np.absolute(values).min())
-        # pass 2: histograms over the edges numpy draws for all the values at once (the
-        # largest magnitude is that of the signed range's ends)
-        edges = {
-            name: np.histogram_bin_edges(
-                np.array([abs_lo[name], max(abs(lo[name]), abs(hi[name]))]),
-                bins=calibrator.num_bins,
-            )
-            for name in abs_lo
-        }
+                if magnitudes:
+                    abs_lo[name] = min(abs_lo.get(name, math.inf), np.absolute(values).min())
+        if len(lo) != len(wanted):
+            return False  # a tensor without values: onnxruntime's own rules apply
+        # pass 2: histograms over the edges numpy draws for all the values at once. Magnitudes:
+        # from the smallest to the largest magnitude (that of the signed range's ends). Signed
+        # values: onnxruntime's fixed range, plus and minus the largest magnitude in the
+        # tensor's own dtype.
+        thresholds = {name: np.array(max(abs(lo[name]), abs(hi[name])), dtype=lo[name].dtype)
+                      for name in lo}
+        if magnitudes:
+            edges = {
+                name: np.histogram_bin_edges(np.array([abs_lo[name], thresholds[name]]),
+                                             bins=calibrator.num_bins)
+                for name in lo
+            }
+        else:
+            edges = {
+                name: np.histogram_bin_edges(np.empty(0, dtype=lo[name].dtype),
+                                             bins=calibrator.num_bins,
+                                             range=(-thresholds[name], thresholds[name]))
+                for name in lo
+            }
         counts = {name: np.zeros(len(e) - 1, dtype=np.int64) for name, e in edges.items()}
         for feed in feeds:
             outputs = session.run(None, feed)
             for i, name in wanted:
-                if name in counts and outputs[i].size:
-                    counts[name] += np.histogram(np.absolute(outputs[i]), bins=edges[name])[0]
-        collector = HistogramCollector(
-            method=calibrator.method,
-            symmetric=calibrator.symmetric,
-            num_bins=calibrator.num_bins,
-            num_quantized_bins=calibrator.num_quantized_bins,
-            percentile=calibrator.percentile,
-            scenario=calibrator.scenario,
-        )
-        collector.histogram_dict = {
-            name: (counts[name], edges[name], lo[name], hi[name]) for name in counts
-        }
-        calibrator.collector = collector
-        save_tensors_data(calibrator.compute_data(), cache)
+                if outputs[i].size:
+                    values = np.absolute(outputs[i]) if magnitudes else outputs[i]
+                    counts[name] += np.histogram(values, bins=edges[name])[0]
+        if magnitudes:
+            collector = HistogramCollector(
+                method=calibrator.method,
+                symmetric=calibrator.symmetric,
+                num_bins=calibrator.num_bins,
+                num_quantized_bins=calibrator.num_quantized_bins,
+                percentile=calibrator.percentile,
+                scenario=calibrator.scenario,
+            )
+            collector.histogram_dict = {
+                name: (counts[name], edges[name], lo[name], hi[name]) for name in counts
+            }
+            calibrator.collector = collector
+            ranges = calibrator.compute_data()
+        else:
+            ranges = TensorsData(CalibrationMethod.Entropy, {
+                name: (*entropy_threshold(counts[name], edges[name], lo[name], hi[name],
+                                          calibrator.num_quantized_bins),
+                       counts[name], edges[name])
+                for name in counts
+            })
+        save_tensors_data(ranges, cache)
         del calibrator, session
     return True
 
@@ -189,9 +289,9 @@ def ort_quantize_static(
         cache = Path(calibration_cache) if calibration_cache else Path(tmp) / "ranges.json"
         if (
             not defaults
-            and method == "percentile"
+            and method in HISTOGRAM_METHODS
             and not cache.is_file()
-            and percentile_ranges(src, feeds, percentile, cache)
+            and histogram_ranges(src, feeds, method, percentile, cache)
         ):
             calibration_cache = cache
         if defaults:
