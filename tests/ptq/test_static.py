@@ -4,6 +4,7 @@ model, bit for bit."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -52,45 +53,6 @@ def test_batchwise_percentile_ranges_are_onnxruntimes(quant_format, monkeypatch,
     assert ours.SerializeToString() == theirs.SerializeToString()
 
 
-def onnxruntime_entropy_ranges(src, data, bins, levels):
-    """onnxruntime's entropy calibrator with these bins and levels, every batch held at once."""
-    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
-    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
-
-    from edgeslim.ptq.calibrate import FeedReader
-
-    calibrator = create_calibrator(
-        src, list(set(QLinearOpsRegistry) | set(QDQRegistry)),
-        augmented_model_path=str(src.parent / "augmented.onnx"),
-        calibrate_method=CalibrationMethod.Entropy,
-        extra_options={"num_bins": bins, "num_quantized_bins": levels},
-    )
-    calibrator.collect_data(FeedReader(list(data)))
-    return calibrator.compute_data()
-
-
-def test_batchwise_entropy_ranges_are_onnxruntimes_with_the_same_bins(monkeypatch, tmp_path):
-    import onnx
-    from onnxruntime.quantization.quant_utils import load_model_with_shape_infer
-
-    src = tmp_path / "model.onnx"
-    onnx.save(load_model_with_shape_infer(_saved(conv_chain(), tmp_path)), str(src))
-    # onnxruntime's search loops over bins in Python: fewer bins keep this test quick
-    monkeypatch.setattr(static, "ENTROPY_BINS", 255)
-    monkeypatch.setattr(static, "ENTROPY_LEVELS", 31)
-    data = feeds()
-    assert static.histogram_ranges(src, data, "entropy", 99.9, tmp_path / "ours.json")
-    ours = json.loads((tmp_path / "ours.json").read_text())
-    assert ours["calibration_method"]["value"].endswith("Entropy")
-    theirs = onnxruntime_entropy_ranges(src, data, 255, 31)
-    assert set(ours["data"]) == set(theirs.data) and len(theirs.data) >= 5
-    for name, expected in theirs.data.items():
-        got = ours["data"][name]
-        assert (got["lowest"], got["highest"]) == (float(expected.lowest),
-                                                    float(expected.highest)), name
-        assert got["hist"]["data"] == expected.hist.tolist(), name
-
-
 @pytest.mark.parametrize("quant_format", ["qdq", "qoperator"])
 def test_entropy_quantization_uses_the_batchwise_ranges(quant_format, tmp_path):
     model = ort_quantize_static(conv_chain(), feeds(), method="entropy",
@@ -101,23 +63,98 @@ def test_entropy_quantization_uses_the_batchwise_ranges(quant_format, tmp_path):
     assert any(n.op_type in ("QuantizeLinear", "QLinearConv") for n in model.graph.node)
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_entropy_threshold_is_onnxruntimes_choice(seed):
-    from onnxruntime.quantization.calibrate import HistogramCollector
+def test_entropy_ranges_do_not_depend_on_how_the_data_is_batched(tmp_path):
+    data = feeds()
+    whole = [{"input": np.concatenate([f["input"] for f in data])}]
+    for name, batches in (("batches", data), ("whole", whole)):
+        ort_quantize_static(conv_chain(), batches, method="entropy",
+                            calibration_cache=tmp_path / f"{name}.json")
+    batched, at_once = (json.loads((tmp_path / f"{n}.json").read_text())["data"]
+                        for n in ("batches", "whole"))
+    assert batched == at_once
 
+
+def _entropy_range_of(values, bins=None):
+    m = np.abs(values).max()
+    hist, edges = np.histogram(np.abs(values), bins=bins or static.ENTROPY_BINS, range=(0, m))
+    return static.entropy_range(hist, edges.astype(np.float32), values.min(), values.max())
+
+
+def _with_outliers(one_sided, seed=0, n=200_000):
+    """A Gaussian bulk and one value in 10,000 twenty to fifty standard deviations out."""
     rng = np.random.default_rng(seed)
-    bins, levels = [(255, 31), (256, 32), (511, 63), (2047, 255)][seed]
-    values = rng.standard_t(2 + seed, size=20_000).astype(np.float32) * (1 + seed)
-    if seed % 2:
-        values = np.maximum(values, 0)  # one-sided, as after a ReLU
-    m = np.array(np.abs(values).max(), dtype=np.float32)
-    hist, edges = np.histogram(values, bins, range=(-m, m))
-    collector = HistogramCollector("entropy", False, bins, levels, 99.99, "same")
-    expected = collector.get_entropy_threshold(
-        (hist, edges, values.min(), values.max(), m), levels)
-    got = static.entropy_threshold(hist, edges, values.min(), values.max(), levels)
-    assert (float(got[0]), float(got[1])) == (float(expected[0]), float(expected[1]))
-    assert float(got[1]) < float(m)  # heavy tails: the search clips
+    values = rng.standard_normal(n)
+    far = rng.random(n) < 1e-4
+    values[far] = rng.choice([-1, 1], far.sum()) * rng.uniform(20, 50, far.sum())
+    return (np.maximum(values, 0) if one_sided else values).astype(np.float32)
+
+
+def _heavy_tailed(one_sided, seed=0, n=200_000):
+    values = np.random.default_rng(seed).standard_t(3, size=n).astype(np.float32)
+    return np.maximum(values, 0) if one_sided else values
+
+
+@pytest.mark.parametrize(("make", "one_sided"), [(_with_outliers, False),
+                                                 (_heavy_tailed, False), (_heavy_tailed, True)])
+def test_entropy_range_clips_tails(make, one_sided):
+    values = make(one_sided)
+    low, high = _entropy_range_of(values)
+    assert 2.0 < float(high) < 0.5 * float(np.abs(values).max())
+    assert float(low) == (0.0 if one_sided else -float(high))
+
+
+def test_entropy_range_is_not_decided_by_the_zeros_of_a_relu():
+    """Half the values of a ReLU are exactly 0; the range still covers the bulk (~4 sigma)."""
+    values = np.maximum(np.random.default_rng(0).standard_normal(200_000), 0).astype(np.float32)
+    low, high = _entropy_range_of(values)
+    assert float(low) == 0.0
+    assert 3.5 < float(high) <= float(values.max())
+
+
+def _kl_by_definition(hist, i, levels):
+    """The divergence for threshold bin i, written out loop by loop."""
+    counts = [float(c) for c in hist]
+    counts[0] = counts[1]
+    p = counts[:i]
+    p[-1] += sum(counts[i:])
+    q = [0.0] * i
+    for g in range(levels):
+        group = [k for k in range(i) if k * levels // i == g]
+        filled = [k for k in group if counts[k] > 0]
+        for k in filled:
+            q[k] = sum(counts[j] for j in group) / len(filled)
+    if any(p[k] > 0 and q[k] == 0 for k in range(i)):
+        return math.inf
+    sp, sq = sum(p), sum(q)
+    return sum(p[k] / sp * math.log((p[k] / sp) / (q[k] / sq)) for k in range(i) if p[k] > 0)
+
+
+@pytest.mark.parametrize("one_sided", [False, True])
+def test_entropy_range_is_the_threshold_of_least_divergence(one_sided):
+    values = _with_outliers(one_sided, seed=2, n=20_000)
+    bins, levels = 400, 256 if one_sided else 128
+    m = np.abs(values).max()
+    hist, edges = np.histogram(np.abs(values), bins=bins, range=(0, m))
+    divergences = {i: _kl_by_definition(hist, i, levels) for i in range(levels, bins + 1)}
+    least = min(divergences.values())
+    best = max(i for i, d in divergences.items() if d == least)
+    _, high = static.entropy_range(hist, edges.astype(np.float32), values.min(), values.max())
+    assert float(high) == pytest.approx(float(edges[best]))
+    assert float(high) < float(m)
+
+
+def test_entropy_range_keeps_a_distribution_without_tails_whole():
+    values = np.random.default_rng(1).uniform(-3, 5, size=200_000).astype(np.float32)
+    low, high = _entropy_range_of(values)
+    assert float(low) == values.min()
+    assert float(high) >= 0.97 * values.max()
+
+
+def test_entropy_range_of_an_all_zero_tensor_is_zero():
+    zeros = np.zeros(100, dtype=np.float32)
+    hist, edges = np.histogram(zeros, bins=static.ENTROPY_BINS)
+    assert static.entropy_range(hist, edges.astype(np.float32), zeros.min(), zeros.max()) \
+        == (0.0, 0.0)
 
 
 def _number(cached):
@@ -161,15 +198,25 @@ def test_histogram_ranges_reads_one_batch_at_a_time(method, tmp_path):
     assert data["calibration_method"] and data["data"]
 
 
-@pytest.mark.parametrize("method", ["percentile", "entropy"])
-def test_non_finite_activations_leave_calibration_to_onnxruntime(method, tmp_path):
+def test_non_finite_activations_leave_percentile_calibration_to_onnxruntime(tmp_path):
     import onnx
 
     src = tmp_path / "model.onnx"
     onnx.save(conv_chain(), str(src))
     bad = feeds((8, 8))
     bad[1]["input"][0, 0, 0, 0] = np.inf
-    assert not static.histogram_ranges(src, bad, method, 99.9, tmp_path / "r.json")
+    assert not static.histogram_ranges(src, bad, "percentile", 99.9, tmp_path / "r.json")
+    assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize("bad_value", [np.inf, np.nan])
+def test_entropy_calibration_refuses_non_finite_activations(bad_value, tmp_path):
+    bad = feeds((8, 8))
+    bad[1]["input"][0, 0, 0, 0] = bad_value
+    with pytest.raises(ConfigError, match=r"the tensor '\w+' holds NaN or infinity") as err:
+        ort_quantize_static(conv_chain(), bad, method="entropy",
+                            calibration_cache=tmp_path / "r.json")
+    assert "minmax" in str(err.value)
     assert not (tmp_path / "r.json").exists()
 
 

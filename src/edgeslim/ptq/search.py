@@ -255,9 +255,9 @@ def quantize(
 
     ``method`` calibrates the activation ranges of the static scheme: ``"minmax"`` (the
     extremes seen), ``"percentile"`` (the range that keeps ``percentile`` % of the magnitudes)
-    or ``"entropy"`` (the range, symmetric about zero and then clipped to the extremes, whose
-    quantization to 255 levels loses the least information, by the KL divergence of a 2,047-bin
-    histogram, after TensorRT). The two histogram methods read the calibration data a batch at
+    or ``"entropy"`` (TensorRT's: the range whose 8-bit quantization loses the least
+    information, by the KL divergence over a 2,048-bin histogram of magnitudes;
+    ``static.entropy_range``). The two histogram methods read the calibration data a batch at
     a time, twice (``static.histogram_ranges``).
 
     Static QOperator only: ``float_leading_units`` keeps the first activation units (a tensor

@@ -10,8 +10,10 @@ Percentile and entropy ranges are computed here, a batch at a time (``histogram_
 and handed to ``quantize_static`` as its calibration cache. onnxruntime's own histogram
 calibrators keep every intermediate tensor of every calibration sample until they build their
 histograms: 11.8 GB for efficientnet-lite0 on 160 crops. Two passes over the batches (first
-the range of each tensor, then its histogram over exactly the edges onnxruntime would draw)
-give the same histograms, and so the same ranges, with one batch's tensors in memory.
+the range of each tensor, then its histogram) need one batch's tensors in memory. Percentile
+histograms use exactly the edges onnxruntime would draw, so the ranges are onnxruntime's;
+entropy ranges come from TensorRT's KL-divergence search (``entropy_range``), since
+onnxruntime's, as ``quantize_static`` configures it, returns minmax's ranges.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeslim._validate import check_choice
+from edgeslim.errors import ConfigError
 from edgeslim.ptq.calibrate import CALIBRATION_METHODS, FeedReader
 
 __all__ = [
@@ -62,75 +65,74 @@ def preprocess(model: Any) -> Any:
 
 
 HISTOGRAM_METHODS = ("percentile", "entropy")
-# Entropy calibration's histogram: bins over [-m, m] (m the largest magnitude; odd, so that one
-# bin is centred on zero) and the levels each candidate range is quantized to in the search.
-# onnxruntime's quantize_static keeps its calibrator's defaults, 128 and 128, with which the
-# search has a single candidate, the whole range: entropy then gives minmax's ranges
-# (onnxruntime#9597). 255 levels are int8's; the bins give the range to 1/1023 of m.
-ENTROPY_BINS = 2047
-ENTROPY_LEVELS = 255
+# Entropy calibration histograms magnitudes over [0, m], m the largest, in this many bins: the
+# range is chosen to 1/2048 of m.
+ENTROPY_BINS = 2048
 
 
-def entropy_threshold(hist: Any, edges: Any, lowest: Any, highest: Any,
-                      levels: int) -> tuple[Any, Any]:
-    """The range ``[-t, t]`` (clipped to ``[lowest, highest]``) whose quantization to ``levels``
-    levels loses the least information (KL divergence) about the histogram, as onnxruntime's
-    ``HistogramCollector.get_entropy_threshold`` chooses it, with its loops over bins done by
-    numpy: the same candidates, distributions and divergences, so the same choice, in a small
-    fraction of the time (tests compare the two).
+def entropy_range(hist: Any, edges: Any, lowest: Any, highest: Any) -> tuple[Any, Any]:
+    """The activation range whose quantization loses the least information about ``hist``.
 
-    ``hist``: counts of a signed histogram whose bins are centred on zero (``edges`` from
-    ``-m`` to ``m``); ``levels``: the number of quantized bins.
+    The KL-divergence calibration of TensorRT (Migacz, "8-bit Inference with TensorRT", 2017,
+    as NVIDIA's pytorch-quantization runs it): ``hist`` counts the magnitudes of a tensor's
+    values in bins of ``edges`` from 0 to the largest magnitude. The first bin's count is
+    replaced by the second's, so that the exact zeros of a ReLU do not dominate the search.
+    For each candidate threshold (a bin edge, from ``levels`` bins up) the reference is the
+    histogram up to it with the clipped values added to its last bin, and the candidate is the
+    same bins merged into ``levels`` equal groups, each group's count spread evenly over its
+    non-empty bins; the largest threshold of least KL divergence from reference to candidate
+    wins. A threshold whose last bin is empty while values beyond it are clipped has infinite
+    divergence. ``levels`` is what 8 bits give the side of zero the range covers: 256 for a
+    tensor that is never negative (``[0, t]`` in uint8), 128 for one of both signs. Returns
+    ``(max(-t, lowest), min(t, highest))``.
+
+    (onnxruntime's own entropy calibrator is not used: its ``quantize_static`` fixes 128 bins
+    and 128 levels, with which the search has one candidate, the whole range, so that it
+    returns minmax's ranges (onnxruntime#9597); given more bins, its search lets a ReLU's zeros
+    decide, and on efficientnet-lite0 it clipped ReLU6 outputs to an eighth of their range.)
     """
     import numpy as np
-    from onnxruntime.quantization.calibrate import entropy
-    from onnxruntime.quantization.quant_utils import smooth_distribution
 
-    hist = np.asarray(hist)
-    n = hist.size
-    zero = n // 2
-    half = levels // 2
-    dtype = edges.dtype
-    before = np.concatenate(([0], np.cumsum(hist)))  # before[k] = hist[:k].sum()
-    total = before[-1]
-    divergences = np.zeros(zero - half + 1)
-    bounds = []
-    for i in range(half, zero + 1):
-        start, end = zero - i, min(zero + i + 1, n)
-        bounds.append((start, end))
-        window = hist[start:end]
-        # the reference: the window with the outliers on either side folded into its ends
+    counts = np.asarray(hist, dtype=np.float64).copy()
+    size = counts.size
+    levels = 256 if lowest >= 0 else 128
+    if size < 2 or size <= levels or not counts.sum() or not edges[-1] > 0:
+        return lowest, highest
+    counts[0] = counts[1]
+    beyond = np.concatenate((np.cumsum(counts[::-1])[::-1][1:], [0.0]))  # beyond[k]: counts[k+1:]
+    best, best_i = np.inf, size
+    for i in range(levels, size + 1):
+        window = counts[:i]
+        group = (np.arange(i) * levels) // i  # the level each bin falls in
+        filled = window > 0
+        sums = np.bincount(group, weights=window, minlength=levels)
+        members = np.bincount(group, weights=filled, minlength=levels)
+        q = np.where(filled, sums[group] / np.maximum(members[group], 1), 0.0)
         p = window.copy()
-        p[0] += before[start]
-        p[-1] += total - before[end]
-        merged = window.size // levels
-        whole = levels * merged
-        # the candidate: the window merged into `levels` bins, each spread evenly over the
-        # bins of its group where the reference is non-zero (onnxruntime's integer counts)
-        quantized = window[:whole].reshape(levels, merged).sum(axis=1)
-        quantized[-1] += window[whole:].sum()
-        nonzero = (p[:whole] != 0).reshape(levels, merged).sum(axis=1)
-        spread = np.where(nonzero != 0, quantized / np.maximum(nonzero, 1), 0.0)
-        q = np.zeros(p.size, dtype=np.int64)
-        q[:whole] = np.repeat(spread, merged)
-        p, q = smooth_distribution(p), smooth_distribution(q)
-        divergences[i - half] = (np.inf if p is None or q is None
-                                 else np.array(entropy(p, q), dtype=dtype))
-    start, end = bounds[int(np.argmin(divergences))]
-    low, high = edges[start], edges[end]
-    return (lowest if low < lowest else low), (highest if high > highest else high)
+        p[-1] += beyond[i - 1]
+        present = p > 0
+        if (q[present] == 0).any():
+            continue  # clipped values where the candidate has nothing: infinite divergence
+        pn, qn = p[present] / p.sum(), q[present] / q.sum()
+        divergence = float(np.sum(pn * np.log(pn / qn)))
+        if divergence <= best:  # ties go to the larger threshold
+            best, best_i = divergence, i
+    t = edges[best_i]
+    return (max(-t, lowest), min(t, highest))
 
 
 def histogram_ranges(model_path: Path, feeds: Sequence[dict], method: str, percentile: float,
                      cache: Path) -> bool:
-    """Write to ``cache`` the ranges ``quantize_static`` would compute (see module doc).
+    """Write to ``cache`` the activation ranges of ``method``, reading ``feeds`` a batch at a time.
 
-    ``method``: ``"percentile"`` (histograms of magnitudes, onnxruntime's symmetric percentile
-    calibrator) or ``"entropy"`` (histograms of signed values over the largest magnitude,
-    onnxruntime's entropy calibrator); ``model_path``: the float model as ``quantize_static``
-    gets it. Returns False, writing nothing, when a calibrated tensor holds NaN or infinity or
-    no value at all, or when onnxruntime's calibrator is not the one this reproduces
-    (onnxruntime's own calibrator then runs as before).
+    ``method``: ``"percentile"`` (the ranges onnxruntime's symmetric percentile calibrator
+    computes, see the module doc) or ``"entropy"`` (``entropy_range`` on a histogram of
+    magnitudes); ``model_path``: the float model as ``quantize_static`` gets it. Both read the
+    batches twice: once for each tensor's range, then for its histogram. For percentile,
+    returns False, writing nothing, when a calibrated tensor holds NaN or infinity or no value
+    at all, or when onnxruntime's percentile calibrator is not the symmetric one reproduced here
+    (onnxruntime's own calibrator then runs). Entropy refuses NaN and infinity with a
+    ConfigError naming the tensor, and gives a tensor without values the range [0, 0].
     """
     import numpy as np
     import onnx
@@ -145,9 +147,10 @@ def histogram_ranges(model_path: Path, feeds: Sequence[dict], method: str, perce
     from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
     check_choice(method, "method", "histogram_ranges", HISTOGRAM_METHODS)
+    percentiles = method == "percentile"
     with tempfile.TemporaryDirectory(prefix="edgeslim-calib-") as tmp:
-        # what quantize_static calibrates: the shape-inferred model, every quantizable op type,
-        # the calibrator quantize_static creates for these options
+        # what quantize_static calibrates: the shape-inferred model, every quantizable op type;
+        # the percentile calibrator is the one quantize_static creates for these options
         inferred = Path(tmp) / "model.onnx"
         onnx.save_model(load_model_with_shape_infer(Path(model_path)), str(inferred),
                         save_as_external_data=True)
@@ -155,20 +158,15 @@ def histogram_ranges(model_path: Path, feeds: Sequence[dict], method: str, perce
             inferred,
             list(set(QLinearOpsRegistry) | set(QDQRegistry)),
             augmented_model_path=str(Path(tmp) / "augmented.onnx"),
-            calibrate_method=(CalibrationMethod.Percentile if method == "percentile"
-                              else CalibrationMethod.Entropy),
-            extra_options=({"percentile": percentile} if method == "percentile"
-                           else {"num_bins": ENTROPY_BINS, "num_quantized_bins": ENTROPY_LEVELS}),
+            calibrate_method=CalibrationMethod.Percentile,
+            extra_options={"percentile": percentile},
         )
-        # onnxruntime histograms magnitudes for the symmetric percentile calibrator and signed
-        # values for entropy; anything else is not what is reproduced here
-        magnitudes = method == "percentile"
-        if calibrator.method != method or (magnitudes and not calibrator.symmetric):
-            return False
+        if percentiles and not calibrator.symmetric:
+            return False  # onnxruntime histograms signed values then, not what is done here
         session = calibrator.infer_session
         names = [o.name for o in session.get_outputs()]
         wanted = [(i, n) for i, n in enumerate(names) if n in calibrator.tensors_to_calibrate]
-        # pass 1: the signed range (and for magnitudes the smallest magnitude) of every tensor
+        # pass 1: the signed range and the smallest magnitude of every tensor
         lo: dict[str, Any] = {}
         hi: dict[str, Any] = {}
         abs_lo: dict[str, Any] = {}
@@ -179,40 +177,41 @@ def histogram_ranges(model_path: Path, feeds: Sequence[dict], method: str, perce
                 if values.size == 0:
                     continue
                 if not np.isfinite(values).all():
-                    return False
+                    if percentiles:
+                        return False
+                    raise ConfigError(
+                        f"Entropy calibration needs finite values, but the tensor {name!r} "
+                        "holds NaN or infinity on the calibration data. Check the data, or "
+                        "calibrate with 'minmax' or 'percentile'."
+                    )
                 lo[name] = min(lo.get(name, math.inf), values.min())
                 hi[name] = max(hi.get(name, -math.inf), values.max())
-                if magnitudes:
-                    abs_lo[name] = min(abs_lo.get(name, math.inf), np.absolute(values).min())
+                abs_lo[name] = min(abs_lo.get(name, math.inf), np.absolute(values).min())
         if len(lo) != len(wanted):
-            return False  # a tensor without values: onnxruntime's own rules apply
-        # pass 2: histograms over the edges numpy draws for all the values at once. Magnitudes:
-        # from the smallest to the largest magnitude (that of the signed range's ends). Signed
-        # values: onnxruntime's fixed range, plus and minus the largest magnitude in the
-        # tensor's own dtype.
-        thresholds = {name: np.array(max(abs(lo[name]), abs(hi[name])), dtype=lo[name].dtype)
-                      for name in lo}
-        if magnitudes:
-            edges = {
-                name: np.histogram_bin_edges(np.array([abs_lo[name], thresholds[name]]),
-                                             bins=calibrator.num_bins)
-                for name in lo
-            }
-        else:
-            edges = {
-                name: np.histogram_bin_edges(np.empty(0, dtype=lo[name].dtype),
-                                             bins=calibrator.num_bins,
-                                             range=(-thresholds[name], thresholds[name]))
-                for name in lo
-            }
+            if percentiles:
+                return False  # a tensor without values: onnxruntime's own rules apply
+            for _, name in wanted:  # as onnxruntime does, the range of no values is [0, 0]
+                lo.setdefault(name, np.float32(0))
+                hi.setdefault(name, np.float32(0))
+                abs_lo.setdefault(name, np.float32(0))
+        # pass 2: histograms of magnitudes up to the largest (that of the signed range's ends).
+        # Percentile: from the smallest magnitude, over the edges numpy draws for all the values
+        # at once, as onnxruntime does; entropy: from zero, in ENTROPY_BINS bins.
+        largest = {name: max(abs(lo[name]), abs(hi[name])) for name in lo}
+        edges = {
+            name: (np.histogram_bin_edges(np.array([abs_lo[name], largest[name]]),
+                                          bins=calibrator.num_bins) if percentiles
+                   else np.histogram_bin_edges(np.array([0, largest[name]], dtype=lo[name].dtype),
+                                               bins=ENTROPY_BINS))
+            for name in lo
+        }
         counts = {name: np.zeros(len(e) - 1, dtype=np.int64) for name, e in edges.items()}
         for feed in feeds:
             outputs = session.run(None, feed)
             for i, name in wanted:
                 if outputs[i].size:
-                    values = np.absolute(outputs[i]) if magnitudes else outputs[i]
-                    counts[name] += np.histogram(values, bins=edges[name])[0]
-        if magnitudes:
+                    counts[name] += np.histogram(np.absolute(outputs[i]), bins=edges[name])[0]
+        if percentiles:
             collector = HistogramCollector(
                 method=calibrator.method,
                 symmetric=calibrator.symmetric,
@@ -228,8 +227,7 @@ def histogram_ranges(model_path: Path, feeds: Sequence[dict], method: str, perce
             ranges = calibrator.compute_data()
         else:
             ranges = TensorsData(CalibrationMethod.Entropy, {
-                name: (*entropy_threshold(counts[name], edges[name], lo[name], hi[name],
-                                          calibrator.num_quantized_bins),
+                name: (*entropy_range(counts[name], edges[name], lo[name], hi[name]),
                        counts[name], edges[name])
                 for name in counts
             })
