@@ -258,7 +258,9 @@ def quantize(
     or ``"entropy"`` (TensorRT's: the range whose 8-bit quantization loses the least
     information, by the KL divergence over a 2,048-bin histogram of magnitudes;
     ``static.entropy_range``). The two histogram methods read the calibration data a batch at
-    a time, twice (``static.histogram_ranges``).
+    a time, twice (``static.histogram_ranges``). On efficientnet-lite0, entropy clips ReLU6
+    outputs below the 6 where their saturated values pile up and loses to percentile, the
+    preset's choice (bench/RESULTS.md, "int8 calibration methods").
 
     Static QOperator only: ``float_leading_units`` keeps the first activation units (a tensor
     with its producer and readers, in graph order) in float; ``float_logits`` lets the final
