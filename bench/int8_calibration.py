@@ -133,10 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
     if args.write:
         lines = [
-            f"`.venv/bin/python bench/int8_calibration.py --how {' '.join(args.how)} --write` "
-            f"({machine_description()}; {THREADS} threads; {CROPS} calibration crops in "
-            f"batches of {BATCH}; agreement and error on the 300 evaluation crops of "
-            "bench/int8.py)",
+            f"`.venv/bin/python bench/int8_calibration.py --how {' '.join(args.how)} --write`",
+            "",
+            f"{machine_description()} Threads: {THREADS}; {CROPS} calibration crops in batches "
+            f"of {BATCH}; agreement and error on the 300 evaluation crops of bench/int8.py.",
             "",
             "| quantization | calibration | top-1 agreement | rel. logit error | time | peak RSS |",
             "|---|---|---|---|---|---|",
