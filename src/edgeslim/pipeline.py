@@ -22,6 +22,7 @@ from edgeslim._validate import check_path
 from edgeslim.errors import ConfigError, ModelError
 from edgeslim.recipe.core import Recipe
 from edgeslim.recipe.measure import StepMetrics
+from edgeslim.recipe.steps import ptq_overrides
 from edgeslim.recipe.workload import WORKLOADS, Workload, workload_for
 
 __all__ = ["CompressResult", "compress", "onnx_latency_ms"]
@@ -113,6 +114,10 @@ def compress(
     wl = workload or workload_for(
         model_name, recipe.data, reference=None if isinstance(resolved, Path) else resolved
     )
+    for step in recipe.onnx_steps:  # what depends on the workload fails before any work too
+        if step.name == "ptq":
+            ptq_overrides(wl, scheme=step.params.get("scheme"),
+                          calibration=step.params.get("calibration"))
     rows: list[StepMetrics] = []
     log: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="edgeslim-") as tmp:

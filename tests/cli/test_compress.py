@@ -79,6 +79,27 @@ def test_recipe_file_through_cli(tmp_path):
     assert manifest["compression"][0]["report"]["sparsity"] == pytest.approx(0.5, abs=0.01)
 
 
+def test_a_recipe_picks_the_calibration_of_its_ptq_step(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("steps:\n  - ptq: {calibration: entropy, time_budget_s: 30}\n")
+    out = tmp_path / "entropy.eslim"
+    assert main(["compress", "digits-cnn", "--recipe", str(recipe), "-o", str(out), "-q"]) == 0
+    step = json.loads(zipfile.ZipFile(out).read("manifest.json"))["compression"][0]
+    assert step["step"] == "ptq" and step["params"]["calibration"] == "entropy"
+    assert step["report"]["config"]["method"] == "entropy"
+    assert step["report"]["goal_met"] and step["report"]["metrics"]["top1_agreement"] >= 0.99
+
+
+def test_calibration_is_refused_for_a_workload_that_quantizes_dynamically(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("steps:\n  - ptq: {calibration: minmax}\n")
+    out = tmp_path / "x.eslim"
+    assert main(["compress", "minilm-l6", "--recipe", str(recipe), "-o", str(out), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "'dynamic' scheme, which calibrates none" in err and "Traceback" not in err
+    assert not out.exists()
+
+
 def test_cli_errors_are_one_line_with_exit_code(tmp_path, capsys):
     assert main(["compress", "no-such-model", "--preset", "fp32", "-o",
                  str(tmp_path / "x.eslim")]) == 2

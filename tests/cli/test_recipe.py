@@ -39,6 +39,11 @@ def test_recipe_from_python_objects_and_dict_agree():
         ({"steps": [{"prune_structured": {"round_to": -4}}]}, "'round_to'"),
         ({"steps": [{"ptq": {"scheme": "bogus"}}]},
          "In step 1 ('ptq'): The 'scheme' parameter of ptq"),
+        ({"steps": [{"ptq": {"calibration": "kl"}}]},
+         "The 'calibration' parameter of ptq must be one of 'entropy', 'minmax', 'percentile'. "
+         "Got 'kl'"),
+        ({"steps": [{"ptq": {"calibration": "entropy", "scheme": "dynamic"}}]},
+         "the scheme 'dynamic' calibrates none"),
         ({"export": {"opset": 99}, "steps": ["pack"]}, "Unknown top-level key 'export'"),
     ],
 )

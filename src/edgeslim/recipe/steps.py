@@ -261,7 +261,7 @@ def _run_pack(octx: OnnxContext, **p: Any) -> dict[str, Any]:
 
 # -- ptq (ONNX: accuracy-aware post-training int8) ---------------------------------------------
 
-_PTQ = {"max_drop": None, "time_budget_s": 900.0, "scheme": None}
+_PTQ = {"max_drop": None, "time_budget_s": 900.0, "scheme": None, "calibration": None}
 _PTQ_TASKS = {"image-classification": "classification", "sentence-embedding": "embedding"}
 
 
@@ -273,6 +273,36 @@ def _check_ptq(**p: Any) -> None:
         from edgeslim.ptq.search import SCHEMES
 
         check_choice(p["scheme"], "scheme", "ptq", SCHEMES)
+    if p.get("calibration") is not None:
+        from edgeslim.ptq.calibrate import CALIBRATION_METHODS
+
+        check_choice(p["calibration"], "calibration", "ptq", CALIBRATION_METHODS)
+        if p.get("scheme") not in (None, "static"):
+            raise ConfigError(
+                f"The 'calibration' parameter of ptq sets the activation ranges of the static "
+                f"scheme; the scheme {p['scheme']!r} calibrates none. Drop one of the two."
+            )
+
+
+def ptq_overrides(wl: Any, scheme: str | None = None,
+                  calibration: str | None = None) -> dict[str, Any]:
+    """The preset settings a ``ptq`` step changes for workload ``wl``; a ConfigError for a
+    calibration method given to a scheme that calibrates nothing (checked before any work)."""
+    from edgeslim.ptq.presets import PRESET_SETTINGS
+
+    overrides: dict[str, Any] = {"scheme": scheme} if scheme else {}
+    if calibration:
+        task = _PTQ_TASKS.get(wl.task, "classification")
+        resolved = scheme or PRESET_SETTINGS[task]["scheme"]
+        if resolved != "static":
+            raise ConfigError(
+                f"The 'calibration' parameter of ptq sets the activation ranges of the static "
+                f"scheme, but the {wl.task} workload of {wl.name!r} is quantized with the "
+                f"{resolved!r} scheme, which calibrates none. Drop 'calibration', or add "
+                f"scheme: static."
+            )
+        overrides["method"] = calibration
+    return overrides
 
 
 def _run_ptq(octx: OnnxContext, **p: Any) -> dict[str, Any]:
@@ -284,7 +314,7 @@ def _run_ptq(octx: OnnxContext, **p: Any) -> dict[str, Any]:
         raise ConfigError(
             f"The step 'ptq' calibrates on data, but the workload {wl.name!r} has none."
         )
-    overrides = {"scheme": p["scheme"]} if p["scheme"] else {}
+    overrides = ptq_overrides(wl, scheme=p["scheme"], calibration=p["calibration"])
     result = quantize_int8_preset(
         octx.model,
         wl.calibration,
