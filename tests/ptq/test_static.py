@@ -150,6 +150,28 @@ def test_entropy_range_keeps_a_distribution_without_tails_whole():
     assert float(high) >= 0.97 * values.max()
 
 
+def test_entropy_calibration_of_constant_tensors(tmp_path):
+    """All zeros, or all one positive value: a range that holds the values, never reversed."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["input", "zero"], ["zeros"]),
+         helper.make_node("Add", ["zeros", "two"], ["twos"]),
+         helper.make_node("Relu", ["twos"], ["output"])],
+        "constants",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+         helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    data = [{"input": np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)}]
+    ort_quantize_static(model, data, method="entropy", calibration_cache=tmp_path / "r.json")
+    ranges = json.loads((tmp_path / "r.json").read_text())["data"]
+    assert (ranges["zeros"]["lowest"], ranges["zeros"]["highest"]) == (0.0, 0.0)
+    assert ranges["twos"]["lowest"] <= 2.0 <= ranges["twos"]["highest"]
+
+
 def test_entropy_range_of_an_all_zero_tensor_is_zero():
     zeros = np.zeros(100, dtype=np.float32)
     hist, edges = np.histogram(zeros, bins=static.ENTROPY_BINS)

@@ -118,7 +118,8 @@ def entropy_range(hist: Any, edges: Any, lowest: Any, highest: Any) -> tuple[Any
         if divergence <= best:  # ties go to the larger threshold
             best, best_i = divergence, i
     t = edges[best_i]
-    return (max(-t, lowest), min(t, highest))
+    low, high = max(-t, lowest), min(t, highest)
+    return (low, high) if low <= high else (lowest, highest)
 
 
 def histogram_ranges(model_path: Path, feeds: Sequence[dict], method: str, percentile: float,
@@ -201,8 +202,8 @@ def histogram_ranges(model_path: Path, feeds: Sequence[dict], method: str, perce
         edges = {
             name: (np.histogram_bin_edges(np.array([abs_lo[name], largest[name]]),
                                           bins=calibrator.num_bins) if percentiles
-                   else np.histogram_bin_edges(np.array([0, largest[name]], dtype=lo[name].dtype),
-                                               bins=ENTROPY_BINS))
+                   else np.linspace(0, largest[name] if largest[name] > 0 else 1,
+                                    ENTROPY_BINS + 1, dtype=lo[name].dtype))
             for name in lo
         }
         counts = {name: np.zeros(len(e) - 1, dtype=np.int64) for name, e in edges.items()}
