@@ -84,3 +84,49 @@ def test_every_preset_is_a_valid_recipe():
         assert isinstance(preset_recipe(name), Recipe)
     with pytest.raises(ConfigError, match="Allowed presets: deep-compression, fp32, int8"):
         preset_recipe("int4-magic")
+
+
+def _doc_tables():
+    """docs/recipes.md: each step section's table rows, key -> default cell."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "recipes.md").read_text()
+    tables: dict[str, dict[str, str]] = {}
+    for section in re.split(r"^### ", text, flags=re.M)[1:]:
+        name = re.match(r"`(\w+)`", section).group(1)
+        tables[name] = {m.group(1): m.group(2).strip()
+                        for m in re.finditer(r"^\| `(\w+)` \| ([^|]*) \|", section, re.M)}
+    return text, tables
+
+
+def test_the_recipe_reference_documents_every_step_key_and_default():
+    from edgeslim.recipe.core import _TOP_KEYS
+    from edgeslim.recipe.steps import STEPS
+
+    text, tables = _doc_tables()
+    assert set(tables) == set(STEPS)
+    for top in _TOP_KEYS:
+        assert f"| `{top}` |" in text
+    for name, spec in STEPS.items():
+        assert set(tables[name]) == spec.keys(), name
+        for key, default in spec.defaults.items():
+            cell = tables[name][key]
+            if default is None:
+                continue  # described in words (none, or what decides it)
+            if isinstance(default, str):
+                assert cell.startswith(f"`{default}`"), (name, key, cell)
+            else:
+                assert float(cell.split()[0]) == default, (name, key, cell)
+
+
+def test_the_recipe_reference_examples_are_valid_recipes():
+    import re
+
+    import yaml
+
+    text, _ = _doc_tables()
+    blocks = re.findall(r"```yaml\n(.*?)```", text, flags=re.S)
+    assert len(blocks) >= 3
+    for block in blocks:
+        assert Recipe.from_dict(yaml.safe_load(block)).steps
