@@ -6,6 +6,7 @@ import copy
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeslim.ptq import (
@@ -16,7 +17,7 @@ from edgeslim.ptq import (
 )
 from edgeslim.ptq._graph import make_session
 
-from .conftest import mlp
+from .conftest import conv_chain, mlp
 
 
 def _reference_rowwise(x: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -115,3 +116,16 @@ def test_weight_only_int8_and_int4():
         out = make_session(q).run(None, {"input": x})[0]
         errs[bits] = np.linalg.norm(out - ref) / np.linalg.norm(ref)
     assert errs[8] < 0.05 and errs[8] < errs[4] < 0.2
+
+
+def test_weight_only_refuses_a_model_without_matmul_weights():
+    """A CNN's layers are Conv and Gemm: nothing for MatMulNBits, said instead of a model
+    returned unchanged."""
+    from edgeslim.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="has none to quantize; its linear layers are Conv"):
+        quantize_weight_only(conv_chain(), bits=4)
+    model = mlp()
+    every = [n.name for n in model.graph.node if n.op_type == "MatMul"]
+    with pytest.raises(ConfigError, match="Use the static or dynamic scheme"):
+        quantize_weight_only(model, bits=4, exclude=every)

@@ -39,6 +39,17 @@ def quantize_weight_only(
             f"The 'block_size' parameter of {func} must be a power of two. Got {block_size}."
         )
     check_choice(str(accuracy_level), "accuracy_level", func, ("0", "1", "2", "3", "4"))
+    constants = {t.name for t in model.graph.initializer}
+    targets = [n for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1
+               and n.input[1] in constants and n.name not in set(exclude)]
+    if not targets:
+        kinds = sorted({n.op_type for n in model.graph.node
+                        if n.op_type in ("Gemm", "Conv", "MatMul", "ConvTranspose")})
+        raise ConfigError(
+            f"{func} replaces MatMuls with constant weights (transformer linears), and this "
+            f"model has none to quantize; its linear layers are {', '.join(kinds) or 'absent'}. "
+            "Use the static or dynamic scheme instead."
+        )
     from edgeslim.errors import require
 
     require("onnx_ir", "compress", "Weight-only quantization (MatMulNBits)")
