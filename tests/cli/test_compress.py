@@ -100,6 +100,52 @@ def test_calibration_is_refused_for_a_workload_that_quantizes_dynamically(tmp_pa
     assert not out.exists()
 
 
+def _matmul_mlp(path):
+    """An ONNX MLP of two MatMuls on the 64 digit pixels (what weight-only quantization takes)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.normal(0, 0.3, shape).astype(np.float32), name)
+               for name, shape in (("w1", (64, 64)), ("w2", (64, 10)))]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["input", "w1"], ["h"], name="mm1"),
+         helper.make_node("Relu", ["h"], ["r"], name="relu"),
+         helper.make_node("MatMul", ["r", "w2"], ["logits"], name="mm2")],
+        "mlp", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])], weights)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_a_recipe_quantizes_weights_to_int4(tmp_path):
+    import onnx
+
+    model = _matmul_mlp(tmp_path / "mlp.onnx")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data: digits\nsteps:\n"
+                      "  - ptq: {scheme: weight_only, bits: 4, time_budget_s: 30}\n")
+    out = tmp_path / "int4.eslim"
+    assert main(["compress", str(model), "--recipe", str(recipe), "-o", str(out), "-q"]) == 0
+    bundle = zipfile.ZipFile(out)
+    report = json.loads(bundle.read("manifest.json"))["compression"][0]["report"]
+    assert report["config"]["bits"] == 4 and report["config"]["scheme"] == "weight_only"
+    graph = onnx.load_from_string(bundle.read("model.onnx")).graph
+    packed = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert len(packed) == 2
+    assert all(a.i == 4 for n in packed for a in n.attribute if a.name == "bits")
+
+
+def test_weight_only_is_refused_for_a_model_without_matmuls(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("steps:\n  - ptq: {scheme: weight_only, bits: 4, time_budget_s: 30}\n")
+    out = tmp_path / "x.eslim"
+    assert main(["compress", "digits-mlp", "--recipe", str(recipe), "-o", str(out), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "has none to quantize; its linear layers are Gemm" in err and "Traceback" not in err
+    assert not out.exists()
+
+
 def test_cli_errors_are_one_line_with_exit_code(tmp_path, capsys):
     assert main(["compress", "no-such-model", "--preset", "fp32", "-o",
                  str(tmp_path / "x.eslim")]) == 2

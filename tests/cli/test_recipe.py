@@ -44,6 +44,9 @@ def test_recipe_from_python_objects_and_dict_agree():
          "Got 'kl'"),
         ({"steps": [{"ptq": {"calibration": "entropy", "scheme": "dynamic"}}]},
          "the scheme 'dynamic' calibrates none"),
+        ({"steps": [{"ptq": {"bits": 5}}]}, "must be 8 or 4 (4: int4 weights"),
+        ({"steps": [{"ptq": {"bits": 4}}]}, "is 4 only with scheme: weight_only"),
+        ({"steps": [{"ptq": {"bits": 4, "scheme": "dynamic"}}]}, "Add scheme: weight_only"),
         ({"export": {"opset": 99}, "steps": ["pack"]}, "Unknown top-level key 'export'"),
     ],
 )

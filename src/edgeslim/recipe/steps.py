@@ -261,7 +261,8 @@ def _run_pack(octx: OnnxContext, **p: Any) -> dict[str, Any]:
 
 # -- ptq (ONNX: accuracy-aware post-training int8) ---------------------------------------------
 
-_PTQ = {"max_drop": None, "time_budget_s": 900.0, "scheme": None, "calibration": None}
+_PTQ = {"max_drop": None, "time_budget_s": 900.0, "scheme": None, "calibration": None,
+        "bits": 8}
 _PTQ_TASKS = {"image-classification": "classification", "sentence-embedding": "embedding"}
 
 
@@ -282,15 +283,25 @@ def _check_ptq(**p: Any) -> None:
                 f"The 'calibration' parameter of ptq sets the activation ranges of the static "
                 f"scheme; the scheme {p['scheme']!r} calibrates none. Drop one of the two."
             )
+    bits = p.get("bits", 8)
+    if isinstance(bits, bool) or bits not in (4, 8):
+        raise ConfigError(f"The 'bits' parameter of ptq must be 8 or 4 (4: int4 weights, with "
+                          f"scheme: weight_only). Got {bits!r} instead.")
+    if bits == 4 and p.get("scheme") != "weight_only":
+        raise ConfigError("The 'bits' parameter of ptq is 4 only with scheme: weight_only (int4 "
+                          "weights in MatMulNBits); the other schemes are int8. Add "
+                          "scheme: weight_only, or drop bits.")
 
 
-def ptq_overrides(wl: Any, scheme: str | None = None,
-                  calibration: str | None = None) -> dict[str, Any]:
+def ptq_overrides(wl: Any, scheme: str | None = None, calibration: str | None = None,
+                  bits: int = 8) -> dict[str, Any]:
     """The preset settings a ``ptq`` step changes for workload ``wl``; a ConfigError for a
     calibration method given to a scheme that calibrates nothing (checked before any work)."""
     from edgeslim.ptq.presets import PRESET_SETTINGS
 
     overrides: dict[str, Any] = {"scheme": scheme} if scheme else {}
+    if bits != 8:
+        overrides["bits"] = bits
     if calibration:
         task = _PTQ_TASKS.get(wl.task, "classification")
         resolved = scheme or PRESET_SETTINGS[task]["scheme"]
@@ -314,7 +325,8 @@ def _run_ptq(octx: OnnxContext, **p: Any) -> dict[str, Any]:
         raise ConfigError(
             f"The step 'ptq' calibrates on data, but the workload {wl.name!r} has none."
         )
-    overrides = ptq_overrides(wl, scheme=p["scheme"], calibration=p["calibration"])
+    overrides = ptq_overrides(wl, scheme=p["scheme"], calibration=p["calibration"],
+                              bits=p["bits"])
     result = quantize_int8_preset(
         octx.model,
         wl.calibration,
