@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -41,6 +42,9 @@ def session(path: Path | str) -> Any:
     options = ort.SessionOptions()
     options.intra_op_num_threads = THREADS
     options.inter_op_num_threads = 1
+    # the sessions run interleaved: one whose idle threads spin after its run takes the cores
+    # from the next (minilm-l6's fp32 session measured 12-15 ms that way, 5 ms without)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -242,6 +246,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--no-write", action="store_true", help="do not edit RESULTS.md")
     args = parser.parse_args()
+    # torch's OpenMP threads wait without spinning, as onnxruntime's do (see session())
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     results = []
     with tempfile.TemporaryDirectory(prefix="edgeslim-int8-") as tmp:
         for name in args.models.split(","):
@@ -255,9 +261,11 @@ def main() -> None:
         f"Command: {command.replace(' `', '`')}",
         "",
         machine_description(),
-        f"Threads: {THREADS} (onnxruntime intra_op_num_threads, torch.set_num_threads). Latency:"
-        " batch 1, median over every input x repetition, all models interleaved input by input"
-        " so they share the machine's noise; ratios are of those medians.",
+        f"Threads: {THREADS} (onnxruntime intra_op_num_threads, torch.set_num_threads); idle"
+        " threads sleep (onnxruntime spinning off, OMP_WAIT_POLICY=PASSIVE), so that no"
+        " session's threads spin into the next one's run. Latency: batch 1, median over every"
+        " input x repetition, all models interleaved input by input so they share the"
+        " machine's noise; ratios are of those medians.",
         "",
     ]
     for res in results:

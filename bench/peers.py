@@ -117,6 +117,8 @@ def _ort_session(model: bytes | str, threads: int = 2) -> Any:
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    # interleaved with other sessions: idle threads must not spin into the next one's run
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
 

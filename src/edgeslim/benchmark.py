@@ -2,7 +2,9 @@
 
 All variants run in one process, on the same inputs, with the same pinned thread count, and
 their repetitions are interleaved (A B C A B C ...) so that a noisy neighbour slows every
-variant alike; ratios are what to read, not absolute times.
+variant alike; ratios are what to read, not absolute times. Idle threads sleep between runs
+(onnxruntime's spinning off, OpenMP's wait policy passive): a thread pool that spins after
+its own run would take the cores from the variant that runs next.
 """
 
 from __future__ import annotations
@@ -73,8 +75,11 @@ def _inputs_for(manifest: dict[str, Any], batch: int, seq: int = 32) -> dict[str
 
 def _original_variants(source: str, threads: int) -> dict[str, Callable[[dict], Any]]:
     """PyTorch eager and onnxruntime fp32 runners of the bundle's original model."""
+    import os
     import tempfile
 
+    # OpenMP reads this when torch first runs in parallel: threads that wait without spinning
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
     from edgeslim.export import export_onnx
@@ -89,7 +94,7 @@ def _original_variants(source: str, threads: int) -> dict[str, Callable[[dict], 
         path = Path(tmp) / "fp32.onnx"
         export_onnx(model, wl.example_inputs, path, input_names=names,
                     output_names=list(wl.output_names), dynamic_axes=wl.dynamic_axes or None)
-        sess = ort_session(path.read_bytes(), threads=threads)
+        sess = ort_session(path.read_bytes(), threads=threads, spin=False)
 
     def eager(feeds: dict) -> Any:
         with torch.inference_mode():
@@ -115,7 +120,8 @@ def bench_bundle(
     repeats = check_int_range(repeats, "repeats", "bench", 5, 1_000_000)
     bundle = read_bundle(path)
     manifest = bundle.manifest
-    sess = ort_session(bundle.model_bytes, threads=threads)
+    # spinning off even alone, so that the bundle's figure is the same with --against or not
+    sess = ort_session(bundle.model_bytes, threads=threads, spin=False)
     variants: dict[str, Callable[[dict], Any]] = {
         f"bundle {manifest['name']} (onnxruntime)": lambda feeds: sess.run(None, feeds)
     }

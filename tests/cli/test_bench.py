@@ -35,3 +35,42 @@ def test_bench_cli_json_and_errors(mlp_bundle, capsys):
     assert "--against takes 'original'" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="'threads' parameter of bench"):
         bench_bundle(mlp_bundle, threads=0)
+
+
+def test_bench_sessions_do_not_spin_into_each_other(mlp_bundle, monkeypatch):
+    """Variants alternate run by run: an onnxruntime pool that spins after its run would take
+    the cores from the next variant, so every session bench creates sleeps when idle."""
+    import edgeslim.benchmark as benchmark
+
+    created = []
+
+    def recording(*args, **kwargs):
+        created.append(real(*args, **kwargs))
+        return created[-1]
+
+    real = benchmark.ort_session
+    monkeypatch.setattr(benchmark, "ort_session", recording)
+    bench_bundle(mlp_bundle, threads=2, batch=4, repeats=5, against_original=True)
+    key = "session.intra_op.allow_spinning"
+    assert len(created) == 2  # the bundle and the original's fp32 export
+    assert [s.get_session_options().get_session_config_entry(key) for s in created] == ["0", "0"]
+
+
+def test_ort_session_spins_by_default_and_not_when_told():
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    from edgeslim._ort import ort_session
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    key = "session.intra_op.allow_spinning"
+    spinning, quiet = ort_session(model), ort_session(model, spin=False)
+    # unset means onnxruntime's default, which spins
+    with pytest.raises(RuntimeError, match="does not have configuration"):
+        spinning.get_session_options().get_session_config_entry(key)
+    assert quiet.get_session_options().get_session_config_entry(key) == "0"
+    x = np.array([-1.0, 2.0], np.float32)
+    assert quiet.run(None, {"x": x})[0].tolist() == [0.0, 2.0]
