@@ -2,9 +2,9 @@
 
 All variants run in one process, on the same inputs, with the same pinned thread count, and
 their repetitions are interleaved (A B C A B C ...) so that a noisy neighbour slows every
-variant alike; ratios are what to read, not absolute times. Idle threads sleep between runs
-(onnxruntime's spinning off, OpenMP's wait policy passive): a thread pool that spins after
-its own run would take the cores from the variant that runs next.
+variant alike; ratios are what to read, not absolute times. onnxruntime's idle threads sleep
+between runs (spinning off): a session whose threads spin after its own run would take the
+cores from the variant that runs next.
 """
 
 from __future__ import annotations
@@ -75,11 +75,8 @@ def _inputs_for(manifest: dict[str, Any], batch: int, seq: int = 32) -> dict[str
 
 def _original_variants(source: str, threads: int) -> dict[str, Callable[[dict], Any]]:
     """PyTorch eager and onnxruntime fp32 runners of the bundle's original model."""
-    import os
     import tempfile
 
-    # OpenMP reads this when torch first runs in parallel: threads that wait without spinning
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
     from edgeslim.export import export_onnx
