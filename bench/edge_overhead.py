@@ -47,23 +47,32 @@ PER_ROUND = {"digits-cnn": 600, "efficientnet-lite0": 40}
 # ------------------------------------------------------------------ shared with edge_batching
 
 
-def zoo_bundle(name: str) -> Path:
-    """Export zoo model ``name`` to ONNX (cached) and pack it as a bundle.
+def zoo_onnx(name: str) -> Path:
+    """Zoo model ``name`` exported to ONNX under the bench work folder (once, then cached).
 
-    The export runs in a child process, so this (client) process never imports torch and
-    runs onnxruntime in the same kind of process as the torch-free server.
+    The export runs in a child process, so the calling process need not import torch.
     """
-    import onnxruntime as ort
-
-    from edgeslim.bundle import write_bundle
-    from edgeslim.edge.runtime import ORT_TYPES
-
     WORK.mkdir(parents=True, exist_ok=True)
     onnx_path = WORK / f"{name}.onnx"
     if not onnx_path.exists():
         code = ("from edgeslim.export import export_zoo_model; "
                 f"export_zoo_model({name!r}, {str(onnx_path)!r})")
         subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+    return onnx_path
+
+
+def zoo_bundle(name: str) -> Path:
+    """Export zoo model ``name`` to ONNX (cached, ``zoo_onnx``) and pack it as a bundle.
+
+    This (client) process never imports torch and runs onnxruntime in the same kind of
+    process as the torch-free server.
+    """
+    import onnxruntime as ort
+
+    from edgeslim.bundle import write_bundle
+    from edgeslim.edge.runtime import ORT_TYPES
+
+    onnx_path = zoo_onnx(name)
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
 
     def spec(t: Any) -> dict[str, Any]:

@@ -193,8 +193,8 @@ replay of the QOperator graph's integer arithmetic), written back into the same 
 graph. minilm-l6 uses SmoothQuant (alpha 0.5), row-wise dynamic int8 MatMuls (one scale per
 token: the [CLS] token's activations are ~10x the others', which is what ruins onnxruntime's
 per-tensor dynamic range) and int8 word embeddings with one scale per row. PyTorch eager with 2
-threads suffers most from the other processes on this shared machine, so the ratios against it
-are inflated when the load average is high."""
+threads suffers most from other work on this shared machine, so the ratios against it read
+high when the load average is high."""
 
 TARGETS = {
     "efficientnet-lite0": "top-1 agreement >= 99%, >= 3x PyTorch, >= 1.3x ORT fp32, size <= 27%",

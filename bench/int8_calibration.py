@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from edge_overhead import WORK
+from edge_overhead import zoo_onnx
 from peers import load_average, machine_description, write_section
 
 THREADS = 2
@@ -45,14 +45,7 @@ CROPS, BATCH = 160, 8
 
 
 def fp32_model() -> Path:
-    from edgeslim.export.specs import export_zoo_model
-    from edgeslim.zoo import load_model
-
-    WORK.mkdir(parents=True, exist_ok=True)
-    path = WORK / "efficientnet-lite0.onnx"
-    if not path.exists():
-        export_zoo_model("efficientnet-lite0", path, model=load_model("efficientnet-lite0").eval())
-    return path
+    return zoo_onnx("efficientnet-lite0")
 
 
 def child(method: str, how: str) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from edge_overhead import WORK
+from edge_overhead import WORK, zoo_onnx
 from peers import load_average
 
 THREADS = 2
@@ -58,17 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from edgeslim.datasets import photo_crops
-    from edgeslim.export.specs import export_zoo_model
     from edgeslim.ptq._graph import make_session
     from edgeslim.ptq.finetune import finetune_qoperator
     from edgeslim.ptq.metrics import classification_metrics
-    from edgeslim.zoo import load_model
 
     torch.set_num_threads(THREADS)
-    WORK.mkdir(parents=True, exist_ok=True)
-    fp32 = WORK / "efficientnet-lite0.onnx"
-    if not fp32.exists():
-        export_zoo_model("efficientnet-lite0", fp32, model=load_model("efficientnet-lite0").eval())
+    fp32 = zoo_onnx("efficientnet-lite0")
     calib = photo_crops(max(args.crops, 512), split="calibration")
     evals = photo_crops(300, split="evaluation")
     ref = make_session(fp32, threads=THREADS)

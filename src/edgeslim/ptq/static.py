@@ -167,7 +167,8 @@ def histogram_ranges(model_path: Path, feeds: Sequence[dict], method: str, perce
         session = calibrator.infer_session
         names = [o.name for o in session.get_outputs()]
         wanted = [(i, n) for i, n in enumerate(names) if n in calibrator.tensors_to_calibrate]
-        # pass 1: the signed range and the smallest magnitude of every tensor
+        # pass 1: the signed range (and, for percentile, the smallest magnitude) of every
+        # tensor
         lo: dict[str, Any] = {}
         hi: dict[str, Any] = {}
         abs_lo: dict[str, Any] = {}
@@ -187,14 +188,14 @@ def histogram_ranges(model_path: Path, feeds: Sequence[dict], method: str, perce
                     )
                 lo[name] = min(lo.get(name, math.inf), values.min())
                 hi[name] = max(hi.get(name, -math.inf), values.max())
-                abs_lo[name] = min(abs_lo.get(name, math.inf), np.absolute(values).min())
+                if percentiles:  # entropy's histogram starts at zero
+                    abs_lo[name] = min(abs_lo.get(name, math.inf), np.absolute(values).min())
         if len(lo) != len(wanted):
             if percentiles:
                 return False  # a tensor without values: onnxruntime's own rules apply
             for _, name in wanted:  # as onnxruntime does, the range of no values is [0, 0]
                 lo.setdefault(name, np.float32(0))
                 hi.setdefault(name, np.float32(0))
-                abs_lo.setdefault(name, np.float32(0))
         # pass 2: histograms of magnitudes up to the largest (that of the signed range's ends).
         # Percentile: from the smallest magnitude, over the edges numpy draws for all the values
         # at once, as onnxruntime does; entropy: from zero, in ENTROPY_BINS bins.

@@ -12,6 +12,7 @@ from typing import Any
 
 from edgeslim._validate import check_choice, check_int_range
 from edgeslim.errors import ConfigError
+from edgeslim.ptq._graph import Graph
 
 __all__ = ["quantize_weight_only"]
 
@@ -39,10 +40,8 @@ def quantize_weight_only(
             f"The 'block_size' parameter of {func} must be a power of two. Got {block_size}."
         )
     check_choice(str(accuracy_level), "accuracy_level", func, ("0", "1", "2", "3", "4"))
-    constants = {t.name for t in model.graph.initializer}
-    targets = [n for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1
-               and n.input[1] in constants and n.name not in set(exclude)]
-    if not targets:
+    skipped = set(exclude)
+    if not [n for n in Graph(model).weighted_nodes(("MatMul",)) if n.name not in skipped]:
         kinds = sorted({n.op_type for n in model.graph.node
                         if n.op_type in ("Gemm", "Conv", "MatMul", "ConvTranspose")})
         raise ConfigError(
