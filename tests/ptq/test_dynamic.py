@@ -129,3 +129,106 @@ def test_weight_only_refuses_a_model_without_matmul_weights():
     every = [n.name for n in model.graph.node if n.op_type == "MatMul"]
     with pytest.raises(ConfigError, match="Use the static or dynamic scheme"):
         quantize_weight_only(model, bits=4, exclude=every)
+
+
+def _two_branch_model(seed: int = 0) -> onnx.ModelProto:
+    """quiet (B,S,16) -> MatMul 16x24 + b -> y1;  loud (B,S,16) -> MatMul 16x8 + b -> y2."""
+    rng = np.random.default_rng(seed)
+    inits, nodes = [], []
+    for name, (k, n) in {"quiet": (16, 24), "loud": (16, 8)}.items():
+        inits.append(numpy_helper.from_array(rng.normal(size=(k, n)).astype(np.float32),
+                                             f"{name}_w"))
+        inits.append(numpy_helper.from_array(rng.normal(size=n).astype(np.float32),
+                                             f"{name}_b"))
+        nodes.append(helper.make_node("MatMul", [name, f"{name}_w"], [f"{name}_mm"],
+                                      name=f"{name}_fc"))
+        nodes.append(helper.make_node("Add", [f"{name}_mm", f"{name}_b"], [f"{name}_y"],
+                                      name=f"{name}_bias"))
+    graph = helper.make_graph(
+        nodes,
+        "two",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["b", "s", 16])
+         for n in ("quiet", "loud")],
+        [helper.make_tensor_value_info("quiet_y", TensorProto.FLOAT, ["b", "s", 24]),
+         helper.make_tensor_value_info("loud_y", TensorProto.FLOAT, ["b", "s", 8])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _two_branch_feeds(n: int, seed: int = 1) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    feeds = []
+    for _ in range(n):
+        loud = rng.normal(size=(1, 12, 16)).astype(np.float32)
+        loud[0, 0] *= 40  # one token far louder than the rest, as [CLS] in BERT's FFN
+        feeds.append({"quiet": rng.normal(size=(1, 12, 16)).astype(np.float32), "loud": loud})
+    return feeds
+
+
+def test_static_inputs_take_the_quiet_tensor_and_leave_the_loud_one_row_wise():
+    from edgeslim.ptq import static_inputs
+
+    model = _two_branch_model()
+    feeds = _two_branch_feeds(6)
+    ranges, stats = static_inputs(model, feeds, max_spread=4.0)
+    assert set(stats) == {"quiet", "loud"}
+    assert list(ranges) == ["quiet"]
+    assert stats["quiet"]["spread"] < 4.0 < 20.0 < stats["loud"]["spread"]
+    every = np.concatenate([f["quiet"] for f in feeds])
+    assert ranges["quiet"] == (float(every.min()), float(every.max()))
+    everything, _ = static_inputs(model, feeds, max_spread=1000.0)
+    assert set(everything) == {"quiet", "loud"}
+    none, _ = static_inputs(model, feeds, max_spread=1.0)
+    assert none == {}
+
+
+def test_static_input_matches_numpy_reference_with_the_bias_in_the_kernel():
+    model = _two_branch_model()
+    x = _two_branch_feeds(1)[0]
+    lo, hi = -3.0, 4.5
+    q, names = rowwise_dynamic(copy.deepcopy(model), static_ranges={"quiet": (lo, hi)})
+    assert sorted(names) == ["loud_fc", "quiet_fc"]
+    ops = [n.op_type for n in q.graph.node]
+    # quiet: QuantizeLinear + MatMulIntegerToFloat with the bias; loud: row-wise, Add kept
+    assert ops.count("QuantizeLinear") == 2 and ops.count("Add") == 1
+    assert ops.count("ReduceMax") == 1 and "quiet_bias" not in {n.name for n in q.graph.node}
+    out = dict(zip(["quiet_y", "loud_y"], make_session(q).run(["quiet_y", "loud_y"], x),
+                   strict=True))
+    w = numpy_helper.to_array(model.graph.initializer[0]).astype(np.float64)
+    b = numpy_helper.to_array(model.graph.initializer[1]).astype(np.float64)
+    scale = np.float32((hi - lo) / 255)
+    zero = np.round(-lo / scale)
+    xq = np.clip(np.round(x["quiet"] / scale) + zero, 0, 255) - zero
+    ws = np.abs(w).max(0) / 127
+    ref = (xq @ np.clip(np.round(w / ws), -127, 127)) * scale * ws + b
+    np.testing.assert_allclose(out["quiet_y"], ref, rtol=1e-5, atol=1e-4)
+    wl = numpy_helper.to_array(model.graph.initializer[2])
+    bl = numpy_helper.to_array(model.graph.initializer[3])
+    np.testing.assert_allclose(out["loud_y"], _reference_rowwise(x["loud"], wl) + bl,
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_answers_do_not_depend_on_what_else_is_in_the_batch():
+    """Row-wise and calibrated ranges make each row's result its own: a request batched with
+    others gets the answer it gets alone. onnxruntime's quantize_dynamic (one range for the
+    whole batch) does not."""
+    from edgeslim.ptq import quantize_dynamic_ort, static_inputs
+
+    model = _two_branch_model()
+    feeds = _two_branch_feeds(8)
+    ranges, _ = static_inputs(model, feeds, max_spread=4.0)
+    ours, _ = rowwise_dynamic(copy.deepcopy(model), static_ranges=ranges)
+    theirs = quantize_dynamic_ort(copy.deepcopy(model), per_channel=True)
+    batch = {k: np.concatenate([f[k] for f in feeds]) for k in ("quiet", "loud")}
+
+    def alone_vs_batched(m):
+        sess = make_session(m)
+        together = sess.run(None, batch)
+        alone = [np.concatenate(o) for o in zip(*(sess.run(None, f) for f in feeds), strict=True)]
+        return max(float(np.abs(a - t).max()) for a, t in zip(alone, together, strict=True))
+
+    assert alone_vs_batched(ours) == 0.0
+    assert alone_vs_batched(theirs) > 1e-3

@@ -54,3 +54,20 @@ def test_embedding_preset_on_minilm(tmp_path):
     assert res.metrics["min_cosine"] >= 0.98
     assert res.size_bytes <= 0.30 * onnx_param_bytes(path)
     assert any(n.op_type == "MatMulIntegerToFloat" for n in res.model.graph.node)
+    # the GELU outputs of the early layers (one token far louder) stay row-wise, the
+    # LayerNorm outputs that feed Q/K/V get one calibrated range
+    modes = {m: a["mode"] for a in res.activations.values() for m in a["matmuls"]}
+    assert modes["/encoder/encoder/layer.0/output/dense/MatMul"] == "row-wise"
+    assert modes["/encoder/encoder/layer.0/attention/self/query/MatMul"] == "static"
+    # each sentence's embedding is its own whatever is batched with it
+    from edgeslim.ptq._graph import make_session
+    from edgeslim.zoo.minilm import encode
+
+    ids, mask = encode(english_sentences(4, split="evaluation"))
+    sess = make_session(res.model)
+    together = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    for i in range(4):
+        n = int(mask[i].sum())
+        alone = sess.run(None, {"input_ids": ids[i : i + 1, :n].numpy(),
+                                "attention_mask": mask[i : i + 1, :n].numpy()})[0]
+        np.testing.assert_allclose(alone[0], together[i], atol=1e-5)

@@ -160,6 +160,8 @@ def test_sensitivity_analysis_budget_marks_report_incomplete():
         ({"batch_size": 0}, "'batch_size'"),
         ({"calibration_samples": 0}, "'calibration_samples'"),
         ({"threads": 0}, "'threads'"),
+        ({"static_max_spread": 0.5}, "'static_max_spread'.*number >= 1.*Got 0.5"),
+        ({"static_max_spread": "4"}, "'static_max_spread'"),
         ({"method": "percentile", "percentile": 200.0}, "'percentile'"),
         ({"exclude": ["nope"]}, "names nodes the model does not have: 'nope'"),
         ({"exclude": "fc1"}, "must be a list of node names"),
@@ -231,3 +233,23 @@ def test_sensitivity_analysis_and_share_weights_refuse_what_they_cannot_use():
                          (lambda: share_weights(model, min_size=-1), "'min_size'")):
         with pytest.raises(ConfigError, match=re.escape(phrase)):
             call()
+
+
+def test_dynamic_scheme_reports_which_inputs_got_a_calibrated_range():
+    """static_max_spread through quantize: the quiet MatMul inputs of the MLP get a calibrated
+    range, the result says so, and the model stays close to float."""
+    model = mlp()
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(64, 16)).astype(np.float32)
+    res = quantize(model, x[:32], x[32:], task="embedding", scheme="dynamic", max_drop=0.05,
+                   static_max_spread=1000.0, progress=False)
+    modes = {m: a["mode"] for a in res.activations.values() for m in a["matmuls"]}
+    assert modes == {"fc1": "static", "fc2": "static", "fc3": "static"}
+    ops = [n.op_type for n in res.model.graph.node]
+    assert ops.count("QuantizeLinear") == 3 and "ReduceMax" not in ops
+    assert res.summary()["activations"] == res.activations
+    assert res.metrics["mean_cosine"] > 0.99
+    rowwise = quantize(model, x[:32], x[32:], task="embedding", scheme="dynamic", max_drop=0.05,
+                       progress=False)
+    assert rowwise.activations == {} and [n.op_type for n in rowwise.model.graph.node].count(
+        "ReduceMax") == 3

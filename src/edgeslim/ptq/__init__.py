@@ -5,13 +5,20 @@ int8, or weight-only int4/int8), measure against the float model, fall back the 
 nodes to float until ``max_drop`` holds, keep the best. ``quantize_int8_preset`` picks the
 settings from the task. The building blocks are public too: ``equalize`` (cross-layer
 equalization), ``round_weights`` (GPTQ rounding + bias correction), ``smooth_matmuls``
-(SmoothQuant), ``rowwise_dynamic``, ``quantize_weight_only``, ``sensitivity_analysis``.
+(SmoothQuant), ``rowwise_dynamic`` and ``static_inputs``, ``quantize_weight_only``,
+``sensitivity_analysis``.
 """
 
 from __future__ import annotations
 
 from edgeslim.ptq.calibrate import CALIBRATION_METHODS, FeedReader, to_feeds
-from edgeslim.ptq.dynamic import quantize_dynamic_ort, quantize_embeddings, rowwise_dynamic
+from edgeslim.ptq.dynamic import (
+    input_statistics,
+    quantize_dynamic_ort,
+    quantize_embeddings,
+    rowwise_dynamic,
+    static_inputs,
+)
 from edgeslim.ptq.equalize import equalize, find_pairs
 from edgeslim.ptq.metrics import classification_metrics, embedding_metrics
 from edgeslim.ptq.presets import DEFAULT_MAX_DROP, quantize_int8_preset
@@ -33,6 +40,7 @@ __all__ = [
     "embedding_metrics",
     "equalize",
     "find_pairs",
+    "input_statistics",
     "ort_quantize_static",
     "preprocess",
     "quantize",
@@ -44,5 +52,6 @@ __all__ = [
     "rowwise_dynamic",
     "sensitivity_analysis",
     "smooth_matmuls",
+    "static_inputs",
     "to_feeds",
 ]

@@ -29,6 +29,10 @@ class Builder:
         self.feeds = feeds
         self.workdir = workdir
         self.cache = workdir / f"ranges-{cfg['method']}.json"
+        #: dynamic scheme: MatMul inputs quantized with a calibrated range, and the
+        #: statistics of every candidate input (``dynamic.static_inputs``)
+        self.static_ranges: dict[str, tuple[float, float]] = {}
+        self.input_stats: dict[str, dict[str, Any]] = {}
         if self.scheme == "static":
             from edgeslim.ptq.equalize import equalize
             from edgeslim.ptq.rounding import round_weights
@@ -57,6 +61,16 @@ class Builder:
                 from edgeslim.ptq.smooth import smooth_matmuls
 
                 smooth_matmuls(self.prepared, feeds, alpha=cfg["smooth_alpha"])
+            if self.scheme == "dynamic" and cfg.get("static_max_spread") is not None:
+                from edgeslim.ptq.dynamic import static_inputs
+
+                self.static_ranges, self.input_stats = static_inputs(
+                    self.prepared,
+                    feeds,
+                    max_spread=cfg["static_max_spread"],
+                    exclude=cfg["exclude"],
+                    threads=cfg["threads"],
+                )
 
     def _correct_bias(self) -> None:
         """Sequential empirical bias correction measured on the QDQ model (float deltas)."""
@@ -163,7 +177,12 @@ class Builder:
         from edgeslim.ptq.dynamic import quantize_embeddings, rowwise_dynamic
 
         if self.scheme == "dynamic":
-            rowwise_dynamic(model, exclude=exclude, reduce_range=cfg["reduce_range"])
+            rowwise_dynamic(
+                model,
+                exclude=exclude,
+                reduce_range=cfg["reduce_range"],
+                static_ranges=self.static_ranges,
+            )
         else:
             from edgeslim.ptq.weight_only import quantize_weight_only
 

@@ -3,12 +3,20 @@
 ``quantize_dynamic_ort`` calls onnxruntime's ``quantize_dynamic`` (per-tensor activation range
 computed at run time, ``DynamicQuantizeMatMul``). In BERT-like encoders one token (``[CLS]``)
 carries activations ten times larger than the others, so a single range per tensor wastes most
-of the 8 bits on the other tokens. ``rowwise_dynamic`` (edgeslim's own rewrite) quantizes each
-row (token) of a MatMul input with its own scale, symmetric around the fixed zero point 128, and
-multiplies by per-output-channel int8 weights with onnxruntime's ``MatMulIntegerToFloat``
-kernel (u8 x s8, fast on x86 with or without VNNI):
+of the 8 bits on the other tokens; the range also spans the whole batch, so a sentence's
+embedding changes with the sentences batched beside it. ``rowwise_dynamic`` (edgeslim's own
+rewrite) quantizes each row (token) of a MatMul input with its own scale, symmetric around the
+fixed zero point 128, and multiplies by per-output-channel int8 weights with onnxruntime's
+``MatMulIntegerToFloat`` kernel (u8 x s8, fast on x86 with or without VNNI):
 
-    s_r = max_j |x_rj| / 127;  q = round(x / s_r) + 128  (uint8);  y = (q - 128) @ Wq * s_r * s_w
+    s_r = max_j |x_rj|;  q = round(127 x / s_r) + 128 (uint8);  y = (q - 128) @ Wq * s_w * s_r / 127
+
+Row scales cost a reduction and three elementwise passes over the input at run time. Inputs
+where no token stands out (``static_inputs``: the LayerNorm outputs that feed Q/K/V and the
+first FFN linear, the attention context) instead get one range calibrated on data, a single
+``QuantizeLinear`` and the bias folded into the kernel; the loud GELU outputs that feed the
+second FFN linear stay row-wise. Either way each row's result depends on that row alone, so
+batching never changes an answer.
 
 Word-embedding tables (``Gather`` on a 2-D constant with many rows) are stored as int8 with one
 scale per row, gathered and rescaled at run time: ``Gather(Wq, ids) * Gather(s, ids)``.
@@ -16,7 +24,7 @@ scale per row, gathered and rescaled at run time: ``Gather(Wq, ids) * Gather(s, 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -24,7 +32,13 @@ from onnx import TensorProto, helper
 
 from edgeslim.ptq._graph import Graph, opset_of, unique_node_names
 
-__all__ = ["quantize_dynamic_ort", "quantize_embeddings", "rowwise_dynamic"]
+__all__ = [
+    "input_statistics",
+    "quantize_dynamic_ort",
+    "quantize_embeddings",
+    "rowwise_dynamic",
+    "static_inputs",
+]
 
 
 def quantize_dynamic_ort(
@@ -64,15 +78,100 @@ def _reduce_max(graph: Graph, x: str, out: str, opset: int) -> Any:
     return helper.make_node("ReduceMax", [x], [out], keepdims=1, axes=[-1])
 
 
+def input_statistics(
+    model: Any, feeds: Sequence[dict], names: Sequence[str], *, threads: int = 2
+) -> dict[str, dict[str, float]]:
+    """Calibration statistics of tensors ``names`` over ``feeds``: ``lo``/``hi``, the smallest
+    and largest value seen, and ``spread``, the largest magnitude seen over the median row's
+    (token's) largest magnitude. A calibrated range costs the median row about
+    ``log2(spread)`` bits against a range of its own."""
+    from edgeslim.ptq._graph import add_outputs, make_session
+
+    session = make_session(add_outputs(model, names), threads=threads)
+    inputs = {i.name for i in session.get_inputs()}
+    lo = dict.fromkeys(names, np.inf)
+    hi = dict.fromkeys(names, -np.inf)
+    rows: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for feed in feeds:
+        values = session.run(list(names), {k: v for k, v in feed.items() if k in inputs})
+        for name, v in zip(names, values, strict=True):
+            lo[name] = min(lo[name], float(v.min()))
+            hi[name] = max(hi[name], float(v.max()))
+            rows[name].append(np.abs(v.reshape(-1, v.shape[-1])).max(1))
+    stats = {}
+    for name in names:
+        finite = np.isfinite(lo[name]) and np.isfinite(hi[name])
+        median = float(np.median(np.concatenate(rows[name]))) if rows[name] else 0.0
+        peak = max(abs(lo[name]), abs(hi[name])) if finite else np.inf
+        spread = peak / median if finite and median > 0 else np.inf
+        stats[name] = {"lo": lo[name], "hi": hi[name], "spread": float(spread)}
+    return stats
+
+
+def static_inputs(
+    model: Any,
+    feeds: Sequence[dict],
+    *,
+    max_spread: float,
+    exclude: Sequence[str] = (),
+    threads: int = 2,
+) -> tuple[dict[str, tuple[float, float]], dict[str, dict[str, Any]]]:
+    """Which MatMul inputs ``rowwise_dynamic`` may quantize with a fixed (calibrated) range.
+
+    An input qualifies when its ``spread`` (``input_statistics``) is at most ``max_spread``:
+    no token is much louder than the typical one, so one range for every row costs little
+    against one range per row, and it needs no run-time reduction. Returns ``{input: (lo,
+    hi)}`` for those and, for every candidate input, its statistics and the ``matmuls`` that
+    read it.
+    """
+    graph = Graph(model)
+    readers: dict[str, list[str]] = {}
+    for n in graph.weighted_nodes(("MatMul",)):
+        if graph.array(n.input[1]).ndim == 2 and n.name not in set(exclude):
+            readers.setdefault(n.input[0], []).append(n.name)
+    names = sorted(readers)
+    if not names:
+        return {}, {}
+    stats: dict[str, dict[str, Any]] = dict(
+        input_statistics(model, feeds, names, threads=threads)
+    )
+    for name in names:
+        stats[name]["matmuls"] = readers[name]
+    ranges = {
+        n: (s["lo"], s["hi"]) for n, s in stats.items() if s["spread"] <= max_spread
+    }
+    return ranges, stats
+
+
+def _bias_add(graph: Graph, output: str, columns: int) -> tuple[Any, str] | None:
+    """The ``Add`` of a 1-D constant bias that is the only reader of ``output``, if any."""
+    users = graph.consumers.get(output, [])
+    if len(users) != 1 or users[0].op_type != "Add" or output in graph.graph_outputs:
+        return None
+    add = users[0]
+    other = [i for i in add.input if i != output]
+    if len(other) != 1:
+        return None
+    bias = graph.array(other[0])
+    if bias is None or bias.shape != (columns,) or bias.dtype != np.float32:
+        return None
+    return add, other[0]
+
+
 def rowwise_dynamic(
     model: Any,
     *,
     exclude: Sequence[str] = (),
     reduce_range: bool = False,
     include: Sequence[str] | None = None,
+    static_ranges: Mapping[str, tuple[float, float]] | None = None,
 ) -> tuple[Any, list[str]]:
-    """Rewrite every MatMul with a 2-D constant weight into row-wise dynamic int8 (in place).
+    """Rewrite every MatMul with a 2-D constant weight into int8 (in place).
 
+    Inputs named in ``static_ranges`` (``{tensor: (lo, hi)}``, from ``static_inputs``) are
+    quantized with that fixed range, uint8 with a zero point, and the MatMul's bias ``Add``
+    moves into the kernel: one ``QuantizeLinear`` per input, one ``MatMulIntegerToFloat`` per
+    MatMul. Every other input is quantized row by row at run time (module docstring).
     ``exclude``/``include`` select MatMul node names. Returns the model and the quantized node
     names. Weights are symmetric per output channel (7-bit with ``reduce_range``).
     """
@@ -80,6 +179,7 @@ def rowwise_dynamic(
     graph = Graph(model)
     opset = opset_of(model)
     qmax = 63 if reduce_range else 127
+    static_ranges = dict(static_ranges or {})
     selected = [
         n
         for n in graph.weighted_nodes(("MatMul",))
@@ -90,50 +190,74 @@ def rowwise_dynamic(
     groups: dict[str, list[Any]] = {}
     for n in selected:
         groups.setdefault(n.input[0], []).append(n)
-    inv127 = graph.fresh_name("edgeslim_rq_inv127")
-    graph.set_array(inv127, np.array(1.0 / 127.0, np.float32))
-    eps = graph.fresh_name("edgeslim_rq_eps")
-    graph.set_array(eps, np.array(1e-12, np.float32))
-    one = graph.fresh_name("edgeslim_rq_one")
-    graph.set_array(one, np.array(1.0, np.float32))
-    zp = graph.fresh_name("edgeslim_rq_zp")
-    graph.set_array(zp, np.array(128, np.uint8))
+
+    def constant(base: str, value: np.ndarray) -> str:
+        name = graph.fresh_name(base)
+        graph.set_array(name, value)
+        return name
+
+    inv127 = constant("edgeslim_rq_inv127", np.array(1.0 / 127.0, np.float32))
+    eps = constant("edgeslim_rq_eps", np.array(1e-12, np.float32))
+    zp = constant("edgeslim_rq_zp", np.array(128, np.uint8))
     replace: dict[str, list[Any]] = {}
+    dropped: set[str] = set()
     for x, nodes in groups.items():
         p = graph.fresh_name(x + "_rq")
-        pre = [
-            helper.make_node("Abs", [x], [p + "_abs"], name=p + "_abs"),
-            _reduce_max(graph, p + "_abs", p + "_amax", opset),
-            helper.make_node("Max", [p + "_amax", eps], [p + "_amax_e"], name=p + "_max"),
-            helper.make_node("Mul", [p + "_amax_e", inv127], [p + "_scale"], name=p + "_scale"),
-            helper.make_node("Div", [x, p + "_scale"], [p + "_div"], name=p + "_div"),
-            # round half to even, + 128, saturate, cast: one QuantizeLinear with scale 1
-            helper.make_node("QuantizeLinear", [p + "_div", one, zp], [p + "_q"], name=p + "_q"),
-        ]
+        if x in static_ranges:
+            lo, hi = (float(v) for v in static_ranges[x])
+            lo, hi = min(lo, 0.0), max(hi, 0.0)
+            scale = np.float32(max(hi - lo, 1e-12) / 255.0)
+            zero = np.uint8(np.clip(np.round(-lo / scale), 0, 255))
+            a_scale = constant(p + "_scale", np.array(scale, np.float32))
+            a_zero = constant(p + "_zp", np.array(zero, np.uint8))
+            pre = [helper.make_node("QuantizeLinear", [x, a_scale, a_zero], [p + "_q"],
+                                    name=p + "_q")]
+            row_scale = None
+        else:
+            # s_r = max(max_j |x_rj|, eps); q = round(x / s_r * 127) + 128, saturated: the
+            # 1/127 rides in QuantizeLinear's scale and the kernel's, so the row scale s_r
+            # multiplies the output directly
+            a_scale, a_zero, row_scale = inv127, zp, p + "_amax_e"
+            pre = [
+                helper.make_node("Abs", [x], [p + "_abs"], name=p + "_abs"),
+                _reduce_max(graph, p + "_abs", p + "_amax", opset),
+                helper.make_node("Max", [p + "_amax", eps], [row_scale], name=p + "_max"),
+                helper.make_node("Div", [x, row_scale], [p + "_div"], name=p + "_div"),
+                helper.make_node("QuantizeLinear", [p + "_div", inv127, zp], [p + "_q"],
+                                 name=p + "_q"),
+            ]
         for i, n in enumerate(nodes):
             w = graph.array(n.input[1]).astype(np.float64)
             ws = np.maximum(np.abs(w).max(0), 1e-12) / qmax
             wq = np.clip(np.round(w / ws), -qmax, qmax).astype(np.int8)
-            wq_name = graph.fresh_name(n.input[1] + "_int8")
-            graph.set_array(wq_name, wq)
-            ws_name = graph.fresh_name(n.input[1] + "_scale")
-            graph.set_array(ws_name, ws.astype(np.float32))
+            wq_name = constant(n.input[1] + "_int8", wq)
+            ws_name = constant(n.input[1] + "_scale", ws.astype(np.float32))
+            inputs = [p + "_q", wq_name, a_scale, ws_name, a_zero]
             o = n.output[0]
+            bias = _bias_add(graph, o, w.shape[1]) if row_scale is None else None
+            if bias is not None:  # y = (q - z) @ Wq * s * s_w + b, in one kernel
+                add, b = bias
+                inputs += ["", b]
+                dropped.add(add.name)
+                o = add.output[0]
             body = [
-                # (q - 128) @ Wq * 1.0 * s_w in one fused onnxruntime kernel, then * s_row
                 helper.make_node(
                     "MatMulIntegerToFloat",
-                    [p + "_q", wq_name, one, ws_name, zp],
-                    [o + "_w"],
+                    inputs,
+                    [o if row_scale is None else o + "_w"],
                     name=n.name,
                     domain="com.microsoft",
-                ),
-                helper.make_node("Mul", [o + "_w", p + "_scale"], [o], name=n.name + "_xscale"),
+                )
             ]
+            if row_scale is not None:
+                body.append(
+                    helper.make_node("Mul", [o + "_w", row_scale], [o], name=n.name + "_xscale")
+                )
             replace[n.name] = (pre if i == 0 else []) + body
     out = []
     for node in model.graph.node:
-        out.extend(replace.get(node.name, [node]))
+        if node.name not in dropped:
+            out.extend(replace.get(node.name, [node]))
     del model.graph.node[:]
     model.graph.node.extend(out)
     _drop_unused_initializers(model)

@@ -57,6 +57,9 @@ class QuantizationResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     report_path: Path | None = None
+    #: dynamic scheme: each MatMul input's treatment (``"static"`` range or ``"row-wise"``),
+    #: its calibration ``spread`` (``dynamic.input_statistics``) and the ``matmuls`` reading it
+    activations: dict[str, dict[str, Any]] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
@@ -84,6 +87,7 @@ class QuantizationResult:
             "size_bytes": self.size_bytes,
             "seconds": self.seconds,
             "config": self.config,
+            "activations": self.activations,
             "history": self.history,
         }
 
@@ -222,6 +226,7 @@ def quantize(
     percentile: float = 99.99,
     equalization: bool = False,
     smooth_alpha: float | None = 0.5,
+    static_max_spread: float | None = None,
     quantize_embeddings: bool = True,
     bits: int = 8,
     exclude: Sequence[str] = (),
@@ -262,6 +267,12 @@ def quantize(
     outputs below the 6 where their saturated values pile up and loses to percentile, the
     preset's choice (bench/RESULTS.md, "int8 calibration methods").
 
+    Dynamic scheme (transformers): ``smooth_alpha`` migrates activation outliers into the
+    weights (SmoothQuant; None: off); MatMul inputs are quantized row by row at run time,
+    except those whose loudest row is at most ``static_max_spread`` times the median row on
+    the calibration data, which get one calibrated range and no run-time reduction (faster;
+    None: every input row-wise). ``result.activations`` says which input got which.
+
     Static QOperator only: ``float_leading_units`` keeps the first activation units (a tensor
     with its producer and readers, in graph order) in float; ``float_logits`` lets the final
     QGemm answer in float instead of requantized uint8; ``finetune_share`` reserves that
@@ -291,6 +302,12 @@ def quantize(
     if calibration_samples is not None:
         check_int_range(calibration_samples, "calibration_samples", "quantize", 1, 10_000_000)
     check_int_range(threads, "threads", "quantize", 1, 256)
+    if static_max_spread is not None and not check_positive(
+        static_max_spread, "static_max_spread", "quantize"
+    ) >= 1.0:
+        raise ConfigError(f"The 'static_max_spread' parameter of quantize must be None or a "
+                          f"number >= 1 (the loudest row over the median row). Got "
+                          f"{static_max_spread!r} instead.")
     if not 50.0 < check_positive(percentile, "percentile", "quantize") <= 100.0:
         raise ConfigError(f"The 'percentile' parameter of quantize must be in (50, 100], the "
                           f"share of values the range keeps. Got {percentile!r} instead.")
@@ -319,6 +336,7 @@ def quantize(
         "percentile": percentile,
         "equalization": equalization,
         "smooth_alpha": smooth_alpha,
+        "static_max_spread": static_max_spread,
         "quantize_embeddings": quantize_embeddings,
         "bits": bits,
         "exclude": list(exclude),
@@ -451,6 +469,14 @@ def quantize(
         report=report,
         history=history,
         config={k: v for k, v in cfg.items() if k != "threads"},
+        activations={
+            name: {
+                "mode": "static" if name in builder.static_ranges else "row-wise",
+                "spread": round(float(s["spread"]), 3),
+                "matmuls": list(s["matmuls"]),
+            }
+            for name, s in builder.input_stats.items()
+        },
         seconds=time.perf_counter() - start,
     )
     if report_path is not None:
