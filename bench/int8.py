@@ -35,15 +35,19 @@ SECTION = "int8 post-training quantization"
 THREADS = 2
 
 
-def session(path: Path | str) -> Any:
+def session(path: Path | str, spin: bool) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = THREADS
     options.inter_op_num_threads = 1
-    # the sessions run interleaved: one whose idle threads spin after its run takes the cores
-    # from the next (minilm-l6's fp32 session measured 12-15 ms that way, 5 ms without)
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # a session whose idle threads spin on after its run takes the cores from the model timed
+    # next (minilm-l6's fp32 session measured 12-15 ms that way, interleaved input by input,
+    # 5 ms without). Timed in rounds, threads spin between the ops of a run, as edgeslim.load
+    # and serve run them, and stop when it returns; interleaved, they never spin
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    if spin:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -52,7 +56,8 @@ def sess_runner(sess: Any) -> Any:
 
 
 def interleaved(runners: dict[str, Any], inputs: list[Any], reps: int) -> dict[str, float]:
-    """Median ms per runner; every input goes through every runner in turn (same noise)."""
+    """Median ms per runner; every input goes through every runner in turn (same noise, but
+    each run starts with the caches the previous model left: its weights are evicted)."""
     for x in inputs[:3]:
         for run in runners.values():
             run(x)
@@ -64,6 +69,25 @@ def interleaved(runners: dict[str, Any], inputs: list[Any], reps: int) -> dict[s
                 run(x)
                 times[name].append(time.perf_counter() - t)
     return {k: float(np.median(v)) * 1e3 for k, v in times.items()}
+
+
+def rounds(runners: dict[str, Any], inputs: list[Any], reps: int) -> dict[str, float]:
+    """Median ms per runner; each of ``reps`` rounds runs every runner over all inputs in turn,
+    after 3 warm-up runs, so each model is timed warm, as a deployed one runs, and the rounds
+    spread the machine's noise over all runners alike."""
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(reps):
+        for name, run in runners.items():
+            for x in inputs[:3]:
+                run(x)
+            for x in inputs:
+                t = time.perf_counter()
+                run(x)
+                times[name].append(time.perf_counter() - t)
+    return {k: float(np.median(v)) * 1e3 for k, v in times.items()}
+
+
+PROTOCOLS = {"rounds": rounds, "interleaved": interleaved}
 
 
 def ort_defaults(fp32: Path, calib_feeds: list[dict], tmp: Path) -> dict[str, Path]:
@@ -80,7 +104,9 @@ def ort_defaults(fp32: Path, calib_feeds: list[dict], tmp: Path) -> dict[str, Pa
     return out
 
 
-def bench_model(name: str, tmp: Path, budget: float, n_eval: int, reps: int) -> dict[str, Any]:
+def bench_model(
+    name: str, tmp: Path, budget: float, n_eval: int, reps: int, protocol: str
+) -> dict[str, Any]:
     import torch
 
     from edgeslim.export.onnx import onnx_param_bytes
@@ -133,12 +159,13 @@ def bench_model(name: str, tmp: Path, budget: float, n_eval: int, reps: int) -> 
     models = {"edgeslim int8": tmp / f"{name}.int8.onnx"}
     models.update(ort_defaults(fp32, calib_feeds, tmp))
 
-    ref_sess = session(fp32)
+    spin = protocol == "rounds"
+    ref_sess = session(fp32, spin)
     reference = np.concatenate([ref_sess.run(None, f)[0] for f in eval_feeds])
     rows = {}
     sessions = {"onnxruntime fp32": ref_sess}
     for label, path in models.items():
-        s = session(path)
+        s = session(path, spin)
         sessions[label] = s
         out = np.concatenate([s.run(None, f)[0] for f in eval_feeds])
         rows[label] = {"metrics": metric(reference, out), "size_bytes": path.stat().st_size}
@@ -155,7 +182,7 @@ def bench_model(name: str, tmp: Path, budget: float, n_eval: int, reps: int) -> 
         runners[label] = sess_runner(sess)
     lat_inputs = eval_feeds[: min(60, len(eval_feeds))]
     load_before = load_average()
-    latency = interleaved(runners, lat_inputs, reps)
+    latency = PROTOCOLS[protocol](runners, lat_inputs, reps)
     for label, ms in latency.items():
         rows[label]["latency_ms"] = ms
         rows[label]["vs_torch"] = latency["PyTorch fp32 eager"] / ms
@@ -170,6 +197,7 @@ def bench_model(name: str, tmp: Path, budget: float, n_eval: int, reps: int) -> 
         "n_eval": len(eval_feeds),
         "n_latency": len(lat_inputs),
         "reps": reps,
+        "protocol": protocol,
         "quantize_seconds": quant_seconds,
         "goal_met": result.goal_met,
         "excluded": result.excluded,
@@ -190,11 +218,26 @@ then a sequential bias correction measured on the quantized model; the stem's ou
 logits stay float; then label-free end-to-end tuning of the int8 weights, biases and activation
 scales against the float model's softmax (KL divergence) on 2,048 calibration crops (a PyTorch
 replay of the QOperator graph's integer arithmetic), written back into the same onnxruntime
-graph. minilm-l6 uses SmoothQuant (alpha 0.5), row-wise dynamic int8 MatMuls (one scale per
-token: the [CLS] token's activations are ~10x the others', which is what ruins onnxruntime's
-per-tensor dynamic range) and int8 word embeddings with one scale per row. PyTorch eager with 2
+graph. minilm-l6 uses SmoothQuant (alpha 0.65) and int8 MatMuls: the inputs of the FFN's second
+linear in the first four layers are quantized row by row at run time (one scale per token: the
+[CLS] token's activations there are 6-8x the median token's, which is what ruins onnxruntime's
+per-tensor dynamic range), the other 20 inputs (LayerNorm outputs, attention context; at most
+3.5x) with one range calibrated on the calibration sentences, which costs no run-time reduction;
+word embeddings are int8 with one scale per row. PyTorch eager with 2
 threads suffers most from other work on this shared machine, so the ratios against it read
 high when the load average is high."""
+
+PROTOCOL_TEXT = {
+    "rounds": "Protocol `rounds`: in each repetition every model runs all the latency inputs"
+    " in turn (3 warm-up runs first), so it is timed warm as a deployed model runs and the"
+    " repetitions spread the machine's noise over every model; onnxruntime's threads"
+    " spin-wait between the ops of a run, as in `edgeslim.load` and `edgeslim serve`, and stop"
+    " when the run returns (`session.force_spinning_stop`), so that no session spins on into"
+    " the next model's turn; PyTorch runs with its defaults.",
+    "interleaved": "Protocol `interleaved`: every input goes through every model in turn, so"
+    " each run starts with the caches the previous model left; onnxruntime's idle threads"
+    " sleep (spinning off), so that no session's threads spin into the next one's run.",
+}
 
 TARGETS = {
     "efficientnet-lite0": "top-1 agreement >= 99%, >= 3x PyTorch, >= 1.3x ORT fp32, size <= 27%",
@@ -242,6 +285,10 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=1200.0, help="search budget per model (s)")
     parser.add_argument("--n-eval", type=int, default=300)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="rounds",
+                        help="rounds: each model timed warm over all inputs, models in turn, "
+                        "onnxruntime spinning within runs; interleaved: input by input, "
+                        "spinning off (each run finds the previous model's caches)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--no-write", action="store_true", help="do not edit RESULTS.md")
     args = parser.parse_args()
@@ -250,7 +297,9 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix="edgeslim-int8-") as tmp:
         for name in args.models.split(","):
-            res = bench_model(name.strip(), Path(tmp), args.budget, args.n_eval, args.reps)
+            res = bench_model(
+                name.strip(), Path(tmp), args.budget, args.n_eval, args.reps, args.protocol
+            )
             results.append(res)
             print(f"\n### {name}\n" + table(res), flush=True)
     if args.json:
@@ -260,11 +309,10 @@ def main() -> None:
         f"Command: {command.replace(' `', '`')}",
         "",
         machine_description(),
-        f"Threads: {THREADS} (onnxruntime intra_op_num_threads, torch.set_num_threads);"
-        " onnxruntime's idle threads sleep (spinning off), so that no session's threads spin"
-        " into the next one's run. Latency: batch 1, median over every input x repetition, all"
-        " models interleaved input by input so they share the machine's noise; ratios are of"
-        " those medians.",
+        f"Threads: {THREADS} (onnxruntime intra_op_num_threads, torch.set_num_threads). "
+        + PROTOCOL_TEXT[args.protocol]
+        + " Latency: batch 1, median over every input x repetition; ratios are of those"
+        " medians.",
         "",
     ]
     for res in results:

@@ -1,10 +1,14 @@
 """``edgeslim bench``: latency and throughput of a bundle, optionally against its original.
 
-All variants run in one process, on the same inputs, with the same pinned thread count, and
-their repetitions are interleaved (A B C A B C ...) so that a noisy neighbour slows every
-variant alike; ratios are what to read, not absolute times. onnxruntime's idle threads sleep
-between runs (spinning off): a session whose threads spin after its own run would take the
-cores from the variant that runs next.
+All variants run in one process, on the same inputs, with the same pinned thread count. The
+repetitions are split into rounds; in each round every variant runs its share back to back
+after a few warm-up runs (A A A B B B C C C, then again), so that each is timed warm, as a
+deployed model runs, and a noisy neighbour slows every variant alike across the rounds;
+ratios are what to read, not absolute times. onnxruntime's threads spin-wait between the ops
+of a run, as in ``edgeslim.load`` and ``edgeslim serve``, but stop when the run returns, so
+that no session's pool spins on into the next variant's turn. Alternating run by run instead
+would time every variant with the caches the previous one left (a 23 MB int8 model's weights
+fit this machine's 32 MB L3, a 90 MB fp32 one's do not).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from edgeslim._ort import ort_session
 from edgeslim._validate import check_int_range
 from edgeslim.errors import ConfigError
 
-__all__ = ["BenchRow", "bench_bundle", "percentiles"]
+__all__ = ["BenchRow", "bench_bundle", "percentiles", "timed_rounds"]
 
 
 @dataclass
@@ -91,7 +95,7 @@ def _original_variants(source: str, threads: int) -> dict[str, Callable[[dict], 
         path = Path(tmp) / "fp32.onnx"
         export_onnx(model, wl.example_inputs, path, input_names=names,
                     output_names=list(wl.output_names), dynamic_axes=wl.dynamic_axes or None)
-        sess = ort_session(path.read_bytes(), threads=threads, spin=False)
+        sess = ort_session(path.read_bytes(), threads=threads, spin_between_runs=False)
 
     def eager(feeds: dict) -> Any:
         with torch.inference_mode():
@@ -117,8 +121,7 @@ def bench_bundle(
     repeats = check_int_range(repeats, "repeats", "bench", 5, 1_000_000)
     bundle = read_bundle(path)
     manifest = bundle.manifest
-    # spinning off even alone, so that the bundle's figure is the same with --against or not
-    sess = ort_session(bundle.model_bytes, threads=threads, spin=False)
+    sess = ort_session(bundle.model_bytes, threads=threads, spin_between_runs=False)
     variants: dict[str, Callable[[dict], Any]] = {
         f"bundle {manifest['name']} (onnxruntime)": lambda feeds: sess.run(None, feeds)
     }
@@ -135,21 +138,28 @@ def bench_bundle(
         variants.update(_original_variants(source, threads))
     one = _inputs_for(manifest, 1)
     many = _inputs_for(manifest, batch)
-    for fn in variants.values():  # warm-up
-        for _ in range(5):
-            fn(one)
-        fn(many)
-    lat: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(repeats):
-        for name, fn in variants.items():
-            t0 = time.perf_counter()
-            fn(one)
-            lat[name].append((time.perf_counter() - t0) * 1e3)
-    thr: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(max(3, repeats // 20)):
-        for name, fn in variants.items():
-            t0 = time.perf_counter()
-            fn(many)
-            thr[name].append(batch / (time.perf_counter() - t0))
-    return [BenchRow(name, *percentiles(lat[name]), float(np.median(thr[name])), batch)
+    lat = timed_rounds(variants, one, repeats)
+    thr_ms = timed_rounds(variants, many, max(5, repeats // 20))
+    return [BenchRow(name, *percentiles(lat[name]), float(batch / np.median(thr_ms[name]) * 1e3),
+                     batch)
             for name in variants]
+
+
+def timed_rounds(
+    variants: dict[str, Callable[[dict], Any]], feeds: dict, repeats: int, rounds: int = 5,
+    warmup: int = 3,
+) -> dict[str, list[float]]:
+    """``repeats`` timed runs (ms) of each variant on ``feeds``, in ``rounds`` rounds; in each
+    round every variant runs ``warmup`` untimed runs, then its share, back to back."""
+    rounds = max(1, min(rounds, repeats))
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for r in range(rounds):
+        share = repeats // rounds + (1 if r < repeats % rounds else 0)
+        for name, fn in variants.items():
+            for _ in range(warmup):
+                fn(feeds)
+            for _ in range(share):
+                t0 = time.perf_counter()
+                fn(feeds)
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return times

@@ -37,9 +37,9 @@ def test_bench_cli_json_and_errors(mlp_bundle, capsys):
         bench_bundle(mlp_bundle, threads=0)
 
 
-def test_bench_sessions_do_not_spin_into_each_other(mlp_bundle, monkeypatch):
-    """Variants alternate run by run: an onnxruntime pool that spins after its run would take
-    the cores from the next variant, so every session bench creates sleeps when idle."""
+def test_bench_sessions_spin_within_runs_only(mlp_bundle, monkeypatch):
+    """Each variant's threads spin-wait between ops as in edgeslim.load, and stop when its run
+    returns, so that no pool spins on into the next variant's turn."""
     import edgeslim.benchmark as benchmark
 
     created = []
@@ -51,9 +51,25 @@ def test_bench_sessions_do_not_spin_into_each_other(mlp_bundle, monkeypatch):
     real = benchmark.ort_session
     monkeypatch.setattr(benchmark, "ort_session", recording)
     bench_bundle(mlp_bundle, threads=2, batch=4, repeats=5, against_original=True)
-    key = "session.intra_op.allow_spinning"
     assert len(created) == 2  # the bundle and the original's fp32 export
-    assert [s.get_session_options().get_session_config_entry(key) for s in created] == ["0", "0"]
+    for sess in created:
+        options = sess.get_session_options()
+        assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+        with pytest.raises(RuntimeError, match="does not have configuration"):
+            options.get_session_config_entry("session.intra_op.allow_spinning")  # default: on
+        assert options.intra_op_num_threads == 2
+
+
+def test_timed_rounds_runs_each_variant_warm_and_back_to_back():
+    from edgeslim.benchmark import timed_rounds
+
+    calls = []
+    variants = {name: (lambda feeds, name=name: calls.append(name)) for name in "ab"}
+    times = timed_rounds(variants, {}, repeats=7, rounds=2, warmup=1)
+    assert {k: len(v) for k, v in times.items()} == {"a": 7, "b": 7}
+    # round 1: a warm-up + 4 timed, then b likewise; round 2: 1 + 3 each
+    assert "".join(calls) == "a" * 5 + "b" * 5 + "a" * 4 + "b" * 4
+    assert all(t >= 0 for v in times.values() for t in v)
 
 
 def test_ort_session_spins_by_default_and_not_when_told():
@@ -72,5 +88,7 @@ def test_ort_session_spins_by_default_and_not_when_told():
     with pytest.raises(RuntimeError, match="does not have configuration"):
         spinning.get_session_options().get_session_config_entry(key)
     assert quiet.get_session_options().get_session_config_entry(key) == "0"
+    paced = ort_session(model, spin_between_runs=False).get_session_options()
+    assert paced.get_session_config_entry("session.force_spinning_stop") == "1"
     x = np.array([-1.0, 2.0], np.float32)
     assert quiet.run(None, {"x": x})[0].tolist() == [0.0, 2.0]

@@ -35,7 +35,7 @@ def register(app: typer.Typer) -> None:
             typer.echo(json.dumps([r.to_dict() for r in rows], indent=2))
             return
         base = rows[0]
-        table = Table(title=f"{bundle} — {threads} threads, interleaved repetitions")
+        table = Table(title=f"{bundle} — {threads} threads, warm runs in rounds")
         for col in ("variant", "p50 ms", "p90 ms", "p99 ms", f"rows/s @ {batch}",
                     "bundle speed-up (p50)", "bundle speed-up (throughput)"):
             table.add_column(col, justify="left" if col == "variant" else "right")
