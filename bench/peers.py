@@ -15,7 +15,8 @@ For digits-cnn, efficientnet-lite0 and minilm-l6, in one process, on the same in
 Fidelity is the workload's own metric: test accuracy for digits (and top-1 agreement with
 PyTorch fp32), top-1 agreement with PyTorch fp32 on 200 photo crops for EfficientNet, mean
 cosine to PyTorch fp32 embeddings on 300 sentences for MiniLM. Latency (batch 1) and
-throughput (batch ``B``) are medians over interleaved rounds. Writes ``## peers`` in
+throughput (batch ``B``) are medians over rounds in which every tool runs warm, back to back
+(0.3 s of batch-1 runs, 0.6 s of batch-B runs), in turn. Writes ``## peers`` in
 bench/RESULTS.md with the machine description and the command.
 
 Run: ``.venv/bin/python bench/peers.py [--models digits-cnn,...] [--rounds 3]``
@@ -117,8 +118,9 @@ def _ort_session(model: bytes | str, threads: int = 2) -> Any:
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
-    # interleaved with other sessions: idle threads must not spin into the next one's run
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # threads spin between the ops of a run, as in edgeslim.load, and stop when it returns:
+    # a pool that spins on would take the cores from the tool timed next (bench/int8.py)
+    opts.add_session_config_entry("session.force_spinning_stop", "1")
     return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
 
@@ -288,8 +290,9 @@ def bench_model(name: str, rounds: int, optimize_bundle: Path | None) -> dict[st
 
 
 def markdown(results: list[dict[str, Any]], command: str, load: float) -> str:
-    lines = [f"Command: `{command}` (one process, `OMP_WAIT_POLICY=PASSIVE`; 2 threads for "
-             "torch and onnxruntime (default session options otherwise); "
+    lines = [f"Command: `{command}` (one process; 2 threads for "
+             "torch and onnxruntime (onnxruntime's threads spin within a run and stop when it "
+             "returns; PyTorch with its defaults: each tool's first run of a turn is untimed); "
              "latency = median batch-1 ms, throughput = samples/s at the batch shown; "
              "speed-ups are medians of per-round ratios against PyTorch fp32 eager in the same "
              "round).", "", machine_description(),
@@ -326,8 +329,9 @@ def main() -> int:
     import logging
     import warnings
 
-    # idle OpenMP workers of one tool must not spin on the cores the next tool is timed on
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # OMP_WAIT_POLICY=PASSIVE is not set: it stops PyTorch's OpenMP workers spinning between
+    # ops within a run too (efficientnet-lite0 eager took 43 ms with it, 20-25 ms without);
+    # the untimed first run of each tool's turn absorbs what the previous tool's workers spin
     import torch
 
     warnings.filterwarnings("ignore")  # torch's deprecation notes on its quantized kernels
