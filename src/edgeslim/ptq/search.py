@@ -269,9 +269,10 @@ def quantize(
 
     Dynamic scheme (transformers): ``smooth_alpha`` migrates activation outliers into the
     weights (SmoothQuant; None: off); MatMul inputs are quantized row by row at run time,
-    except those whose loudest row is at most ``static_max_spread`` times the median row on
-    the calibration data, which get one calibrated range and no run-time reduction (faster;
-    None: every input row-wise). ``result.activations`` says which input got which.
+    except those whose largest magnitude on the calibration data is at most
+    ``static_max_spread`` times the median row's largest magnitude, which get one calibrated
+    range and no run-time reduction (faster; None: every input row-wise).
+    ``result.activations`` says which input got which.
 
     Static QOperator only: ``float_leading_units`` keeps the first activation units (a tensor
     with its producer and readers, in graph order) in float; ``float_logits`` lets the final
