@@ -36,19 +36,14 @@ THREADS = 2
 
 
 def session(path: Path | str, spin: bool) -> Any:
-    import onnxruntime as ort
+    """A session for ``path``. A session whose idle threads spin on after its run takes the
+    cores from the model timed next (minilm-l6's fp32 session measured 12-15 ms that way,
+    interleaved input by input, 5 ms without). Timed in rounds (``spin``), threads spin
+    between the ops of a run, as edgeslim.load and serve run them, and stop when it returns;
+    interleaved, they never spin."""
+    from edgeslim._ort import ort_session
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = THREADS
-    options.inter_op_num_threads = 1
-    # a session whose idle threads spin on after its run takes the cores from the model timed
-    # next (minilm-l6's fp32 session measured 12-15 ms that way, interleaved input by input,
-    # 5 ms without). Timed in rounds, threads spin between the ops of a run, as edgeslim.load
-    # and serve run them, and stop when it returns; interleaved, they never spin
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-    if spin:
-        options.add_session_config_entry("session.force_spinning_stop", "1")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort_session(Path(path), threads=THREADS, spin=spin, spin_between_runs=False)
 
 
 def sess_runner(sess: Any) -> Any:

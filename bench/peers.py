@@ -111,22 +111,13 @@ class Tool:
     note: str = ""
 
 
-def _ort_session(model: bytes | str, threads: int = 2) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    # threads spin between the ops of a run, as in edgeslim.load, and stop when it returns:
-    # a pool that spins on would take the cores from the tool timed next (bench/int8.py)
-    opts.add_session_config_entry("session.force_spinning_stop", "1")
-    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
-
-
 def ort_tool(name: str, model: bytes, input_names: tuple[str, ...], size: int,
              note: str = "") -> Tool:
-    sess = _ort_session(model)
+    from edgeslim._ort import ort_session
+
+    # threads spin between the ops of a run, as in edgeslim.load, and stop when it returns:
+    # a pool that spins on would take the cores from the tool timed next (bench/int8.py)
+    sess = ort_session(model, threads=2, spin_between_runs=False)
 
     def run(*arrays: np.ndarray) -> np.ndarray:
         return sess.run(None, dict(zip(input_names, arrays, strict=True)))[0]

@@ -160,6 +160,20 @@ class Graph:
             if n.op_type in ops and len(n.input) > 1 and n.input[1] in self.initializers
         ]
 
+    def matmul_groups(
+        self, exclude: Iterable[str] = (), include: Iterable[str] | None = None
+    ) -> dict[str, list[Any]]:
+        """MatMuls with a 2-D constant weight (linear layers), grouped by the tensor they read
+        (Q/K/V share one), in graph order; ``exclude``/``include`` select node names."""
+        skip = set(exclude)
+        keep = None if include is None else set(include)
+        groups: dict[str, list[Any]] = {}
+        for n in self.weighted_nodes(("MatMul",)):
+            if (self.array(n.input[1]).ndim == 2 and n.name not in skip
+                    and (keep is None or n.name in keep)):
+                groups.setdefault(n.input[0], []).append(n)
+        return groups
+
     def is_depthwise(self, node: Any) -> bool:
         """A Conv whose every group has one input channel (and more than one group)."""
         if node.op_type != "Conv":

@@ -124,19 +124,13 @@ def static_inputs(
     hi)}`` for those and, for every candidate input, its statistics and the ``matmuls`` that
     read it.
     """
-    graph = Graph(model)
-    readers: dict[str, list[str]] = {}
-    for n in graph.weighted_nodes(("MatMul",)):
-        if graph.array(n.input[1]).ndim == 2 and n.name not in set(exclude):
-            readers.setdefault(n.input[0], []).append(n.name)
-    names = sorted(readers)
+    groups = Graph(model).matmul_groups(exclude)
+    names = sorted(groups)
     if not names:
         return {}, {}
-    stats: dict[str, dict[str, Any]] = dict(
-        input_statistics(model, feeds, names, threads=threads)
-    )
+    stats: dict[str, dict[str, Any]] = input_statistics(model, feeds, names, threads=threads)
     for name in names:
-        stats[name]["matmuls"] = readers[name]
+        stats[name]["matmuls"] = [n.name for n in groups[name]]
     ranges = {
         n: (s["lo"], s["hi"]) for n, s in stats.items() if s["spread"] <= max_spread
     }
@@ -180,16 +174,9 @@ def rowwise_dynamic(
     opset = opset_of(model)
     qmax = 63 if reduce_range else 127
     static_ranges = dict(static_ranges or {})
-    selected = [
-        n
-        for n in graph.weighted_nodes(("MatMul",))
-        if graph.array(n.input[1]).ndim == 2
-        and n.name not in set(exclude)
-        and (include is None or n.name in set(include))
-    ]
-    groups: dict[str, list[Any]] = {}
-    for n in selected:
-        groups.setdefault(n.input[0], []).append(n)
+    groups = graph.matmul_groups(exclude, include)
+    chosen = {n.name for nodes in groups.values() for n in nodes}
+    selected = [n for n in model.graph.node if n.name in chosen]  # graph order
 
     def constant(base: str, value: np.ndarray) -> str:
         name = graph.fresh_name(base)

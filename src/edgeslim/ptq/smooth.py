@@ -50,11 +50,7 @@ def smooth_matmuls(
     names left alone (for instance those kept in float).
     """
     graph = Graph(model)
-    groups: dict[str, list[Any]] = {}
-    for node in graph.weighted_nodes(("MatMul",)):
-        w = graph.array(node.input[1])
-        if w.ndim == 2 and node.name not in set(exclude):
-            groups.setdefault(node.input[0], []).append(node)
+    groups = graph.matmul_groups(exclude)
     if not groups:
         return model, []
     amax = channel_absmax(model, feeds, sorted(groups), threads=threads)
