@@ -14,7 +14,11 @@ model run, and the ratio.
 
 Also times onnxruntime alone at batch 1 and at batch 32 and splits the server's CPU per
 request into work that every request pays (parsing, checking, answering) and work paid once
-per model run, which shows the best ratio this server could reach with endless batches.
+per model run, which shows the best ratio this server could reach with endless batches. Last,
+it drives a bare uvicorn app on the server's HTTP protocol (no model, no V2 work: it reads
+each request and sends one fixed answer of the same size) with the same load: what any app on
+this HTTP layer pays per request before doing anything, and the ratio even such an app could
+reach.
 
 Target: throughput with batching on >= 2x off, zero errors.
 """
@@ -91,8 +95,10 @@ def _check(answers: list[tuple[int, bytes, dict, bytes]], refs: list[np.ndarray]
     return errors
 
 
-async def _load(host: str, port: int, reqs: list[bytes], refs: list[np.ndarray],
+async def _load(host: str, port: int, reqs: list[bytes], refs: list[np.ndarray] | None,
                 total: int, clients: int) -> dict[str, Any]:
+    """``total`` requests over ``clients`` connections; every answer checked against ``refs``
+    afterwards (None: only its status, for the bare app's fixed answer)."""
     counter = [0]
     lat: list[float] = []
     answers: list[tuple[int, bytes, dict, bytes]] = []
@@ -102,8 +108,13 @@ async def _load(host: str, port: int, reqs: list[bytes], refs: list[np.ndarray],
                            for _ in range(clients)))
     wall = time.perf_counter() - t0
     client_cpu = time.process_time() - cpu0
-    errors = _check(answers, refs)
+    if refs is not None:
+        errors = _check(answers, refs)
+    else:
+        errors = [head[:40].decode() for _, head, _, _ in answers if b" 200 " not in head[:16]]
+    first = min(answers, key=lambda a: a[0])
     return {"requests": len(lat), "errors": len(errors), "error_examples": errors[:3],
+            "answer": (first[1], first[3]),
             "seconds": wall, "throughput_rps": len(lat) / wall,
             "client_cpu_us_per_request": client_cpu / max(1, len(lat)) * 1e6,
             **percentiles(lat)}
@@ -131,6 +142,74 @@ def run_config(bundle: Path, max_batch: int, window_ms: float, threads: int, tot
         metrics = _batch_metrics(server)
     return {"max_batch": max_batch, "window_ms": window_ms, **result, **metrics,
             "server_cpu_us_per_request": cpu / max(1, result["requests"]) * 1e6}
+
+
+BARE_APP = """
+import json, sys
+import uvicorn
+from edgeslim.edge._http import edge_protocol, tune_malloc
+
+answer = json.load(open(sys.argv[1]))
+HEADERS = [(k.encode(), v.encode()) for k, v in answer["headers"]]
+BODY = bytes.fromhex(answer["body"])
+
+async def app(scope, receive, send):
+    more = True
+    while more:
+        more = (await receive()).get("more_body", False)
+    await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+    await send({"type": "http.response.body", "body": BODY})
+
+tune_malloc()
+uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=int(sys.argv[2]),
+                              http=edge_protocol(16 << 20), lifespan="off", access_log=False,
+                              log_level="warning", server_header=False,
+                              proxy_headers=False)).run()
+"""
+
+
+def bare_uvicorn(answer: tuple[bytes, bytes], total: int, clients: int,
+                 xs: list[np.ndarray]) -> dict[str, Any]:
+    """The same load against a bare uvicorn app (the server's HTTP protocol, no model, no V2
+    work) that reads each request and sends back one fixed answer of the same size: the server
+    CPU per request that any app on this HTTP layer pays before doing anything."""
+    import socket
+    import subprocess
+    import tempfile
+
+    head, body = answer
+    headers = [line.decode().split(":", 1) for line in head.split(b"\r\n")[1:] if b":" in line]
+    with tempfile.TemporaryDirectory() as tmp, socket.socket() as probe:
+        spec = Path(tmp) / "answer.json"
+        spec.write_text(json.dumps({
+            "headers": [[k.strip(), v.strip()] for k, v in headers
+                        if k.strip().lower() != "date"],
+            "body": body.hex()}))
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        proc = subprocess.Popen([sys.executable, "-c", BARE_APP, str(spec), str(port)],
+                                stderr=subprocess.DEVNULL)
+        try:
+            reqs = [_raw_request("127.0.0.1", port, *binary_request(MODEL, x)) for x in xs]
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline or proc.poll() is not None:
+                        raise RuntimeError("the bare uvicorn app did not start") from None
+                    time.sleep(0.05)
+            _run(_load("127.0.0.1", port, reqs, None, 500, clients))
+            cpu0 = _cpu_seconds(proc.pid)
+            result = _run(_load("127.0.0.1", port, reqs, None, total, clients))
+            cpu = _cpu_seconds(proc.pid) - cpu0
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    result.pop("answer")
+    return {**result, "server_cpu_us_per_request": cpu / max(1, result["requests"]) * 1e6}
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -227,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['server_cpu_us_per_request']:.0f} us/request  client CPU "
                   f"{r['client_cpu_us_per_request']:.0f} us/request  "
                   f"load {r['load_average']:.1f}", flush=True)
+    answer = runs[0]["answer"]
+    for r in runs:
+        r.pop("answer")
     off = statistics.median(r["throughput_rps"] for r in runs if r["max_batch"] == 1)
     on = statistics.median(r["throughput_rps"] for r in runs if r["max_batch"] > 1)
     errors = sum(r["errors"] for r in runs)
@@ -245,6 +327,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"server CPU split (off = P + R + model at batch 1, on = P + R / rows + model per "
           f"row): {p:.0f} us per request that no batch shares, {r:.0f} us per model run; "
           f"with endless batches the ratio tops out at {summary['ceiling']:.2f}x")
+    bare = bare_uvicorn(answer, args.requests, args.clients, xs)
+    floor = bare["server_cpu_us_per_request"]
+    summary.update(bare_uvicorn=bare, ceiling_bare=(floor + r + one) / (floor + row))
+    print(f"a bare uvicorn app on the same HTTP protocol, answering the same requests with a "
+          f"fixed answer: {bare['throughput_rps']:.0f} req/s, {floor:.0f} us of server CPU per "
+          f"request; with only that per request (and {r:.0f} us per model run), the ratio "
+          f"would top out at {summary['ceiling_bare']:.2f}x")
     print(f"median throughput: off {off:.0f} req/s, on {on:.0f} req/s, ratio {on / off:.2f}x; "
           f"errors {errors}; target (>= 2x, 0 errors): "
           f"{'met' if on / off >= 2 and errors == 0 else 'NOT met'}")
