@@ -332,8 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     summary.update(bare_uvicorn=bare, ceiling_bare=(floor + r + one) / (floor + row))
     print(f"a bare uvicorn app on the same HTTP protocol, answering the same requests with a "
           f"fixed answer: {bare['throughput_rps']:.0f} req/s, {floor:.0f} us of server CPU per "
-          f"request; with only that per request (and {r:.0f} us per model run), the ratio "
-          f"would top out at {summary['ceiling_bare']:.2f}x")
+          f"request, {bare['errors']} answers not 200; with only that per request (and "
+          f"{r:.0f} us per model run), the ratio would top out at "
+          f"{summary['ceiling_bare']:.2f}x")
     print(f"median throughput: off {off:.0f} req/s, on {on:.0f} req/s, ratio {on / off:.2f}x; "
           f"errors {errors}; target (>= 2x, 0 errors): "
           f"{'met' if on / off >= 2 and errors == 0 else 'NOT met'}")
