@@ -32,22 +32,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from edge_overhead import WORK, zoo_onnx
+from int8_tuning import untuned_model
+from int8_weight_precision import logits
 from peers import load_average, machine_description, write_section
 
 THREADS = 2
 SECTION = "int8 float fallback (efficientnet-lite0)"
-
-
-def untuned(fp32: Path, calib: np.ndarray, evals: np.ndarray, units: int) -> Path:
-    """The preset's model before tuning with the first ``units`` units in float (cached)."""
-    from edgeslim.ptq.presets import quantize_int8_preset
-
-    path = WORK / f"efficientnet-lite0.int8-float{units}.onnx"
-    if not path.exists():
-        quantize_int8_preset(fp32, calib[:512], evals, task="classification",
-                             time_budget_s=1200, out_path=path, progress=False,
-                             finetune_share=0.0, float_leading_units=units)
-    return path
 
 
 def float_convs(model: Any) -> int:
@@ -84,17 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     calib = photo_crops(2048, split="calibration")
     evals = photo_crops(300, split="evaluation")
     ref_session = make_session(fp32, threads=THREADS)
-
-    def logits(session: Any) -> np.ndarray:
-        return np.concatenate([session.run(None, {"input": evals[i : i + 16]})[0]
-                               for i in range(0, len(evals), 16)])
-
-    ref = logits(ref_session)
+    ref = logits(fp32, evals)
     param_bytes = float_bytes(onnx.load(str(fp32)))
     models: dict[str, Any] = {}
     rows: dict[str, dict[str, Any]] = {}
     for k in sorted(set(args.units + args.tune)):
-        model = onnx.load(str(untuned(fp32, calib, evals, k)))
+        model = onnx.load(str(untuned_model(calib, evals, fp32, k)))
         name = f"{k} unit{'' if k == 1 else 's'}" + (" (the preset)" if k == 1 else "")
         variants = [(f"{name}, untuned", model)]
         if k in args.tune:
@@ -107,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         for label, m in variants:
             if k not in args.units and label.endswith("untuned"):
                 continue
-            metrics = classification_metrics(ref, logits(make_session(m, threads=THREADS)))
+            metrics = classification_metrics(ref, logits(m, evals))
             data = m.SerializeToString()
             models[label] = data
             rows[label] = {"units": k, "agreement": metrics["top1_agreement"],

@@ -34,15 +34,20 @@ from peers import load_average
 THREADS = 2
 
 
-def untuned_model(calib: np.ndarray, evals: np.ndarray, fp32: Path) -> Path:
-    """The int8 preset's model before tuning (cached under the bench work folder)."""
-    from edgeslim.ptq.presets import quantize_int8_preset
+def untuned_model(calib: np.ndarray, evals: np.ndarray, fp32: Path,
+                  float_units: int | None = None) -> Path:
+    """The int8 preset's model before tuning (cached under the bench work folder), with the
+    first ``float_units`` activation units in float (None: as many as the preset keeps)."""
+    from edgeslim.ptq.presets import PRESET_SETTINGS, quantize_int8_preset
 
-    path = WORK / "efficientnet-lite0.int8-untuned.onnx"
+    preset = PRESET_SETTINGS["classification"]["float_leading_units"]
+    units = preset if float_units is None else float_units
+    suffix = "" if units == preset else f"-float{units}"
+    path = WORK / f"efficientnet-lite0.int8-untuned{suffix}.onnx"
     if not path.exists():
         quantize_int8_preset(fp32, calib[:512], evals, task="classification",
                              time_budget_s=1200, out_path=path, progress=False,
-                             finetune_share=0.0)
+                             finetune_share=0.0, float_leading_units=units)
     return path
 
 
