@@ -214,3 +214,33 @@ def test_a_lone_request_of_the_only_client_runs_on_the_loop_up_to_the_solo_limit
     on_loop = [t == threading.main_thread().name for t in threads]
     # The first run is not timed yet (the worker); then 20 ms: over inline_ms, under 50 ms.
     assert on_loop == [False, solo, solo]
+
+
+def test_a_request_cancelled_while_queued_is_not_run(pool):
+    """A client that hung up before its batch ran costs no model rows; the rest are answered."""
+    started = threading.Event()
+    release = threading.Event()
+    calls: list[int] = []
+
+    def run(feeds):
+        calls.append(feeds["x"].shape[0])
+        started.set()
+        release.wait(5)
+        return {"y": feeds["x"] + 1}
+
+    batcher = Batcher(run, pool, max_batch=8, window_ms=0)
+
+    async def main():
+        first = asyncio.ensure_future(batcher.submit({"x": np.zeros((1, 1), np.float32)}))
+        await asyncio.get_running_loop().run_in_executor(None, started.wait, 5)
+        # The first run blocks the worker; queue three more, then cancel one of them.
+        rest = [asyncio.ensure_future(batcher.submit({"x": np.full((1, 1), i, np.float32)}))
+                for i in (1, 2, 3)]
+        await asyncio.sleep(0.01)
+        rest[1].cancel()
+        release.set()
+        outs = await asyncio.gather(first, rest[0], rest[2])
+        return [float(o["y"][0, 0]) for o in outs]
+
+    assert _run(main()) == [1.0, 2.0, 4.0]
+    assert calls == [1, 2]  # the cancelled request's row never reached the model
