@@ -8,9 +8,11 @@ biases are ``int * x_scale * w_scale``. The int8 weights (as a rounding offset i
 their step, the straight-through estimator carrying the gradient past ``round``) and the
 biases are then tuned so that the int8 logits match the float model's logits on unlabeled
 calibration images (mean squared error, or the KL divergence of the float model's softmax to
-the int8 model's), and written back into the same graph: the result is
-the same onnxruntime model with other integers in its initializers, so its speed and size are
-unchanged. Scales and zero points are kept. Only the compression side imports this (torch).
+the int8 model's), together with each activation scale (as a factor on its calibrated value,
+learned in log space), and written back into the same graph: the result is the same
+onnxruntime model with other integers and scales in its initializers, so its speed and size
+are unchanged. Weight scales and all zero points are kept. Only the compression side imports
+this (torch).
 """
 
 from __future__ import annotations

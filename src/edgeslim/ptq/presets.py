@@ -11,7 +11,11 @@
   the 112x112 early layers, whose float kernels cost speed for little. With the first 7
   activation units in float instead of 1, the tuned model runs at 1.74x onnxruntime fp32
   instead of 2.52x and agrees on the same 97.3% of crops; with 39 of 50 convolutions in float,
-  98.3% at 1.08x and half the fp32 bytes (bench/RESULTS.md, "int8 float fallback").
+  98.3% at 1.08x and half the fp32 bytes (bench/RESULTS.md, "int8 float fallback"). On
+  2,000 crops the preset's model agrees on 97.25%, and on every crop where the float model's
+  top-1 leads its top-2 by 0.5 logit or more; all but one of its flips are near-ties (a lead
+  under 0.2), which 99% would need about 12-bit weights to keep (bench/RESULTS.md, "int8
+  agreement by margin").
 - ``embedding`` (BERT-like encoders such as minilm-l6): SmoothQuant (alpha 0.65), int8
   MatMuls whose inputs get a range calibrated on data where no token stands out (at most 4x
   the median token's largest magnitude: the LayerNorm outputs, the attention context) and a
