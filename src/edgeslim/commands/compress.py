@@ -89,5 +89,5 @@ def print_bundle_summary(console, result) -> None:  # type: ignore[no-untyped-de
     ratio = m["fp32_onnx_bytes"] / m["bundle_bytes"]
     table.add_row("smaller than the original fp32 model.onnx", f"{ratio:.1f}x")
     for entry in result.manifest["compression"]:
-        table.add_row(f"step: {entry['step']}", str(entry["params"]))
+        table.add_row(f"step: {entry['step']}", str(entry["params"] or "defaults"))
     console.print(table)

@@ -37,7 +37,7 @@ def register(app: typer.Typer) -> None:
         max_body_mb: float = typer.Option(16.0, "--max-body-mb", help="Largest request body."),
         threads: int = typer.Option(
             None, "--threads", min=1, max=256,
-            help="onnxruntime intra-op threads per model (default: cores)."),
+            help="onnxruntime intra-op threads per model (default: physical cores, at most 4)."),
         spin: bool = typer.Option(
             True, "--spin/--no-spin",
             help="Idle onnxruntime threads spin-wait for the next run: lower latency, but they "

@@ -2,10 +2,11 @@
 
 uvicorn writes a response's status line and headers as soon as the app sends
 ``http.response.start`` and the body on ``http.response.body``; with TCP_NODELAY that is two
-segments and two send calls per response, and the client wakes up twice. ``CoalescingHttp``
-gathers every write made during one turn of the event loop and sends them with a single call
-at the end of that turn, so an ordinary response leaves as one segment. Nothing is held back
-longer than the turn that wrote it, and a close sends whatever is gathered first.
+segments and two send calls per response, and the client wakes up twice. The transport that
+``edge_protocol()`` installs (``_CoalescingTransport``) gathers every write made during one
+turn of the event loop and sends them with a single call at the end of that turn, so an
+ordinary response leaves as one segment. Nothing is held back longer than the turn that
+wrote it, and a close sends whatever is gathered first.
 
 ``RECEIVE_BUFFER`` is the socket receive buffer the server asks for: a 600 kB image tensor then
 arrives in a few reads instead of a dozen, each of which wakes the event loop.

@@ -162,7 +162,7 @@ def _step_from(raw: Any, index: int) -> Step:
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Read a recipe from a YAML file, or a built-in preset name (see ``edgeslim.presets``)."""
+    """Read a recipe from a YAML (or JSON) file; presets are ``edgeslim.presets.preset_recipe``."""
     import yaml
 
     p = Path(path)

@@ -21,7 +21,8 @@ class StepMetrics:
 
     ``size_bytes`` is the deflated size of the weights as stored (float32, or the integer
     grid width when the step quantized them), so pruning's zeros and quantization's fewer
-    levels both show. ``latency_ms`` is PyTorch eager p50 at batch 1 with pinned threads.
+    levels both show. ``latency_ms`` is PyTorch eager p50 at batch 1 (50 runs after 5 warm-up
+    runs) with torch's thread count as the process has it (every core unless set).
     """
 
     step: str

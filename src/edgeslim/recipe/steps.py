@@ -1,7 +1,8 @@
 """The recipe step registry: each step's keys, cheap checks, and how it runs.
 
 The keys here are the recipe file's contract. Each ``run`` calls the one public verb of its
-technique (``edgeslim.compress.*``); each ``check`` validates values before any step runs.
+technique (``edgeslim.compress.*``, ``edgeslim.packing``, ``edgeslim.ptq``); each ``check``
+validates values before any step runs.
 """
 
 from __future__ import annotations
@@ -172,9 +173,25 @@ def _check_distill(**p: Any) -> None:
     _epochs(p.get("epochs", 10), "distill")
     check_positive(p.get("temperature", 4.0), "temperature", "distill")
     check_fraction(p.get("alpha", 0.9), "alpha", "distill", closed_right=True)
-    for term in str(p.get("loss", "kl")).split("+"):
+    terms = str(p.get("loss", "kl")).split("+")
+    for term in terms:
         check_choice(term, "loss", "distill", {"kl", "mse", "feature"})
     check_positive(p.get("lr", 1e-3), "lr", "distill")
+    features = p.get("features")
+    if "feature" in terms and not features:
+        raise ConfigError("The 'feature' loss of distill needs 'features': a list of "
+                          "[student_layer, teacher_layer] pairs, e.g. [[fc1, fc1]].")
+    if features and "feature" not in terms:
+        raise ConfigError(f"distill was given 'features' but its loss {p.get('loss', 'kl')!r} "
+                          f"has no 'feature' term; use loss: "
+                          f"{'+'.join([*terms, 'feature'])}.")
+    pairs = features if isinstance(features, (list, tuple)) else None
+    if features is not None and (pairs is None or not all(
+            isinstance(f, (list, tuple)) and len(f) == 2
+            and all(isinstance(n, str) and n for n in f) for f in pairs)):
+        raise ConfigError(f"The 'features' key of distill must be a list of "
+                          f"[student_layer, teacher_layer] name pairs, e.g. [[fc1, fc1]]. "
+                          f"Got {features!r} instead.")
 
 
 def _run_distill(ctx: RecipeContext, **p: Any) -> None:
