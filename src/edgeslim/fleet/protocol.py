@@ -1,6 +1,7 @@
 """Topics and message schemas of the fleet protocol (MQTT 5, JSON payloads, UTF-8).
 
-Every topic lives under ``edgeslim/``. ``NODE`` is a node id, ``SHA`` a bundle's sha256.
+Every topic lives under ``edgeslim/``. ``NODE`` is a node id, ``MODEL_SHA`` the sha256 of a
+bundle's model.onnx.
 
 | topic                              | from -> to            | QoS | retained | payload        |
 |------------------------------------|-----------------------|-----|----------|----------------|
@@ -8,7 +9,7 @@ Every topic lives under ``edgeslim/``. ``NODE`` is a node id, ``SHA`` a bundle's
 | ``edgeslim/nodes/NODE/telemetry``  | node -> controller    | 1   | no       | ``Batch``      |
 | ``edgeslim/nodes/NODE/ack``        | controller -> node    | 1   | no       | ``Ack``        |
 | ``edgeslim/nodes/NODE/desired``    | controller -> node    | 1   | yes      | ``Desired``    |
-| ``edgeslim/results/SHA``           | node -> peers, ctrl   | 0   | no       | ``Result``     |
+| ``edgeslim/results/MODEL_SHA``     | node -> ctrl, any     | 0   | no       | ``Result``     |
 | ``edgeslim/controller/status``     | controller -> nodes   | 1   | yes      | ``{"state"}``  |
 
 - ``status`` is the node's heartbeat and its registration: id, labels, model served, health,
@@ -23,8 +24,8 @@ Every topic lives under ``edgeslim/``. ``NODE`` is a node id, ``SHA`` a bundle's
 - ``controller/status`` is ``{"state": "online"}`` while the controller is connected (its last
   will says ``"offline"``); a node that sees it come online resends its unacknowledged
   records at once instead of waiting for the ack timeout.
-- ``results/SHA`` lets peers and the controller follow inference results (outputs only; the
-  raw inputs never leave the device).
+- ``results/MODEL_SHA`` lets the controller (and any client the ACL allows) follow inference
+  results (outputs only; the raw inputs never leave the device).
 """
 
 from __future__ import annotations

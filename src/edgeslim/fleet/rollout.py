@@ -11,7 +11,8 @@ Rollback triggers:
 - a canary refuses the bundle (signature, sha256, corrupt archive) or fails its probe;
 - a canary does not report within ``install_timeout_s``;
 - during the soak, the canaries' error rate or p99 latency regresses past the thresholds
-  (``judge``), compared with the nodes still on the old bundle over the same window;
+  (``judge``), compared with the nodes still on the old bundle over the same window (or,
+  when none of them reported then, with the canaries' own windows before the deployment);
 - a node of the second phase fails (``max_failures`` allows a fraction);
 - an operator asks (``edgeslim fleet rollback``).
 """
