@@ -211,3 +211,32 @@ def test_same_store_another_budget_and_device_answers_without_rebuilding(small_r
     metrics = read_bundle(again.bundle).manifest["metrics"]
     assert metrics["budget_failed"] == ["latency_ms"]
     assert metrics["latency_ms_device"] == pytest.approx(best.latency_ms)
+
+
+def test_a_size_ceiling_holds_for_the_file_written_not_only_the_candidate(small_run, tmp_path):
+    """The written bundle carries the verdict (and a signature, when signed), so it is a few
+    hundred bytes larger than the candidate judged. With a ceiling between the two sizes the
+    verdict must hold for the file on disk: met and within the ceiling, or not met with the
+    size named."""
+    from edgeslim.bundle import generate_keypair, read_bundle
+    from edgeslim.optimize import optimize
+
+    result, _, _ = small_run
+    store = tmp_path / "copy.sqlite"
+    with sqlite3.connect(result.store) as src, sqlite3.connect(store) as dst:
+        src.backup(dst)
+    keeps = [j for j in result.candidates if "max_drop" not in j.failed]
+    smallest = min(keeps, key=lambda j: j.size_mb)
+    ceiling = round(smallest.size_mb + 50e-6, 6)  # 50 bytes over the candidate's own size
+    key, _ = generate_keypair(tmp_path / "keys")
+    again = optimize("digits-cnn", max_drop=0.01, size_mb=ceiling, objective="size",
+                     time_budget="4s", out=tmp_path / "small.eslim", report_dir=tmp_path / "run",
+                     store=store, report=False, sign_key=key)
+    written = again.bundle.stat().st_size / 1e6
+    assert written > smallest.size_mb + 50e-6  # the case this test is about
+    metrics = read_bundle(again.bundle).manifest["metrics"]
+    if metrics["budget_met"]:
+        assert written <= ceiling
+    else:
+        assert "size_mb" in metrics["budget_failed"] and again.exit_code == 3
+    assert metrics["size_mb"] >= written - 64e-6  # the size judged is (about) what ships

@@ -73,7 +73,9 @@ def load_run(store_path: str | os.PathLike[str], run_id: int | None = None) \
         batch = (run["outcome"] or {}).get("throughput_batch") \
             or run["settings"].get("throughput_batch")
         judged, base = judge_run(st, run["model_hash"], run["settings"], batch=batch,
-                                 until=run.get("finished"))
+                                 until=run.get("finished"),
+                                 size_overhead_mb=(run["outcome"] or {}).get(
+                                     "size_overhead_mb", 0.0))
         sensitivity = st.get_meta(run["model_hash"], "sensitivity")
         rows = st.candidates(run["model_hash"])
     outcome = run["outcome"] or {}

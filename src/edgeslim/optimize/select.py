@@ -88,13 +88,17 @@ class Judged:
 
 def judge(key: str, label: str, config: dict[str, Any], result: dict[str, Any], *,
           base_metric: float, budget: Budget, factor: float,
-          bundle: str | None = None) -> Judged:
-    """Derive the budget-relative figures of one stored result."""
+          bundle: str | None = None, size_overhead_mb: float = 0.0) -> Judged:
+    """Derive the budget-relative figures of one stored result.
+
+    ``size_overhead_mb``: what the written bundle adds to the candidate's (its verdict in
+    the manifest, a signature), so that the size judged is the size that ships.
+    """
     metric = float(result["metric"])
     drop = base_metric - metric
     lat = float(result["latency_ms"]) * factor
     thr = float(result["throughput"]) / factor
-    size = float(result["bundle_bytes"]) / 1e6
+    size = float(result["bundle_bytes"]) / 1e6 + size_overhead_mb
     failed, excess = [], 0.0
     # a hair of slack so that "no drop at all" passes max_drop=0 despite float noise
     if drop > budget.max_drop + 1e-9:
