@@ -105,12 +105,13 @@ def optimize(
 ) -> OptimizeResult:
     """Search the compression space of ``model`` for the best bundle within a budget.
 
-    ``model``: zoo name, ``.onnx`` path, ``module:callable`` or ``nn.Module``. ``max_drop``:
-    largest allowed metric drop from the fp32 export (0.01 = one point). ``latency_ms``
-    (batch 1) and ``size_mb`` (the .eslim file, 10^6 bytes) are optional ceilings, judged on
-    the device of ``device_profile`` (this machine when None). ``time_budget``: ``"10m"``,
-    ``"90s"``... for the whole search. ``throughput_batch`` (default: 256 for small models,
-    down to 8 for large ones, from the fp32 latency) is the batch throughput is timed at.
+    ``model``: zoo name, ``module:callable`` or ``nn.Module`` (not an ``.onnx`` file: the search
+    prunes and fine-tunes in torch). ``max_drop``: largest allowed metric drop from the fp32 export
+    (0.01 = one point). ``latency_ms`` (batch 1) and ``size_mb`` (the .eslim file as written, 10^6
+    bytes) are optional ceilings, judged on the device of ``device_profile`` (this machine when
+    None). ``time_budget``: ``"10m"``, ``"90s"``... for the whole search. ``throughput_batch``
+    (default: 256 for small models, down to 8 for large ones, from the fp32 latency) is the batch
+    throughput is timed at.
     Results are kept in ``store`` (default
     ``report_dir/search.sqlite``) so a second call resumes. Writes the chosen bundle to
     ``out`` and, with ``report``, ``report_dir/index.html``. The time budget counts from

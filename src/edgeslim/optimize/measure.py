@@ -1,7 +1,8 @@
 """Measure a bundle the way a node runs it: onnxruntime on the CPU, threads pinned.
 
 - batch-1 latency: a warm-up, then runs until ``min_runs`` and ``max_seconds`` are both met
-  (capped at ``max_runs``); every sample is kept (ms) so the report can plot the spread;
+  (capped at ``max_runs``); at most 200 evenly spaced samples are kept (ms) so the report
+  can plot the spread;
 - batch-``B`` throughput (samples/s): the evaluation inputs tiled to ``B`` rows, median of
   runs until ``min_runs`` and ``max_seconds`` are both met;
 - per-layer weights: every weight initializer of two or more dimensions, its shape and the
@@ -73,7 +74,7 @@ def measure_model(model_bytes: bytes, workload: Any, *, threads: int, batch: int
                        max_seconds=max_seconds)
     batch_ms = statistics.median(runs)
     # keep at most 200 evenly spaced samples: enough for a distribution plot
-    step = max(1, len(lat) // 200)
+    step = max(1, -(-len(lat) // 200))
     return {
         "latency_ms": statistics.median(lat),
         "latency_samples": [round(v, 5) for v in lat[::step]],

@@ -21,7 +21,7 @@ A profile file (JSON or YAML)::
     reference:
       model: digits-cnn             # digits-cnn (fp32, batch 1) or fleet-reference
       latency_ms: 0.41              # measured on the device
-      threads: 4                    # threads of that measurement (default: threads)
+      threads: 4                    # threads of that measurement (recorded; use threads)
 
 A fleet node's labels (``edgeslim.fleet.node.auto_labels``: ``device_class``, ``cores``,
 ``memory_mb``, ``ref_latency_us`` of the bundled 64-64-10 MLP at one thread), alone or as a

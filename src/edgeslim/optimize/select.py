@@ -11,8 +11,9 @@ can be judged under another budget or device profile without redoing any candida
   objective (``throughput`` by default; or lowest ``latency``, or smallest ``size``); when
   none meets it, the closest is the one failing the fewest constraints, then with the smallest
   sum of relative excesses, and the manifest says which constraints failed. Objective values
-  within timing noise of the best (25% for throughput and latency) count as tied, and the
-  smaller bundle wins the tie.
+  within timing noise of the best (25% for throughput and latency, 10% for size) count as
+  tied; the smaller bundle wins the tie (for ``size``: the faster one), then the higher
+  metric.
 """
 
 from __future__ import annotations

@@ -14,8 +14,9 @@ A candidate combines, in recipe order:
    ``ptq`` (accuracy-aware int8 post-training quantization on the ONNX graph; with
    ``fallback`` the layers that cost accuracy stay fp32).
 
-Every candidate is keyed by a hash of the model's weights, the workload and the config, so
-results stored by one run are found again by the next (``edgeslim.optimize.store``).
+Every candidate is keyed by a hash of the model's weights, the workload, the config and the
+measurement settings (threads, throughput batch), so results stored by one run are found
+again by the next (``edgeslim.optimize.store``).
 """
 
 from __future__ import annotations

@@ -1,12 +1,13 @@
 """The search's memory: every candidate's result in one SQLite file (WAL), so a run resumes.
 
-A candidate is keyed by the sha256 of (model weights, workload, candidate config, seed, search
-version) (``edgeslim.optimize.space.candidate_key``). A row is written ``running`` before the
-candidate starts and ``done`` (with its measurements as JSON) or ``failed`` (with the error)
-when it ends; each start adds one to ``evaluations``, so a test (or a curious user) can see
-that a resumed run did not redo finished work. An interrupted candidate stays ``running`` and
-is evaluated again on the next run. The ``runs`` table records each invocation; ``meta``
-holds per-model facts that are worth keeping across runs (per-layer sensitivity).
+A candidate is keyed by the sha256 of (model weights, workload, candidate config, seed, the
+measurement settings, search version) (``edgeslim.optimize.space.candidate_key``). A row is written
+``running`` before the candidate starts and ``done`` (with its measurements as JSON) or ``failed``
+(with the error) when it ends; each start adds one to ``evaluations``, so a test (or a curious user)
+can see that a resumed run did not redo finished work. A candidate stopped by Ctrl-C is marked
+``interrupted`` (one whose process was killed stays ``running``); either is evaluated again on the
+next run. The ``runs`` table records each invocation; ``meta`` holds per-model facts that are worth
+keeping across runs (per-layer sensitivity).
 
 The file is opened in WAL mode with ``synchronous=NORMAL``: a reader (the report, a test
 polling progress) never blocks the writer, and a kill loses at most the row being written.
