@@ -60,7 +60,23 @@ def test_records_made_during_a_broker_outage_arrive_exactly_once_in_order(
         worker.join(5)
         traffic.stop()
         # typically drains in 3-4 s; one run on a heavily loaded machine needed over 30 s
-        wait_until(lambda: node.outbox.count() == 0, 90, 0.2, "the outbox to drain")
+        trace: list[str] = []
+
+        def drained() -> bool:
+            left = node.outbox.count()
+            fw = node.forwarder
+            trace.append(f"{time.time() - t_back:5.1f} s: {left} left, node link "
+                         f"{node.link.state.value}, controller link "
+                         f"{controller.link.state.value}, batches sent {fw.sent_batches} "
+                         f"(resent {fw.resent_batches}), duplicates dropped "
+                         f"{controller.registry.counter('duplicate_records')}")
+            return left == 0
+
+        try:
+            wait_until(drained, 90, 0.2, "the outbox to drain")
+        except TimeoutError:  # say where it stalled: the link, the acks or the controller
+            pytest.fail("the outbox did not drain in 90 s after the broker came back:\n"
+                        + "\n".join(trace[::25] + trace[-1:]))
         drained = time.time() - t_back
 
         rows = (
