@@ -62,7 +62,7 @@ def test_records_made_during_a_broker_outage_arrive_exactly_once_in_order(
         # typically drains in 3-4 s; one run on a heavily loaded machine needed over 30 s
         trace: list[str] = []
 
-        def drained() -> bool:
+        def drained_yet() -> bool:
             left = node.outbox.count()
             fw = node.forwarder
             trace.append(f"{time.time() - t_back:5.1f} s: {left} left, node link "
@@ -73,7 +73,7 @@ def test_records_made_during_a_broker_outage_arrive_exactly_once_in_order(
             return left == 0
 
         try:
-            wait_until(drained, 90, 0.2, "the outbox to drain")
+            wait_until(drained_yet, 90, 0.2, "the outbox to drain")
         except TimeoutError:  # say where it stalled: the link, the acks or the controller
             pytest.fail("the outbox did not drain in 90 s after the broker came back:\n"
                         + "\n".join(trace[::25] + trace[-1:]))
