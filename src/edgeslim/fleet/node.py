@@ -62,6 +62,12 @@ __all__ = ["Node", "NodeConfig", "NodeState", "auto_labels"]
 log = logging.getLogger("edgeslim.fleet.node")
 
 
+
+def _desired_key(d: Desired | None) -> tuple[Any, ...] | None:
+    """What makes two desired states the same: a retained redelivery (after every reconnect)
+    is a new object with the same key."""
+    return None if d is None else (d.deployment, d.sha256, d.rollback)
+
 class NodeState(enum.Enum):
     """What the node is doing; it serves requests in every state but STARTING and STOPPED."""
 
@@ -403,15 +409,17 @@ class Node:
             d = self._desired
             if d is None or self._stop.is_set():
                 continue
-            key = (d.deployment, d.sha256, d.rollback)
+            key = _desired_key(d)
             if key == self._handled:
                 continue
             try:
-                self._converge(d)
+                finished = self._converge(d)
             except Exception as exc:  # a bug here must not stop the node from serving
                 log.exception("%s: converging on %s failed", self.id, d.sha256[:12])
                 self._report(d, "failed", f"node error: {exc}", 0.0)
-            self._handled = key
+                finished = True
+            if finished:
+                self._handled = key
 
     def _report(self, d: Desired, outcome: str, reason: str, seconds: float) -> None:
         self.record(
@@ -428,37 +436,42 @@ class Node:
         )
         self.publish_status()
 
-    def _converge(self, d: Desired) -> None:
+    def _converge(self, d: Desired) -> bool:
+        """Install (or refuse) ``d`` and report it: True. False when the download stopped
+        because the node stops or the desired state moved on (the worker looks again)."""
         t0 = time.monotonic()
         current = self.model
         if current is not None and current.bundle == d.sha256:
             self._health_note = ""
             self._report(d, "already", "already serving it", 0.0)
-            return
+            return True
         refused = self.store.rejected(d.sha256)
         if refused is not None:
             self._report(d, "refused", refused, 0.0)
-            return
+            return True
         try:
             path = self._download(d)
         except BundleError as exc:
             self._fail(d, "failed", str(exc), t0, reject=False)
-            return
+            return True
         if path is None:  # stopped, or the desired state moved on
-            return
+            self._set_state(NodeState.SERVING if self.model else NodeState.EMPTY)
+            self._work.set()
+            return False
         self._set_state(NodeState.INSTALLING)
         try:
             ref = self.serving.swap(path, d.sha256)
         except EdgeslimError as exc:
             # Signature, hashes, corrupt archive, warm-up or probe: this bundle never serves.
             self._fail(d, "refused", f"{type(exc).__name__}: {exc}", t0, reject=True)
-            return
+            return True
         self.store.set_current(d.sha256, ref.name)
         self.installs += 1
         self._health_note = ""
         self._set_state(NodeState.SERVING)
         log.info("%s: now serving %s (%s)", self.id, ref.name, d.sha256[:12])
         self._report(d, "installed", "", time.monotonic() - t0)
+        return True
 
     def _fail(self, d: Desired, outcome: str, reason: str, t0: float, *, reject: bool) -> None:
         log.warning("%s: bundle %s %s: %s", self.id, d.sha256[:12], outcome, reason)
@@ -483,8 +496,8 @@ class Node:
         last: Exception | None = None
         with httpx.Client(timeout=httpx.Timeout(30.0, connect=5.0)) as client:
             for attempt in range(self.cfg.download_attempts):
-                if self._stop.is_set() or self._desired is not d:
-                    return None
+                if self._stop.is_set() or _desired_key(self._desired) != _desired_key(d):
+                    return None  # (a redelivery of the same desired state is not a change)
                 try:
                     offset = self.store.resume_offset(d.sha256)
                     if offset:
