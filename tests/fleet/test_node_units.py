@@ -1,17 +1,22 @@
-"""A node's convergence and outbox in isolation: no broker, the real worker, store and outbox."""
+"""Fleet parts in isolation, without a broker: a node's convergence (the real worker, store
+and outbox), its outbox, and the controller's ingest of a batch of messages."""
 
 from __future__ import annotations
 
 import hashlib
 import http.server
+import json
 import socket
+import sqlite3
 import threading
+
+import pytest
 
 from edgeslim.bundle import generate_keypair
 from edgeslim.fleet.demo import wait_until
 from edgeslim.fleet.node import Node, NodeConfig, NodeState
 from edgeslim.fleet.outbox import Outbox
-from edgeslim.fleet.protocol import Desired, ModelRef, encode, topic
+from edgeslim.fleet.protocol import Batch, Desired, ModelRef, Record, encode, topic
 
 
 class _Serving:
@@ -80,3 +85,38 @@ def test_a_redelivered_desired_state_during_a_download_retry_is_still_installed(
         node._work.set()
         if server is not None:
             server.shutdown()
+
+
+def test_a_failed_ack_leaves_no_transaction_open_for_the_next_record(tmp_path):
+    """A DELETE that fails (disk full, I/O error) must not leave the outbox inside a
+    transaction: the node's next record (an install report, say) would fail with it."""
+    box = Outbox(tmp_path / "outbox.db")
+    first = box.put("event", {"a": 1})
+    box._db.execute("CREATE TRIGGER t BEFORE DELETE ON outbox "
+                    "BEGIN SELECT RAISE(ABORT, 'disk I/O error'); END")
+    with pytest.raises(sqlite3.Error, match="disk I/O error"):
+        box.ack([first.id])
+    assert not box._db.in_transaction
+    box.put("report", {"deployment": 1, "outcome": "installed"})
+    assert box.count() == 2
+
+
+def test_one_malformed_status_does_not_drop_the_rest_of_an_ingest_batch(tmp_path):
+    """The controller commits a batch of messages in one transaction: a status with a field of
+    the wrong type is dropped alone; the other node's status and records are stored and acked."""
+    from edgeslim.fleet.controller import Controller
+
+    c = Controller("mqtt://controller:pw@127.0.0.1:1", tmp_path / "ctl")
+    acks: list[str] = []
+    c.link.publish = lambda t, p, qos=1, retain=False: acks.append(t) or True
+    good = {"v": 1, "id": "n1", "state": "serving", "ts": 1.0}
+    report = Record(id="r1", seq=1, kind="report", ts=1.0,
+                    body={"deployment": 1, "outcome": "installed"})
+    for bad in ({"queue": "x"}, {"ts": [1]}, {"queue": float("inf")}):
+        c._apply([(topic("status", "n1"), json.dumps(good).encode()),
+                  (topic("status", "n2"), json.dumps({"v": 1, "id": "n2", "state": "serving",
+                                                      **bad}).encode()),
+                  (topic("telemetry", "n1"), encode(Batch(node="n1", records=[report])))])
+    assert [n.id for n in c.registry.nodes()] == ["n1"]
+    assert [r["id"] for r in c.registry.records()] == ["r1"]
+    assert acks == [topic("ack", "n1")] * 3

@@ -251,6 +251,7 @@ class Controller:
                 if parsed is None or not payload:
                     continue
                 node, kind = parsed
+                db.execute("SAVEPOINT message")  # a bad message undoes its own writes only
                 try:
                     data = decode(payload)
                     if kind == "status":
@@ -262,9 +263,18 @@ class Controller:
                         else:
                             Registry.upsert_status(db, st, now)
                     elif kind == "telemetry":
-                        acks.setdefault(node, []).extend(self._apply_records(db, node, data, now))
-                except (ProtocolError, ConfigError) as exc:
+                        ids = self._apply_records(db, node, data, now)
+                    else:
+                        ids = []
+                except (ProtocolError, ConfigError, TypeError, ValueError, KeyError) as exc:
+                    # (the last three: a field of the wrong type that a parser missed)
+                    db.execute("ROLLBACK TO message")
+                    db.execute("RELEASE message")
                     log.warning("dropped a message on %s: %s", name, exc)
+                    continue
+                db.execute("RELEASE message")
+                if kind == "telemetry":
+                    acks.setdefault(node, []).extend(ids)
         # Committed: only now tell the nodes they may forget these records.
         for node, ids in acks.items():
             self.link.publish(topic("ack", node), encode(Ack(ids=ids)), qos=1)

@@ -128,12 +128,17 @@ class Outbox:
             return 0
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
-            n = 0
-            for i in range(0, len(ids), 500):
-                chunk = ids[i : i + 500]
-                marks = ",".join("?" * len(chunk))
-                n += self._db.execute(f"DELETE FROM outbox WHERE id IN ({marks})", chunk).rowcount
-            self._db.execute("COMMIT")
+            try:
+                n = 0
+                for i in range(0, len(ids), 500):
+                    chunk = ids[i : i + 500]
+                    marks = ",".join("?" * len(chunk))
+                    n += self._db.execute(f"DELETE FROM outbox WHERE id IN ({marks})",
+                                          chunk).rowcount
+                self._db.execute("COMMIT")
+            except BaseException:  # leave no transaction open for the next put
+                self._db.execute("ROLLBACK")
+                raise
         return n
 
     def count(self) -> int:

@@ -224,9 +224,21 @@ class Status:
             labels={str(k): str(v) for k, v in labels.items()},
             model=ModelRef.from_dict(data.get("model")),
             http=str(data.get("http", "")),
-            queue=int(data.get("queue", 0) or 0),
-            ts=float(data.get("ts", 0.0) or 0.0),
+            queue=_number(data, "queue", int),
+            ts=_number(data, "ts", float),
         )
+
+
+def _number(data: dict[str, Any], key: str, kind: type) -> Any:
+    """``data[key]`` as ``kind`` (0 when absent); anything else is a ``ProtocolError``."""
+    value = data.get(key, 0) or 0
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ProtocolError(f"The status field {key!r} must be a number. Got {value!r}")
+    try:
+        return kind(value)
+    except (OverflowError, ValueError):  # inf or nan as an int
+        raise ProtocolError(f"The status field {key!r} must be a finite number. "
+                            f"Got {value!r}") from None
 
 
 @dataclass(frozen=True)
