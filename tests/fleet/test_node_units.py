@@ -9,6 +9,7 @@ import json
 import socket
 import sqlite3
 import threading
+import time
 
 import pytest
 
@@ -120,3 +121,50 @@ def test_one_malformed_status_does_not_drop_the_rest_of_an_ingest_batch(tmp_path
     assert [n.id for n in c.registry.nodes()] == ["n1"]
     assert [r["id"] for r in c.registry.records()] == ["r1"]
     assert acks == [topic("ack", "n1")] * 3
+
+
+def test_a_rollback_asked_for_with_the_last_report_is_not_lost():
+    """An operator's rollback that arrives while the last phase waits for its final report
+    must roll the deployment back, not end it 'succeeded' after the API said it would."""
+    from edgeslim.fleet.registry import Registry
+    from edgeslim.fleet.rollout import Rollout, RolloutParams
+
+    sha = "b" * 64
+    reverted: list[str] = []
+
+    class Controller:  # the parts of the controller a rollout uses
+        def __init__(self):
+            self.registry = Registry(":memory:")
+            self.registry.add_bundle(sha, "m", "2", 10, True, {})
+            self.rollout_lock = threading.Lock()
+            self.changed = threading.Condition()
+
+        def wait_change(self, timeout):
+            with self.changed:
+                self.changed.wait(timeout)
+
+        def notify(self):
+            with self.changed:
+                self.changed.notify_all()
+
+        def publish_desired(self, node, dep, bundle_sha, bundle, rollback):
+            def report():  # the node installs; the operator asks for a rollback just then
+                time.sleep(0.1)
+                self.registry.set_targets(dep, [node], "installed")
+                rollout.abort("operator: rollback")
+
+            threading.Thread(target=report).start()
+
+        def revert_node(self, node, dep, previous_sha):
+            reverted.append(node)
+
+        def rollout_finished(self, dep):
+            pass
+
+    c = Controller()
+    dep = c.registry.create_deployment(sha, {}, 0.0, {}, [("n1", "rest", "a" * 64)])
+    rollout = Rollout(c, dep, RolloutParams(canary=0.0, install_timeout_s=1.0))
+    rollout.run()
+    row = c.registry.deployment(dep)
+    assert row.state == "rolled_back" and not rollout.succeeded
+    assert reverted == ["n1"]

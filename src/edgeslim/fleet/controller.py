@@ -102,7 +102,8 @@ class Controller:
         self._changed = threading.Condition()
         self._stop = threading.Event()
         self._rollouts: dict[int, Rollout] = {}
-        self._rollout_lock = threading.Lock()
+        # held while a rollout is launched, aborted or declared succeeded (see Rollout)
+        self.rollout_lock = threading.Lock()
         self.downloads: deque[tuple[str, str | None]] = deque(maxlen=10_000)  # (sha, Range)
         self.link = MqttLink(
             self.broker,
@@ -145,7 +146,7 @@ class Controller:
 
     def stop(self) -> None:
         self._stop.set()
-        with self._rollout_lock:
+        with self.rollout_lock:
             rollouts = list(self._rollouts.values())
         for r in rollouts:
             r.join(2.0)
@@ -389,7 +390,7 @@ class Controller:
                 f"Bundle {sha[:12]} did not verify against the controller's public key; "
                 "refusing to deploy it (force=True deploys it anyway; nodes will still verify)."
             )
-        with self._rollout_lock:
+        with self.rollout_lock:
             active = [d for d, r in self._rollouts.items() if r.is_alive()]
             if active:
                 raise Conflict(
@@ -429,11 +430,12 @@ class Controller:
         row = self.registry.deployment(dep)
         if row is None:
             raise NotFound(f"No deployment with id {dep}.")
-        with self._rollout_lock:
+        with self.rollout_lock:
             r = self._rollouts.get(dep)
-            if r is not None and r.is_alive():
-                r.abort(reason)
+            if r is not None and r.is_alive() and not r.succeeded:
+                r.abort(reason)  # it checks before it may succeed, under this lock
                 return dep
+            row = self.registry.deployment(dep) or row  # as it is now, under the lock
             if row.state in ("rolled_back", "rolling_back"):
                 raise Conflict(f"Deployment {dep} is already {row.state}.")
             r = Rollout(self, dep, RolloutParams.from_dict(row.params), rollback_reason=reason)

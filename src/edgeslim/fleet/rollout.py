@@ -158,6 +158,7 @@ class Rollout(threading.Thread):
         self._abort = threading.Event()
         self._abort_reason = ""
         self._rollback_only = rollback_reason
+        self.succeeded = False  # set with the final state, under the controller's rollout_lock
 
     def abort(self, reason: str) -> None:
         self._abort_reason = reason
@@ -216,9 +217,18 @@ class Rollout(threading.Thread):
                 node, why = failed[0]
                 raise Aborted(f"{len(failed)} of {len(rest)} node(s) failed, e.g. {node}: {why}")
             if failed:
-                self._state("succeeded", f"{len(failed)} node(s) failed, within max_failures")
+                self._succeed(f"{len(failed)} node(s) failed, within max_failures")
                 return
-        self._state("succeeded")
+        self._succeed()
+
+    def _succeed(self, reason: str = "") -> None:
+        """The final state, unless a rollback was asked for meanwhile: an operator's rollback
+        that arrives with the last report is not lost (``Controller.rollback`` aborts a live
+        rollout only while it has not succeeded, under the same lock)."""
+        with self.c.rollout_lock:
+            self._check_abort()
+            self._state("succeeded", reason)
+            self.succeeded = True
 
     def _install(self, nodes: list[str]) -> list[tuple[str, str]]:
         """Send desired states, ``parallel`` at a time; wait for reports; return failures."""
