@@ -5,22 +5,33 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
 
-def write_atomically(path: Path, fill: Callable[[BinaryIO], None], *, mode: int = 0o644) -> None:
+def write_atomically(path: Path, fill: Callable[[BinaryIO], None], *,
+                     mode: int | None = None) -> None:
     """Write ``path`` through a temporary file in its folder: ``fill(f)``, fsync, chmod
     ``mode``, rename. Readers never see a half-written file; on any failure the temporary
     file is removed, ``path`` is as it was, and the error (``OSError`` and all) propagates.
-    Missing parent folders are created.
+    Missing parent folders are created. A ``path`` that is a symbolic link has its target
+    replaced (the link stays); ``mode`` None keeps the mode of the file replaced (0o644 for a
+    new one).
     """
     tmp: str | None = None
     try:
+        if path.is_symlink():
+            path = Path(os.path.realpath(path))
+        if mode is None:
+            try:
+                mode = stat.S_IMODE(os.stat(path).st_mode)
+            except OSError:
+                mode = 0o644
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".eslim-", suffix=".tmp")
         with os.fdopen(fd, "w+b") as f:
             fill(f)
             f.flush()

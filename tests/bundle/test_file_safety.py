@@ -126,3 +126,19 @@ def test_keygen_force_replaces_both_files_or_neither(tmp_path, monkeypatch, caps
     assert main(["keygen", "--out", str(out), "--force"]) == 0
     assert key.read_bytes() != old[0] and pub.read_bytes() != old[1]
     assert sorted(os.listdir(out)) == ["signing.key", "signing.pub"]
+
+
+def test_sign_in_place_through_a_link_signs_the_target_and_keeps_its_mode(tmp_path, bundle,
+                                                                         keypair):
+    """Signing ``link.eslim`` (a symbolic link) signs the bundle it points at, which keeps
+    its permissions; the link stays a link."""
+    from edgeslim.bundle import read_bundle
+
+    os.chmod(bundle, 0o600)
+    link = tmp_path / "link.eslim"
+    link.symlink_to(bundle.name)
+    assert main(["sign", str(link), "--key", str(keypair[0])]) == 0
+    assert link.is_symlink() and os.readlink(link) == bundle.name
+    assert read_bundle(bundle, public_key=keypair[1]).signed
+    assert os.stat(bundle).st_mode & 0o777 == 0o600
+    assert sorted(os.listdir(tmp_path)) == ["link.eslim", "m.eslim"]

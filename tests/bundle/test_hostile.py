@@ -156,6 +156,9 @@ CASES = {
         BundleError, "tok.json does not match the sha256", False),
     "size-mismatch": (lambda t: _zip(t, _with(_set("model.size", len(MODEL) + 1))),
                       BundleError, "manifest says", False),
+    # a fixed dim where the model has a free one: a node would allocate it for its warm-up
+    "huge-fixed-dim": (lambda t: _zip(t, _with(_set("inputs.0.shape", [2**40, 8]))),
+                       BundleError, "at most 67,108,864 values", False),
     "dotdot-path": (lambda t: _zip(t, _with(extra=[("../evil.sh", b"rm -rf")])), BundleError,
                     "unsafe path '../evil.sh'", False),
     "nested-dotdot": (lambda t: _zip(t, _with(extra=[("a/../../evil", b"x")])), BundleError,

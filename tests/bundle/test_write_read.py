@@ -235,3 +235,29 @@ def test_extract_bundle(tmp_path, mlp_bytes, keypair):
     assert os.listdir(dest.parent) == ["v3"]  # no temporary directory left
     with pytest.raises(ConfigError, match="exists"):
         extract_bundle(path, dest)
+
+
+def _zero_weight_model() -> bytes:
+    """x [batch, 1024] @ W (4 MiB of zeros): what a heavily pruned layer looks like."""
+    w = onnx.numpy_helper.from_array(np.zeros((1024, 1024), np.float32), "W")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1024])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1024])], [w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+@pytest.mark.parametrize("compression", ["deflate", "lzma"])
+def test_writer_refuses_what_readers_would_take_for_a_bomb(tmp_path, compression):
+    """A model that compresses over the readers' 200x would be written and then refused by
+    every reader (inspect, load, serve): the writer says so instead, and writes nothing."""
+    manifest = {"name": "zeros",
+                "inputs": [{"name": "x", "dtype": "float32", "shape": ["batch", 1024]}],
+                "outputs": [{"name": "y", "dtype": "float32", "shape": ["batch", 1024]}]}
+    out = tmp_path / "z.eslim"
+    with pytest.raises(ConfigError, match=r"'model.onnx' compresses \d+x .* compression='stored'"):
+        write_bundle(out, model_onnx=_zero_weight_model(), manifest=manifest,
+                     compression=compression)
+    assert os.listdir(tmp_path) == []
+    write_bundle(out, model_onnx=_zero_weight_model(), manifest=manifest, compression="stored")
+    assert read_bundle(out).manifest["name"] == "zeros"

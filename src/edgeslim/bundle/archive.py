@@ -175,6 +175,17 @@ def _check_target(target: Path) -> None:
         raise BundleError(f"Cannot write the bundle to {target}: {problem}.")
 
 
+def _readable(info: zipfile.ZipInfo, limits: Limits = DEFAULT_LIMITS) -> None:
+    """Refuse to write an entry that readers would refuse as a decompression bomb."""
+    ratio = info.file_size / max(info.compress_size, 1)
+    if info.file_size > limits.ratio_floor and ratio > limits.max_ratio:
+        raise ConfigError(
+            f"Entry {info.filename!r} compresses {ratio:.0f}x ({info.file_size} -> "
+            f"{info.compress_size} bytes), over the {limits.max_ratio:.0f}x that readers accept "
+            f"before they take it for a decompression bomb (a model with large all-zero "
+            f"tensors?). Write it with compression='stored', or pack the model first.")
+
+
 def _atomic_zip(target: Path, entries: list[tuple[str, bytes, int]]) -> Path:
     """Write the zip whole or not at all (callers ran ``_check_target`` before their work)."""
 
@@ -182,6 +193,7 @@ def _atomic_zip(target: Path, entries: list[tuple[str, bytes, int]]) -> Path:
         with zipfile.ZipFile(f, "w") as zf:
             for name, data, method in entries:
                 zf.writestr(_zinfo(name, method), data)
+                _readable(zf.getinfo(name))
 
     try:
         write_atomically(target, fill)

@@ -61,6 +61,9 @@ DTYPES = (
     "uint64",
 )
 
+#: The most values the fixed dims of one tensor may hold (symbolic dims count as 1): what a node
+#: allocates for its warm-up run, so a hostile manifest cannot make it allocate without bound.
+MAX_FIXED_ELEMENTS = 1 << 26
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 VERSION_RE = re.compile(r"[A-Za-z0-9_.+-]{1,64}")
 _TASK_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
@@ -199,6 +202,12 @@ class _Checker:
                         "an int >= 0 or a symbolic dimension name such as 'batch'",
                         dim,
                     )
+            fixed_values = math.prod(d for d in shape if isinstance(d, int))
+            if fixed_values > MAX_FIXED_ELEMENTS:
+                raise self.fail(
+                    f"{p}.shape",
+                    f"fixed dims holding at most {MAX_FIXED_ELEMENTS:,} values (a symbolic "
+                    f"dim such as 'batch' for a free one)", shape)
             specs.append(TensorSpec(name, dtype, tuple(shape)))
         names = [s.name for s in specs]
         if len(set(names)) != len(names):

@@ -181,13 +181,13 @@ class Runner:
 
     def warmup(self) -> None:
         """One run on zeros; ``BundleError`` when the model fails on them."""
-        feeds = self.example_inputs()
+        shapes = {s.name: [d if isinstance(d, int) else 1 for d in s.shape] for s in self.inputs}
         try:
-            self.session.run(self._output_names, feeds)
-        except Exception as exc:
+            self.session.run(self._output_names, self.example_inputs())
+        except Exception as exc:  # also MemoryError: zeros of the declared shapes do not fit
             raise BundleError(
                 f"The model of bundle '{self.name}' failed its warm-up run on zeros of shapes "
-                f"{ {k: list(v.shape) for k, v in feeds.items()} }: {_first_line(exc)}"
+                f"{shapes}: {_first_line(exc)}"
             ) from None
 
     def check_inputs(self, inputs: Any, *, cast: bool = False) -> dict[str, np.ndarray]:
