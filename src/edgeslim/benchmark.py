@@ -119,8 +119,13 @@ def bench_bundle(
     threads = check_int_range(threads, "threads", "bench", 1, 256)
     batch = check_int_range(batch, "batch", "bench", 1, 65_536)
     repeats = check_int_range(repeats, "repeats", "bench", 5, 1_000_000)
+    from edgeslim.edge.runtime import Runner
+
     bundle = read_bundle(path)
     manifest = bundle.manifest
+    # As a node loads it: the model against its manifest, then a warm-up (a BundleError that
+    # says what is wrong, not onnxruntime's traceback); timed on a session of its own below.
+    Runner(bundle, intra_op_num_threads=threads)
     sess = ort_session(bundle.model_bytes, threads=threads, spin_between_runs=False)
     variants: dict[str, Callable[[dict], Any]] = {
         f"bundle {manifest['name']} (onnxruntime)": lambda feeds: sess.run(None, feeds)

@@ -92,3 +92,23 @@ def test_ort_session_spins_by_default_and_not_when_told():
     assert paced.get_session_config_entry("session.force_spinning_stop") == "1"
     x = np.array([-1.0, 2.0], np.float32)
     assert quiet.run(None, {"x": x})[0].tolist() == [0.0, 2.0]
+
+
+@pytest.mark.parametrize(("change", "needle"), [
+    (lambda m, model: m["inputs"][0].update(name="zzz"), "declares inputs ['zzz']"),
+    (lambda m, model: None, "cannot load the model"),
+])
+def test_bench_refuses_a_bundle_whose_model_does_not_run_with_one_line(tmp_path, capsys, change,
+                                                                      needle):
+    """A bundle whose hashes hold but whose model does not match its manifest (or is no ONNX
+    at all) gets the one-line error `inspect` and `load` give, not onnxruntime's traceback."""
+    from tests.bundle.helpers import craft_zip, full_manifest, manifest_bytes, mlp_onnx
+
+    model = mlp_onnx() if needle != "cannot load the model" else b"not an onnx model"
+    manifest = full_manifest(model)
+    change(manifest, model)
+    path = craft_zip(tmp_path / "bad.eslim", [("manifest.json", manifest_bytes(manifest)),
+                                              ("model.onnx", model)])
+    assert main(["bench", str(path), "--repeats", "5"]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.startswith("error:") and "Traceback" not in err
