@@ -114,10 +114,12 @@ def compress(
     wl = workload or workload_for(
         model_name, recipe.data, reference=None if isinstance(resolved, Path) else resolved
     )
+    report = Path(out).with_name(Path(out).stem + ".ptq-report.json")
     for step in recipe.onnx_steps:  # what depends on the workload fails before any work too
         if step.name == "ptq":
             ptq_overrides(wl, scheme=step.params.get("scheme"),
                           calibration=step.params.get("calibration"))
+            _check_report_path(report)
     rows: list[StepMetrics] = []
     log: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="edgeslim-") as tmp:
@@ -146,8 +148,10 @@ def compress(
                 orig_path = Path(tmp) / "original.onnx"
                 export_onnx(result.original, wl.example_inputs, orig_path, check=False, **io)
                 original_bytes = orig_path.stat().st_size
-        report = Path(out).with_name(Path(out).stem + ".ptq-report.json")
-        onnx_log, proto, compression = _run_onnx_steps(recipe, proto, wl, progress, report)
+        # The sensitivity report goes beside the bundle only once the bundle is written.
+        scratch = Path(tmp) / "ptq-report.json"
+        onnx_log, proto, compression = _run_onnx_steps(recipe, proto, wl, progress, scratch)
+        report_bytes = scratch.read_bytes() if scratch.is_file() else None
         log += onnx_log
         model_bytes = proto.SerializeToString()
 
@@ -193,6 +197,10 @@ def compress(
     bundle = write_bundle(out, model_onnx=model_bytes, manifest=manifest,
                           extra_files=wl.extra_files, sign_key=sign_key,
                           compression=compression)
+    if report_bytes is not None:
+        from edgeslim._atomic import write_atomically
+
+        write_atomically(report, lambda f: f.write(report_bytes))
     metrics["bundle_bytes"] = bundle.stat().st_size
     return CompressResult(bundle, manifest, rows, metrics)
 
@@ -203,6 +211,15 @@ def _say(progress: bool, text: str) -> None:
         from rich.console import Console
 
         Console(stderr=True).print(text, highlight=False)
+
+
+def _check_report_path(report: Path) -> None:
+    """The ptq step's report goes to ``report`` (beside the bundle): refuse, before any work,
+    a folder or a link there (a link would send the report out of the bundle's folder)."""
+    if report.is_symlink() or report.is_dir():
+        what = "a symbolic link" if report.is_symlink() else "a folder"
+        raise ConfigError(f"The ptq step writes its report to {str(report)!r}, which is {what}; "
+                          f"remove it or give another -o path.")
 
 
 def _check_out(out: str | Path, model: Any) -> None:

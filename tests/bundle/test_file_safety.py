@@ -142,3 +142,30 @@ def test_sign_in_place_through_a_link_signs_the_target_and_keeps_its_mode(tmp_pa
     assert read_bundle(bundle, public_key=keypair[1]).signed
     assert os.stat(bundle).st_mode & 0o777 == 0o600
     assert sorted(os.listdir(tmp_path)) == ["link.eslim", "m.eslim"]
+
+
+@pytest.mark.parametrize("blocker", ["folder", "link"])
+def test_compress_refuses_a_folder_or_link_where_its_ptq_report_goes(tmp_path, capsys, blocker):
+    """The int8 preset's sensitivity report goes beside the bundle: a folder there would end
+    the run in a traceback after all the work, and a link would send the report out of the
+    bundle's folder. Both are refused before any work; nothing is written."""
+    report = tmp_path / "out.ptq-report.json"
+    victim = tmp_path.parent / f"{tmp_path.name}-victim.txt"
+    victim.write_text("keep me")
+    if blocker == "folder":
+        report.mkdir()
+    else:
+        report.symlink_to(victim)
+    assert main(["compress", "digits-cnn", "-o", str(tmp_path / "out.eslim"), "-q"]) == 2
+    one_line_error(capsys, "The ptq step writes its report to", "remove it or give another -o")
+    assert sorted(os.listdir(tmp_path)) == ["out.ptq-report.json"]
+    assert victim.read_text() == "keep me"
+
+
+def test_compress_writes_its_ptq_report_beside_the_bundle(tmp_path):
+    import json
+
+    assert main(["compress", "digits-cnn", "-o", str(tmp_path / "out.eslim"), "-q"]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["out.eslim", "out.ptq-report.json"]
+    report = json.loads((tmp_path / "out.ptq-report.json").read_text())
+    assert "sensitivity" in report
