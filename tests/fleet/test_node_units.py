@@ -137,6 +137,7 @@ def test_a_rollback_asked_for_with_the_last_report_is_not_lost():
             self.registry = Registry(":memory:")
             self.registry.add_bundle(sha, "m", "2", 10, True, {})
             self.rollout_lock = threading.Lock()
+            self.desired_lock = threading.RLock()
             self.changed = threading.Condition()
 
         def wait_change(self, timeout):

@@ -159,3 +159,53 @@ def test_canary_regressions_under_traffic_roll_back(controller, fleet, bundles, 
     wait_until(lambda: {n.model.bundle for n in fleet} == {s1}, 10, what="canaries reverted")
     if role == "slow":
         assert not traffic.failures
+
+
+@needs_broker
+def test_a_restart_rollback_is_what_the_broker_keeps_for_every_node(broker, tmp_path):
+    """A controller restarted in the middle of a deployment rolls it back while it republishes
+    every node's desired state (the broker may have lost them): the republish must never land
+    the bundle the rollback undid. 1,000 canaries, each must end retained on its old bundle."""
+    import json
+    import threading
+    import time
+
+    from edgeslim.fleet.controller import Controller
+    from edgeslim.fleet.link import MqttLink
+    from edgeslim.fleet.protocol import BrokerURL
+    from edgeslim.fleet.registry import Registry
+
+    old, new = "a" * 64, "b" * 64
+    reg = Registry(tmp_path / "ctl" / "registry.db")
+    reg.add_bundle(old, "m", "1", 10, True, {})
+    reg.add_bundle(new, "m", "2", 10, True, {})
+    nodes = [f"n{i:04d}" for i in range(1000)]
+    dep = reg.create_deployment(new, {}, 1.0, RolloutParams(install_timeout_s=1.0).to_dict(),
+                                [(n, "canary", old) for n in nodes])
+    reg.set_targets(dep, nodes, "installed")
+    reg.set_deployment_state(dep, "soak")  # as a controller killed during the soak left it
+    reg.close()
+    c = Controller(broker.url("controller"), tmp_path / "ctl").start()
+    try:
+        assert c.wait_deployment(dep, 60) == "rolled_back"
+        retained: dict[str, bytes] = {}
+        lock = threading.Lock()
+
+        def keep(name, payload):
+            with lock:
+                retained[name] = payload
+
+        checker = MqttLink(BrokerURL.parse(broker.url("controller")), "checker",
+                           subscriptions=[("edgeslim/nodes/+/desired", 1)],
+                           on_message=keep).start(wait=5)
+        try:
+            wait_until(lambda: len(retained) == len(nodes), 30, 0.1, "every retained state")
+            time.sleep(0.5)  # a late republish would arrive now
+            with lock:
+                wanted = {name: json.loads(payload)["sha256"] for name, payload in
+                          retained.items()}
+        finally:
+            checker.stop()
+        assert sorted(set(wanted.values())) == [old]
+    finally:
+        c.stop()

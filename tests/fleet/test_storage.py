@@ -111,6 +111,9 @@ def test_registry_desired_state_follows_deployments_and_rollbacks(tmp_path):
     assert reg.latest_desired() == {"a": (d2, "2" * 64, False), "b": (d1, "1" * 64, False)}
     reg.set_targets(d2, ["a"], "rolled_back")
     assert reg.latest_desired()["a"] == (d2, "1" * 64, True)
+    d3 = reg.create_deployment("2" * 64, {}, 0.0, {}, [("c", "rest", None)])
+    reg.set_targets(d3, ["c"], "rolled_back")  # it served nothing before: nothing to serve
+    assert reg.latest_desired()["c"] == (d3, None, True)
     with reg.tx() as db:  # a late install report does not undo the rollback
         Registry.report_target(db, d2, "a", "installed", "", 1.0)
     assert {t.node: t.state for t in reg.deployment(d2).targets} == {"a": "rolled_back",

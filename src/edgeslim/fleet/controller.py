@@ -104,6 +104,9 @@ class Controller:
         self._rollouts: dict[int, Rollout] = {}
         # held while a rollout is launched, aborted or declared succeeded (see Rollout)
         self.rollout_lock = threading.Lock()
+        # held from reading or changing the targets to publishing the desired states they imply,
+        # so that a republish (after a reconnect) never lands a state a rollback has undone
+        self.desired_lock = threading.RLock()
         self.downloads: deque[tuple[str, str | None]] = deque(maxlen=10_000)  # (sha, Range)
         self.link = MqttLink(
             self.broker,
@@ -182,11 +185,16 @@ class Controller:
         threading.Thread(target=self._republish_desired, name="republish", daemon=True).start()
 
     def _republish_desired(self) -> None:
-        """The broker may have restarted without its retained messages: publish them again."""
-        for node, (dep, sha, rollback) in self.registry.latest_desired().items():
-            b = self.registry.bundle(sha)
-            if b is not None:
-                self.publish_desired(node, dep, sha, b, rollback=rollback)
+        """The broker may have restarted without its retained messages: publish them again
+        (and clear those of nodes a rollback left with no bundle, in case that was lost)."""
+        with self.desired_lock:
+            for node, (dep, sha, rollback) in self.registry.latest_desired().items():
+                if sha is None:
+                    self.link.publish(topic("desired", node), b"", qos=1, retain=True)
+                    continue
+                b = self.registry.bundle(sha)
+                if b is not None:
+                    self.publish_desired(node, dep, sha, b, rollback=rollback)
 
     def publish_desired(
         self,

@@ -373,24 +373,21 @@ class Registry:
         ]
         return [d for d in (self.deployment(i) for i in ids) if d is not None]
 
-    def latest_desired(self) -> dict[str, tuple[int, str, bool]]:
+    def latest_desired(self) -> dict[str, tuple[int, str | None, bool]]:
         """Per node, the (deployment, sha, rollback) it should serve now, from the history.
 
-        A target in state ``rolled_back`` or ``reverted`` wants its previous sha; others want
-        the deployment's bundle.
+        A target in state ``rolled_back`` or ``reverted`` wants its previous sha (None: no
+        bundle at all, the node served none before); others want the deployment's bundle.
         """
         rows = self._query(
             "SELECT t.node, t.deployment, t.state, t.previous_sha, d.bundle_sha FROM targets t "
             "JOIN deployments d ON d.id = t.deployment "
             "WHERE t.state NOT IN ('pending', 'skipped') ORDER BY t.deployment"
         )
-        out: dict[str, tuple[int, str, bool]] = {}
+        out: dict[str, tuple[int, str | None, bool]] = {}
         for node, dep, state, prev, sha in rows:
             if state in ("rolled_back", "reverted"):
-                if prev:
-                    out[node] = (dep, prev, True)
-                else:
-                    out.pop(node, None)
+                out[node] = (dep, prev or None, True)
             else:
                 out[node] = (dep, sha, False)
         return out

@@ -246,10 +246,13 @@ class Rollout(threading.Thread):
                 del queue[: len(batch)]
                 # Mark first, publish second: a fast node's report must find "sent", not be
                 # overwritten by it.
-                self.c.registry.set_targets(self.dep_id, batch, "sent", only_from=("pending",))
-                for node in batch:
-                    self.c.publish_desired(node, self.dep_id, bundle["sha256"], bundle, False)
-                    waiting[node] = time.monotonic()
+                with self.c.desired_lock:
+                    self.c.registry.set_targets(self.dep_id, batch, "sent",
+                                                only_from=("pending",))
+                    for node in batch:
+                        self.c.publish_desired(node, self.dep_id, bundle["sha256"], bundle,
+                                               False)
+                        waiting[node] = time.monotonic()
             self.c.wait_change(0.5)
             targets = self._targets()
             now = time.monotonic()
@@ -312,14 +315,18 @@ class Rollout(threading.Thread):
     def _rollback(self, reason: str) -> None:
         """Point every touched target back at its previous bundle; wait for confirmations."""
         self._state("rolling_back", reason)
-        targets = self._targets().values()
-        touched = [t for t in targets if t.state not in ("pending", "reverted")]
-        self.c.registry.set_targets(self.dep_id, [t.node for t in touched], "rolled_back", reason)
-        # the targets it never reached end too: "skipped" (they were never sent the bundle)
-        self.c.registry.set_targets(self.dep_id, [t.node for t in targets if t.state == "pending"],
-                                    "skipped", f"never sent: {reason}", only_from=("pending",))
-        for t in touched:  # after marking, so a fast confirmation lands on "rolled_back"
-            self.c.revert_node(t.node, self.dep_id, t.previous_sha)
+        with self.c.desired_lock:  # a republish sees the targets before or after, not between
+            targets = self._targets().values()
+            touched = [t for t in targets if t.state not in ("pending", "reverted")]
+            self.c.registry.set_targets(self.dep_id, [t.node for t in touched], "rolled_back",
+                                        reason)
+            # the targets it never reached end too: "skipped" (never sent the bundle)
+            self.c.registry.set_targets(self.dep_id,
+                                        [t.node for t in targets if t.state == "pending"],
+                                        "skipped", f"never sent: {reason}",
+                                        only_from=("pending",))
+            for t in touched:  # after marking, so a fast confirmation lands on "rolled_back"
+                self.c.revert_node(t.node, self.dep_id, t.previous_sha)
         deadline = time.monotonic() + min(self.p.install_timeout_s, 60.0)
         names = {t.node for t in touched if t.previous_sha}
         while names and time.monotonic() < deadline:
