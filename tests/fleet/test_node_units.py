@@ -169,3 +169,37 @@ def test_a_rollback_asked_for_with_the_last_report_is_not_lost():
     row = c.registry.deployment(dep)
     assert row.state == "rolled_back" and not rollout.succeeded
     assert reverted == ["n1"]
+
+
+@pytest.mark.parametrize("skew", [0.0, -30.0, 30.0])
+def test_the_soak_judges_a_canary_whose_clock_is_off(skew):
+    """A canary answering nothing but errors is rolled back whatever its clock says: its
+    telemetry windows are placed on the controller's clock, not on the node's."""
+    from edgeslim.fleet.registry import Registry
+    from edgeslim.fleet.rollout import Rollout, RolloutParams
+
+    sha = "b" * 64
+
+    class Controller:
+        def __init__(self):
+            self.registry = Registry(":memory:")
+
+        def wait_change(self, timeout):
+            time.sleep(timeout)
+
+        def notify(self):
+            pass
+
+    c = Controller()
+    dep = c.registry.create_deployment(sha, {}, 1.0, {}, [("n1", "canary", "a" * 64)])
+
+    def telemetry():  # a window that began after the soak did, stamped by a skewed clock
+        time.sleep(0.3)
+        body = {"requests": 500, "errors": 500, "p99_ms": 1.0, "window_s": 0.2, "bundle": sha}
+        record = Record(id="t1", seq=1, kind="telemetry", ts=time.time() + skew, body=body)
+        with c.registry.tx() as db:
+            Registry.insert_records(db, "n1", [record], time.time())
+
+    threading.Thread(target=telemetry).start()
+    verdict = Rollout(c, dep, RolloutParams(soak_s=1.0))._soak(["n1"], [])
+    assert verdict is not None and "canary error rate 100.000%" in verdict

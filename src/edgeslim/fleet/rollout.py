@@ -278,7 +278,8 @@ class Rollout(threading.Thread):
         """Watch the canaries for ``soak_s``; the reason to roll back, or None.
 
         Only telemetry windows that began after the soak began count (a window that covers
-        the install itself would blame the new bundle for the load of installing it). The
+        the install itself would blame the new bundle for the load of installing it), timed on
+        the controller's clock: arrival less the window's length. The
         baseline is the nodes still on the old bundle over the same time, or, when every
         target is a canary, the canaries' own windows before the deployment.
         """
@@ -293,7 +294,10 @@ class Rollout(threading.Thread):
         sha = dep.bundle_sha
 
         def began(r: dict[str, Any]) -> float:
-            return float(r["ts"]) - float(r["body"].get("window_s", 0.0))
+            # On the controller's clock (when the window arrived, less its length): a node's
+            # own clock may be off by minutes, which would drop or admit every one of its
+            # windows.
+            return float(r["received"]) - float(r["body"].get("window_s", 0.0))
 
         records = [r for r in self.c.registry.records(kind="telemetry", since=start)
                    if began(r) >= start - 0.05]  # fmt: skip
@@ -305,7 +309,8 @@ class Rollout(threading.Thread):
             base = [
                 r["body"]
                 for r in before
-                if r["node"] in canary and r["body"].get("bundle") != sha and r["ts"] <= dep.created
+                if r["node"] in canary and r["body"].get("bundle") != sha
+                and r["received"] <= dep.created
             ]
         canary_stats = window_stats(can)
         base_stats = window_stats(base) if base else None
