@@ -255,6 +255,42 @@ def test_lying_bomb_memory_stays_bounded(tmp_path):
     assert peak < 12 << 20, f"peak {peak >> 20} MiB while refusing a 64 MiB bomb"
 
 
+def _many_entries(path: Path, n: int, zip64: bool) -> Path:
+    """A zip whose central directory lists ``n`` empty entries (Zip64 end records with
+    ``zip64``): a few bytes on disk each, one Python object each once zipfile parses them."""
+    local = b"PK\x03\x04" + struct.pack("<HHHHHIIIHH", 20, 0, 0, 0, 0, 0, 0, 0, 1, 0) + b"a"
+    records = []
+    for i in range(n):
+        name = b"%x" % i
+        records.append(b"PK\x01\x02" + struct.pack("<HHHHHHIIIHHHHHII", 20, 20, 0, 0, 0, 0,
+                                                     0, 0, 0, len(name), 0, 0, 0, 0, 0, 0) + name)
+    cd = b"".join(records)
+    if zip64:
+        end = (b"PK\x06\x06" + struct.pack("<QHHIIQQQQ", 44, 45, 45, 0, 0, n, n, len(cd),
+                                            len(local))
+               + b"PK\x06\x07" + struct.pack("<IQI", 0, len(local) + len(cd), 1)
+               + b"PK\x05\x06" + struct.pack("<HHHHIIH", 0, 0, 0xFFFF, 0xFFFF, len(cd),
+                                               len(local), 0))
+    else:
+        end = b"PK\x05\x06" + struct.pack("<HHHHIIH", 0, 0, n, n, len(cd), len(local), 0)
+    path.write_bytes(local + cd + end)
+    return path
+
+
+@pytest.mark.parametrize(("n", "zip64"), [(60_000, False), (300_000, True)])
+def test_a_huge_central_directory_is_refused_before_it_is_parsed(tmp_path, n, zip64):
+    """Counting the entries after zipfile parsed them all cost ~8x the file in memory."""
+    path = _many_entries(tmp_path / "many.eslim", n, zip64)
+    tracemalloc.start()
+    try:
+        with pytest.raises(BundleError, match=f"has {n} entries; the limit is 256"):
+            read_bundle(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 << 20, f"peak {peak >> 20} MiB while refusing {n} entries"
+
+
 def test_limits_checked_before_decompressing(tmp_path):
     path = craft_zip(tmp_path / "ok.eslim", _with())
     assert read_bundle(path).model_bytes == MODEL

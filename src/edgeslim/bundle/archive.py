@@ -325,9 +325,41 @@ def _parse_manifest(data: bytes) -> dict[str, Any]:
     return validate_manifest(obj, stage="read")
 
 
+def _central_directory(f: BinaryIO, archive_size: int) -> tuple[int, int] | None:
+    """(entries, bytes) of the zip's central directory from its end records (Zip64 too),
+    read before zipfile parses every record of it; None when there is no end record."""
+    tail_size = min(archive_size, 22 + 0xFFFF)
+    f.seek(archive_size - tail_size)
+    tail = f.read(tail_size)
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or len(tail) < at + 22:
+        return None
+    entries, size = struct.unpack_from("<xxxxxxxxxxHI", tail, at)
+    if entries == 0xFFFF or size == 0xFFFFFFFF:  # Zip64: the counts are in its end record
+        loc = tail.rfind(b"PK\x06\x07", 0, at)
+        if loc >= 0 and len(tail) >= loc + 20:
+            (offset,) = struct.unpack_from("<Q", tail, loc + 8)
+            if 0 <= offset <= archive_size - 56:
+                f.seek(offset)
+                rec = f.read(56)
+                if rec[:4] == b"PK\x06\x06":
+                    entries, size = struct.unpack_from("<QQ", rec, 32)
+    return entries, size
+
+
 def _read(f: BinaryIO, where: Path | None, pub: Any, limits: Limits) -> Bundle:
     f.seek(0, os.SEEK_END)
     archive_size = f.tell()
+    # Refuse an oversized central directory before zipfile builds an object per record of it.
+    cd = _central_directory(f, archive_size)
+    if cd is not None:
+        entries, cd_bytes = cd
+        if entries > limits.max_entries:
+            raise BundleError(f"The bundle has {entries} entries; the limit is "
+                              f"{limits.max_entries}.")
+        if cd_bytes > limits.max_entries * 1024:  # a record: 46 bytes, a name, a few extras
+            raise BundleError(f"The bundle's central directory is {cd_bytes} bytes, more than "
+                              f"{limits.max_entries} entries take.")
     f.seek(0)
     zf = zipfile.ZipFile(f)
     infos = zf.infolist()
