@@ -39,6 +39,15 @@ def _with(manifest_change=None, model=MODEL, extra=(), drop=()):
     return [e for e in entries if e[0] not in drop]
 
 
+def _raw_manifest(placeholder: bytes, raw: bytes) -> list[tuple[str, bytes]]:
+    """The good entries with a metric whose JSON text is ``raw`` (what json.dumps would not
+    write: NaN, an integer of thousands of digits)."""
+    m = json.loads(json.dumps(GOOD))
+    m.setdefault("metrics", {})["odd"] = placeholder.decode().strip('"')
+    data = manifest_bytes(m).replace(placeholder, raw)
+    return [("manifest.json", data), ("model.onnx", MODEL)]
+
+
 def patch_sizes(data: bytes, name: str, size: int) -> bytes:
     """Rewrite the uncompressed size of entry ``name`` in its local and central headers."""
     out = bytearray(data)
@@ -159,6 +168,10 @@ CASES = {
     # a fixed dim where the model has a free one: a node would allocate it for its warm-up
     "huge-fixed-dim": (lambda t: _zip(t, _with(_set("inputs.0.shape", [2**40, 8]))),
                        BundleError, "at most 67,108,864 values", False),
+    "nan-in-manifest": (lambda t: _zip(t, _raw_manifest(b'"NAN"', b"NaN")), BundleError,
+                        "holds NaN, which JSON does not have", False),
+    "huge-int-in-manifest": (lambda t: _zip(t, _raw_manifest(b'"NAN"', b"9" * 5000)),
+                             BundleError, "holds a value that cannot be read", False),
     "dotdot-path": (lambda t: _zip(t, _with(extra=[("../evil.sh", b"rm -rf")])), BundleError,
                     "unsafe path '../evil.sh'", False),
     "nested-dotdot": (lambda t: _zip(t, _with(extra=[("a/../../evil", b"x")])), BundleError,

@@ -261,3 +261,11 @@ def test_writer_refuses_what_readers_would_take_for_a_bomb(tmp_path, compression
     assert os.listdir(tmp_path) == []
     write_bundle(out, model_onnx=_zero_weight_model(), manifest=manifest, compression="stored")
     assert read_bundle(out).manifest["name"] == "zeros"
+
+
+def test_extract_under_a_file_is_a_bundle_error(tmp_path, mlp_bytes):
+    path = write_bundle(tmp_path / "m.eslim", model_onnx=mlp_bytes, manifest=mlp_manifest())
+    (tmp_path / "afile").write_text("keep me")
+    with pytest.raises(BundleError, match="afile is a file, not a folder"):
+        extract_bundle(path, tmp_path / "afile" / "sub" / "dest")
+    assert (tmp_path / "afile").read_text() == "keep me"

@@ -311,9 +311,15 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _no_constant(name: str) -> Any:
+    raise BundleError(f"manifest.json holds {name}, which JSON does not have (and the writer "
+                      "never writes); refusing it.")
+
+
 def _parse_manifest(data: bytes) -> dict[str, Any]:
     try:
-        obj = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+        obj = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicate_keys,
+                         parse_constant=_no_constant)
     except UnicodeDecodeError as exc:
         raise BundleError(f"manifest.json is not UTF-8 text ({exc.reason} at byte "
                           f"{exc.start}).") from None
@@ -322,6 +328,9 @@ def _parse_manifest(data: bytes) -> dict[str, Any]:
                           f"column {exc.colno}.") from None
     except RecursionError:
         raise BundleError("manifest.json nests too deeply to be a manifest.") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise BundleError(f"manifest.json holds a value that cannot be read: "
+                          f"{str(exc).splitlines()[0][:200]}.") from None
     return validate_manifest(obj, stage="read")
 
 
@@ -529,8 +538,12 @@ def extract_bundle(
     if target.exists() or target.is_symlink():
         raise ConfigError(f"The destination {target} exists; extract_bundle installs into a "
                           "new directory (remove it or choose another name).")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".eslim-", suffix=".tmp"))
+    except OSError as exc:
+        raise BundleError(f"Cannot unpack the bundle into {target}: "
+                          f"{write_error_reason(target, exc)}.") from None
     root = tmp.resolve()
     try:
         items = {MANIFEST_ENTRY: bundle.manifest_bytes, MODEL_ENTRY: bundle.model_bytes,
