@@ -203,3 +203,45 @@ def test_the_soak_judges_a_canary_whose_clock_is_off(skew):
     threading.Thread(target=telemetry).start()
     verdict = Rollout(c, dep, RolloutParams(soak_s=1.0))._soak(["n1"], [])
     assert verdict is not None and "canary error rate 100.000%" in verdict
+
+
+def test_only_the_latest_deployment_can_be_rolled_back(tmp_path):
+    """Rolling back deployment 1 after deployment 2 would send its nodes to what they served
+    before 1, while every republish still says 2: refused, naming the one to roll back."""
+    from edgeslim.fleet.controller import Conflict, Controller
+
+    c = Controller("mqtt://controller:pw@127.0.0.1:1", tmp_path / "ctl")
+    c.registry.add_bundle("1" * 64, "m", "1", 10, True, {})
+    c.registry.add_bundle("2" * 64, "m", "2", 10, True, {})
+    d1 = c.registry.create_deployment("1" * 64, {}, 0.0, {}, [("n1", "rest", None)])
+    c.registry.set_deployment_state(d1, "succeeded")
+    d2 = c.registry.create_deployment("2" * 64, {}, 0.0, {}, [("n1", "rest", "1" * 64)])
+    c.registry.set_deployment_state(d2, "succeeded")
+    with pytest.raises(Conflict, match=f"Deployment {d1} is not the latest \\({d2} is\\)"):
+        c.rollback(d1)
+    assert c.registry.deployment(d1).state == "succeeded"
+
+
+def test_a_rollback_that_cannot_complete_still_ends_the_deployment():
+    """An error inside the rollback (the registry, the broker client) ends the deployment
+    'failed' instead of leaving it 'rolling_back', where every later rollback is refused."""
+    from edgeslim.fleet.registry import Registry
+    from edgeslim.fleet.rollout import Rollout, RolloutParams
+
+    class Controller:
+        def __init__(self):
+            self.registry = Registry(":memory:")
+            self.desired_lock = threading.RLock()
+
+        def revert_node(self, node, dep, previous_sha):
+            raise OSError("the broker client is gone")
+
+        def rollout_finished(self, dep):
+            pass
+
+    c = Controller()
+    dep = c.registry.create_deployment("b" * 64, {}, 0.0, {}, [("n1", "rest", "a" * 64)])
+    c.registry.set_targets(dep, ["n1"], "installed")
+    Rollout(c, dep, RolloutParams(), rollback_reason="operator").run()
+    row = c.registry.deployment(dep)
+    assert row.state == "failed" and "rollback did not complete" in row.reason

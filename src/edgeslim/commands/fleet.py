@@ -2,7 +2,7 @@
 
 The long-running verbs (``controller``, ``node``) log to standard error and stop cleanly on
 SIGINT or SIGTERM. ``deploy``, ``status`` and ``rollback`` talk to the controller's HTTP API.
-Exit codes: 0 success, 1 a deployment that was rolled back, 2 bad input, 3 a
+Exit codes: 0 success, 1 a deployment that was rolled back (or failed to), 2 bad input, 3 a
 deployment still running when --timeout ran out (it goes on), 5 the controller did not answer.
 """
 

@@ -446,6 +446,12 @@ class Controller:
             row = self.registry.deployment(dep) or row  # as it is now, under the lock
             if row.state in ("rolled_back", "rolling_back"):
                 raise Conflict(f"Deployment {dep} is already {row.state}.")
+            latest = self.registry.deployments(limit=1)
+            if latest and latest[0].id != dep:
+                # Its nodes have moved on: sending them back to what they served before it
+                # would fight the newer deployment's desired states.
+                raise Conflict(f"Deployment {dep} is not the latest ({latest[0].id} is); roll "
+                               f"back {latest[0].id} first.")
             r = Rollout(self, dep, RolloutParams.from_dict(row.params), rollback_reason=reason)
             self._rollouts[dep] = r
             r.start()

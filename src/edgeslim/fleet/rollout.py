@@ -182,16 +182,25 @@ class Rollout(threading.Thread):
     def run(self) -> None:
         try:
             if self._rollback_only is not None:
-                self._rollback(self._rollback_only)
+                self._safe_rollback(self._rollback_only)
             else:
                 self._run()
         except Aborted as exc:
-            self._rollback(str(exc) or "rollback requested")
+            self._safe_rollback(str(exc) or "rollback requested")
         except Exception as exc:  # a controller bug must not leave a deployment half-done
             log.exception("deployment %d crashed", self.dep_id)
-            self._rollback(f"controller error: {exc}")
+            self._safe_rollback(f"controller error: {exc}")
         finally:
             self.c.rollout_finished(self.dep_id)
+
+    def _safe_rollback(self, reason: str) -> None:
+        """``_rollback``, and a final state even when it fails (``failed``: not every node
+        may have been sent back; a new deployment or a restart sets their desired states)."""
+        try:
+            self._rollback(reason)
+        except Exception as exc:
+            log.exception("deployment %d: rollback failed", self.dep_id)
+            self._state("failed", f"rollback did not complete ({exc}) after: {reason}")
 
     def _run(self) -> None:
         dep = self.c.registry.deployment(self.dep_id)
