@@ -354,3 +354,14 @@ def test_fuzzed_bundles_fail_only_with_bundle_error(valid_bytes, data):
         assert "\n" not in str(exc)
     else:  # whatever was changed, what comes out is what the hashes vouch for
         assert b.model_bytes == MODEL and b.files == {"tok.json": b'{"a": 1}' * 40}
+
+
+def test_a_device_or_fifo_is_refused_without_reading_it(tmp_path):
+    """/dev/zero would be read without end; a FIFO would block open() until a writer came."""
+    import os
+
+    fifo = tmp_path / "pipe.eslim"
+    os.mkfifo(fifo)
+    for path in ("/dev/zero", fifo):
+        with pytest.raises(BundleError, match="is not a regular file"):
+            read_bundle(path)

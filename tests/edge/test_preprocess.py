@@ -164,8 +164,10 @@ def test_text_pipeline_matches_tokenizer_encode(padding):
     assert sorted(out) == ["attention_mask", "input_ids"]  # token_type_ids not declared
     ref_tok = Tokenizer.from_str(data.decode())
     width = 6
+    ref_tok.enable_truncation(width)  # as the model was trained: [CLS] ... [SEP], not a slice
     for i, text in enumerate(texts):
-        ids = ref_tok.encode(text).ids[:width]
+        ids = ref_tok.encode(text).ids
+        assert len(ids) <= width
         assert out["input_ids"][i, : len(ids)].tolist() == ids
         assert (out["input_ids"][i, len(ids):] == 0).all()
         assert out["attention_mask"][i].tolist() == [1] * len(ids) + [0] * (width - len(ids))
@@ -356,3 +358,79 @@ _values = st.one_of(st.none(), st.booleans(), st.integers(-5, 300), st.floats(al
 def test_validate_steps_fuzz_only_raises_config_error(steps):
     with contextlib.suppress(ConfigError):
         validate_steps(steps)
+
+
+# ------------------------------------------------------------- found by review, kept fixed
+
+
+def test_a_thin_image_is_refused_before_its_resize_takes_gigabytes():
+    """A 1 x 25,000 PNG (a few hundred bytes) resized to a shorter side of 224 would be
+    224 x 5,600,000 pixels."""
+    pipe = Pipeline([{"op": "image.decode"}, {"op": "image.resize", "size": 224},
+                     {"op": "image.scale"}])
+    thin = _png(np.zeros((25_000, 1, 3), np.uint8))
+    with pytest.raises(InferenceError, match=r"resizing the 1x25000 image gives 224x5600000 = "
+                                             r"1254400000 pixels; at most 40000000"):
+        pipe.apply(thin)
+    assert pipe.apply(_png(_photo(60, 90)))["input"].shape[:2] == (224, 336)
+
+
+def test_resize_rounds_as_the_zoo_preprocessing_does():
+    """image.resize with rounding 'round' gives the size edgeslim.zoo.efficientnet computes
+    (a 201x192 image: 235 wide, where round(224 * 201 / 192) gave 234)."""
+    from edgeslim.edge.preprocess.image import resize_shape
+
+    assert resize_shape(192, 201, 224, "round") == (224, 235)
+    for h, w in [(192, 201), (224, 225), (333, 500), (500, 333), (97, 1003)]:
+        nh, nw = resize_shape(h, w, 224, "round")
+        scale = 224 / min(h, w)
+        assert (nw, nh) == (max(224, round(w * scale)), max(224, round(h * scale)))
+
+
+def test_a_16_bit_grey_png_is_scaled_not_clipped():
+    ramp = np.linspace(0, 65535, 64 * 64).astype(np.uint16).reshape(64, 64)
+    buf = io.BytesIO()
+    Image.fromarray(ramp).save(buf, format="PNG")
+    out = Pipeline([{"op": "image.decode"}, {"op": "image.scale", "divisor": 1.0},
+                    {"op": "image.layout", "layout": "NHWC"}]).apply(buf.getvalue())["input"]
+    np.testing.assert_array_equal(out[0, :, :, 0], (ramp >> 8).astype(np.float32))
+
+
+def test_text_with_a_lone_surrogate_is_an_inference_error():
+    pipe = Pipeline([{"op": "text.tokenize", "tokenizer": "t"}],
+                    files={"t": _word_piece_tokenizer_json()})
+    with pytest.raises(InferenceError, match="text 1 is not valid Unicode"):
+        pipe.apply(["the cat", "bad \ud800 text"])
+
+
+def test_padding_uses_the_tokenizers_own_pad_id():
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(_word_piece_tokenizer_json().decode())
+    tok.enable_padding(pad_id=7, pad_token="mat")
+    pipe = Pipeline([{"op": "text.tokenize", "tokenizer": "t", "max_length": 8,
+                      "padding": "max_length"}], inputs=TEXT_INPUTS,
+                    files={"t": tok.to_str().encode()})
+    ids = pipe.apply("the cat")["input_ids"][0].tolist()
+    assert ids[:4] == [2, 4, 5, 3] and ids[4:] == [7] * 4
+
+
+def test_moving_average_is_taken_over_each_window_only():
+    """A missing sample makes only the windows holding it NaN, and a spike leaves no trace
+    once it is out of the window (no differences of running sums)."""
+    smooth = Pipeline([{"op": "sensor.smooth", "window": 2}, {"op": "cast", "dtype": "float64"}])
+    got = smooth.apply([1, 2, None, 4, 5, 6, 7, 8])["input"].ravel()
+    np.testing.assert_array_equal(got[[0, 1, 4, 5, 6, 7]], [1, 1.5, 4.5, 5.5, 6.5, 7.5])
+    assert np.isnan(got[2:4]).all()
+    spike = smooth.apply([1e17, 1, 1, 1, 1, 3, 5])["input"].ravel()
+    np.testing.assert_array_equal(spike[2:], [1, 1, 1, 2, 4])
+
+
+@pytest.mark.parametrize("clip", [{"method": "zscore", "threshold": 1.0},
+                                  {"method": "percentile", "lower": 10, "upper": 90}])
+def test_clip_bounds_come_from_the_samples_present(clip):
+    steps = [{"op": "sensor.clip", **clip}, {"op": "sensor.impute", "method": "ffill"},
+             {"op": "cast", "dtype": "float64"}]
+    x = [1.0, 2.0, None, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 100.0]
+    got = Pipeline(steps).apply(x)["input"].ravel()
+    assert got[0] < got[-1] and got.max() < 100 and np.isfinite(got).all()

@@ -285,3 +285,11 @@ def test_repository_index_and_unknown_routes(client):
     assert client.get("/v2/models/linear/infer").status_code == 405
     r = client.post("/v2/repository/models/linear/load", json={"parameters": {}})
     assert r.status_code == 400 and "bundle" in r.json()["error"]
+    r = client.post("/v2/repository/models/linear/load",  # a lone surrogate: no file name
+                    content=b'{"parameters": {"bundle": "/tmp/\\ud800.eslim"}}')
+    assert r.status_code == 400 and "not valid Unicode" in r.json()["error"]
+    r = client.post("/v2/repository/models/linear/load",
+                    json={"parameters": {"bundle": "/dev/zero"}})
+    assert r.status_code == 422 and "not a regular file" in r.json()["error"]
+    r = client.post("/v2/models/text/raw", content=b'"bad \\ud800 text"')
+    assert r.status_code == 400 and "not valid Unicode" in r.json()["error"]

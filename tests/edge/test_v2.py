@@ -94,6 +94,8 @@ GOOD = {"name": "x", "datatype": "FP32", "shape": [2, 2], "data": [1, 2, 3, 4]}
         (_json_body([]), None, "non-empty list"),
         (_json_body([{**GOOD, "datatype": "FP31"}]), None, "datatype. must be one of"),
         (_json_body([{**GOOD, "datatype": "BYTES"}]), None, "not supported"),
+        (_json_body([{**GOOD, "datatype": [1]}]), None, "datatype. must be a string.*an array"),
+        (_json_body([{**GOOD, "datatype": {"a": 1}}]), None, "must be a string.*an object"),
         (_json_body([{**GOOD, "shape": [2, -2]}]), None, "shape. must be a list"),
         (_json_body([{**GOOD, "data": [1, 2, 3]}]), None, "has 3 values .* needs 4"),
         (_json_body([{**GOOD, "data": [1, 2, "a", 4]}]), None, 'holds "a"; send numbers'),

@@ -20,6 +20,7 @@ import lzma
 import os
 import platform
 import shutil
+import stat
 import struct
 import tempfile
 import zipfile
@@ -468,6 +469,13 @@ def read_bundle(
         where: Path | None = None
     else:
         where = check_path(path, "path", "read_bundle")
+        try:
+            mode = os.stat(where).st_mode
+        except OSError:
+            mode = None  # open() below says why
+        if mode is not None and not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+            # a device or a FIFO would be read without end (/dev/zero) or block open() forever
+            raise BundleError(f"{where} is not a regular file, so not a .eslim bundle.")
         try:
             opened = open(where, "rb")  # noqa: SIM115 - closed below
         except FileNotFoundError:

@@ -428,6 +428,10 @@ class EdgeApp:
             path = doc.get("bundle")
         if not isinstance(path, str) or not path:
             raise V2Error('the load request needs {"parameters": {"bundle": "/path/model.eslim"}}')
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:
+            raise V2Error(f"the bundle path {path!r} is not valid Unicode"[:300]) from None
         served = await asyncio.to_thread(self.store.load, path, name=name)
         return JSONResponse({"loaded": served.info()})
 

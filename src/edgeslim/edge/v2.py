@@ -141,6 +141,9 @@ def _shape(value: Any, where: str, max_elements: int) -> list[int]:
 
 
 def _datatype(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise V2Error(f"{where}: 'datatype' must be a string, one of "
+                      f"{', '.join(V2_TO_NUMPY)}; got {json_kind(value)}"[:300])
     if value in _UNSUPPORTED:
         raise V2Error(f"{where}: 'datatype' {value} ({_UNSUPPORTED[value]}) is not supported; "
                       f"send numeric tensors ({', '.join(V2_TO_NUMPY)})")

@@ -66,6 +66,12 @@ def _decode(params: dict[str, Any], ctx: BuildContext) -> Any:
             )
         try:
             img.load()
+            if img.mode in ("I", "I;16", "I;16B", "I;16L"):
+                # 16-bit grey: convert() would clip at 255 (a white image); scale it to 8 bits
+                import numpy as np
+
+                wide = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)
+                img = Image.fromarray((wide >> 8).astype(np.uint8), "L")
             return img.convert(mode)
         except Exception as exc:
             raise InferenceError(f"could not decode the image: {exc}") from None
@@ -108,10 +114,19 @@ def resize_shape(
     """
     if isinstance(size, tuple):
         return size
-    fn = int if rounding == "floor" else round
+    if rounding == "floor":  # torchvision: int(size * long / short)
+        if h <= w:
+            return size, max(size, int(size * w / h))
+        return max(size, int(size * h / w)), size
+    # round(long * (size / short)), as edgeslim.zoo.efficientnet.preprocess_image computes it
     if h <= w:
-        return size, max(size, fn(size * w / h))
-    return max(size, fn(size * h / w)), size
+        return size, max(size, round(w * (size / h)))
+    return max(size, round(h * (size / w))), size
+
+
+#: The most pixels a resize may produce: a thin image (1 x 25,000) resized to a shorter side
+#: of 224 would otherwise take gigabytes.
+MAX_RESIZED_PIXELS = 40_000_000
 
 
 def _resize(params: dict[str, Any], ctx: BuildContext) -> Any:
@@ -123,6 +138,10 @@ def _resize(params: dict[str, Any], ctx: BuildContext) -> Any:
         nh, nw = resize_shape(h, w, size, rounding)
         if (nh, nw) == (h, w):
             return img
+        if nh * nw > MAX_RESIZED_PIXELS:
+            raise InferenceError(
+                f"resizing the {w}x{h} image gives {nw}x{nh} = {nw * nh} pixels; at most "
+                f"{MAX_RESIZED_PIXELS} are allowed (its sides are too far apart)")
         return img.resize((nw, nh), resample=resample)
 
     return step

@@ -19,9 +19,11 @@ reading (NaN). Ops, in the order one usually chains them:
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 from edgeslim._validate import json_kind
 from edgeslim.edge.preprocess._spec import (
@@ -113,12 +115,15 @@ def _clip(params: dict[str, Any], ctx: BuildContext) -> Any:
     _verify_clip(params, "sensor.clip")
 
     def step(x: np.ndarray) -> np.ndarray:
-        if method == "zscore":
-            mu, sd = x.mean(axis=0), x.std(axis=0)
-            lo, hi = mu - threshold * sd, mu + threshold * sd
-        else:
-            lo = np.percentile(x, lower, axis=0)
-            hi = np.percentile(x, upper, axis=0)
+        # Bounds from the samples present: a missing one (NaN) must not void its channel's.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a channel with no sample at all
+            if method == "zscore":
+                mu, sd = np.nanmean(x, axis=0), np.nanstd(x, axis=0)
+                lo, hi = mu - threshold * sd, mu + threshold * sd
+            else:
+                lo = np.nanpercentile(x, lower, axis=0)
+                hi = np.nanpercentile(x, upper, axis=0)
         return np.clip(x, lo, hi)
 
     return step
@@ -130,12 +135,22 @@ def _verify_clip(params: dict[str, Any], where: str) -> None:
 
 
 def moving_average(x: np.ndarray, window: int) -> np.ndarray:
-    """Trailing mean over the last ``window`` samples (fewer at the start), along axis 0."""
-    c = np.cumsum(x, axis=0)
-    out = c.copy()
-    out[window:] = c[window:] - c[:-window]
-    n = np.minimum(np.arange(1, x.shape[0] + 1), window).reshape((-1,) + (1,) * (x.ndim - 1))
-    return out / n
+    """Trailing mean over the last ``window`` samples (fewer at the start), along axis 0.
+
+    Each mean is taken over its own window (not as a difference of running sums, where a
+    missing sample or a spike long gone would leak into every later value): a window holding
+    a NaN is NaN, the next ones are not.
+    """
+    x = np.asarray(x, dtype=np.float64) if x.dtype.kind != "f" else x
+    n = x.shape[0]
+    out = np.empty(x.shape, dtype=np.result_type(x.dtype, np.float32))
+    head = min(window - 1, n)
+    if head > 0:  # the first samples: the mean of all so far
+        counts = np.arange(1, head + 1).reshape((-1,) + (1,) * (x.ndim - 1))
+        out[:head] = np.cumsum(x[:head], axis=0) / counts
+    if n >= window:
+        out[window - 1:] = sliding_window_view(x, window, axis=0).mean(axis=-1)
+    return out
 
 
 def lowpass(x: np.ndarray, alpha: float) -> np.ndarray:

@@ -62,12 +62,17 @@ def _pad_id(tok: Any, explicit: int | None) -> int:
 
 
 def _texts(raw: Any) -> list[str]:
-    if isinstance(raw, str):
-        return [raw]
-    if isinstance(raw, list) and raw and all(isinstance(t, str) for t in raw):
-        if len(raw) > MAX_TEXTS:
-            raise InferenceError(f"at most {MAX_TEXTS} texts per request; got {len(raw)}")
-        return raw
+    texts = [raw] if isinstance(raw, str) else raw
+    if isinstance(texts, list) and texts and all(isinstance(t, str) for t in texts):
+        if len(texts) > MAX_TEXTS:
+            raise InferenceError(f"at most {MAX_TEXTS} texts per request; got {len(texts)}")
+        for i, text in enumerate(texts):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:  # a lone surrogate, e.g. from "\ud800" in JSON
+                raise InferenceError(f"text {i} is not valid Unicode: {exc.reason} at "
+                                     f"character {exc.start}") from None
+        return texts
     raise InferenceError(
         f"text.tokenize expects a string or a non-empty list of strings; got {json_kind(raw)}"
     )
@@ -76,12 +81,15 @@ def _texts(raw: Any) -> list[str]:
 def _tokenize(params: dict[str, Any], ctx: BuildContext) -> Any:
     tok = _load_tokenizer(params["tokenizer"], ctx.files)
     max_length = params["max_length"]
-    tok.no_padding()
-    tok.no_truncation()
-    pad_id = _pad_id(tok, params["pad_id"])
+    pad_id = _pad_id(tok, params["pad_id"])  # before no_padding() forgets the tokenizer's own
     by_max = params["padding"] == "max_length"
     truncate = params["truncation"]
     special = params["add_special_tokens"]
+    tok.no_padding()
+    if truncate:  # the tokenizer's own truncation keeps the closing special token ([SEP])
+        tok.enable_truncation(max_length)
+    else:
+        tok.no_truncation()
 
     def step(raw: Any) -> dict[str, np.ndarray]:
         texts = _texts(raw)
