@@ -27,6 +27,8 @@ def test_recipe_from_python_objects_and_dict_agree():
         ({"steps": [{"quantize": {"bits": 9}}]}, "range [2, 8]. Got 9"),
         ({"steps": [{"distill": {"temperature": 0}}]}, "'temperature'"),
         ({"steps": [{"distill": {"temperature": -1.0}}]}, "Got -1.0"),
+        ({"steps": [{"distill": {"epochs": 0}}]}, "'epochs' parameter of distill must be an int "
+                                                   "in the range [1, 10000]. Got 0"),
         ({"steps": [{"distill": {"loss": "kl+feature"}}]}, "needs 'features'"),
         ({"steps": [{"distill": {"features": [["fc1", "fc1"]]}}]},
          "has no 'feature' term; use loss: kl+feature"),
@@ -139,3 +141,22 @@ def test_the_recipe_reference_examples_are_valid_recipes():
     assert len(blocks) >= 3
     for block in blocks:
         assert Recipe.from_dict(yaml.safe_load(block)).steps
+
+
+def test_a_training_step_after_quantize_is_measured_as_float_weights():
+    """After `quantize` the summary counts weights at the grid's width; a later `finetune`
+    moves them off the grid, so its row counts them as float again (it read 149 kB, more than
+    the pruned float model's 142 kB, from 8-bit codes counted for float weights)."""
+    from edgeslim.recipe.measure import weights_size_bytes
+    from edgeslim.recipe.run import run_recipe
+    from edgeslim.recipe.workload import workload_for
+    from edgeslim.zoo import load_model
+
+    model = load_model("digits-cnn")
+    recipe = Recipe.from_dict({"steps": [{"quantize": {"bits": 4, "epochs": 1}},
+                                         {"finetune": {"epochs": 1}}]})
+    result = run_recipe(recipe, model, workload_for("digits-cnn", None, reference=model),
+                        progress=False)
+    quantized, tuned = result.rows[1], result.rows[2]
+    assert quantized.size_bytes < tuned.size_bytes
+    assert tuned.size_bytes == weights_size_bytes(result.model, 32) and result.bits == 32

@@ -180,3 +180,29 @@ def test_multihead_attention_out_proj_is_left_in_float():
     assert isinstance(q.fc, QATLayer) and not isinstance(q.att.out_proj, QATLayer)
     assert q(data[0][0]).shape == (4, 3)
     assert q.fc.weight is q.fc.layer.weight
+
+
+def test_pruned_zeros_of_layers_left_in_float_stay_zero_through_qat():
+    """QAT wraps Linear and convolutions; a ConvTranspose and attention's out_proj stay float
+    but train too: their pruned weights must not regrow either."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = nn.ConvTranspose1d(4, 8, 3)
+            self.att = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.up(x)).transpose(1, 2)  # (B, 10, 8)
+            return self.fc(self.att(h, h, h)[0].mean(1))
+
+    data = [(torch.randn(16, 4, 8), torch.randint(0, 3, (16,))) for _ in range(10)]
+    pruned = prune(Net(), sparsity=0.5, progress=False).model
+    zeros = {n: p == 0 for n, p in pruned.named_parameters() if n.endswith("weight")}
+    assert zeros["up.weight"].any() and zeros["att.out_proj.weight"].any()
+    q = strip_qat(quantize_qat(pruned, data, bits=8, epochs=2, lr=1e-2, progress=False))
+    for name, p in q.named_parameters():
+        if name in zeros:
+            assert bool((p[zeros[name]] == 0).all()), f"{name} regrew pruned weights"

@@ -42,7 +42,7 @@ from edgeslim.compress.quantizer import (
     minmax_qparams,
     minmax_quantize,
 )
-from edgeslim.compress.train import LossFn, _split, fit
+from edgeslim.compress.train import LossFn, _split, fit, zero_keeper
 from edgeslim.errors import ConfigError, ModelError
 
 __all__ = [
@@ -243,6 +243,9 @@ def quantize_qat(
     ]
     if not inplace:
         model = copy.deepcopy(model)
+    # every pruned weight, also of the layers left in float (ConvTranspose, attention's
+    # out_proj): training must not regrow them (taken before wrapping, same parameters)
+    keep_pruned = zero_keeper(model) if keep_zeros else None
     layers = {name: model.get_submodule(name) for name in names}
     if not layers:
         raise ModelError(
@@ -275,6 +278,8 @@ def quantize_qat(
         def hold_zeros() -> None:
             for m in wrapped:
                 m.hold_zeros()
+            if keep_pruned is not None:
+                keep_pruned()
 
         fit(
             model,

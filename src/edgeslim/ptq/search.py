@@ -451,15 +451,23 @@ def quantize(
                 m = evaluate(q)
                 m["size_bytes"] = float(q.ByteSize())
                 m["size_ratio"] = m["size_bytes"] / max(float_bytes, 1)
+                # The tuning lowers the error on the calibration data; it is kept only when
+                # the evaluation agrees: a better score, or the same one at a lower error.
+                inf = float("inf")
+                kept = better(m, best) or (
+                    fits(m) and m["score"] >= best["score"] - 1e-12
+                    and m.get("relative_error", inf) < best.get("relative_error", inf))
                 history.append(
                     {
                         "stage": "finetune",
                         "excluded": list(best_excl),
                         "metrics": m,
+                        "kept": kept,
                         "seconds": round(time.perf_counter() - start, 2),
                     }
                 )
-                best_model, best = q, m
+                if kept:
+                    best_model, best = q, m
     result = QuantizationResult(
         model=best_model,
         metrics=best,

@@ -170,7 +170,7 @@ _DISTILL = {"epochs": 10, "lr": 1e-3, "temperature": 4.0, "alpha": 0.9, "loss": 
 
 
 def _check_distill(**p: Any) -> None:
-    _epochs(p.get("epochs", 10), "distill")
+    check_int_range(p.get("epochs", 10), "epochs", "distill", 1, 10_000)  # 0 would not distill
     check_positive(p.get("temperature", 4.0), "temperature", "distill")
     check_fraction(p.get("alpha", 0.9), "alpha", "distill", closed_right=True)
     terms = str(p.get("loss", "kl")).split("+")
@@ -197,6 +197,7 @@ def _check_distill(**p: Any) -> None:
 def _run_distill(ctx: RecipeContext, **p: Any) -> None:
     from edgeslim.compress.distill import distill
 
+    ctx.bits = 32  # trained weights are off any grid a quantize step left them on
     ctx.model = distill(
         ctx.model,
         ctx.teacher,
@@ -255,6 +256,7 @@ def _run_finetune(ctx: RecipeContext, **p: Any) -> None:
 
     fit(ctx.model, ctx.need_train("finetune"), epochs=p["epochs"], lr=p["lr"],
         after_step=zero_keeper(ctx.model), progress=ctx.progress)
+    ctx.bits = 32  # trained weights are off any grid a quantize step left them on
 
 
 # -- pack (ONNX: Deep-Compression weight sharing + entropy-coded zip) --------------------------
