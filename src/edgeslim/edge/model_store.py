@@ -11,6 +11,7 @@ serving and raises the error. Loads are serialised; serving never waits for a lo
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import threading
 import time
@@ -29,6 +30,8 @@ from edgeslim.edge.preprocess import Pipeline, PostPipeline
 from edgeslim.edge.runtime import Runner
 from edgeslim.edge.v2 import InferRequest, V2Error, v2_datatype, v2_shape
 from edgeslim.errors import BundleError, ConfigError, EdgeslimError, InferenceError
+
+log = logging.getLogger(__name__)
 
 PLATFORM = "onnxruntime_onnx"
 
@@ -148,6 +151,38 @@ def has_dynamic_batch(runner: Runner) -> bool:
     return all(s.rank > 0 and isinstance(s.shape[0], str) for s in specs)
 
 
+def rows_independent(runner: Runner) -> bool:
+    """Whether two rows run as one batch give, bit for bit, what each gives alone.
+
+    Batching promises that a request's answer does not depend on what it was batched with.
+    Some models break it: a reduction over the batch axis, or kernels that take another
+    path (another summation order) for another number of rows. Checked on two made-up rows
+    (symbolic dims other than the batch 8 long; floats from a fixed seed, integers 1).
+    """
+    def rows(seed: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        out = {}
+        for s in runner.inputs:
+            shape = [d if isinstance(d, int) else (1 if i == 0 else 8)
+                     for i, d in enumerate(s.shape)]
+            dtype = np.dtype(s.dtype)
+            out[s.name] = (rng.normal(size=shape).astype(dtype) if dtype.kind == "f"
+                           else np.ones(shape, dtype))
+        return out
+
+    names = [s.name for s in runner.outputs]
+    a, b = rows(1), rows(2)
+    try:
+        alone = [runner.session.run(names, a), runner.session.run(names, b)]
+        both = runner.session.run(names, {k: np.concatenate([a[k], b[k]]) for k in a})
+    except Exception:  # made-up rows this model does not take: nothing to tell from them
+        return True
+    return all(
+        np.array_equal(both[j][i : i + 1], alone[i][j], equal_nan=True)
+        for i in (0, 1) for j in range(len(names))
+    )
+
+
 class ModelStore:
     """Models by name, loaded and swapped atomically.
 
@@ -215,8 +250,13 @@ class ModelStore:
             on_batch = self.metrics.batch_size.labels(runner.name).observe
         run = functools.partial(run_session, runner.session,
                                 [s.name for s in runner.outputs], runner.name)
+        batched = self.max_batch > 1 and has_dynamic_batch(runner)
+        if batched and not rows_independent(runner):
+            log.warning("model '%s' answers a row batched with others differently from the "
+                        "same row alone; batching is off for it", runner.name)
+            batched = False
         batcher = Batcher(run, self.executor,
-                          max_batch=self.max_batch if has_dynamic_batch(runner) else 1,
+                          max_batch=self.max_batch if batched else 1,
                           window_ms=self.batch_window_ms, inline_ms=self.inline_ms,
                           solo=self.solo, on_batch=on_batch)
         return ServedModel(runner, pipeline, post, batcher, self.executor,
