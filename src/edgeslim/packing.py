@@ -90,7 +90,7 @@ def share_weights(  # type: ignore[no-untyped-def]
     """Return a copy of ONNX ``model`` whose large weights are codebook-coded.
 
     Only float32 initializers of at least ``min_size`` elements that feed the weight input of a
-    Conv/Gemm/MatMul are packed; biases and small tensors stay float. ``bits`` in [1, 8].
+    Conv/Gemm/MatMul are packed; biases and small tensors stay float. ``bits`` in [2, 8].
     With ``per_channel`` each output channel is first divided by its largest magnitude (kept
     as a small float vector and multiplied back after decoding), so one codebook serves
     channels of very different scales, as BatchNorm folding produces; without it a depthwise
@@ -99,7 +99,7 @@ def share_weights(  # type: ignore[no-untyped-def]
     import onnx
     from onnx import helper, numpy_helper
 
-    check_int_range(bits, "bits", "share_weights", 1, 8)
+    check_int_range(bits, "bits", "share_weights", 2, 8)  # 1 bit: zero and one value, no sign
     check_int_range(min_size, "min_size", "share_weights", 1, 2**31)
     if not isinstance(model, onnx.ModelProto):
         raise ConfigError(f"share_weights takes an onnx.ModelProto (onnx.load(path)). Got "
@@ -154,6 +154,11 @@ def share_weights(  # type: ignore[no-untyped-def]
         }
     del graph.initializer[:]
     graph.initializer.extend(keep)
+    # Older exporters also list initializers as graph inputs; a packed one is now the output
+    # of its decoder, so it is no input any more.
+    inputs = [i for i in graph.input if i.name not in report.packed]
+    del graph.input[:]
+    graph.input.extend(inputs)
     nodes = list(graph.node)
     del graph.node[:]
     graph.node.extend(decoders + nodes)

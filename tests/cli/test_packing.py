@@ -56,3 +56,40 @@ def test_packed_graph_decodes_to_the_codebook_weights(per_channel):
 def test_bad_bits_is_a_config_error():
     with pytest.raises(ConfigError, match="'bits' parameter of share_weights"):
         share_weights(_gemm_model(np.ones((300, 2), np.float32)), bits=9)
+
+
+def test_initializers_listed_as_graph_inputs_are_packed_too():
+    """Older exporters list every initializer among the graph inputs; packing one makes it a
+    decoder's output, so it must leave the inputs (it raised a raw onnx ValidationError)."""
+    w = np.random.default_rng(0).normal(size=(64, 32)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64]),
+         helper.make_tensor_value_info("w", TensorProto.FLOAT, [64, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 32])],
+        [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    packed, report = share_weights(model, bits=8, min_size=1)
+    assert "w" in report.packed and [i.name for i in packed.graph.input] == ["x"]
+    onnx.checker.check_model(packed)
+    x = np.ones((2, 64), np.float32)
+    out = ort.InferenceSession(packed.SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_allclose(out, x @ w, atol=0.05 * np.abs(x @ w).max())
+
+
+def test_one_bit_packing_is_refused():
+    """One bit leaves zero and a single value per tensor: every sign lost (digits-cnn fell
+    to 10% accuracy). Two bits is the least."""
+    from edgeslim.recipe import Recipe
+
+    with pytest.raises(ConfigError, match=r"'bits' parameter of share_weights .* \[2, 8\]"):
+        share_weights(onnx_model_stub(), bits=1)
+    with pytest.raises(ConfigError, match=r"'bits' parameter of pack .* \[2, 8\]. Got 1"):
+        Recipe.from_dict({"steps": [{"pack": {"bits": 1}}]})
+
+
+def onnx_model_stub():
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

@@ -265,7 +265,7 @@ _PACK = {"bits": 5, "min_size": 256}
 
 
 def _check_pack(**p: Any) -> None:
-    check_int_range(p.get("bits", 5), "bits", "pack", 1, 8)
+    check_int_range(p.get("bits", 5), "bits", "pack", 2, 8)
     check_int_range(p.get("min_size", 256), "min_size", "pack", 1, 2**31)
 
 
