@@ -248,3 +248,16 @@ def test_zoo_specs_match_the_manifest_contract():
     image = zoo_io_spec("efficientnet-lite0")
     assert image.outputs[0].to_manifest()["shape"] == ["batch", 1000]
     assert tuple(image.example_inputs[0].shape) == (1, 3, 224, 224)
+
+
+def test_an_output_batch_axis_follows_the_input_when_only_inputs_are_named(tmp_path):
+    """With dynamic_axes naming only the input, the exporter carries 'batch' through to the
+    output; the declared output shape must keep it, not fix it at the example's batch of 1."""
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    path = tmp_path / "n.onnx"
+    export_onnx(net, torch.randn(1, 4), path, input_names=["input"], output_names=["logits"],
+                dynamic_axes={"input": {0: "batch"}})
+    out = onnx.load(str(path)).graph.output[0]
+    assert [d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim] == ["batch", 3]
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert sess.run(None, {"input": np.zeros((5, 4), np.float32)})[0].shape == (5, 3)

@@ -339,12 +339,15 @@ def _declare_shapes(
     axes: dict[str, dict[int, str]],
 ) -> bool:
     """Write each output's shape into the graph: the symbol on dynamic axes, the size seen on
-    the example run on every other axis (the exporter leaves some as generated symbols)."""
+    the example run on every other axis (the exporter leaves some as generated symbols),
+    except where the exporter itself carried a declared symbol through (an output's batch
+    axis follows the input's ``batch`` even when ``dynamic_axes`` names only the inputs)."""
     if len(shapes) != len(proto.graph.output):
         raise ModelError(
             f"The model returned {len(shapes)} tensors but the ONNX graph has "
             f"{len(proto.graph.output)} outputs ({list(names)!r} were named)."
         )
+    declared = {sym for dims in axes.values() for sym in dims.values()}
     changed = False
     for out, shape in zip(proto.graph.output, shapes, strict=True):
         dims = out.type.tensor_type.shape.dim
@@ -355,7 +358,8 @@ def _declare_shapes(
             if axis in dynamic and dim.dim_param != dynamic[axis]:
                 dim.dim_param = dynamic[axis]
                 changed = True
-            elif axis not in dynamic and (dim.dim_param or dim.dim_value != size):
+            elif axis not in dynamic and dim.dim_param not in declared and (
+                    dim.dim_param or dim.dim_value != size):
                 dim.dim_value = size
                 changed = True
     return changed
