@@ -40,6 +40,11 @@ class PackReport:
         return int(sum(v["code_bytes"] for v in self.packed.values()))
 
 
+def _nearest(values: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Index of the nearest of the sorted ``centroids`` for each value (ties: the lower)."""
+    return np.searchsorted((centroids[1:] + centroids[:-1]) / 2, values, side="left")
+
+
 def kmeans_codebook(
     w: np.ndarray, bits: int, *, iters: int = 30
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -48,26 +53,37 @@ def kmeans_codebook(
     Returns ``(codebook, codes)``: ``codebook[0] == 0`` exactly, ``codes`` uint8 with
     ``w``'s shape, and ``codebook[codes]`` approximates ``w`` (zeros reproduced exactly).
     Centroids start evenly spaced between the extremes (the paper's linear initialisation,
-    which keeps the rare large weights represented).
+    which keeps the rare large weights represented); a centroid left without values moves to
+    the value worst represented, and a tensor with no more distinct values than codes is
+    reproduced exactly. Assignment is by sorted midpoints (no values x centroids matrix).
     """
     check_int_range(bits, "bits", "kmeans_codebook", 1, 8)
     flat = w.astype(np.float64).ravel()
     nz = flat != 0
     values = flat[nz]
-    k = min(2**bits - 1, max(1, len(np.unique(values))) if values.size else 1)
     codes = np.zeros(flat.shape, dtype=np.uint8)
     if values.size == 0:
         return np.zeros(1, dtype=np.float32), codes.reshape(w.shape)
-    centroids = np.linspace(values.min(), values.max(), k)
-    for _ in range(iters):
-        assign = np.abs(values[:, None] - centroids[None, :]).argmin(1)
-        sums = np.bincount(assign, weights=values, minlength=k)
-        counts = np.bincount(assign, minlength=k)
-        moved = np.where(counts > 0, sums / np.maximum(counts, 1), centroids)
-        if np.allclose(moved, centroids):
-            break
-        centroids = moved
-    assign = np.abs(values[:, None] - centroids[None, :]).argmin(1)
+    distinct = np.unique(values)
+    k = min(2**bits - 1, len(distinct))
+    if len(distinct) <= k:  # every value gets its own code: exact
+        centroids = distinct
+    else:
+        centroids = np.linspace(values.min(), values.max(), k)
+        for _ in range(iters):
+            assign = _nearest(values, centroids)
+            sums = np.bincount(assign, weights=values, minlength=k)
+            counts = np.bincount(assign, minlength=k)
+            moved = np.where(counts > 0, sums / np.maximum(counts, 1), centroids)
+            empty = np.flatnonzero(counts == 0)
+            if empty.size:  # reseed at the values farthest from their centroid
+                error = np.abs(values - moved[assign])
+                moved[empty] = values[np.argsort(error)[::-1][: empty.size]]
+            moved = np.sort(moved)
+            if np.allclose(moved, centroids):
+                break
+            centroids = moved
+    assign = _nearest(values, centroids)
     # a centroid may land on 0.0 exactly; keep it distinct from the zero code anyway
     codebook = np.concatenate([[0.0], centroids]).astype(np.float32)
     codes[nz] = (assign + 1).astype(np.uint8)

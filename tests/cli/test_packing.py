@@ -93,3 +93,18 @@ def onnx_model_stub():
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_kmeans_is_exact_when_the_values_fit_and_uses_every_code():
+    """Three distinct values at two bits (three codes) come back exactly; 50 distinct values
+    at eight bits use 50 codes (the linear start had left 23 of them empty)."""
+    w = np.array([0.1, 0.2, 1.0, 0.0, 0.2])
+    codebook, codes = kmeans_codebook(w, 2)
+    np.testing.assert_allclose(codebook[codes], w, atol=1e-7)
+    w = np.random.default_rng(0).normal(size=50)
+    codebook, codes = kmeans_codebook(w, 8)
+    assert len(np.unique(codes)) == 50
+    np.testing.assert_allclose(codebook[codes], w, atol=1e-6)
+    w = np.random.default_rng(1).normal(size=1000)
+    codebook, codes = kmeans_codebook(w, 8)
+    assert len(np.unique(codes)) == 255 and np.abs(codebook[codes] - w).max() < 0.02
