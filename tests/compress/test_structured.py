@@ -456,3 +456,24 @@ def test_bad_inputs_are_typed_errors_naming_the_value():
         prune_structured(DigitsCNN(), X1, ratio=0.5, head_ratio=0.5, progress=False)
     with pytest.raises(ConfigError, match=r"'iterative_steps'.*0"):
         prune_structured(DigitsCNN(), X1, ratio=0.5, iterative_steps=0, progress=False)
+
+
+def test_a_model_the_pruning_breaks_is_reported_as_broken_by_the_pruning():
+    """A concatenation flattened into a Linear is a layout the dependency graph does not
+    follow: the pruned model no longer runs. The error says so and points to ignored_layers,
+    not at the example inputs (which ran fine before)."""
+    class Cat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+            self.c4 = nn.Conv2d(16, 8, 1)
+            self.c5 = nn.Conv2d(16, 8, 1)
+            self.fc = nn.Linear(16 * 8 * 8, 5)
+
+        def forward(self, x):
+            b = torch.relu(self.c1(x))
+            return self.fc(torch.cat([self.c4(b), self.c5(b)], 1).flatten(1))
+
+    torch.manual_seed(0)
+    with pytest.raises(ModelError, match=r"left a model that no longer runs .* ignored_layers"):
+        prune_structured(Cat(), torch.randn(1, 3, 8, 8), ratio=0.5)
