@@ -131,6 +131,12 @@ def test_binary_header_problems_and_oversize_bodies(client):
     r = client.post("/v2/models/linear/infer", content=gzip.compress(head),
                     headers={"Content-Encoding": "gzip"})
     assert r.status_code == 200
+    for body, what in ((gzip.compress(head) + b"junk", "followed by 4 more bytes"),
+                       (gzip.compress(head) + gzip.compress(b"{}"), "followed by"),
+                       (gzip.compress(head)[:-6], "cut short")):
+        r = client.post("/v2/models/linear/infer", content=body,
+                        headers={"Content-Encoding": "gzip"})
+        assert r.status_code == 400 and what in r.json()["error"]
 
 
 

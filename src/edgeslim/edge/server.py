@@ -179,6 +179,9 @@ async def receive_body(receive: Any, headers: Any, limit: int) -> bytes:
         raise V2Error(f"the {encoding} body does not decompress: {exc}") from None
     if len(out) > limit or d.unconsumed_tail:
         raise V2Error(f"the body decompresses to over {limit} bytes", 413)
+    if not d.eof or d.unused_data:  # cut short, or more after the end (a second member)
+        what = "cut short" if not d.eof else f"followed by {len(d.unused_data)} more bytes"
+        raise V2Error(f"the {encoding} body is {what}; send one complete {encoding} stream")
     return out
 
 
