@@ -59,18 +59,23 @@ def test_records_made_during_a_broker_outage_arrive_exactly_once_in_order(
         halt.set()
         worker.join(5)
         traffic.stop()
-        # typically drains in 3-4 s; one run on a heavily loaded machine needed over 30 s
+        # Drained: every record made up to now is acked. (The node goes on making a telemetry
+        # record every 0.1 s, so the outbox itself is empty only between a record's commit
+        # and its ack; on a busy machine a poll every 0.2 s can miss every such moment.)
+        # Typically 3-4 s; one run on a heavily loaded machine needed over 30 s.
+        last = max((r.seq for r in node.outbox.pending(1_000_000)), default=0)
         trace: list[str] = []
 
         def drained_yet() -> bool:
-            left = node.outbox.count()
+            oldest = node.outbox.pending(1)
             fw = node.forwarder
-            trace.append(f"{time.time() - t_back:5.1f} s: {left} left, node link "
-                         f"{node.link.state.value}, controller link "
+            trace.append(f"{time.time() - t_back:5.1f} s: {node.outbox.count()} left, oldest "
+                         f"seq {oldest[0].seq if oldest else '-'} (backlog up to {last}), node "
+                         f"link {node.link.state.value}, controller link "
                          f"{controller.link.state.value}, batches sent {fw.sent_batches} "
                          f"(resent {fw.resent_batches}), duplicates dropped "
                          f"{controller.registry.counter('duplicate_records')}")
-            return left == 0
+            return not oldest or oldest[0].seq > last
 
         try:
             wait_until(drained_yet, 90, 0.2, "the outbox to drain")
