@@ -82,6 +82,9 @@ BAD = [
     ("linear1", _infer_body(shape=[2, 64], data=[0.5] * 128), 400, "expects [1, 64]"),
     ("linear", {"inputs": [_infer_body()["inputs"][0]], "outputs": [{"name": "prob"}]}, 400,
      "no output 'prob'"),
+    ("linear", {"inputs": [_infer_body()["inputs"][0]],
+                "outputs": [{"name": "logits"}, {"name": "logits"}]}, 400,
+     "asks for output 'logits' twice"),
     ("nope", _infer_body(), 404, "unknown model 'nope'"),
     ("text", {"inputs": [
         {"name": "input_ids", "datatype": "INT64", "shape": [1, 3], "data": [2, 4, 3]},
@@ -116,6 +119,11 @@ def test_binary_header_problems_and_oversize_bodies(client):
     r = client.post("/v2/models/linear/infer", content=head,
                     headers={"Inference-Header-Content-Length": str(len(head) + 5)})
     assert r.status_code == 400 and "Inference-Header-Content-Length" in r.json()["error"]
+    # a repeated header: the first counts (as starlette reads it), here the right length
+    r = client.post("/v2/models/linear/infer", content=head,
+                    headers=[("Inference-Header-Content-Length", str(len(head))),
+                             ("Inference-Header-Content-Length", str(len(head) + 5))])
+    assert r.status_code == 200, r.text
     big = b"[" + b"0," * 600_000 + b"0]"  # 1.2 MB > the 1 MiB limit
     r = client.post("/v2/models/linear/infer", content=big)
     assert r.status_code == 413 and "at most 1048576" in r.json()["error"]

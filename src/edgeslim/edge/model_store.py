@@ -115,6 +115,10 @@ class ServedModel:
         if not req.outputs:
             return self.output_names
         names = [o.name for o in req.outputs]
+        twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+        if twice is not None:
+            raise V2Error(f"the request asks for output {twice!r} twice; name each output once"
+                          [:400])
         unknown = [n for n in names if n not in self.output_names]
         if unknown:
             raise V2Error(f"model '{self.name}' has no output {unknown[0]!r}; its outputs are "

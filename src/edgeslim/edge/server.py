@@ -250,7 +250,9 @@ class EdgeApp:
         t0 = time.perf_counter()
         self.metrics.enter()
         try:
-            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+            headers: dict[str, str] = {}
+            for k, v in scope["headers"]:  # a repeated header: the first counts, as in starlette
+                headers.setdefault(k.decode("latin-1"), v.decode("latin-1"))
             content, out_headers = await self._infer(name, version, headers, receive)
             status = 200
         except ClientGone:
