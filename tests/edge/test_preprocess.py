@@ -434,3 +434,14 @@ def test_clip_bounds_come_from_the_samples_present(clip):
     x = [1.0, 2.0, None, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 100.0]
     got = Pipeline(steps).apply(x)["input"].ravel()
     assert got[0] < got[-1] and got.max() < 100 and np.isfinite(got).all()
+
+
+@pytest.mark.parametrize(("raw", "what"), [([["1.5", 2.0]], "holds strings"),
+                                           ([[None, 1.0]], "holds null"),
+                                           ([[True, False]], "holds true/false")])
+def test_an_array_payload_takes_numbers_only(raw, what):
+    """As the V2 JSON path does: a string or null among the values is refused, not read as
+    1.5 or NaN."""
+    with pytest.raises(InferenceError, match=f"{what}.*send a JSON array of numbers"):
+        Pipeline([]).apply(raw)
+    assert Pipeline([]).apply([[1, 2.5]])["input"].tolist() == [[1.0, 2.5]]

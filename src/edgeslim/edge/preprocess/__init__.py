@@ -235,9 +235,15 @@ def _to_array(raw: Any) -> np.ndarray:
     if isinstance(raw, np.ndarray):
         return raw
     try:
+        # as parsed: numbers only (a float64 conversion would take "1.5" and null as values)
+        kind = np.asarray(raw).dtype.kind
         arr = np.array(raw, dtype=np.float64)
     except (ValueError, TypeError) as exc:
         raise InferenceError(f"the payload is not a rectangular array of numbers: {exc}") from None
+    if kind not in "iuf":
+        what = {"U": "strings", "S": "strings", "b": "true/false", "O": "null or mixed values"}
+        raise InferenceError(f"the payload holds {what.get(kind, 'values that are not numbers')}"
+                             f"; send a JSON array of numbers")
     if arr.size > _sensor.MAX_SAMPLES:
         raise InferenceError(f"the payload has {arr.size} values; at most {_sensor.MAX_SAMPLES}")
     return arr
