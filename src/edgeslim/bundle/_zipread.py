@@ -20,7 +20,7 @@ from typing import BinaryIO
 
 from edgeslim.errors import BundleError
 
-__all__ = ["Limits", "check_declared", "read_entry"]
+__all__ = ["Limits", "bomb_ratio", "check_declared", "read_entry"]
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 _IN_CHUNK = 1 * MiB
@@ -48,6 +48,15 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
+def bomb_ratio(info: zipfile.ZipInfo, limits: Limits) -> float | None:
+    """The entry's expansion ratio when it is over ``max_ratio`` (for entries over
+    ``ratio_floor`` bytes): what a reader refuses as a likely bomb; None when within."""
+    if info.file_size <= limits.ratio_floor:
+        return None
+    ratio = info.file_size / max(info.compress_size, 1)
+    return ratio if ratio > limits.max_ratio else None
+
+
 def check_declared(info: zipfile.ZipInfo, cap: int, limits: Limits) -> None:
     """Refuse an entry whose declared size or compression ratio is over the limits."""
     name = info.filename
@@ -56,14 +65,13 @@ def check_declared(info: zipfile.ZipInfo, cap: int, limits: Limits) -> None:
             f"Entry {name!r} declares {info.file_size} bytes, over the limit of {cap} bytes "
             "for it; refusing to decompress it."
         )
-    if info.file_size > limits.ratio_floor:
-        ratio = info.file_size / max(info.compress_size, 1)
-        if ratio > limits.max_ratio:
-            raise BundleError(
-                f"Entry {name!r} would expand {ratio:.0f}x ({info.compress_size} -> "
-                f"{info.file_size} bytes), over the limit of {limits.max_ratio:.0f}x: refusing "
-                "a likely decompression bomb."
-            )
+    ratio = bomb_ratio(info, limits)
+    if ratio is not None:
+        raise BundleError(
+            f"Entry {name!r} would expand {ratio:.0f}x ({info.compress_size} -> "
+            f"{info.file_size} bytes), over the limit of {limits.max_ratio:.0f}x: refusing "
+            "a likely decompression bomb."
+        )
 
 
 def _data_offset(f: BinaryIO, info: zipfile.ZipInfo, archive_size: int) -> int:

@@ -34,7 +34,7 @@ from typing import Any, BinaryIO, Union
 from edgeslim._atomic import output_problem, write_atomically, write_error_reason
 from edgeslim._validate import check_choice, check_path
 from edgeslim.bundle._onnxproto import read_onnx_header
-from edgeslim.bundle._zipread import DEFAULT_LIMITS, Limits, read_entry
+from edgeslim.bundle._zipread import DEFAULT_LIMITS, Limits, bomb_ratio, read_entry
 from edgeslim.bundle.manifest import (
     FORMAT,
     MANIFEST_ENTRY,
@@ -178,8 +178,8 @@ def _check_target(target: Path) -> None:
 
 def _readable(info: zipfile.ZipInfo, limits: Limits = DEFAULT_LIMITS) -> None:
     """Refuse to write an entry that readers would refuse as a decompression bomb."""
-    ratio = info.file_size / max(info.compress_size, 1)
-    if info.file_size > limits.ratio_floor and ratio > limits.max_ratio:
+    ratio = bomb_ratio(info, limits)
+    if ratio is not None:
         raise ConfigError(
             f"Entry {info.filename!r} compresses {ratio:.0f}x ({info.file_size} -> "
             f"{info.compress_size} bytes), over the {limits.max_ratio:.0f}x that readers accept "

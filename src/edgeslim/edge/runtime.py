@@ -172,22 +172,23 @@ class Runner:
                 f"inputs={[s.name for s in self.inputs]}, "
                 f"outputs={self._output_names}, threads={self.intra_op_num_threads})")
 
+    def example_shapes(self) -> dict[str, list[int]]:
+        """The declared input shapes with every symbolic dim 1."""
+        return {s.name: [d if isinstance(d, int) else 1 for d in s.shape] for s in self.inputs}
+
     def example_inputs(self, fill: float = 0.0) -> dict[str, np.ndarray]:
         """Arrays of the declared shapes (symbolic dims 1) and dtypes, filled with ``fill``."""
-        return {
-            s.name: np.full([d if isinstance(d, int) else 1 for d in s.shape], fill, s.dtype)
-            for s in self.inputs
-        }
+        shapes = self.example_shapes()
+        return {s.name: np.full(shapes[s.name], fill, s.dtype) for s in self.inputs}
 
     def warmup(self) -> None:
         """One run on zeros; ``BundleError`` when the model fails on them."""
-        shapes = {s.name: [d if isinstance(d, int) else 1 for d in s.shape] for s in self.inputs}
         try:
             self.session.run(self._output_names, self.example_inputs())
         except Exception as exc:  # also MemoryError: zeros of the declared shapes do not fit
             raise BundleError(
                 f"The model of bundle '{self.name}' failed its warm-up run on zeros of shapes "
-                f"{shapes}: {_first_line(exc)}"
+                f"{self.example_shapes()}: {_first_line(exc)}"
             ) from None
 
     def check_inputs(self, inputs: Any, *, cast: bool = False) -> dict[str, np.ndarray]:

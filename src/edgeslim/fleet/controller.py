@@ -190,7 +190,7 @@ class Controller:
         with self.desired_lock:
             for node, (dep, sha, rollback) in self.registry.latest_desired().items():
                 if sha is None:
-                    self.link.publish(topic("desired", node), b"", qos=1, retain=True)
+                    self.clear_desired(node)
                     continue
                 b = self.registry.bundle(sha)
                 if b is not None:
@@ -220,7 +220,11 @@ class Controller:
             b = self.registry.bundle(previous_sha) or {"name": "", "size": 0}
             self.publish_desired(node, dep, previous_sha, b, rollback=True)
         else:
-            self.link.publish(topic("desired", node), b"", qos=1, retain=True)
+            self.clear_desired(node)
+
+    def clear_desired(self, node: str) -> bool:
+        """No desired state for ``node`` (an empty retained message): it keeps what it has."""
+        return self.link.publish(topic("desired", node), b"", qos=1, retain=True)
 
     def _ingest_loop(self) -> None:
         next_prune = 0.0
@@ -261,6 +265,7 @@ class Controller:
                     continue
                 node, kind = parsed
                 db.execute("SAVEPOINT message")  # a bad message undoes its own writes only
+                ids: list[str] = []
                 try:
                     data = decode(payload)
                     if kind == "status":
@@ -273,8 +278,6 @@ class Controller:
                             Registry.upsert_status(db, st, now)
                     elif kind == "telemetry":
                         ids = self._apply_records(db, node, data, now)
-                    else:
-                        ids = []
                 except (ProtocolError, ConfigError, TypeError, ValueError, KeyError) as exc:
                     # (the last three: a field of the wrong type that a parser missed)
                     db.execute("ROLLBACK TO message")
@@ -282,7 +285,7 @@ class Controller:
                     log.warning("dropped a message on %s: %s", name, exc)
                     continue
                 db.execute("RELEASE message")
-                if kind == "telemetry":
+                if ids:
                     acks.setdefault(node, []).extend(ids)
         # Committed: only now tell the nodes they may forget these records.
         for node, ids in acks.items():

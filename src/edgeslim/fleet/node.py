@@ -62,11 +62,11 @@ __all__ = ["Node", "NodeConfig", "NodeState", "auto_labels"]
 log = logging.getLogger("edgeslim.fleet.node")
 
 
-
 def _desired_key(d: Desired | None) -> tuple[Any, ...] | None:
     """What makes two desired states the same: a retained redelivery (after every reconnect)
     is a new object with the same key."""
     return None if d is None else (d.deployment, d.sha256, d.rollback)
+
 
 class NodeState(enum.Enum):
     """What the node is doing; it serves requests in every state but STARTING and STOPPED."""

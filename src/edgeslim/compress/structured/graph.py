@@ -53,10 +53,12 @@ def forward(model: nn.Module, inputs: Any) -> Any:
     return call_model(model, inputs)
 
 
-def run_example(model: nn.Module, example_inputs: Any, func: str) -> list[tuple[int, ...]]:
+def run_example(model: nn.Module, example_inputs: Any, func: str, *,
+                pruned: bool = False) -> list[tuple[int, ...]]:
     """Run ``model`` once on ``example_inputs`` (eval mode, no grad); the output shapes.
 
-    Raises ``ModelError`` naming the input shapes when the model cannot run them.
+    Raises ``ModelError`` naming the input shapes when the model cannot run them; with
+    ``pruned`` (the model ran them before ``func`` pruned it) it blames the pruning.
     """
     example_inputs = to_torch(example_inputs)
     was_training = model.training
@@ -66,6 +68,12 @@ def run_example(model: nn.Module, example_inputs: Any, func: str) -> list[tuple[
             out = forward(model, example_inputs)
     except Exception as exc:  # any failure inside the user's forward
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if pruned:
+            raise ModelError(
+                f"{func} left a model that no longer runs on the example inputs ({first}): a "
+                "layout the dependency graph does not follow (such as a concatenation "
+                "flattened into a Linear). Add the layers around it to ignored_layers."
+            ) from None
         raise ModelError(
             f"{func} could not run the model on example_inputs of shape "
             f"{describe(example_inputs)}: {first}. Pass example_inputs the model accepts "

@@ -198,14 +198,7 @@ def prune_structured(
         finally:
             work.train(was_training)
 
-    try:
-        shapes_after = run_example(work, example_inputs, _FUNC)
-    except ModelError as exc:  # it ran before pruning: the pruning broke it, not the inputs
-        cause = str(exc).split(": ", 1)[-1].split(". Pass example_inputs")[0]
-        raise ModelError(
-            f"{_FUNC} left a model that no longer runs on the example inputs ({cause}): a "
-            "layout the dependency graph does not follow (such as a concatenation flattened "
-            "into a Linear). Add the layers around it to ignored_layers.") from None
+    shapes_after = run_example(work, example_inputs, _FUNC, pruned=True)
     if shapes_after != shapes_before:  # cannot happen unless an output layer escaped the graph
         raise ModelError(
             f"{_FUNC} changed the output shapes from {shapes_before} to {shapes_after}; add the "
