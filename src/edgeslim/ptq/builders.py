@@ -201,11 +201,10 @@ class Builder:
             w = orig.array(onode.input[1])
             if w is not None:
                 graph.set_array(node.input[1], w)
-            if len(node.input) > 2 and node.input[2]:
+            bias = graph.array(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+            if bias is not None:  # a C computed by the graph was never changed
                 b = orig.array(onode.input[2]) if len(onode.input) > 2 and onode.input[2] else None
-                graph.set_array(
-                    node.input[2], b if b is not None else np.zeros_like(graph.array(node.input[2]))
-                )
+                graph.set_array(node.input[2], b if b is not None else np.zeros_like(bias))
 
 
 def activation_units(model: Any) -> dict[str, list[str]]:

@@ -250,8 +250,9 @@ def _add_bias(graph: Graph, node: Any, shift: np.ndarray) -> None:
                 shift = shift / graph.attr(node, "beta", 1.0)
             graph.set_array(name, (bias + shift.reshape(bias.shape)).astype(bias.dtype))
             return
-        if bias is not None:
-            return  # broadcast bias of another shape: leave untouched
+        # a broadcast bias of another shape, or a C computed by the graph (a residual
+        # branch that onnxruntime's MatMul+Add fusion put there): left untouched
+        return
     if node.op_type in ("Conv", "Gemm"):
         name = graph.fresh_name(node.name + "_bias")
         graph.set_array(name, shift.astype(np.float32))
