@@ -11,9 +11,21 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from edgeslim.errors import ConfigError
+
 __all__ = ["TASKS", "classification_metrics", "embedding_metrics", "task_metrics"]
 
 TASKS = ("classification", "embedding")
+
+
+def _need_classes(rows: np.ndarray, shape: tuple[int, ...]) -> None:
+    """Refuse outputs with one value per row: argmax over one column is always 0, so every
+    candidate would "agree"."""
+    if rows.shape[1] < 2:
+        raise ConfigError(
+            f"Top-1 agreement needs logits of shape (batch, classes) with 2 or more classes; "
+            f"the model's output has shape {list(shape)}. For a model with one value per "
+            "sample, or without a batch axis, pass eval_fn (your own score).")
 
 
 def classification_metrics(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
@@ -23,6 +35,7 @@ def classification_metrics(reference: np.ndarray, candidate: np.ndarray) -> dict
     """
     ref = np.asarray(reference, dtype=np.float64).reshape(len(reference), -1)
     cand = np.asarray(candidate, dtype=np.float64).reshape(len(candidate), -1)
+    _need_classes(ref, np.shape(reference))
     agree = float(np.mean(ref.argmax(1) == cand.argmax(1)))
     rel = float(np.linalg.norm(cand - ref) / max(np.linalg.norm(ref), 1e-12))
     return {"score": agree, "top1_agreement": agree, "relative_error": rel}
@@ -66,5 +79,6 @@ def task_metrics(task: str, reference: Sequence[np.ndarray], candidate: Sequence
     ref = np.concatenate([np.asarray(r).reshape(len(r), -1) for r in reference])
     cand = np.concatenate([np.asarray(c).reshape(len(c), -1) for c in candidate])
     if task == "classification":
+        _need_classes(ref, np.shape(reference[0]))
         return classification_metrics(ref, cand)
     return embedding_metrics(ref, cand)

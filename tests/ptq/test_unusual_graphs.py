@@ -1,0 +1,94 @@
+"""Valid graphs of shapes the zoo does not have: residual branches, one-logit heads, models
+without a batch axis. Each once gave a wrong model or a wrong verdict without an error."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from edgeslim.errors import ConfigError
+from edgeslim.ptq import quantize
+from edgeslim.ptq._graph import make_session
+
+
+def _model(nodes, inputs, outputs, arrays, opset=17):
+    graph = helper.make_graph(
+        nodes, "g", inputs, outputs, [numpy_helper.from_array(a, n) for n, a in arrays.items()]
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def _value(name, shape, elem=TensorProto.FLOAT):
+    return helper.make_tensor_value_info(name, elem, shape)
+
+
+def _run(model, x, name="x"):
+    return make_session(model, threads=1).run(None, {name: x})[0]
+
+
+def residual_mlp(seed=0):
+    """y = relu(x W1) W2 + x; logits = y W3: onnxruntime's preprocessing fuses the second
+    MatMul and the Add into Gemm(hr, W2, C=x), a C that the graph computes."""
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "W1": (rng.normal(size=(16, 16)) / 4).astype(np.float32),
+        "W2": (rng.normal(size=(16, 16)) / 4).astype(np.float32),
+        "W3": (rng.normal(size=(16, 10)) / 4).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["h"], name="fc1"),
+        helper.make_node("Relu", ["h"], ["hr"], name="relu"),
+        helper.make_node("MatMul", ["hr", "W2"], ["h2"], name="fc2"),
+        helper.make_node("Add", ["h2", "x"], ["y"], name="residual"),
+        helper.make_node("MatMul", ["y", "W3"], ["logits"], name="fc3"),
+    ]
+    return _model(nodes, [_value("x", ["N", 16])], [_value("logits", ["N", 10])], arrays)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"weight_rounding": "nearest", "bias_correction": False}],
+    ids=["gptq", "nearest"],
+)
+def test_a_residual_branch_fused_into_gemm_is_kept(kwargs):
+    model = residual_mlp()
+    x = np.random.default_rng(1).normal(size=(512, 16)).astype(np.float32)
+    res = quantize(model, x[:256], x[256:], max_drop=0.0, time_budget_s=120, progress=False,
+                   threads=1, **kwargs)
+    ref, got = _run(model, x[256:]), _run(res.model, x[256:])
+    rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+    assert rel < 0.05, rel  # the skip branch cut off gave 0.86
+    assert res.goal_met and res.metrics["top1_agreement"] == 1.0
+
+
+def test_top1_agreement_refuses_one_logit_outputs():
+    rng = np.random.default_rng(0)
+    model = _model(
+        [helper.make_node("MatMul", ["x", "W"], ["logit"], name="fc")],
+        [_value("x", ["N", 16])], [_value("logit", ["N", 1])],
+        {"W": rng.normal(size=(16, 1)).astype(np.float32)},
+    )
+    x = rng.normal(size=(64, 16)).astype(np.float32)
+    with pytest.raises(ConfigError, match=r"2 or more classes.*shape \[8, 1\].*eval_fn"):
+        quantize(model, x, x, progress=False, threads=1)
+    # with the user's own score the same model quantizes
+    res = quantize(model, x, x, progress=False, threads=1,
+                   eval_fn=lambda m: -float(np.abs(_run(m, x) - _run(model, x)).mean()))
+    assert res.model is not None
+
+
+def test_top1_agreement_refuses_outputs_without_a_batch_axis():
+    rng = np.random.default_rng(0)
+    model = _model(
+        [helper.make_node("MatMul", ["x", "W"], ["logits"], name="fc")],
+        [_value("x", [16])], [_value("logits", [10])],
+        {"W": rng.normal(size=(16, 10)).astype(np.float32)},
+    )
+    samples = [rng.normal(size=16).astype(np.float32) for _ in range(8)]
+    with pytest.raises(ConfigError, match=r"shape \[10\]"):
+        quantize(model, samples, samples, progress=False, threads=1)
