@@ -92,3 +92,27 @@ def test_top1_agreement_refuses_outputs_without_a_batch_axis():
     samples = [rng.normal(size=16).astype(np.float32) for _ in range(8)]
     with pytest.raises(ConfigError, match=r"shape \[10\]"):
         quantize(model, samples, samples, progress=False, threads=1)
+
+
+@pytest.mark.parametrize("second_reads", ["x", "r1"], ids=["same-input", "tied-weights"])
+def test_smoothing_leaves_the_float_model_unchanged_when_weights_are_shared(second_reads):
+    from edgeslim.ptq import smooth_matmuls
+
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["y1"], name="mm1"),
+        helper.make_node("Relu", ["y1"], ["r1"], name="relu"),
+        helper.make_node("MatMul", [second_reads, "W"], ["y2"], name="mm2"),
+        helper.make_node("Add", ["y2", "r1"], ["out"], name="add"),
+    ]
+    model = _model(nodes, [_value("x", ["N", 16])], [_value("out", ["N", 16])],
+                   {"W": rng.normal(size=(16, 16)).astype(np.float32)})
+    x = (rng.normal(size=(32, 16)) * np.linspace(0.1, 30, 16)).astype(np.float32)
+    ref = _run(model, x)
+    smoothed, _ = smooth_matmuls(onnx.ModelProto.FromString(model.SerializeToString()),
+                                 [{"x": x}], alpha=0.5)
+    got = _run(smoothed, x)
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()  # was off by 5x
+    res = quantize(model, x[:16], x[16:], task="embedding", scheme="dynamic", max_drop=0.01,
+                   progress=False, threads=1)
+    assert res.goal_met and res.excluded == []

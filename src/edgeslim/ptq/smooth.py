@@ -5,7 +5,8 @@ MatMuls with a constant weight that read the same tensor ``x`` (Q/K/V share one)
 factor ``s_j = max|x_j|^alpha / max|W_j|^(1-alpha)`` (maxima over calibration data and over the
 group's weight rows) moves difficulty from activations to weights: ``x`` is multiplied by
 ``1/s`` (one inserted ``Mul``) and row ``j`` of each weight by ``s_j``. In exact arithmetic
-the model is unchanged. edgeslim's own code; onnxruntime's SmoothQuant needs neural-compressor.
+the model is unchanged: a group whose weight another node also reads is left alone.
+edgeslim's own code; onnxruntime's SmoothQuant needs neural-compressor.
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ def smooth_matmuls(
     amax = channel_absmax(model, feeds, sorted(groups), threads=threads)
     inserted: dict[str, Any] = {}
     for x, nodes in groups.items():
+        weights, members = {n.input[1] for n in nodes}, {id(n) for n in nodes}
+        if any(id(r) not in members for w in weights for r in graph.consumers.get(w, [])):
+            continue  # a weight read elsewhere too: scaling it would change the other reader
         wmax = np.max([np.abs(graph.array(n.input[1])).max(1) for n in nodes], axis=0)
         a = amax[x]
         if a.shape != wmax.shape:
@@ -68,9 +72,10 @@ def smooth_matmuls(
         graph.set_array(inv_name, (1.0 / s).astype(np.float32))
         y = graph.fresh_name(x + "_smoothed")
         mul = helper.make_node("Mul", [x, inv_name], [y], name=graph.fresh_name(x + "_smooth"))
+        for name in sorted(weights):  # once each: two readers may share one weight
+            w = graph.array(name)
+            graph.set_array(name, (w * s[:, None]).astype(w.dtype))
         for n in nodes:
-            w = graph.array(n.input[1])
-            graph.set_array(n.input[1], (w * s[:, None]).astype(w.dtype))
             n.input[0] = y
         inserted[x] = mul
     # insert each Mul right before the first node that reads its output
