@@ -76,6 +76,32 @@ def _store_rows(graph: Graph, node: Any, rows: np.ndarray) -> None:
     graph.set_array(node.input[1], new.astype(w.dtype))
 
 
+def _roundable(graph: Graph, node: Any) -> bool:
+    """Whether the error-compensating rounding knows the node's input patches: 1-D and 2-D
+    convolutions, and Gemm/MatMul with a 2-D weight. Others keep onnxruntime's own rounding."""
+    ndim = graph.array(node.input[1]).ndim
+    return ndim in (3, 4) if node.op_type == "Conv" else ndim == 2
+
+
+def _conv_pads(graph: Graph, node: Any, size: Sequence[int], kernel: Sequence[int],
+               strides: Sequence[int], dilations: Sequence[int]) -> list[int]:
+    """The node's pads as ONNX lists them (all begins, then all ends), ``auto_pad`` resolved
+    for an input of spatial ``size``."""
+    auto = graph.attr(node, "auto_pad", "NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        begins, ends = [], []
+        for n, k, st, d in zip(size, kernel, strides, dilations, strict=True):
+            total = max((-(-n // st) - 1) * st + (k - 1) * d + 1 - n, 0)
+            small = total // 2
+            begins.append(small if auto == "SAME_UPPER" else total - small)
+            ends.append(total - begins[-1])
+        return begins + ends
+    if auto == "VALID":
+        return [0] * (2 * len(size))
+    return list(graph.attr(node, "pads", [0] * (2 * len(size))))
+
+
 def _patches(
     x: np.ndarray, graph: Graph, node: Any, groups: int, limit: int, rng: np.random.Generator
 ) -> np.ndarray:
@@ -86,10 +112,17 @@ def _patches(
         if len(x2) > limit:
             x2 = x2[rng.choice(len(x2), limit, replace=False)]
         return x2[:, None, :]
-    kh, kw = graph.array(node.input[1]).shape[2:4]
-    sh, sw = graph.attr(node, "strides", [1, 1])
-    dh, dw = graph.attr(node, "dilations", [1, 1])
-    pads = graph.attr(node, "pads", [0, 0, 0, 0])
+    kernel = graph.array(node.input[1]).shape[2:]
+    spatial = len(kernel)
+    strides = graph.attr(node, "strides", [1] * spatial)
+    dilations = graph.attr(node, "dilations", [1] * spatial)
+    pads = _conv_pads(graph, node, x.shape[2:], kernel, strides, dilations)
+    if spatial == 1:  # a 1-D convolution is a 2-D one of height 1
+        x, kernel = x[:, :, None, :], (1, *kernel)
+        strides, dilations, pads = [1, *strides], [1, *dilations], [0, pads[0], 0, pads[1]]
+    kh, kw = kernel
+    sh, sw = strides
+    dh, dw = dilations
     if any(pads):
         x = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
     b, c, hh, ww = x.shape
@@ -199,7 +232,7 @@ def round_weights(
     """
     graph = Graph(model)
     targets = [n for n in graph.weighted_nodes() if nodes is None or n.name in set(nodes)]
-    targets = [n for n in targets if graph.array(n.input[1]).ndim >= 2]
+    targets = [n for n in targets if _roundable(graph, n)]
     if stats is None:
         stats = collect_layer_stats(model, feeds, targets, threads=threads)
     qmin, qmax = weight_grid(reduce_range)
