@@ -116,3 +116,77 @@ def test_smoothing_leaves_the_float_model_unchanged_when_weights_are_shared(seco
     res = quantize(model, x[:16], x[16:], task="embedding", scheme="dynamic", max_drop=0.01,
                    progress=False, threads=1)
     assert res.goal_met and res.excluded == []
+
+
+def _conv_net(weight, x_shape, **conv_attrs):
+    out = weight.shape[0]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv", **conv_attrs),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("ReduceMean", ["r"], ["logits"], name="pool",
+                         axes=[2, 3][: len(x_shape) - 2], keepdims=0),
+    ]
+    return _model(nodes, [_value("x", ["N", *x_shape[1:]])], [_value("logits", ["N", out])],
+                  {"w": weight}, opset=13)
+
+
+def _rounded(model, x):
+    from edgeslim.ptq import round_weights, to_feeds
+
+    copy = onnx.ModelProto.FromString(model.SerializeToString())
+    round_weights(copy, to_feeds(x, copy), threads=1)
+    return numpy_helper.to_array(copy.graph.initializer[0])
+
+
+@pytest.mark.parametrize("auto_pad, pads", [("SAME_UPPER", [0, 0, 1, 1]),
+                                            ("SAME_LOWER", [1, 1, 0, 0])])
+def test_gptq_reads_auto_pad_as_the_pads_it_means(auto_pad, pads):
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(6, 3, 3, 3)).astype(np.float32)
+    x = rng.normal(size=(16, 3, 4, 4)).astype(np.float32)
+    auto = _conv_net(w, x.shape, auto_pad=auto_pad, strides=[2, 2])
+    explicit = _conv_net(w, x.shape, pads=pads, strides=[2, 2])
+    np.testing.assert_allclose(_run(auto, x), _run(explicit, x), rtol=1e-5, atol=1e-6)
+    # the rounding saw the same patches: the same integers (it once ignored auto_pad and
+    # found no patches on small maps, zeroing every weight as "dead")
+    got, want = _rounded(auto, x), _rounded(explicit, x)
+    np.testing.assert_array_equal(got, want)
+    assert np.count_nonzero(got) > 0.9 * got.size
+
+
+def test_gptq_rounds_a_1d_convolution_as_a_2d_one_of_height_1():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(6, 2, 3)).astype(np.float32)
+    x = rng.normal(size=(16, 2, 20)).astype(np.float32)
+    one = _conv_net(w, x.shape, pads=[1, 1], dilations=[2])
+    two = _conv_net(w[:, :, None, :], (16, 2, 1, 20), pads=[0, 1, 0, 1], dilations=[1, 2])
+    np.testing.assert_array_equal(_rounded(one, x)[:, :, None, :], _rounded(two, x[:, :, None, :]))
+
+
+def test_static_int8_takes_a_matmul_with_a_3d_weight():
+    rng = np.random.default_rng(0)
+    model = _model(
+        [helper.make_node("MatMul", ["x", "W"], ["y"], name="bmm"),
+         helper.make_node("ReduceMean", ["y"], ["logits"], name="pool", axes=[1, 2],
+                          keepdims=0)],
+        [_value("x", ["N", 4, 2, 8])], [_value("logits", ["N", 6])],
+        {"W": rng.normal(size=(4, 8, 6)).astype(np.float32)},
+    )
+    x = rng.normal(size=(32, 4, 2, 8)).astype(np.float32)
+    res = quantize(model, x, x, progress=False, threads=1)  # a reshape error before
+    assert res.metrics["top1_agreement"] >= 0.9
+
+
+def test_preprocessing_leaves_nothing_in_the_working_directory(tmp_path, monkeypatch):
+    from edgeslim.ptq.static import preprocess
+
+    # a batch axis MatMul broadcasts symbolically against a fixed 4: onnxruntime's symbolic
+    # shape inference gives up on it and saved what it had into the working directory
+    model = _model(
+        [helper.make_node("MatMul", ["x", "W"], ["y"], name="bmm")],
+        [_value("x", ["N", 4, 8])], [_value("y", None)],
+        {"W": np.ones((4, 8, 6), np.float32)},
+    )
+    monkeypatch.chdir(tmp_path)
+    assert preprocess(model) is not None
+    assert list(tmp_path.iterdir()) == []

@@ -51,12 +51,18 @@ def preprocess(model: Any) -> Any:
     import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    # onnxruntime's symbolic shape inference saves the graph it could not finish into the
+    # working directory (sym_shape_infer_temp.onnx, with its .data) before it raises
+    litter = [Path(n) for n in ("sym_shape_infer_temp.onnx", "sym_shape_infer_temp.onnx.data")]
+    litter = [p for p in litter if not p.exists()]
     with tempfile.TemporaryDirectory(prefix="edgeslim-ptq-") as tmp:
         src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
         onnx.save(model, str(src))
         try:
             quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
         except Exception:  # symbolic shape inference is brittle on exotic graphs
+            for p in litter:
+                p.unlink(missing_ok=True)
             try:
                 quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
             except Exception:
