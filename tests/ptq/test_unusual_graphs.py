@@ -184,7 +184,7 @@ def test_preprocessing_leaves_nothing_in_the_working_directory(tmp_path, monkeyp
     # shape inference gives up on it and saved what it had into the working directory
     model = _model(
         [helper.make_node("MatMul", ["x", "W"], ["y"], name="bmm")],
-        [_value("x", ["N", 4, 8])], [_value("y", None)],
+        [_value("x", ["N", 4, 8])], [_value("y", ["N", 4, 6])],
         {"W": np.ones((4, 8, 6), np.float32)},
     )
     monkeypatch.chdir(tmp_path)
