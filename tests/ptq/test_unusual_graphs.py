@@ -190,3 +190,19 @@ def test_preprocessing_leaves_nothing_in_the_working_directory(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     assert preprocess(model) is not None
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("opset", [11, 12])
+def test_static_int8_takes_models_older_than_opset_13(opset):
+    from edgeslim.ptq._graph import opset_of
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(8, 3, 3, 3)).astype(np.float32)
+    model = _conv_net(w, (1, 3, 8, 8), pads=[1, 1, 1, 1])
+    model.opset_import[0].version = opset  # Conv, Relu and ReduceMean read the same there
+    onnx.checker.check_model(model)
+    x = rng.normal(size=(64, 3, 8, 8)).astype(np.float32)
+    # per-channel DequantizeLinear needs opset 13: an onnxruntime InvalidGraph before
+    res = quantize(model, x[:32], x[32:], progress=False, threads=1)
+    assert opset_of(res.model) >= 13
+    assert res.metrics["top1_agreement"] >= 0.9

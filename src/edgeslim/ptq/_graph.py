@@ -20,6 +20,7 @@ __all__ = [
     "Graph",
     "add_outputs",
     "as_model",
+    "at_least_opset",
     "make_session",
     "model_bytes",
     "opset_of",
@@ -58,6 +59,26 @@ def opset_of(model: Any) -> int:
         if imp.domain in ("", "ai.onnx"):
             return int(imp.version)
     return 1
+
+
+def at_least_opset(model: Any, minimum: int, why: str) -> Any:
+    """``model`` converted to opset ``minimum`` when it is older (onnx's version converter),
+    or a ModelError naming the opset when the conversion fails."""
+    import onnx
+    from onnx import version_converter
+
+    opset = opset_of(model)
+    if opset >= minimum:
+        return model
+    try:
+        converted = version_converter.convert_version(model, minimum)
+        onnx.checker.check_model(converted)
+    except Exception as exc:  # the converter raises bare RuntimeErrors
+        raise ModelError(
+            f"The model uses ONNX opset {opset}; {why} needs opset {minimum} or later, and "
+            f"converting it failed: {str(exc).strip().splitlines()[0][:300]}. Export the model "
+            f"at opset {minimum} or later.") from None
+    return converted
 
 
 def make_session(model: Any, *, threads: int = 2, optimize: bool = True) -> Any:

@@ -22,7 +22,7 @@ import numpy as np
 from edgeslim._validate import check_choice, check_fraction, check_int_range, check_positive
 from edgeslim.errors import ConfigError
 from edgeslim.progress import progress_bar
-from edgeslim.ptq._graph import as_model, make_session
+from edgeslim.ptq._graph import as_model, at_least_opset, make_session
 from edgeslim.ptq.builders import Builder, within_budget
 from edgeslim.ptq.builders import float_bytes as _float_bytes
 from edgeslim.ptq.calibrate import CALIBRATION_METHODS, to_feeds
@@ -318,6 +318,8 @@ def quantize(
                           f"Got {exclude!r} instead.")
     start = time.perf_counter()
     float_model = as_model(model)
+    if scheme == "static":  # per-channel DequantizeLinear (its axis) came with opset 13
+        float_model = at_least_opset(float_model, 13, "static int8 quantization")
     unknown = sorted(set(exclude) - {n.name for n in float_model.graph.node})
     if unknown:
         names = ", ".join(n.name for n in float_model.graph.node[:12] if n.name)
