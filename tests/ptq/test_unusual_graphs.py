@@ -206,3 +206,29 @@ def test_static_int8_takes_models_older_than_opset_13(opset):
     res = quantize(model, x[:32], x[32:], progress=False, threads=1)
     assert opset_of(res.model) >= 13
     assert res.metrics["top1_agreement"] >= 0.9
+
+
+def _uint8_model():
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Cast", ["x"], ["xf"], name="cast", to=TensorProto.FLOAT),
+             helper.make_node("MatMul", ["xf", "W"], ["logits"], name="fc")]
+    return _model(nodes, [_value("x", ["N", 16], TensorProto.UINT8)],
+                  [_value("logits", ["N", 10])],
+                  {"W": rng.normal(size=(16, 10)).astype(np.float32)})
+
+
+def test_uint8_inputs_are_fed_as_uint8():
+    model = _uint8_model()
+    x = np.random.default_rng(1).integers(0, 256, size=(64, 16))  # int64 from numpy
+    # the calibration data went in as float32, which onnxruntime refused for a uint8 input
+    res = quantize(model, x[:32], x[32:], progress=False, threads=1)
+    assert res.goal_met
+
+
+@pytest.mark.parametrize("bad, shown", [(300, "300"), (-1, "-1"), (2.5, "2.5")])
+def test_values_a_cast_would_change_are_refused(bad, shown):
+    model = _uint8_model()
+    x = np.random.default_rng(1).integers(0, 256, size=(16, 16)).astype(np.float64)
+    x[3, 4] = bad
+    with pytest.raises(ConfigError, match=rf"'x' holds float64 values .*{shown}.*uint8"):
+        quantize(model, x, x, progress=False, threads=1)

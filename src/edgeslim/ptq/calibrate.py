@@ -29,14 +29,16 @@ __all__ = ["CALIBRATION_METHODS", "FeedReader", "InputSpec", "input_specs", "to_
 #: Ways of turning observed activations into a quantization range.
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 
-_ONNX_TO_NUMPY = {
-    1: np.float32,
-    6: np.int32,
-    7: np.int64,
-    9: np.bool_,
-    10: np.float16,
-    11: np.float64,
-}
+def _numpy_dtype(elem_type: int, name: str) -> Any:
+    """The numpy dtype of an ONNX tensor element type (uint8 pixels, int64 token ids, ...)."""
+    from onnx import helper
+
+    try:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type))
+    except (KeyError, TypeError, ValueError):
+        raise ConfigError(
+            f"The model's input {name!r} has ONNX element type {elem_type}, which has no numpy "
+            "dtype to feed it with.") from None
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ def input_specs(model: Any) -> list[InputSpec]:
         specs.append(
             InputSpec(
                 value.name,
-                _ONNX_TO_NUMPY.get(tensor.elem_type, np.float32),
+                _numpy_dtype(tensor.elem_type, value.name),
                 len(tensor.shape.dim),
                 tuple(d.dim_value if d.HasField("dim_value") else None
                       for d in tensor.shape.dim),
@@ -92,6 +94,15 @@ def _fit(value: Any, spec: InputSpec, where: str) -> np.ndarray:
                 f"Calibration item {where} for input {spec.name!r} has shape "
                 f"{list(arr.shape)}; the model expects {shape} (axis {axis} is {got}, not "
                 f"{want}).")
+    if spec.dtype.kind in "iu" and arr.dtype != spec.dtype and arr.size:
+        info = np.iinfo(spec.dtype)
+        lo, hi = arr.min(), arr.max()
+        fractions = arr.dtype.kind not in "iub" and not np.array_equal(arr, np.round(arr))
+        if fractions or lo < info.min or hi > info.max:
+            raise ConfigError(
+                f"Calibration item {where} for input {spec.name!r} holds {arr.dtype} values "
+                f"from {lo} to {hi}; the model takes {spec.dtype} (whole numbers from "
+                f"{info.min} to {info.max}), and casting would change them.")
     return np.ascontiguousarray(arr.astype(spec.dtype, copy=False))
 
 
