@@ -232,3 +232,18 @@ def test_values_a_cast_would_change_are_refused(bad, shown):
     x[3, 4] = bad
     with pytest.raises(ConfigError, match=rf"'x' holds float64 values .*{shown}.*uint8"):
         quantize(model, x, x, progress=False, threads=1)
+
+
+@pytest.mark.parametrize("scheme", ["dynamic", "weight_only"])
+def test_schemes_for_matmuls_refuse_a_model_without_one(scheme):
+    rng = np.random.default_rng(0)
+    model = _model(
+        [helper.make_node("Gemm", ["x", "W", "b"], ["logits"], name="fc", transB=1)],
+        [_value("x", ["N", 16])], [_value("logits", ["N", 10])],
+        {"W": rng.normal(size=(10, 16)).astype(np.float32), "b": np.zeros(10, np.float32)},
+    )
+    x = rng.normal(size=(32, 16)).astype(np.float32)
+    # the dynamic scheme returned the float model unchanged, as if it were quantized
+    with pytest.raises(ConfigError, match=r"MatMuls with constant weights.*are Gemm"):
+        quantize(model, x, x, scheme=scheme, bits=4 if scheme == "weight_only" else 8,
+                 progress=False, threads=1)

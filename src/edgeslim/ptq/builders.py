@@ -55,6 +55,10 @@ class Builder:
             if cfg["activation_bias_correction"]:
                 self._correct_bias()
         else:
+            if self.scheme == "dynamic":
+                from edgeslim.ptq.weight_only import require_matmuls
+
+                require_matmuls(model, cfg["exclude"], "The dynamic scheme", "the static scheme")
             self.float_model = unique_node_names(copy.deepcopy(model))
             self.prepared = copy.deepcopy(self.float_model)
             if self.scheme == "dynamic" and cfg["smooth_alpha"]:

@@ -17,6 +17,22 @@ from edgeslim.ptq._graph import Graph
 __all__ = ["quantize_weight_only"]
 
 
+def require_matmuls(model: Any, exclude: Sequence[str], what: str, instead: str) -> None:
+    """A ConfigError unless ``model`` has a MatMul with a constant 2-D weight outside
+    ``exclude``: the linears the dynamic and weight-only schemes quantize."""
+    skipped = set(exclude)
+    graph = Graph(model)
+    if not [n for n in graph.weighted_nodes(("MatMul",))
+            if n.name not in skipped and graph.array(n.input[1]).ndim == 2]:
+        kinds = sorted({n.op_type for n in model.graph.node
+                        if n.op_type in ("Gemm", "Conv", "MatMul", "ConvTranspose")})
+        raise ConfigError(
+            f"{what} replaces MatMuls with constant weights (transformer linears), and this "
+            f"model has none to quantize; its linear layers are {', '.join(kinds) or 'absent'}. "
+            f"Use {instead} instead."
+        )
+
+
 def quantize_weight_only(
     model: Any,
     *,
@@ -40,15 +56,7 @@ def quantize_weight_only(
             f"The 'block_size' parameter of {func} must be a power of two. Got {block_size}."
         )
     check_choice(str(accuracy_level), "accuracy_level", func, ("0", "1", "2", "3", "4"))
-    skipped = set(exclude)
-    if not [n for n in Graph(model).weighted_nodes(("MatMul",)) if n.name not in skipped]:
-        kinds = sorted({n.op_type for n in model.graph.node
-                        if n.op_type in ("Gemm", "Conv", "MatMul", "ConvTranspose")})
-        raise ConfigError(
-            f"{func} replaces MatMuls with constant weights (transformer linears), and this "
-            f"model has none to quantize; its linear layers are {', '.join(kinds) or 'absent'}. "
-            "Use the static or dynamic scheme instead."
-        )
+    require_matmuls(model, exclude, func, "the static or dynamic scheme")
     from edgeslim.errors import require
 
     require("onnx_ir", "compress", "Weight-only quantization (MatMulNBits)")
