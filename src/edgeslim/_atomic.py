@@ -7,7 +7,7 @@ import contextlib
 import os
 import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -21,6 +21,17 @@ def write_atomically(path: Path, fill: Callable[[BinaryIO], None], *,
     replaced (the link stays); ``mode`` None keeps the mode of the file replaced (0o644 for a
     new one).
     """
+    with staged(path, mode=mode) as tmp, open(tmp, "w+b") as f:
+        fill(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def staged(path: Path, *, mode: int | None = None) -> Iterator[Path]:
+    """A temporary file beside ``path`` for writers that need a file name (an exporter, a
+    checker): it replaces ``path`` when the block ends without an error and is removed
+    otherwise, ``path`` then being as it was. Links and modes as in ``write_atomically``."""
     tmp: str | None = None
     try:
         if path.is_symlink():
@@ -32,10 +43,8 @@ def write_atomically(path: Path, fill: Callable[[BinaryIO], None], *,
                 mode = 0o644
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".eslim-", suffix=".tmp")
-        with os.fdopen(fd, "w+b") as f:
-            fill(f)
-            f.flush()
-            os.fsync(f.fileno())
+        os.close(fd)
+        yield Path(tmp)
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:

@@ -166,15 +166,20 @@ class _Branchy(nn.Module):
 
 def test_divergence_is_reported_with_max_difference(tmp_path):
     x = torch.ones(1, 4)
+    out = tmp_path / "b.onnx"
+    out.write_bytes(b"the model exported before")
     with pytest.raises(ModelError, match=r"output 'y' differs by up to 2 "):
         export_onnx(
             _Branchy(),
             x,
-            tmp_path / "b.onnx",
+            out,
             input_names=["x"],
             output_names=["y"],
             check_inputs=[(-2 * torch.ones(1, 4),)],
         )
+    # the file in place is the one before, not the model that failed its check
+    assert out.read_bytes() == b"the model exported before"
+    assert [p.name for p in tmp_path.iterdir()] == ["b.onnx"]
 
 
 def test_bad_arguments_are_refused(tmp_path):

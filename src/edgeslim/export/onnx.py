@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeslim._atomic import staged
 from edgeslim._validate import check_int_range, check_positive
 from edgeslim.errors import ConfigError, ModelError
 from edgeslim.export.fold import fold_constants
@@ -253,68 +254,68 @@ def export_onnx(
     rtol = check_positive(rtol, "rtol", "export_onnx", allow_zero=True)
     extra_checks = [_as_input_tuple(c) for c in (check_inputs or [])]
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
     was_training = model.training
     model.eval()
     try:
-        training = (
-            torch.onnx.TrainingMode.EVAL if fold_batchnorm else torch.onnx.TrainingMode.PRESERVE
-        )
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
-            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-            # The model is in eval mode; PRESERVE only keeps BatchNorm nodes unfolded.
-            warnings.filterwarnings("ignore", message=".*constant folding be turned off.*")
-            # Left-over constant subgraphs are folded below, and every export is checked
-            # numerically, so the exporter's own caveats need not reach the user.
-            warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
-            warnings.filterwarnings("ignore", message="Exporting aten::index operator")
+        # exported and checked beside ``path``, which only a model that passed replaces
+        with staged(path) as work:
+            modes = torch.onnx.TrainingMode
+            training = modes.EVAL if fold_batchnorm else modes.PRESERVE
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", category=DeprecationWarning)
+                warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+                # The model is in eval mode; PRESERVE only keeps BatchNorm nodes unfolded.
+                warnings.filterwarnings("ignore", message=".*constant folding be turned off.*")
+                # Left-over constant subgraphs are folded below, and every export is checked
+                # numerically, so the exporter's own caveats need not reach the user.
+                warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
+                warnings.filterwarnings("ignore", message="Exporting aten::index operator")
+                try:
+                    torch.onnx.export(
+                        model,
+                        inputs,
+                        str(work),
+                        dynamo=False,
+                        opset_version=opset,
+                        input_names=list(in_names),
+                        output_names=list(out_names),
+                        dynamic_axes=axes,
+                        do_constant_folding=True,
+                        training=training,
+                    )
+                except Exception as exc:  # the exporter raises many types; name the model
+                    raise ModelError(
+                        f"torch.onnx.export failed for {type(model).__name__}: {exc}"
+                    ) from exc
+
+            proto = onnx.load(str(work))
+            with torch.no_grad():
+                out_shapes = [tuple(t.shape) for t in _flatten(model(*inputs))]
+            changed = _declare_shapes(proto, out_names, out_shapes, axes)
+            if fold_constant_nodes:
+                changed = fold_constants(proto) > 0 or changed
+            if changed:
+                onnx.save(proto, str(work))
             try:
-                torch.onnx.export(
-                    model,
-                    inputs,
-                    str(path),
-                    dynamo=False,
-                    opset_version=opset,
-                    input_names=list(in_names),
-                    output_names=list(out_names),
-                    dynamic_axes=axes,
-                    do_constant_folding=True,
-                    training=training,
-                )
-            except Exception as exc:  # the exporter raises many types; name the model
-                raise ModelError(
-                    f"torch.onnx.export failed for {type(model).__name__}: {exc}"
-                ) from exc
+                onnx.checker.check_model(str(work))
+                onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+            except Exception as exc:
+                raise ModelError(f"The exported ONNX model at {path} is invalid: {exc}") from exc
+            batchnorm = sum(node.op_type == "BatchNormalization" for node in proto.graph.node)
 
-        proto = onnx.load(str(path))
-        with torch.no_grad():
-            out_shapes = [tuple(t.shape) for t in _flatten(model(*inputs))]
-        changed = _declare_shapes(proto, out_names, out_shapes, axes)
-        if fold_constant_nodes:
-            changed = fold_constants(proto) > 0 or changed
-        if changed:
-            onnx.save(proto, str(path))
-        try:
-            onnx.checker.check_model(str(path))
-            onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
-        except Exception as exc:
-            raise ModelError(f"The exported ONNX model at {path} is invalid: {exc}") from exc
-        batchnorm = sum(node.op_type == "BatchNormalization" for node in proto.graph.node)
-
-        max_diff: float | None = None
-        batches: list[int] = []
-        if check:
-            session = _session(path)
-            max_diff = 0.0
-            for case in [inputs, _grow_batch(inputs), *extra_checks]:
-                diff = compare_with_onnxruntime(
-                    model, path, case, in_names, atol=atol, rtol=rtol, session=session
-                )
-                max_diff = max(max_diff, diff)
-                batches.append(int(case[0].shape[0]))
+            max_diff: float | None = None
+            batches: list[int] = []
+            if check:
+                session = _session(work)
+                max_diff = 0.0
+                for case in [inputs, _grow_batch(inputs), *extra_checks]:
+                    diff = compare_with_onnxruntime(
+                        model, work, case, in_names, atol=atol, rtol=rtol, session=session
+                    )
+                    max_diff = max(max_diff, diff)
+                    batches.append(int(case[0].shape[0]))
     finally:
         model.train(was_training)
     return ExportResult(
