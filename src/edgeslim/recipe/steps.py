@@ -321,9 +321,12 @@ def ptq_overrides(wl: Any, scheme: str | None = None, calibration: str | None = 
     overrides: dict[str, Any] = {"scheme": scheme} if scheme else {}
     if bits != 8:
         overrides["bits"] = bits
+    task = _PTQ_TASKS.get(wl.task, "classification")
+    resolved = scheme or PRESET_SETTINGS[task]["scheme"]
+    if resolved == "static" and "method" not in PRESET_SETTINGS[task]:
+        # the documented default of the static scheme, whichever preset the task has
+        overrides["method"] = "percentile"
     if calibration:
-        task = _PTQ_TASKS.get(wl.task, "classification")
-        resolved = scheme or PRESET_SETTINGS[task]["scheme"]
         if resolved != "static":
             raise ConfigError(
                 f"The 'calibration' parameter of ptq sets the activation ranges of the static "
