@@ -136,3 +136,58 @@ def test_failed_swap_from_python_raises_and_keeps_serving(signed):
         old = weakref.ref(server.store.get("linear"))
         assert server.swap(paths["v2"])["version"] == "2"
         assert old() is None  # the old session is freed at once, not at the next GC cycle
+
+
+def _slow_bundle(path, n=2048, matmuls=4):
+    """A model whose warm-up takes about a second: ``x @ x @ x ...`` on an (n, n) input."""
+    from onnx import TensorProto, helper
+
+    from edgeslim.bundle import write_bundle
+    from tests.edge._bundles import _model
+
+    nodes = [helper.make_node("MatMul", ["x", "x"], ["y0"])]
+    nodes += [helper.make_node("MatMul", [f"y{i - 1}", "x"], [f"y{i}"])
+              for i in range(1, matmuls)]
+    nodes.append(helper.make_node("ReduceSum", [f"y{matmuls - 1}"], ["out"], keepdims=0))
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, n])],
+                   [helper.make_tensor_value_info("out", TensorProto.FLOAT, [])], [])
+    return write_bundle(path, model_onnx=model, manifest={
+        "name": "slow", "version": "1",
+        "inputs": [{"name": "x", "dtype": "float32", "shape": [n, n]}],
+        "outputs": [{"name": "out", "dtype": "float32", "shape": []}]})
+
+
+def test_an_unload_during_a_load_answers_at_once_and_the_server_keeps_serving(signed,
+                                                                              tmp_path):
+    import httpx
+
+    from edgeslim.edge.server import EdgeServer
+
+    paths, _ = signed
+    slow = _slow_bundle(tmp_path / "slow.eslim")
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    with EdgeServer([paths["v1"], paths["other"]], token=TOKEN, threads=1) as server:
+        loaded: dict[str, int] = {}
+
+        def load():
+            r = httpx.post(server.url + "/v2/repository/models/slow/load", headers=headers,
+                           json={"parameters": {"bundle": str(slow)}}, timeout=120)
+            loaded["status"] = r.status_code
+
+        loader = threading.Thread(target=load)
+        loader.start()
+        deadline = time.monotonic() + 30
+        while not server.store._load_lock.locked():  # the load (read, warm-up) is under way
+            assert time.monotonic() < deadline and loader.is_alive()
+            time.sleep(0.001)
+        with httpx.Client(base_url=server.url, headers=headers, timeout=120) as c:
+            r = c.post("/v2/repository/models/other/unload")
+            assert r.status_code == 200 and r.json() == {"unloaded": "other"}
+            assert c.get("/v2/health/live").status_code == 200
+            assert c.get("/v2/models/linear/ready").status_code == 200
+            # all of that was answered while the load was still running
+            assert "slow" not in server.store.names()
+            loader.join(120)
+            assert loaded == {"status": 200}
+            assert server.store.names() == ["linear", "slow"]
+            assert c.get("/v2/models/other/ready").status_code == 404

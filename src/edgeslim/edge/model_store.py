@@ -5,7 +5,8 @@
 run the manifest's probe, build the pre/postprocessing pipelines, and only then switch the
 name to the new model in one assignment. Requests that already hold the old model finish on
 it (the old session is freed when the last of them lets go); any failure leaves the old model
-serving and raises the error. Loads are serialised; serving never waits for a load.
+serving and raises the error. Loads are serialised; serving never waits for a load, and
+neither does an unload (it takes only the short lock of the switch itself).
 """
 
 from __future__ import annotations
@@ -221,7 +222,8 @@ class ModelStore:
         self.solo = solo
         self.metrics = metrics
         self._models: dict[str, ServedModel] = {}
-        self._load_lock = threading.Lock()
+        self._load_lock = threading.Lock()  # held through a whole load (read, warm-up, probe)
+        self._switch_lock = threading.Lock()  # held only to switch or drop a name
 
     def get(self, name: str) -> ServedModel | None:
         return self._models.get(name)
@@ -285,15 +287,19 @@ class ModelStore:
                 if self.metrics is not None:
                     self.metrics.loads.labels(label, "failed").inc()
                 raise
-            self._models[served.name] = served  # the atomic switch
-            if self.metrics is not None:
-                self.metrics.loads.labels(served.name, "ok").inc()
-                self.metrics.set_model(served.name, served.version, served.sha256)
+            with self._switch_lock:
+                self._models[served.name] = served  # the atomic switch
+                if self.metrics is not None:
+                    self.metrics.loads.labels(served.name, "ok").inc()
+                    self.metrics.set_model(served.name, served.version, served.sha256)
             return served
 
     def unload(self, name: str) -> bool:
-        """Stop serving ``name``; in-flight requests finish. False when it was not loaded."""
-        with self._load_lock:
+        """Stop serving ``name``; in-flight requests finish. False when it was not loaded.
+
+        Does not wait for a load in progress (the server calls it on its event loop).
+        """
+        with self._switch_lock:
             gone = self._models.pop(name, None)
             if gone is not None and self.metrics is not None:
                 self.metrics.drop_model(name)
