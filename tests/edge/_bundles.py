@@ -69,10 +69,19 @@ def linear_bundle(path: Path, *, seed: int = 0, version: str = "1", name: str = 
     return write_bundle(path, model_onnx=model, manifest=m, sign_key=sign_key)
 
 
-def embed_onnx(vocab: int = 16, dim: int = 4, seed: int = 0) -> bytes:
-    """``token_embeddings = E[input_ids] * attention_mask`` (batch, seq, dim)."""
+def embed_onnx(vocab: int = 16, dim: int = 4, seed: int = 0, *, mask: bool = True) -> bytes:
+    """``token_embeddings = E[input_ids] * attention_mask`` (batch, seq, dim); with
+    ``mask=False`` only ``E[input_ids]``, on the one input ``input_ids``."""
     rng = np.random.default_rng(seed)
     emb = rng.normal(size=(vocab, dim)).astype(np.float32)
+    if not mask:
+        return _model(
+            [helper.make_node("Gather", ["emb", "input_ids"], ["token_embeddings"])],
+            [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])],
+            [helper.make_tensor_value_info("token_embeddings", TensorProto.FLOAT,
+                                           ["batch", "seq", dim])],
+            [numpy_helper.from_array(emb, "emb")],
+        )
     nodes = [
         helper.make_node("Gather", ["emb", "input_ids"], ["e"]),
         helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),

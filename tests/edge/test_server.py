@@ -245,6 +245,33 @@ def test_raw_text_gives_pooled_normalised_embeddings(client, edge_bundles):
     assert r.status_code == 400 and "string" in r.json()["error"]
 
 
+def test_mean_pool_gets_the_mask_of_a_model_that_takes_only_input_ids(tmp_path):
+    import httpx
+
+    from edgeslim.bundle import write_bundle
+    from edgeslim.edge.server import EdgeServer
+    from tests.edge._bundles import embed_onnx, embedding_table
+    from tests.edge.conftest import _tokenizer_json
+
+    path = write_bundle(tmp_path / "ids.eslim", model_onnx=embed_onnx(mask=False), manifest={
+        "name": "ids", "task": "sentence-embedding",
+        "inputs": [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]}],
+        "outputs": [{"name": "token_embeddings", "dtype": "float32",
+                     "shape": ["batch", "seq", 4]}],
+        "preprocessing": [{"op": "text.tokenize", "max_length": 8, "padding": "longest"}],
+        "postprocessing": [{"op": "mean_pool"}, {"op": "l2_normalize"}],
+    }, extra_files={"tokenizer.json": _tokenizer_json()})
+    with EdgeServer([path], threads=1) as server:
+        r = httpx.post(server.url + "/v2/models/ids/raw", json=["the edge node", "edge"])
+    assert r.status_code == 200, r.text
+    table = embedding_table()
+    # [CLS] the edge node [SEP] ; [CLS] edge [SEP] + two [PAD] that the mean leaves out
+    for row, ids in zip(r.json()["outputs"]["token_embeddings"], [[2, 9, 4, 5, 3], [2, 4, 3]],
+                        strict=True):
+        ref = table[ids].mean(axis=0)
+        np.testing.assert_allclose(row, ref / np.linalg.norm(ref), rtol=1e-5, atol=1e-6)
+
+
 def test_raw_sensor_stream(client, edge_bundles):
     from edgeslim.edge.preprocess import Pipeline, PostPipeline
 

@@ -368,12 +368,12 @@ class EdgeApp:
         model = self._model(request)
         model.batcher.expect()  # as for infer: announced while its body and preprocessing run
         try:
-            feeds = await self._raw_feeds(request, model)
+            feeds, context = await self._raw_feeds(request, model)
         except BaseException:
             model.batcher.unexpect()
             raise
         outputs = await model.infer(feeds, expected=True)
-        results = model.post.apply(outputs, feeds)
+        results = model.post.apply(outputs, context)
         doc: dict[str, Any] = {"model_name": model.name, "model_version": model.version,
                                "outputs": {}}
         for key, value in results.items():
@@ -389,8 +389,11 @@ class EdgeApp:
                           f"JSON cannot carry", 422) from None
         return Response(content, media_type="application/json")
 
-    async def _raw_feeds(self, request: Request, model: ServedModel) -> dict[str, np.ndarray]:
-        """The raw payload of ``request`` through the model's preprocessing, checked."""
+    async def _raw_feeds(self, request: Request, model: ServedModel
+                         ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """The raw payload of ``request`` through the model's preprocessing: the model feeds,
+        checked, and the postprocessing context (the feeds and every other array that
+        preprocessing gave, such as an ``attention_mask`` the model does not take)."""
         body = await read_body(request, self.max_body)
         kind = model.pipeline.raw_kind
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -408,8 +411,9 @@ class EdgeApp:
                 want = "a JSON string or list of strings" if kind == "text" else "a JSON array"
                 raise V2Error(f"model '{model.name}' takes {want}; the body is not valid "
                               f"JSON: {exc}"[:300]) from None
-        feeds = await asyncio.to_thread(model.pipeline.apply, payload)
-        return model.runner.check_inputs(feeds)
+        feeds, context = await asyncio.to_thread(model.pipeline.apply_with_context, payload)
+        feeds = model.runner.check_inputs(feeds)
+        return feeds, {**context, **feeds}
 
     async def index(self, request: Request) -> Response:
         return JSONResponse(self.store.index())

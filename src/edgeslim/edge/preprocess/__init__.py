@@ -199,6 +199,14 @@ class Pipeline:
 
     def apply(self, raw: Any) -> dict[str, np.ndarray]:
         """Raw payload -> ``{input name: array}``; bad payloads raise ``InferenceError``."""
+        return self.apply_with_context(raw)[0]
+
+    def apply_with_context(
+        self, raw: Any
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """``apply``, plus the postprocessing context: every array preprocessing gave, also
+        those the model does not take (``text.tokenize``'s ``attention_mask`` for
+        ``mean_pool`` when the model takes only ``input_ids``)."""
         if self.raw_kind == SERIES:
             value: Any = _sensor.to_series(raw)
         elif self.raw_kind == ARRAY:
@@ -210,7 +218,8 @@ class Pipeline:
         with np.errstate(over="ignore", invalid="ignore"):
             for fn in self._fns:
                 value = fn(value)
-        return self._to_inputs(value)
+        inputs = self._to_inputs(value)
+        return inputs, ({**value, **inputs} if isinstance(value, dict) else dict(inputs))
 
     def _to_inputs(self, value: Any) -> dict[str, np.ndarray]:
         if isinstance(value, dict):
@@ -258,8 +267,9 @@ def _cast(arr: np.ndarray, dt: np.dtype | None) -> np.ndarray:
 class PostPipeline:
     """Runs postprocessing steps on the model's outputs.
 
-    ``apply(outputs, context)`` takes ``{output name: array}`` and the model inputs (the
-    context, e.g. ``attention_mask`` for ``mean_pool``) and returns the results: the outputs,
+    ``apply(outputs, context)`` takes ``{output name: array}`` and what preprocessing gave
+    (the context from ``Pipeline.apply_with_context``, e.g. ``attention_mask`` for
+    ``mean_pool``, also when the model does not take it) and returns the results: the outputs,
     transformed, plus ``"topk"`` when that step runs.
     """
 
