@@ -445,3 +445,45 @@ def test_an_array_payload_takes_numbers_only(raw, what):
     with pytest.raises(InferenceError, match=f"{what}.*send a JSON array of numbers"):
         Pipeline([]).apply(raw)
     assert Pipeline([]).apply([[1, 2.5]])["input"].tolist() == [[1.0, 2.5]]
+
+
+@pytest.mark.parametrize(("post", "pattern"), [
+    ([{"op": "softmax", "axis": 2}], r"'axis' parameter of postprocessing step 0 \(op 'softmax'\)"
+                                     r" must be an axis of output 'logits' of rank 2 \(its axes"
+                                     r" are -2 to 1\)\. Got 2"),
+    ([{"op": "l2_normalize", "axis": -3}], r"step 0 .* 'l2_normalize'.* Got -3"),
+    ([{"op": "mean_pool"}], r"step 0 \(op 'mean_pool'\) needs an output \(B, L, H\) of rank 3; "
+                            r"output 'logits' has rank 2"),
+])
+def test_post_axes_are_checked_against_the_declared_output_ranks(tmp_path, post, pattern):
+    from edgeslim.bundle import write_bundle
+    from tests.edge._bundles import linear_onnx
+
+    outputs = [{"name": "logits", "dtype": "float32", "shape": ["batch", 10]}]
+    with pytest.raises(ConfigError, match=pattern):
+        PostPipeline(post, outputs=outputs)
+    with pytest.raises(ConfigError, match=pattern):  # refused before a bundle exists
+        write_bundle(tmp_path / "bad.eslim", model_onnx=linear_onnx(), manifest={
+            "name": "bad", "inputs": [{"name": "input", "dtype": "float32",
+                                       "shape": ["batch", 64]}],
+            "outputs": outputs, "postprocessing": post})
+    assert not (tmp_path / "bad.eslim").exists()
+    # mean_pool leaves (B, H): l2_normalize along axis 1 fits, along axis 2 does not
+    tokens = [{"name": "emb", "dtype": "float32", "shape": ["batch", "seq", 4]}]
+    PostPipeline([{"op": "mean_pool"}, {"op": "l2_normalize", "axis": 1}], outputs=tokens)
+    with pytest.raises(ConfigError, match=r"step 1 .*rank 2 .* Got 2"):
+        PostPipeline([{"op": "mean_pool"}, {"op": "l2_normalize", "axis": 2}], outputs=tokens)
+
+
+def test_axes_out_of_range_at_run_time_are_inference_errors():
+    window = [{"op": "sensor.window", "size": 2}, {"op": "expand_dims", "axis": 3}]
+    with pytest.raises(InferenceError, match=r"expand_dims axis 3 is out of range for shape "
+                                             r"\[2, 2\]: the new axis goes at -3 to 2"):
+        Pipeline(window).apply([1, 2, 3, 4])
+    assert Pipeline(window).apply([[1, 2], [3, 4]])["input"].shape == (1, 2, 2, 1)
+    logits = {"logits": np.zeros((1, 3), np.float32)}
+    for op in ("softmax", "l2_normalize"):  # no declared shapes: checked on the array
+        with pytest.raises(InferenceError, match=rf"{op} works along axis 2, but output "
+                                                 rf"'logits' has shape \[1, 3\]: its axes "
+                                                 rf"are -2 to 1"):
+            PostPipeline([{"op": op, "axis": 2}]).apply(logits)

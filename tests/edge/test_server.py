@@ -272,6 +272,29 @@ def test_mean_pool_gets_the_mask_of_a_model_that_takes_only_input_ids(tmp_path):
         np.testing.assert_allclose(row, ref / np.linalg.norm(ref), rtol=1e-5, atol=1e-6)
 
 
+def test_an_axis_out_of_range_for_the_payload_is_a_400(tmp_path):
+    import httpx
+
+    from edgeslim.bundle import write_bundle
+    from edgeslim.edge.server import EdgeServer
+    from tests.edge._bundles import linear_onnx
+
+    path = write_bundle(tmp_path / "axes.eslim", model_onnx=linear_onnx(n_in=4), manifest={
+        "name": "axes",
+        "inputs": [{"name": "input", "dtype": "float32", "shape": ["batch", 4]}],
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", 10]}],
+        "preprocessing": [{"op": "sensor.window", "size": 2}, {"op": "expand_dims", "axis": 3},
+                          {"op": "reshape", "shape": [-1, 4]}],
+    })
+    with EdgeServer([path], threads=1) as server, httpx.Client(base_url=server.url) as c:
+        r = c.post("/v2/models/axes/raw", json=[1.0, 2.0, 3.0, 4.0])  # (T,): windows (2, 2)
+        assert r.status_code == 400
+        assert r.json()["error"].startswith("expand_dims axis 3 is out of range for shape [2, 2]")
+        r = c.post("/v2/models/axes/raw", json=[[1.0, 2.0], [3.0, 4.0]])  # (T, C)
+        assert r.status_code == 200, r.text
+        assert 'code="500"' not in c.get("/metrics").text
+
+
 def test_raw_sensor_stream(client, edge_bundles):
     from edgeslim.edge.preprocess import Pipeline, PostPipeline
 

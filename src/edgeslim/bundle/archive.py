@@ -149,7 +149,7 @@ def _run_step_registry(m: Mapping[str, Any], files: list[str]) -> None:
 
     for stage, key in (("pre", "preprocessing"), ("post", "postprocessing")):
         if m.get(key):
-            validate_steps(list(m[key]), stage=stage, files=files)
+            validate_steps(list(m[key]), stage=stage, files=files, outputs=m.get("outputs"))
 
 
 def _provenance(given: Mapping[str, Any]) -> dict[str, Any]:

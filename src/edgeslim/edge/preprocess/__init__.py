@@ -34,7 +34,7 @@ import numpy as np
 
 from edgeslim.edge.preprocess import array as _array  # noqa: F401  (registers ops)
 from edgeslim.edge.preprocess import image as _image  # noqa: F401
-from edgeslim.edge.preprocess import post as _post  # noqa: F401
+from edgeslim.edge.preprocess import post as _post
 from edgeslim.edge.preprocess import sensor as _sensor
 from edgeslim.edge.preprocess import text as _text  # noqa: F401
 from edgeslim.edge.preprocess._spec import (
@@ -147,15 +147,34 @@ def validate_steps(
     *,
     stage: str | None = None,
     files: Collection[str] | None = None,
+    outputs: Sequence[Any] | None = None,
 ) -> None:
     """Raise ``ConfigError`` unless ``steps`` is a valid pre- or postprocessing list.
 
     ``stage`` is ``"pre"`` or ``"post"``; by default it is taken from the first step and every
     step must share it. ``files``, when given, are the names of the extra files the bundle
     carries, so a step naming a missing file (``text.tokenize``'s ``tokenizer``) is refused.
+    ``outputs``, when given, are the model outputs from the manifest (``{"name", "shape",
+    ...}``), so a postprocessing step that cannot work on its output's rank (an ``axis`` out
+    of range, ``mean_pool`` on an output that is not ``(B, L, H)``) is refused.
     The message names the step index, the op, the bad parameter and what is allowed.
     """
-    _check(steps, stage, files)
+    stage, checked = _check(steps, stage, files)
+    if stage == "post" and outputs is not None:
+        _check_ranks(checked, outputs)
+
+
+def _check_ranks(checked: list[tuple[OpSpec, dict[str, Any]]], outputs: Sequence[Any]) -> None:
+    ranks: dict[str, int] = {}
+    for item in outputs:
+        if isinstance(item, str):
+            continue
+        shape = item.get("shape") if isinstance(item, Mapping) else getattr(item, "shape", None)
+        if isinstance(shape, (list, tuple)):
+            ranks[item["name"] if isinstance(item, Mapping) else item.name] = len(shape)
+    names = [n for n, _ in _input_specs(outputs)]
+    _post.check_ranks([(spec.name, params) for spec, params in checked], ranks,
+                      names[0] if names else None)
 
 
 def _input_specs(inputs: Sequence[Any] | None) -> list[tuple[str, np.dtype | None]]:
@@ -281,6 +300,8 @@ class PostPipeline:
         labels: list[str] | None = None,
     ) -> None:
         _, checked = _check(steps, "post", None)
+        if outputs is not None:
+            _check_ranks(checked, outputs)
         names = [n for n, _ in _input_specs(outputs)]
         ctx = BuildContext(labels=list(labels) if labels else None, output_names=names)
         self._fns = [spec.build(params, ctx) for spec, params in checked]

@@ -54,7 +54,16 @@ def _transpose(params: dict[str, Any], ctx: BuildContext) -> Any:
 
 def _expand_dims(params: dict[str, Any], ctx: BuildContext) -> Any:
     ax = params["axis"]
-    return lambda x: np.expand_dims(x, ax)
+
+    def step(x: np.ndarray) -> np.ndarray:
+        if not -x.ndim - 1 <= ax <= x.ndim:
+            raise InferenceError(
+                f"expand_dims axis {ax} is out of range for shape {list(x.shape)}: the new "
+                f"axis goes at {-x.ndim - 1} to {x.ndim}"
+            )
+        return np.expand_dims(x, ax)
+
+    return step
 
 
 def _cast(params: dict[str, Any], ctx: BuildContext) -> Any:

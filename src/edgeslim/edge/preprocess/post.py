@@ -24,7 +24,7 @@ from edgeslim.edge.preprocess._spec import (
     positive,
     register,
 )
-from edgeslim.errors import InferenceError
+from edgeslim.errors import ConfigError, InferenceError
 
 Results = dict[str, Any]
 
@@ -42,6 +42,47 @@ def _target(params: dict[str, Any], ctx: BuildContext, op: str) -> Any:
         return name
 
     return pick
+
+
+def check_axis(op: str, ax: int, name: str, shape: tuple[int, ...] | list[Any]) -> None:
+    """``InferenceError`` unless ``ax`` is an axis of an output of ``shape``."""
+    rank = len(shape)
+    if not -rank <= ax < rank:
+        raise InferenceError(f"{op} works along axis {ax}, but output {name!r} has shape "
+                             f"{list(shape)}: {_axes_allowed(rank)}")
+
+
+def _axes_allowed(rank: int) -> str:
+    if rank == 0:
+        return "a scalar has no axis to work along"
+    return f"its axes are {-rank} to {rank - 1}"
+
+
+def check_ranks(steps: list[tuple[str, dict[str, Any]]], ranks: dict[str, int],
+                first: str | None) -> None:
+    """``ConfigError`` for a step that cannot work on the declared rank of its output.
+
+    ``steps``: ``(op, params)`` pairs, checked; ``ranks``: the outputs' declared ranks (from
+    the manifest's shapes); ``first``: the first output, the default ``output`` of a step.
+    ``mean_pool`` needs rank 3 and leaves rank 2; ``softmax`` and ``l2_normalize`` need their
+    ``axis`` to be one of the output's axes.
+    """
+    ranks = dict(ranks)
+    for i, (op, params) in enumerate(steps):
+        name = params.get("output") or first
+        rank = ranks.get(name) if name is not None else None
+        if rank is None:
+            continue
+        where = f"postprocessing step {i} (op '{op}')"
+        if op == "mean_pool":
+            if rank != 3:
+                raise ConfigError(f"{where} needs an output (B, L, H) of rank 3; output "
+                                  f"{name!r} has rank {rank}")
+            ranks[name] = 2
+        elif op in ("softmax", "l2_normalize") and not -rank <= params["axis"] < rank:
+            raise ConfigError(f"The 'axis' parameter of {where} must be an axis of output "
+                              f"{name!r} of rank {rank} ({_axes_allowed(rank)}). Got "
+                              f"{params['axis']} instead.")
 
 
 def mean_pool(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -89,6 +130,7 @@ def _l2(params: dict[str, Any], ctx: BuildContext) -> Any:
 
     def step(results: Results, context: dict[str, np.ndarray]) -> Results:
         name = pick(results)
+        check_axis("l2_normalize", ax, name, results[name].shape)
         return {**results, name: l2_normalize(results[name], ax, eps)}
 
     return step
@@ -99,6 +141,7 @@ def _softmax(params: dict[str, Any], ctx: BuildContext) -> Any:
 
     def step(results: Results, context: dict[str, np.ndarray]) -> Results:
         name = pick(results)
+        check_axis("softmax", ax, name, results[name].shape)
         return {**results, name: softmax(results[name], ax)}
 
     return step
