@@ -487,3 +487,25 @@ def test_axes_out_of_range_at_run_time_are_inference_errors():
                                                  rf"'logits' has shape \[1, 3\]: its axes "
                                                  rf"are -2 to 1"):
             PostPipeline([{"op": op, "axis": 2}]).apply(logits)
+
+
+def test_values_that_do_not_fit_the_input_dtype_are_refused_without_a_warning():
+    import warnings
+
+    f32 = [{"name": "x", "dtype": "float32"}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's cast warning would be one
+        with pytest.raises(InferenceError, match=r"^input 'x' holds a value out of the range "
+                                                 r"of float32: 1e\+39; send values that fit"):
+            Pipeline([{"op": "sensor.impute"}], inputs=f32).apply([1.0, None, 1e39])
+        with pytest.raises(InferenceError, match="out of the range of float32: -1e"):
+            Pipeline([], inputs=f32).apply([[-1e300, 0.0]])
+        with pytest.raises(InferenceError, match="out of the range of int8: 300"):
+            Pipeline([], inputs=[{"name": "x", "dtype": "int8"}]).apply([[1, 300]])
+        with pytest.raises(InferenceError, match="out of the range of int64: nan"):
+            Pipeline([{"op": "sensor.downsample", "factor": 1}],  # null: a missing sample
+                     inputs=[{"name": "x", "dtype": "int64"}]).apply([1.0, None])
+        with pytest.raises(InferenceError, match="infinite value"):
+            Pipeline([], inputs=f32).apply([float("inf")])
+        got = Pipeline([], inputs=f32).apply([[3e38, -3e38]])["x"]
+    np.testing.assert_array_equal(got, np.array([[3e38, -3e38]], np.float32))

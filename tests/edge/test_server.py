@@ -295,6 +295,20 @@ def test_an_axis_out_of_range_for_the_payload_is_a_400(tmp_path):
         assert 'code="500"' not in c.get("/metrics").text
 
 
+def test_raw_numbers_beyond_the_input_dtype_are_refused_as_on_infer(client):
+    row = [0.0] * 63
+    r = client.post("/v2/models/linear/infer", json=_infer_body(data=[1e39, *row]))
+    assert r.status_code == 400 and "out of the range of FP32" in r.json()["error"]
+    for value in (1e39, -1e300):
+        r = client.post("/v2/models/linear/raw", content=json.dumps([[value, *row]]))
+        assert r.status_code == 400
+        assert r.json()["error"] == (f"input 'input' holds a value out of the range of "
+                                     f"float32: {value}; send values that fit it")
+    r = client.post("/v2/models/linear/raw", content="[[1e400" + ",0" * 63 + "]]")
+    assert r.status_code == 400 and "infinite value" in r.json()["error"]
+    assert client.post("/v2/models/linear/raw", json=[[3e38, *row]]).status_code == 200
+
+
 def test_raw_sensor_stream(client, edge_bundles):
     from edgeslim.edge.preprocess import Pipeline, PostPipeline
 

@@ -232,12 +232,13 @@ class Pipeline:
             value = _to_array(raw)
         else:
             value = raw
-        # Extreme values overflow to inf or NaN; the answer says so (a 422 at the server),
-        # so numpy's warnings would only repeat it in the log.
+        # Extreme values overflow to inf or NaN; the answer says so (a 422 at the server, or a
+        # 400 when a value does not fit the input's dtype), so numpy's warnings would only
+        # repeat it in the log.
         with np.errstate(over="ignore", invalid="ignore"):
             for fn in self._fns:
                 value = fn(value)
-        inputs = self._to_inputs(value)
+            inputs = self._to_inputs(value)
         return inputs, ({**value, **inputs} if isinstance(value, dict) else dict(inputs))
 
     def _to_inputs(self, value: Any) -> dict[str, np.ndarray]:
@@ -249,14 +250,14 @@ class Pipeline:
                 raise InferenceError(
                     f"preprocessing gives {sorted(value)} but the model also needs {missing}"
                 )
-            return {n: _cast(value[n], dt) for n, dt in self.inputs}
+            return {n: _cast(value[n], dt, n) for n, dt in self.inputs}
         if len(self.inputs) > 1:
             raise InferenceError(
                 f"preprocessing gives one array but the model has {len(self.inputs)} inputs: "
                 f"{[n for n, _ in self.inputs]}"
             )
         name, dt = self.inputs[0] if self.inputs else ("input", None)
-        return {name: _cast(np.asarray(value), dt)}
+        return {name: _cast(np.asarray(value), dt, name)}
 
 
 def _to_array(raw: Any) -> np.ndarray:
@@ -272,15 +273,39 @@ def _to_array(raw: Any) -> np.ndarray:
         what = {"U": "strings", "S": "strings", "b": "true/false", "O": "null or mixed values"}
         raise InferenceError(f"the payload holds {what.get(kind, 'values that are not numbers')}"
                              f"; send a JSON array of numbers")
+    if np.isinf(arr).any():
+        raise InferenceError("the payload holds an infinite value (Infinity, or a number beyond "
+                             "the range of float64 such as 1e400); send finite numbers")
     if arr.size > _sensor.MAX_SAMPLES:
         raise InferenceError(f"the payload has {arr.size} values; at most {_sensor.MAX_SAMPLES}")
     return arr
 
 
-def _cast(arr: np.ndarray, dt: np.dtype | None) -> np.ndarray:
+def _cast(arr: np.ndarray, dt: np.dtype | None, name: str) -> np.ndarray:
     if dt is None or arr.dtype == dt:
         return np.ascontiguousarray(arr)
-    return np.ascontiguousarray(arr.astype(dt))
+    out = arr.astype(dt)
+    bad = _out_of_range(arr, out)
+    if bad is not None:
+        raise InferenceError(f"input '{name}' holds a value out of the range of {dt}: {bad}; "
+                             f"send values that fit it")
+    return np.ascontiguousarray(out)
+
+
+def _out_of_range(arr: np.ndarray, out: np.ndarray) -> Any:
+    """A value of ``arr`` that its cast ``out`` does not hold (it overflowed), else None."""
+    if arr.size == 0 or arr.dtype.kind not in "iuf":
+        return None
+    if out.dtype.kind == "f":  # finite numbers that became infinite
+        over = np.isinf(out) & ~np.isinf(arr) if arr.dtype.kind == "f" else np.isinf(out)
+        return arr[over].flat[0].item() if over.any() else None
+    if out.dtype.kind in "iu":  # integers wrap around and NaN becomes anything: refuse both
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            return arr[~np.isfinite(arr)].flat[0].item()
+        info = np.iinfo(out.dtype)
+        lo, hi = arr.min().item(), arr.max().item()  # Python numbers: compared exactly
+        return lo if lo < info.min else hi if hi > info.max else None
+    return None
 
 
 class PostPipeline:
