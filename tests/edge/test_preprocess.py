@@ -509,3 +509,23 @@ def test_values_that_do_not_fit_the_input_dtype_are_refused_without_a_warning():
             Pipeline([], inputs=f32).apply([float("inf")])
         got = Pipeline([], inputs=f32).apply([[3e38, -3e38]])["x"]
     np.testing.assert_array_equal(got, np.array([[3e38, -3e38]], np.float32))
+
+
+def test_overlapping_windows_are_views_and_their_total_size_is_capped():
+    from edgeslim.edge.preprocess.sensor import MAX_WINDOW_VALUES, windows
+
+    series = np.arange(20, dtype=float).reshape(10, 2)  # 10 steps, 2 channels
+    got = windows(series, 4, 3)
+    np.testing.assert_array_equal(got, np.stack([series[s : s + 4] for s in (0, 3, 6)]))
+    assert np.shares_memory(got, series)  # no copy per window
+    assert MAX_WINDOW_VALUES == 40_000_000
+    steps = [{"op": "sensor.window", "size": 128, "stride": 1}]
+    f32 = [{"name": "x", "dtype": "float32"}]
+    # a 2.5 MB series asking for windows of 128 samples at every sample: 160 MB of float32
+    with pytest.raises(InferenceError, match=r"^sensor.window of size 128 every 1 samples gives "
+                                             r"312501 windows of 128 values, 40000128 in all; "
+                                             r"at most 40000000 are allowed"):
+        Pipeline(steps, inputs=f32).apply(np.zeros(312_628))
+    with pytest.raises(InferenceError, match="199873 windows of 256 values"):  # 2 channels
+        Pipeline(steps, inputs=f32).apply(np.zeros((200_000, 2)))
+    assert Pipeline(steps, inputs=f32).apply(np.zeros(1000))["x"].shape == (873, 128)

@@ -14,7 +14,8 @@ reading (NaN). Ops, in the order one usually chains them:
 - ``sensor.downsample``: keep every ``factor``-th sample (``decimate``) or average blocks of
   ``factor`` (``mean``, a trailing partial block is dropped);
 - ``sensor.window``: sliding windows of ``size`` samples every ``stride`` samples, giving
-  ``(N, size)`` or ``(N, size, C)``; this ends the series ops.
+  ``(N, size)`` or ``(N, size, C)``, at most ``MAX_WINDOW_VALUES`` (40 million) values in all;
+  this ends the series ops.
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ from edgeslim.edge.preprocess._spec import (
 from edgeslim.errors import InferenceError
 
 MAX_SAMPLES = 10_000_000
+MAX_WINDOW_VALUES = 40_000_000
+"""Most values ``sensor.window`` may give (windows x size x channels): overlapping windows
+repeat each sample up to ``size`` times, so a small payload could otherwise ask for
+gigabytes. The same bound as ``image.resize``'s ``MAX_RESIZED_PIXELS``."""
 
 
 def to_series(raw: Any) -> np.ndarray:
@@ -209,8 +214,16 @@ def windows(x: np.ndarray, size: int, stride: int) -> np.ndarray:
         raise InferenceError(
             f"sensor.window of size {size} needs at least {size} samples; got {x.shape[0]}"
         )
-    starts = np.arange(0, x.shape[0] - size + 1, stride)
-    return np.stack([x[s : s + size] for s in starts])
+    n = (x.shape[0] - size) // stride + 1
+    per_window = size * (x.size // x.shape[0])  # samples x channels
+    if n * per_window > MAX_WINDOW_VALUES:
+        raise InferenceError(
+            f"sensor.window of size {size} every {stride} samples gives {n} windows of "
+            f"{per_window} values, {n * per_window} in all; at most {MAX_WINDOW_VALUES} are "
+            f"allowed (send a shorter series)"
+        )
+    # a view on x (no copy): (N, ..., size) -> (N, size, ...)
+    return np.moveaxis(sliding_window_view(x, size, axis=0)[::stride], -1, 1)
 
 
 def _window(params: dict[str, Any], ctx: BuildContext) -> Any:
