@@ -447,6 +447,22 @@ def test_an_array_payload_takes_numbers_only(raw, what):
     assert Pipeline([]).apply([[1, 2.5]])["input"].tolist() == [[1.0, 2.5]]
 
 
+@pytest.mark.parametrize(("raw", "what"), [(["1.5", "2", "3"], "strings"),
+                                           ([[1.0, "2"], [None, 3.0]], "strings"),
+                                           ([True, False, True], "true/false"),
+                                           ([True, None, 1.0], "true/false"),
+                                           ([[1.0, [2.0]], [None, 3.0]], "an array")])
+def test_a_sensor_payload_takes_numbers_and_null_only(raw, what):
+    """As an array payload does: "1.5" and true are refused, not read as 1.5 and 1.0; null
+    stays a missing sample."""
+    steps = [{"op": "sensor.impute", "method": "zero"}]
+    with pytest.raises(InferenceError, match=f"^a sensor payload (holds {what}; send numbers "
+                                             f"\\(null for a missing sample\\)|must be numbers)"):
+        Pipeline(steps).apply(raw)
+    got = Pipeline(steps).apply([[1, None], [2.5, 10**30]])["input"]
+    assert got.tolist() == [[1.0, 0.0], [2.5, 1e30]]
+
+
 @pytest.mark.parametrize(("post", "pattern"), [
     ([{"op": "softmax", "axis": 2}], r"'axis' parameter of postprocessing step 0 \(op 'softmax'\)"
                                      r" must be an axis of output 'logits' of rank 2 \(its axes"

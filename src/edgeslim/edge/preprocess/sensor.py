@@ -1,7 +1,7 @@
 """Sensor-stream preprocessing on numpy: time is axis 0 of a ``(T,)`` or ``(T, C)`` series.
 
 The raw payload is a JSON array of numbers (or of rows of numbers); ``null`` means a missing
-reading (NaN). Ops, in the order one usually chains them:
+reading (NaN); strings and booleans are refused. Ops, in the order one usually chains them:
 
 - ``sensor.impute``: ``drop`` rows with any NaN, or fill NaN by ``ffill`` (last valid value,
   leading gaps take the first valid value), the channel ``mean`` or ``zero``;
@@ -62,12 +62,16 @@ def to_series(raw: Any) -> np.ndarray:
                 f"got {json_kind(raw)}"
             )
         try:
+            # as parsed: numbers and null only (a float64 conversion takes "1.5" and true)
+            kind = np.asarray(raw).dtype.kind
             arr = np.array(raw, dtype=np.float64)
         except (ValueError, TypeError) as exc:
             raise InferenceError(
                 f"a sensor payload must be numbers (null for missing) in rows of equal length: "
                 f"{exc}"
             ) from None
+        if kind not in "iuf":
+            _check_numbers_or_null(raw, kind)
     if arr.ndim not in (1, 2) or arr.size == 0:
         raise InferenceError(
             f"a sensor payload must be (T,) or (T, C); got shape {list(arr.shape)}"
@@ -77,6 +81,21 @@ def to_series(raw: Any) -> np.ndarray:
     if np.isinf(arr).any():
         raise InferenceError("a sensor payload holds an infinite value")
     return arr
+
+
+def _check_numbers_or_null(raw: list[Any], kind: str) -> None:
+    """``InferenceError`` unless every value of the rectangular ``raw`` is a number or null."""
+    bad = None
+    if kind == "O":  # null among the numbers, or mixed values: look at each one
+        values = np.array(raw, dtype=object).ravel()
+        bad = next((v for v in values if v is not None and (
+            isinstance(v, bool) or not isinstance(v, (int, float)))), None)
+        if bad is None:
+            return
+    what = ("true/false" if kind == "b" or isinstance(bad, bool) else
+            "strings" if kind in "US" or isinstance(bad, str) else json_kind(bad))
+    raise InferenceError(f"a sensor payload holds {what}; send numbers (null for a missing "
+                         f"sample)")
 
 
 def _impute(params: dict[str, Any], ctx: BuildContext) -> Any:
