@@ -309,6 +309,38 @@ def test_raw_numbers_beyond_the_input_dtype_are_refused_as_on_infer(client):
     assert client.post("/v2/models/linear/raw", json=[[3e38, *row]]).status_code == 200
 
 
+def test_a_scalar_input_stays_a_scalar(tmp_path):
+    import httpx
+    from onnx import TensorProto, helper, numpy_helper
+
+    import edgeslim
+    from edgeslim.bundle import write_bundle
+    from edgeslim.edge.server import EdgeServer
+    from tests.edge._bundles import _model
+
+    model = _model([helper.make_node("Mul", ["x", "two"], ["y"])],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
+                   [numpy_helper.from_array(np.array(2, np.float32), "two")])
+    path = write_bundle(tmp_path / "scalar.eslim", model_onnx=model, manifest={
+        "name": "scalar",
+        "inputs": [{"name": "x", "dtype": "float32", "shape": []}],
+        "outputs": [{"name": "y", "dtype": "float32", "shape": []}],
+        "probe": {"inputs": {"x": 3.0}, "outputs": {"y": 6.0}, "atol": 1e-6}})
+    runner = edgeslim.load(path)
+    for x in (np.float32(3), np.array(3, np.float32)):
+        y = runner.run(x)["y"]
+        assert y.shape == () and y == 6.0  # as onnxruntime answers, not (1,)
+    assert runner.probe() == 0.0
+    with EdgeServer([path], threads=1) as server, httpx.Client(base_url=server.url) as c:
+        r = c.post("/v2/models/scalar/raw", content="3")
+        assert r.status_code == 200, r.text
+        assert r.json()["outputs"] == {"y": 6.0}
+        r = c.post("/v2/models/scalar/infer", json={"inputs": [
+            {"name": "x", "datatype": "FP32", "shape": [], "data": [3]}]})
+        assert r.status_code == 200 and r.json()["outputs"][0]["shape"] == []
+
+
 def test_raw_sensor_stream(client, edge_bundles):
     from edgeslim.edge.preprocess import Pipeline, PostPipeline
 

@@ -262,7 +262,7 @@ class Runner:
                 )
             else:
                 symbols[dim] = (size, spec.name)
-        return np.ascontiguousarray(arr)
+        return np.asarray(arr, order="C")  # C order, and a scalar stays rank 0
 
     def run(self, inputs: Any, *, cast: bool = False) -> dict[str, np.ndarray]:
         """Run the model; return ``{output name: array}`` in the manifest's output order.

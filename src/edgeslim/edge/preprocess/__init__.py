@@ -283,13 +283,13 @@ def _to_array(raw: Any) -> np.ndarray:
 
 def _cast(arr: np.ndarray, dt: np.dtype | None, name: str) -> np.ndarray:
     if dt is None or arr.dtype == dt:
-        return np.ascontiguousarray(arr)
+        return np.asarray(arr, order="C")  # not ascontiguousarray: a scalar stays rank 0
     out = arr.astype(dt)
     bad = _out_of_range(arr, out)
     if bad is not None:
         raise InferenceError(f"input '{name}' holds a value out of the range of {dt}: {bad}; "
                              f"send values that fit it")
-    return np.ascontiguousarray(out)
+    return np.asarray(out, order="C")
 
 
 def _out_of_range(arr: np.ndarray, out: np.ndarray) -> Any:
