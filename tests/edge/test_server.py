@@ -205,6 +205,23 @@ def test_auth(server):
         assert anon.post("/v2/repository/models/linear/unload").status_code == 401
 
 
+def test_requests_refused_for_their_token_are_counted(server, client):
+    import httpx
+
+    series = 'edgeslim_requests_total{code="401",endpoint="auth",model=""}'
+    errors = 'edgeslim_request_errors_total{code="401",endpoint="auth",model=""}'
+    before = client.get("/metrics").text
+    with httpx.Client(base_url=server.url) as anon:
+        assert anon.post("/v2/models/linear/infer", json=_infer_body()).status_code == 401
+        assert anon.get("/metrics", headers={"Authorization": "Bearer nope"}
+                        ).status_code == 401
+        assert anon.get("/v2/health/live").status_code == 200  # open: not refused
+    after = client.get("/metrics").text
+    for name in (series, errors):
+        was = _sample(before, name) if name + " " in before else 0.0
+        assert _sample(after, name) == was + 2
+
+
 def test_raw_image_applies_manifest_pre_and_postprocessing(client, edge_bundles):
     from edgeslim.edge.preprocess import Pipeline
 

@@ -2,7 +2,8 @@
 
 Exposed at ``GET /metrics`` in the Prometheus text format:
 
-- ``edgeslim_requests_total{endpoint, model, code}``: requests answered, by HTTP status;
+- ``edgeslim_requests_total{endpoint, model, code}``: requests answered, by HTTP status
+  (those refused for a missing or wrong bearer token under the endpoint ``auth``);
 - ``edgeslim_request_errors_total{endpoint, model, code}``: those answered with a 4xx/5xx;
 - ``edgeslim_request_latency_seconds{endpoint, model}``: handling time, histogram;
 - ``edgeslim_batch_size{model}``: requests' rows per model run, histogram;

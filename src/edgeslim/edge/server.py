@@ -102,11 +102,15 @@ def _version() -> str:
 
 
 class _Auth:
-    """Bearer-token check in front of the app (pure ASGI, constant-time comparison)."""
+    """Bearer-token check in front of the app (pure ASGI, constant-time comparison).
 
-    def __init__(self, app: Any, token: str | None) -> None:
+    Refused requests are counted in ``metrics`` under the endpoint ``auth``.
+    """
+
+    def __init__(self, app: Any, token: str | None, metrics: Metrics | None = None) -> None:
         self.app = app
         self.expected = f"Bearer {token}".encode() if token else None
+        self.metrics = metrics
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if (
@@ -114,6 +118,7 @@ class _Auth:
             and scope["type"] == "http"
             and scope["path"] not in OPEN_PATHS
         ):
+            t0 = time.perf_counter()
             given = b""
             for key, value in scope["headers"]:
                 if key == b"authorization":
@@ -124,6 +129,8 @@ class _Auth:
                 resp = error(401, f"{msg}: send 'Authorization: Bearer TOKEN'",
                              {"WWW-Authenticate": "Bearer"})
                 await resp(scope, receive, send)
+                if self.metrics is not None:
+                    self.metrics.observe("auth", "", 401, time.perf_counter() - t0)
                 return
         await self.app(scope, receive, send)
 
@@ -229,7 +236,7 @@ class EdgeApp:
             Exception: self._crash,
         })
         self.starlette = starlette
-        self.asgi = _Auth(self._dispatch, token)
+        self.asgi = _Auth(self._dispatch, token, metrics)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         await self.asgi(scope, receive, send)
