@@ -545,3 +545,46 @@ def test_overlapping_windows_are_views_and_their_total_size_is_capped():
     with pytest.raises(InferenceError, match="199873 windows of 256 values"):  # 2 channels
         Pipeline(steps, inputs=f32).apply(np.zeros((200_000, 2)))
     assert Pipeline(steps, inputs=f32).apply(np.zeros(1000))["x"].shape == (873, 128)
+
+
+def _png_header(w: int, h: int) -> bytes:
+    """A valid 8-bit grey PNG of w x h whose single row compresses to a few bytes (the
+    header is all that is read before the size is checked)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+            + chunk(b"IDAT", zlib.compress(b"\0" * (w + 1))) + chunk(b"IEND", b""))
+
+
+def _jpeg_sized(w: int, h: int) -> bytes:
+    """An 8x8 JPEG whose frame header says w x h."""
+    data = bytearray(_png(np.zeros((8, 8, 3), np.uint8), "JPEG"))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = h.to_bytes(2, "big") + w.to_bytes(2, "big")
+    return bytes(data)
+
+
+def test_images_beyond_pillows_own_bound_are_refused_for_their_size():
+    """Pillow will not open an image over 2 x 89M pixels; that is a size, not a bad body."""
+    import warnings
+
+    decode = [{"op": "image.decode"}, {"op": "image.scale"}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nor does Pillow's warning above 89M pixels escape
+        for body in (_png_header(20_000, 10_000), _jpeg_sized(20_000, 10_000)):
+            with pytest.raises(InferenceError, match=r"^the image is 20000x10000 = 200000000 "
+                                                     r"pixels; at most 40000000 are allowed$"):
+                Pipeline(decode).apply(body)
+        wide = [{"op": "image.decode", "max_pixels": 1 << 30}, {"op": "image.scale"}]
+        with pytest.raises(InferenceError, match=r"= 200000000 pixels; at most 178956970 are"):
+            Pipeline(wide).apply(_png_header(20_000, 10_000))  # Pillow's bound is the lower
+        capped = [{"op": "image.decode", "max_pixels": 80_000_000}, {"op": "image.scale"}]
+        with pytest.raises(InferenceError, match=r"9000x10000 = 90000000 pixels; at most "
+                                                 r"80000000"):
+            Pipeline(capped).apply(_jpeg_sized(9000, 10_000))

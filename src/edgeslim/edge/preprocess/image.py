@@ -13,6 +13,7 @@ divides by ``std`` per channel and ``image.layout`` moves to ``NCHW`` (or ``NHWC
 from __future__ import annotations
 
 import io
+import warnings
 from typing import Any
 
 import numpy as np
@@ -56,7 +57,11 @@ def _decode(params: dict[str, Any], ctx: BuildContext) -> Any:
                 f"got {type(raw).__name__}"
             )
         try:
-            img = Image.open(io.BytesIO(bytes(raw)), formats=_FORMATS)
+            with warnings.catch_warnings():  # Pillow's warning above 89M pixels: see below
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(io.BytesIO(bytes(raw)), formats=_FORMATS)
+        except Image.DecompressionBombError:  # over twice that, Pillow will not open it
+            raise InferenceError(_too_large(bytes(raw), max_pixels)) from None
         except Exception:
             raise InferenceError(_not_an_image(bytes(raw))) from None
         w, h = img.size
@@ -77,6 +82,22 @@ def _decode(params: dict[str, Any], ctx: BuildContext) -> Any:
             raise InferenceError(f"could not decode the image: {exc}") from None
 
     return step
+
+
+def _too_large(raw: bytes, max_pixels: int) -> str:
+    """Why an image Pillow refuses to open for its size is refused: its size and the most
+    allowed (``max_pixels``, or Pillow's own bound when that is lower)."""
+    from PIL import JpegImagePlugin, PngImagePlugin
+
+    bound = _pil().MAX_IMAGE_PIXELS
+    most = min(max_pixels, 2 * bound) if bound else max_pixels
+    for plugin in (PngImagePlugin.PngImageFile, JpegImagePlugin.JpegImageFile):
+        try:  # the plugin reads the header only, without Image.open's size check
+            w, h = plugin(io.BytesIO(raw)).size
+        except Exception:
+            continue
+        return f"the image is {w}x{h} = {w * h} pixels; at most {most} are allowed"
+    return f"the image has over {most} pixels; at most {most} are allowed"
 
 
 def _not_an_image(raw: bytes) -> str:
