@@ -12,6 +12,7 @@ from pathlib import Path
 import typer
 
 TOKEN_ENV = "EDGESLIM_TOKEN"
+MIN_BODY_MB = 0.001  # as EdgeServer's: about 1 kB, enough for a small JSON request
 
 
 def register(app: typer.Typer) -> None:
@@ -34,7 +35,9 @@ def register(app: typer.Typer) -> None:
             4.0, "--inline-ms", min=0.0,
             help="Model runs expected to take at most this long run on the event loop; slower "
                  "ones in a worker thread, unless one client alone is connected (ms)."),
-        max_body_mb: float = typer.Option(16.0, "--max-body-mb", help="Largest request body."),
+        max_body_mb: float = typer.Option(
+            16.0, "--max-body-mb", min=MIN_BODY_MB,
+            help=f"Largest request body (MB, at least {MIN_BODY_MB})."),
         threads: int = typer.Option(
             None, "--threads", min=1, max=256,
             help="onnxruntime intra-op threads per model (default: physical cores, at most 4)."),
@@ -49,9 +52,15 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
 
         from edgeslim.edge.server import EdgeServer
+        from edgeslim.errors import ConfigError
 
+        if token is None and os.environ.get(TOKEN_ENV) == "":
+            token = ""  # click reads an empty variable as unset: a secret that did not arrive
+        if token is not None and not token.strip():
+            raise ConfigError(f"--token (or {TOKEN_ENV}) is empty; give a token, or set neither "
+                              f"to serve without auth (load and unload off)")
         server = EdgeServer(  # a SignatureError exits 4 (its exit_code)
-            [str(b) for b in bundles], host=host, port=port, token=token or None,
+            [str(b) for b in bundles], host=host, port=port, token=token,
             public_key=str(public_key) if public_key is not None else None,
             max_batch=max_batch, batch_window_ms=batch_window_ms, inline_ms=inline_ms,
             max_body_mb=max_body_mb, threads=threads, spin=spin,

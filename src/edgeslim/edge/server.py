@@ -62,6 +62,8 @@ log = logging.getLogger("edgeslim.edge.server")
 
 OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
 SERVER_NAME = "edgeslim"
+MIN_BODY_MB = 0.001
+"""The smallest body limit (``max_body_mb``): about 1 kB, enough for a small JSON request."""
 EXTENSIONS = ["binary_tensor_data", "model_repository", "edgeslim_raw"]
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -519,6 +521,10 @@ class EdgeServer:
         check_positive(batch_window_ms, "batch_window_ms", "EdgeServer", allow_zero=True)
         check_positive(inline_ms, "inline_ms", "EdgeServer", allow_zero=True)
         check_positive(max_body_mb, "max_body_mb", "EdgeServer")
+        if max_body_mb < MIN_BODY_MB:
+            raise ConfigError(f"The 'max_body_mb' parameter of EdgeServer must be at least "
+                              f"{MIN_BODY_MB} (about 1 kB; the default is 16). Got "
+                              f"{max_body_mb!r} instead.")
         check_int_range(workers, "workers", "EdgeServer", 1, 256)
         if threads is not None:
             check_int_range(threads, "threads", "EdgeServer", 1, 256)
