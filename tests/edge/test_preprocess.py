@@ -527,6 +527,24 @@ def test_values_that_do_not_fit_the_input_dtype_are_refused_without_a_warning():
     np.testing.assert_array_equal(got, np.array([[3e38, -3e38]], np.float32))
 
 
+def test_the_cast_step_refuses_values_it_would_wrap_and_keeps_truncation():
+    steps = [{"op": "cast", "dtype": "int8"}]
+    f32 = [{"name": "x", "dtype": "float32"}]
+    # 300 became 44 and NaN any integer, silently
+    with pytest.raises(InferenceError, match=r"cast to int8: the array holds a value out of "
+                                             r"the range of int8: 300"):
+        Pipeline(steps, inputs=f32).apply([[1, 300]])
+    with pytest.raises(InferenceError, match="out of the range of int8: nan"):
+        Pipeline(steps, inputs=f32).apply(np.array([[np.nan]]))
+    got = Pipeline(steps, inputs=f32).apply([[-128, 127.9]])["x"]
+    np.testing.assert_array_equal(got, np.array([[-128, 127]], np.float32))
+
+
+def test_integers_beyond_64_bits_are_named_as_such():
+    with pytest.raises(InferenceError, match="integers beyond 64 bits"):
+        Pipeline([], inputs=[{"name": "x", "dtype": "float32"}]).apply([[10**30]])
+
+
 def test_overlapping_windows_are_views_and_their_total_size_is_capped():
     from edgeslim.edge.preprocess.sensor import MAX_WINDOW_VALUES, windows
 

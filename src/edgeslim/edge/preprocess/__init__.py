@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeslim.edge.preprocess import array as _array  # noqa: F401  (registers ops)
+from edgeslim.edge.preprocess import array as _array
 from edgeslim.edge.preprocess import image as _image  # noqa: F401
 from edgeslim.edge.preprocess import post as _post
 from edgeslim.edge.preprocess import sensor as _sensor
@@ -270,7 +270,8 @@ def _to_array(raw: Any) -> np.ndarray:
     except (ValueError, TypeError) as exc:
         raise InferenceError(f"the payload is not a rectangular array of numbers: {exc}") from None
     if kind not in "iuf":
-        what = {"U": "strings", "S": "strings", "b": "true/false", "O": "null or mixed values"}
+        what = {"U": "strings", "S": "strings", "b": "true/false",
+                "O": "null, mixed values or integers beyond 64 bits"}
         raise InferenceError(f"the payload holds {what.get(kind, 'values that are not numbers')}"
                              f"; send a JSON array of numbers")
     if np.isinf(arr).any():
@@ -284,28 +285,7 @@ def _to_array(raw: Any) -> np.ndarray:
 def _cast(arr: np.ndarray, dt: np.dtype | None, name: str) -> np.ndarray:
     if dt is None or arr.dtype == dt:
         return np.asarray(arr, order="C")  # not ascontiguousarray: a scalar stays rank 0
-    out = arr.astype(dt)
-    bad = _out_of_range(arr, out)
-    if bad is not None:
-        raise InferenceError(f"input '{name}' holds a value out of the range of {dt}: {bad}; "
-                             f"send values that fit it")
-    return np.asarray(out, order="C")
-
-
-def _out_of_range(arr: np.ndarray, out: np.ndarray) -> Any:
-    """A value of ``arr`` that its cast ``out`` does not hold (it overflowed), else None."""
-    if arr.size == 0 or arr.dtype.kind not in "iuf":
-        return None
-    if out.dtype.kind == "f":  # finite numbers that became infinite
-        over = np.isinf(out) & ~np.isinf(arr) if arr.dtype.kind == "f" else np.isinf(out)
-        return arr[over].flat[0].item() if over.any() else None
-    if out.dtype.kind in "iu":  # integers wrap around and NaN becomes anything: refuse both
-        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-            return arr[~np.isfinite(arr)].flat[0].item()
-        info = np.iinfo(out.dtype)
-        lo, hi = arr.min().item(), arr.max().item()  # Python numbers: compared exactly
-        return lo if lo < info.min else hi if hi > info.max else None
-    return None
+    return np.asarray(_array.cast_exactly(arr, dt, f"input '{name}'"), order="C")
 
 
 class PostPipeline:

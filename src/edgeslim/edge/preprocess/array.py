@@ -66,9 +66,36 @@ def _expand_dims(params: dict[str, Any], ctx: BuildContext) -> Any:
     return step
 
 
+def cast_exactly(arr: np.ndarray, dt: np.dtype, what: str) -> np.ndarray:
+    """``arr`` cast to ``dt``, or an ``InferenceError`` naming ``what`` when the cast would
+    change a value beyond truncation: a finite number beyond the range of a float type, a
+    number beyond the range of an integer type (it would wrap around), NaN or infinity cast to
+    integers."""
+    out = arr.astype(dt)
+    if arr.size == 0 or arr.dtype.kind not in "iuf":
+        return out
+    bad: Any = None
+    if out.dtype.kind == "f":  # finite numbers that became infinite
+        over = np.isinf(out) & ~np.isinf(arr) if arr.dtype.kind == "f" else np.isinf(out)
+        bad = arr[over].flat[0].item() if over.any() else None
+    elif out.dtype.kind in "iu":
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            bad = arr[~np.isfinite(arr)].flat[0].item()
+        else:  # fractions are truncated, as numpy casts them
+            info = np.iinfo(out.dtype)
+            whole = np.trunc(arr) if arr.dtype.kind == "f" else arr
+            lo, hi = whole.min().item(), whole.max().item()  # Python numbers: exact compares
+            if lo < info.min or hi > info.max:
+                bad = arr[(whole < info.min) | (whole > info.max)].flat[0].item()
+    if bad is not None:
+        raise InferenceError(f"{what} holds a value out of the range of {dt}: {bad}; send "
+                             f"values that fit it")
+    return out
+
+
 def _cast(params: dict[str, Any], ctx: BuildContext) -> Any:
     dt = np.dtype(params["dtype"])
-    return lambda x: x.astype(dt)
+    return lambda x: cast_exactly(x, dt, f"cast to {dt}: the array")
 
 
 register(OpSpec(
