@@ -203,3 +203,39 @@ def test_demo_out_dir_is_a_file(blocker, capsys):
     assert main(["demo", "--out-dir", str(blocker / "sub")]) == 2
     one_line_error(capsys, f"--out-dir {blocker / 'sub'}", f"{blocker} is a file, not a folder")
     assert blocker.read_text() == "keep me"
+
+
+def test_a_store_made_with_relative_paths_answers_from_another_directory(tmp_path, monkeypatch,
+                                                                         capsys):
+    """A run made with relative paths, reported (and resumed) from another working directory:
+    its candidates' bundles are found, not lost (the report read 'No candidate finished.')."""
+    from edgeslim.optimize.space import Candidate
+    from edgeslim.optimize.store import ResultStore
+
+    first, other = tmp_path / "first", tmp_path / "other"
+    first.mkdir()
+    other.mkdir()
+    monkeypatch.chdir(first)
+    _small_store(Path("run"))  # the bundle path given to the store: run/c.eslim
+    monkeypatch.chdir(other)
+    with ResultStore(Path("../first/run/search.sqlite")) as st:
+        row = st.get("k")  # what a resumed run reads back instead of rebuilding
+        assert Path(row.bundle).is_file() and Candidate(**row.config) == Candidate()
+    assert main(["report", "../first/run"]) == 0
+    html = (first / "run" / "index.html").read_text()
+    assert "No candidate finished" not in html and "fp32" in capsys.readouterr().out
+
+
+def test_a_store_written_with_cwd_relative_paths_still_answers_there(tmp_path, monkeypatch):
+    """Stores written before bundle paths were kept relative to the store hold paths relative
+    to the run's working directory; run from there, they still resolve."""
+    import sqlite3
+
+    from edgeslim.optimize.store import ResultStore
+
+    monkeypatch.chdir(tmp_path)
+    _small_store(Path("run"))
+    with sqlite3.connect("run/search.sqlite") as db:
+        db.execute("UPDATE candidates SET bundle='run/c.eslim'")
+    with ResultStore(Path("run/search.sqlite")) as st:
+        assert st.get("k").bundle == "run/c.eslim" and Path(st.get("k").bundle).is_file()

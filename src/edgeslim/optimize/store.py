@@ -6,8 +6,10 @@ measurement settings, search version) (``edgeslim.optimize.space.candidate_key``
 (with the error) when it ends; each start adds one to ``evaluations``, so a test (or a curious user)
 can see that a resumed run did not redo finished work. A candidate stopped by Ctrl-C is marked
 ``interrupted`` (one whose process was killed stays ``running``); either is evaluated again on the
-next run. The ``runs`` table records each invocation; ``meta`` holds per-model facts that are worth
-keeping across runs (per-layer sensitivity).
+next run. A candidate's bundle path is kept relative to the store's folder (absolute when it lies
+outside it), so a store answers the same from any working directory. The ``runs`` table records
+each invocation; ``meta`` holds per-model facts that are worth keeping across runs (per-layer
+sensitivity).
 
 The file is opened in WAL mode with ``synchronous=NORMAL``: a reader (the report, a test
 polling progress) never blocks the writer, and a kill loses at most the row being written.
@@ -113,7 +115,7 @@ class ResultStore:
         row = self._db.execute(
             "SELECT key, model_hash, config, status, result, error, bundle, evaluations, "
             "seconds, seq, finished FROM candidates WHERE key = ?", (key,)).fetchone()
-        return _row(row) if row else None
+        return self._row(row) if row else None
 
     def start(self, key: str, model_hash: str, config: dict[str, Any]) -> None:
         """Mark ``key`` running and count one more evaluation of it."""
@@ -129,7 +131,8 @@ class ResultStore:
                seconds: float) -> None:
         self._db.execute(
             "UPDATE candidates SET status='done', result=?, bundle=?, seconds=?, finished=? "
-            "WHERE key=?", (json.dumps(result, sort_keys=True), bundle, seconds, time.time(), key))
+            "WHERE key=?", (json.dumps(result, sort_keys=True), self._to_store(bundle), seconds,
+                            time.time(), key))
 
     def fail(self, key: str, error: str, *, seconds: float) -> None:
         self._db.execute(
@@ -154,11 +157,41 @@ class ResultStore:
             args.append(status)
         if where:
             sql += " WHERE " + " AND ".join(where)
-        return [_row(r) for r in self._db.execute(sql + " ORDER BY seq", args)]
+        return [self._row(r) for r in self._db.execute(sql + " ORDER BY seq", args)]
 
     def model_hashes(self) -> list[str]:
         return [r[0] for r in self._db.execute(
             "SELECT model_hash FROM runs GROUP BY model_hash ORDER BY MAX(id) DESC")]
+
+    # -- bundle paths ----------------------------------------------------------------------
+
+    def _to_store(self, bundle: str | None) -> str | None:
+        """``bundle`` as kept in the store: relative to the store's folder when it lies under
+        it, else absolute (never relative to the working directory of the run)."""
+        if bundle is None:
+            return None
+        full = Path(bundle).resolve()
+        try:
+            return full.relative_to(self.path.parent.resolve()).as_posix()
+        except ValueError:
+            return str(full)
+
+    def _from_store(self, stored: str | None) -> str | None:
+        """A stored bundle path as a path usable from here. Stores written before paths were
+        kept relative to the store hold paths relative to the working directory of their run;
+        those still resolve when that is the working directory now."""
+        if stored is None or Path(stored).is_absolute():
+            return stored
+        here = self.path.parent / stored
+        if not here.exists() and Path(stored).is_file():
+            return stored
+        return str(here)
+
+    def _row(self, r: tuple[Any, ...]) -> CandidateRow:
+        key, mh, config, status, result, error, bundle, evaluations, seconds, seq, finished = r
+        return CandidateRow(key, mh, json.loads(config), status,
+                            json.loads(result) if result else None, error,
+                            self._from_store(bundle), int(evaluations), seconds, seq, finished)
 
     # -- runs and meta ---------------------------------------------------------------------
 
@@ -195,8 +228,3 @@ class ResultStore:
         return json.loads(row[0]) if row else None
 
 
-def _row(r: tuple[Any, ...]) -> CandidateRow:
-    key, mh, config, status, result, error, bundle, evaluations, seconds, seq, finished = r
-    return CandidateRow(key, mh, json.loads(config), status,
-                        json.loads(result) if result else None, error, bundle,
-                        int(evaluations), seconds, seq, finished)
