@@ -73,7 +73,7 @@ def compress(
     model's name and version in the manifest (what a node serves and reports; version "1"
     by default).
     """
-    from edgeslim.bundle.manifest import NAME_RE, VERSION_RE
+    from edgeslim.bundle.manifest import NAME_RE, NAME_RULE, VERSION_RE, model_name_for
     from edgeslim.presets import DEFAULT_PRESET, preset_recipe
 
     if recipe is not None and preset is not None:
@@ -83,8 +83,7 @@ def compress(
                           f"Recipe.from_dict). Got {type(recipe).__name__} instead.")
     check_path(out, "out", "compress")
     if name is not None and (not isinstance(name, str) or not NAME_RE.fullmatch(name)):
-        raise ConfigError(f"The model name must be 1-64 of A-Z a-z 0-9 _ . - (a V2 model "
-                          f"name). Got {name!r} instead.")
+        raise ConfigError(f"The model name must be {NAME_RULE}. Got {name!r} instead.")
     if version is not None and (not isinstance(version, str) or not VERSION_RE.fullmatch(version)):
         raise ConfigError(f"The model version must be 1-64 of A-Z a-z 0-9 _ . + -. "
                           f"Got {version!r} instead.")
@@ -93,7 +92,7 @@ def compress(
         recipe = preset_recipe(preset or DEFAULT_PRESET)
     recipe.validate()
     model_name = model if isinstance(model, str) else None
-    bundle_name = name or recipe.name or (Path(model_name).stem if model_name else "model")
+    bundle_name = name or recipe.name or model_name_for(model_name)
     _check_out(out, model)
     if sign_key is not None:  # a bad key fails now, not after the compression
         from edgeslim.bundle.signing import load_private_key

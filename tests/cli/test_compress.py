@@ -69,6 +69,39 @@ def test_a_bad_model_version_is_refused_before_any_work(tmp_path, capsys):
     assert rc == 2 and "'v 2'" in capsys.readouterr().err and not out.exists()
 
 
+def test_default_names_of_callables_and_files_are_valid_model_names(tmp_path, monkeypatch):
+    """'package.module:callable' and a file name with spaces give the bundle a valid name (the
+    bundle writer refused "mymodels:mlp" after all the work)."""
+    (tmp_path / "eslim_names_models.py").write_text(
+        "from torch import nn\n\n\ndef mlp():\n"
+        "    return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data: digits\nsteps: []\n")
+    out = tmp_path / "a.eslim"
+    assert main(["compress", "eslim_names_models:mlp", "--recipe", str(recipe), "-o", str(out),
+                 "-q"]) == 0
+    assert json.loads(zipfile.ZipFile(out).read("manifest.json"))["name"] == "mlp"
+    spaced = _matmul_mlp(tmp_path / "my model (1).onnx")
+    assert main(["compress", str(spaced), "--recipe", str(recipe), "-o", str(out), "-q"]) == 0
+    assert json.loads(zipfile.ZipFile(out).read("manifest.json"))["name"] == "my-model--1-"
+
+
+def test_a_bad_recipe_name_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    import edgeslim.zoo
+
+    def untouched(*a, **k):
+        raise AssertionError("work started before the recipe name was checked")
+
+    monkeypatch.setattr(edgeslim.zoo, "load_model", untouched)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: digits slim\nsteps:\n  - finetune: {epochs: 5}\n")
+    out = tmp_path / "x.eslim"
+    assert main(["compress", "digits-mlp", "--recipe", str(recipe), "-o", str(out), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "Got 'digits slim' instead" in err and "Traceback" not in err and not out.exists()
+
+
 def test_recipe_file_through_cli(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("name: tiny\nsteps:\n  - prune: {sparsity: 0.5}\n  - pack: {bits: 6}\n")

@@ -56,6 +56,10 @@ def test_recipe_from_python_objects_and_dict_agree():
         ({"steps": [{"ptq": {"bits": 4}}]}, "is 4 only with scheme: weight_only"),
         ({"steps": [{"ptq": {"bits": 4, "scheme": "dynamic"}}]}, "Add scheme: weight_only"),
         ({"export": {"opset": 99}, "steps": ["pack"]}, "Unknown top-level key 'export'"),
+        ({"name": "my model!", "steps": []},
+         "The recipe's 'name' (the model name in the manifest) must be 1-64 of A-Z a-z 0-9 _ . - "
+         "(a V2 model name). Got 'my model!' instead."),
+        ({"name": 123, "steps": []}, "Got 123 instead"),
     ],
 )
 def test_bad_recipes_fail_fast_naming_the_value(raw, needle):

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -66,8 +68,31 @@ DTYPES = (
 MAX_FIXED_ELEMENTS = 1 << 26
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 VERSION_RE = re.compile(r"[A-Za-z0-9_.+-]{1,64}")
+#: NAME_RE in words, for messages
+NAME_RULE = "1-64 of A-Z a-z 0-9 _ . - (a V2 model name)"
 _TASK_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
+
+
+def safe_model_name(raw: str, limit: int = 64) -> str:
+    """``raw`` made a model name that NAME_RE accepts: characters outside A-Z a-z 0-9 _ . -
+    become '-', at most ``limit`` of them, no leading or trailing dots."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", raw)[:limit].strip(".") or "model"
+
+
+def model_name_for(model: Any, limit: int = 64) -> str:
+    """The default model name of ``model`` as the user gave it: the callable of
+    ``package.module:callable``, the stem of a file, the class of an object ("model" for None),
+    made valid with ``safe_model_name``."""
+    if model is None:
+        raw = "model"
+    elif isinstance(model, (str, os.PathLike)):
+        text = str(model)
+        is_file = text.endswith(".onnx") or Path(text).exists()
+        raw = text.rsplit(":", 1)[-1] if ":" in text and not is_file else Path(text).stem
+    else:
+        raw = type(model).__name__
+    return safe_model_name(raw, limit)
 _CREATED_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z")
 _PART_RE = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 

@@ -61,11 +61,10 @@ class OptimizeResult:
 
 
 def _label(model: Any, name: str | None) -> str:
-    raw = name or (Path(model).stem if isinstance(model, (str, Path)) and ":" not in str(model)
-                   else type(model).__name__ if not isinstance(model, str)
-                   else str(model).rsplit(":", 1)[-1])
-    label = re.sub(r"[^A-Za-z0-9_.-]", "-", raw)[:60].strip(".") or "model"
-    return label
+    """The model's name in the bundles (with "-opt" added: 60 characters at most)."""
+    from edgeslim.bundle.manifest import model_name_for, safe_model_name
+
+    return safe_model_name(name, 60) if name else model_name_for(model, 60)
 
 
 def _check_report_dir(run_dir: Path) -> None:

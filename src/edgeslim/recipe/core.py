@@ -90,8 +90,13 @@ class Recipe:
         self.validate()
 
     def validate(self) -> None:
+        from edgeslim.bundle.manifest import NAME_RE, NAME_RULE
         from edgeslim.recipe.steps import STEPS
 
+        if self.name is not None and (not isinstance(self.name, str)
+                                      or not NAME_RE.fullmatch(self.name)):
+            raise ConfigError(f"The recipe's 'name' (the model name in the manifest) must be "
+                              f"{NAME_RULE}. Got {self.name!r} instead.")
         seen_onnx = None
         for i, step in enumerate(self.steps):
             step.validate(i)
