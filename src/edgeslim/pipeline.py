@@ -22,7 +22,7 @@ from edgeslim._validate import check_path
 from edgeslim.errors import ConfigError, ModelError
 from edgeslim.recipe.core import Recipe
 from edgeslim.recipe.measure import StepMetrics
-from edgeslim.recipe.steps import ptq_overrides
+from edgeslim.recipe.steps import check_training_data, ptq_overrides
 from edgeslim.recipe.workload import WORKLOADS, Workload, workload_for
 
 __all__ = ["CompressResult", "compress", "onnx_latency_ms"]
@@ -113,6 +113,8 @@ def compress(
     wl = workload or workload_for(
         model_name, recipe.data, reference=None if isinstance(resolved, Path) else resolved
     )
+    if not isinstance(resolved, Path):  # a step that trains fails now, not after the others
+        check_training_data(recipe.torch_steps, wl)
     report = Path(out).with_name(Path(out).stem + ".ptq-report.json")
     for step in recipe.onnx_steps:  # what depends on the workload fails before any work too
         if step.name == "ptq":

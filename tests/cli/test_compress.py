@@ -102,6 +102,40 @@ def test_a_bad_recipe_name_is_refused_before_any_work(tmp_path, monkeypatch, cap
     assert "Got 'digits slim' instead" in err and "Traceback" not in err and not out.exists()
 
 
+@pytest.mark.parametrize("step", [{"finetune": {"epochs": 1}}, {"distill": {"epochs": 1}},
+                                  {"quantize": {"epochs": 1}}, {"prune": {"sparsity": 0.5,
+                                                                          "epochs": 1}},
+                                  {"prune": {"sparsity": 0.5, "schedule": "gradual"}},
+                                  {"prune_structured": {"importance": "taylor"}}])
+def test_a_step_that_trains_is_refused_before_any_work_without_training_data(tmp_path,
+                                                                            monkeypatch, step):
+    """A workload without training data (photos, sentences, or one from Python) is refused
+    for a recipe whose steps train before the first step runs, not when that step comes."""
+    import dataclasses
+
+    import edgeslim.recipe.run
+    from edgeslim.recipe.workload import workload_for
+
+    def untouched(*a, **k):
+        raise AssertionError("a step ran before the training data was checked")
+
+    monkeypatch.setattr(edgeslim.recipe.run, "run_recipe", untouched)
+    wl = dataclasses.replace(workload_for("digits-mlp"), name="no-labels", train=None)
+    recipe = Recipe.from_dict({"steps": [{"prune": {"sparsity": 0.3}}, step]})
+    name = next(iter(step))
+    with pytest.raises(ConfigError, match=rf"Step 2 \('{name}'\) trains, but the workload "
+                                          r"'no-labels' has no training data"):
+        compress("digits-mlp", recipe=recipe, workload=wl, out=tmp_path / "x.eslim",
+                 progress=False)
+    assert not (tmp_path / "x.eslim").exists()
+    # what needs no training data still runs on it
+    monkeypatch.undo()
+    res = compress("digits-mlp", recipe=Recipe.from_dict({"steps": [
+        {"prune": {"sparsity": 0.3}}, {"prune_structured": {"ratio": 0.25}}]}), workload=wl,
+        out=tmp_path / "y.eslim", progress=False)
+    assert [s["step"] for s in res.manifest["compression"]] == ["prune", "prune_structured"]
+
+
 def test_recipe_file_through_cli(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("name: tiny\nsteps:\n  - prune: {sparsity: 0.5}\n  - pack: {bits: 6}\n")

@@ -8,7 +8,7 @@ from typing import Any
 
 from edgeslim.recipe.core import Recipe
 from edgeslim.recipe.measure import StepMetrics, measure
-from edgeslim.recipe.steps import RecipeContext, run_step
+from edgeslim.recipe.steps import RecipeContext, check_training_data, run_step
 from edgeslim.recipe.workload import Workload
 
 __all__ = ["RecipeResult", "render_table", "run_recipe"]
@@ -40,6 +40,7 @@ def run_recipe(
     from rich.console import Console
 
     recipe.validate()
+    check_training_data(recipe.torch_steps, workload)
     torch.manual_seed(seed)
     console = Console(stderr=True)
     original = copy.deepcopy(model).eval()

@@ -385,6 +385,36 @@ STEPS: dict[str, StepSpec] = {
 }
 
 
+#: what a recipe can do on a workload without training data, for messages
+DATA_FREE = ("prune (no epochs, schedule oneshot), prune_structured (importance l1 or l2), "
+             "ptq, pack")
+
+
+def step_trains(name: str, params: dict[str, Any]) -> bool:
+    """Whether step ``name`` with ``params`` runs the workload's training data (checked before
+    any work: a workload without it is refused up front, not when the step comes)."""
+    p = {**STEPS[name].defaults, **params}
+    if name in ("distill", "quantize", "finetune"):
+        return True
+    if name == "prune":
+        return bool(p["epochs"]) or p["schedule"] == "gradual"
+    if name == "prune_structured":
+        return p["importance"] in ("taylor", "activation")
+    return False
+
+
+def check_training_data(steps: list[Any], workload: Any) -> None:
+    """Refuse the first of ``steps`` that trains when ``workload`` has no training data."""
+    if workload.train is not None:
+        return
+    for i, step in enumerate(steps):
+        if step_trains(step.name, step.params):
+            raise ConfigError(
+                f"Step {i + 1} ({step.name!r}) trains, but the workload {workload.name!r} has no "
+                f"training data. Without it a recipe can use: {DATA_FREE}; or give a workload "
+                "with labelled training data (data: digits).")
+
+
 def run_step(ctx: Any, name: str, params: dict[str, Any]) -> dict[str, Any]:
     """Run one validated step with its defaults filled in; returns what it reports."""
     spec = STEPS[name]
