@@ -110,9 +110,8 @@ def compress(
             raise ConfigError(
                 f"The ONNX file {str(resolved)!r} comes with no data to calibrate and evaluate "
                 f"it on: {how} a 'data:' key (one of {', '.join(sorted(WORKLOADS))}).")
-    wl = workload or workload_for(
-        model_name, recipe.data, reference=None if isinstance(resolved, Path) else resolved
-    )
+    # an ONNX model is judged against its own fp32 outputs, not the zoo model's
+    wl = workload or workload_for(model_name, recipe.data, reference=resolved)
     if not isinstance(resolved, Path):  # a step that trains fails now, not after the others
         check_training_data(recipe.torch_steps, wl)
     report = Path(out).with_name(Path(out).stem + ".ptq-report.json")

@@ -185,6 +185,68 @@ def _matmul_mlp(path):
     return path
 
 
+def _bag_of_words_encoder(path):
+    """An ONNX sentence encoder of one's own: the sum of 16-wide word vectors over the tokens
+    the attention mask keeps (input_ids, attention_mask -> embedding)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    consts = [numpy_helper.from_array(rng.normal(size=(30522, 16)).astype(np.float32), "emb"),
+              numpy_helper.from_array(np.array([1], dtype=np.int64), "axes"),
+              numpy_helper.from_array(np.array([-1], dtype=np.int64), "last")]
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["emb", "input_ids"], ["e"]),
+         helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),
+         helper.make_node("Unsqueeze", ["m", "last"], ["m3"]),
+         helper.make_node("Mul", ["e", "m3"], ["kept"]),
+         helper.make_node("ReduceSum", ["kept", "axes"], ["embedding"], keepdims=0)],
+        "encoder",
+        [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "sequence"])
+         for n in ("input_ids", "attention_mask")],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", 16])], consts)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_an_onnx_model_on_sentences_is_judged_against_its_own_fp32_outputs(tmp_path):
+    """data: sentences for a user's ONNX encoder: the fp32 bundle agrees with the model it is
+    (mean cosine 1), not judged against MiniLM's embeddings."""
+    model = _bag_of_words_encoder(tmp_path / "encoder.onnx")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data: sentences\nsteps: []\n")
+    out = tmp_path / "enc.eslim"
+    assert main(["compress", str(model), "--recipe", str(recipe), "-o", str(out), "-q"]) == 0
+    metrics = json.loads(zipfile.ZipFile(out).read("manifest.json"))["metrics"]
+    assert metrics["mean_cosine"] == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_an_onnx_model_on_photos_is_judged_against_its_own_fp32_outputs(tmp_path):
+    """data: photos for a user's ONNX classifier: the unchanged model agrees with itself (top-1
+    agreement 1; it read 0.0, judged against EfficientNet-Lite0's classes)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).normal(size=(3, 1000)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", ["input"], ["p"]),
+         helper.make_node("Flatten", ["p"], ["f"]),
+         helper.make_node("MatMul", ["f", "w"], ["logits"])],
+        "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                               ["batch", 3, 224, 224])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1000])],
+        [numpy_helper.from_array(w, "w")])
+    model = tmp_path / "tiny.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data: photos\nsteps: []\n")
+    out = tmp_path / "tiny.eslim"
+    assert main(["compress", str(model), "--recipe", str(recipe), "-o", str(out), "-q"]) == 0
+    metrics = json.loads(zipfile.ZipFile(out).read("manifest.json"))["metrics"]
+    assert metrics["top1_agreement"] == 1.0
+
+
 def test_a_recipe_quantizes_weights_to_int4(tmp_path):
     import onnx
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -102,6 +103,16 @@ def _digits() -> Workload:
 
 
 def _reference_outputs(reference: Any, batches: list[tuple[tuple[np.ndarray, ...], Any]]) -> list:
+    """The first output of ``reference`` on each batch: an ``nn.Module``, or an ONNX model (a
+    path or an ``onnx.ModelProto``: a user's own fp32 graph, run on onnxruntime, its inputs fed
+    in order)."""
+    if isinstance(reference, (str, Path)) or hasattr(reference, "graph"):
+        from edgeslim._ort import ort_session
+
+        session = ort_session(Path(reference) if isinstance(reference, str) else reference)
+        names = [i.name for i in session.get_inputs()]
+        return [session.run(None, dict(zip(names, inputs, strict=True)))[0]
+                for inputs, _ in batches]
     import torch
 
     reference.eval()
@@ -111,7 +122,8 @@ def _reference_outputs(reference: Any, batches: list[tuple[tuple[np.ndarray, ...
 
 
 def _photos(reference: Any = None, n_eval: int = 200) -> Workload:
-    """EfficientNet-Lite0 on crops of real photos: top-1 agreement with the fp32 model."""
+    """Crops of real photos: top-1 agreement with the fp32 ``reference`` (EfficientNet-Lite0
+    when None)."""
     from edgeslim.datasets import photo_crops
     from edgeslim.zoo import load_model
 
@@ -158,7 +170,8 @@ def _mean_cosine(outputs: np.ndarray, targets: np.ndarray) -> float:
 
 
 def _sentences(reference: Any = None, n_eval: int = 300) -> Workload:
-    """MiniLM-L6 on real English sentences: mean cosine to the fp32 embeddings."""
+    """Real English sentences: mean cosine to the fp32 ``reference``'s embeddings (MiniLM-L6
+    when None)."""
     from edgeslim.datasets import english_sentences
     from edgeslim.zoo import load_model
     from edgeslim.zoo.minilm import encode, minilm_tokenizer_json
@@ -210,7 +223,9 @@ def workload_for(
     """The workload named ``data``, else the built-in one of zoo model ``model_name``.
 
     ``reference`` is the original model for workloads that judge fidelity to it (photos,
-    sentences); it is loaded from the zoo when not given.
+    sentences): an ``nn.Module``, or the path (or ``onnx.ModelProto``) of a user's fp32 ONNX
+    model, which is then judged against its own outputs; the zoo model is loaded when not
+    given.
     """
     key = data or _ZOO_WORKLOAD.get(model_name or "")
     if key is None:
