@@ -52,9 +52,9 @@ def _inputs_for(manifest: dict[str, Any], batch: int, seq: int = 32) -> dict[str
     """Real inputs for zoo bundles (their evaluation data), else seeded random ones."""
     source = manifest.get("provenance", {}).get("source")
     try:
-        from edgeslim.recipe.workload import _ZOO_WORKLOAD, workload_for
+        from edgeslim.recipe.workload import ZOO_WORKLOAD, workload_for
 
-        if source in _ZOO_WORKLOAD:
+        if source in ZOO_WORKLOAD:
             wl = workload_for(source)
             names = [s["name"] for s in manifest["inputs"]]
             first = wl.eval_batches[0][0]

@@ -99,7 +99,9 @@ def compress(
 
         load_private_key(sign_key)
 
-    from edgeslim.zoo import load_model
+    _check_zoo_data(model_name, recipe.data)
+
+    from edgeslim.zoo import ZOO, load_model
 
     resolved = load_model(model)
     if isinstance(resolved, Path):
@@ -112,6 +114,11 @@ def compress(
                 f"it on: {how} a 'data:' key (one of {', '.join(sorted(WORKLOADS))}).")
     # an ONNX model is judged against its own fp32 outputs, not the zoo model's
     wl = workload or workload_for(model_name, recipe.data, reference=resolved)
+    # a workload that does not fit the model fails now, not after the steps
+    if isinstance(resolved, Path):
+        wl = _fit_onnx(proto, wl, resolved)
+    elif model_name not in ZOO:
+        _check_torch_fit(resolved, wl)
     if not isinstance(resolved, Path):  # a step that trains fails now, not after the others
         check_training_data(recipe.torch_steps, wl)
     report = Path(out).with_name(Path(out).stem + ".ptq-report.json")
@@ -237,6 +244,51 @@ def _check_out(out: str | Path, model: Any) -> None:
     problem = output_problem(path)  # a file among the parents, a folder we cannot write
     if problem:
         raise ConfigError(f"Cannot write {str(path)!r}: {problem}.")
+
+
+def _check_zoo_data(model_name: str | None, data: str | None) -> None:
+    """A zoo model is judged on its own workload; refuse another one (before loading it)."""
+    from edgeslim.recipe.workload import ZOO_WORKLOAD
+
+    own = ZOO_WORKLOAD.get(model_name or "")
+    if own is not None and data is not None and data != own:
+        raise ConfigError(f"The zoo model {model_name!r} takes its own data ({own!r}); the "
+                          f"recipe's data: {data!r} does not fit it. Drop 'data:' or set it to "
+                          f"{own!r}.")
+
+
+def _fit_onnx(proto: Any, wl: Workload, path: Path) -> Workload:
+    """``wl`` fitted to the ONNX model's inputs (a single input is fed by position, under the
+    model's own name), or a ``ConfigError`` naming both sides."""
+    import dataclasses
+
+    from edgeslim.recipe.workload import fit_onnx_inputs
+
+    samples = [inputs for inputs, _ in wl.eval_batches] + list(wl.calibration)
+    feed = fit_onnx_inputs(proto, wl.input_names, samples, wl.name,
+                           f"The ONNX model {str(path)!r}")
+    if feed == tuple(wl.input_names):
+        return wl
+    axes = {feed[0] if k == wl.input_names[0] else k: v for k, v in wl.dynamic_axes.items()}
+    return dataclasses.replace(wl, input_names=feed, dynamic_axes=axes)
+
+
+def _check_torch_fit(model: Any, wl: Workload) -> None:
+    """Run ``model`` once on one example of ``wl``: a ``ConfigError`` when it does not take it."""
+    import torch
+
+    from edgeslim.recipe.workload import torch_fit_error
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*wl.example_inputs)
+    except Exception as exc:  # whatever the model raises on inputs it does not take
+        arrays = tuple(t.numpy() for t in wl.example_inputs)
+        raise torch_fit_error(exc, wl.name, wl.input_names, arrays) from None
+    finally:
+        model.train(was_training)
 
 
 def _load_onnx(path: Path) -> Any:

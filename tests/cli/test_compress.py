@@ -136,6 +136,71 @@ def test_a_step_that_trains_is_refused_before_any_work_without_training_data(tmp
     assert [s["step"] for s in res.manifest["compression"]] == ["prune", "prune_structured"]
 
 
+def test_a_single_input_onnx_model_is_fed_by_position(tmp_path):
+    """A one-input model whose input is not named like the workload's ('x', not 'input') is
+    fed by position, and its bundle keeps its own input name."""
+    import onnx
+    import onnxruntime as ort
+
+    from tests.edge._bundles import linear_onnx
+
+    proto = onnx.load_from_string(linear_onnx())
+    proto.graph.input[0].name = "x"
+    for node in proto.graph.node:
+        node.input[:] = ["x" if n == "input" else n for n in node.input]
+    model = tmp_path / "x.onnx"
+    onnx.save(proto, str(model))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data: digits\nsteps: []\n")
+    out = tmp_path / "x.eslim"
+    assert main(["compress", str(model), "--recipe", str(recipe), "-o", str(out), "-q"]) == 0
+    manifest = json.loads(zipfile.ZipFile(out).read("manifest.json"))
+    assert [i["name"] for i in manifest["inputs"]] == ["x"]
+    split = load_digits_split()
+    logits = ort.InferenceSession(str(model)).run(None, {"x": split.x_test})[0]
+    acc = float((logits.argmax(1) == split.y_test).mean())
+    assert manifest["metrics"]["accuracy"] == pytest.approx(acc)
+
+
+def test_a_workload_that_does_not_fit_the_model_is_refused_before_any_work(tmp_path,
+                                                                          monkeypatch, capsys):
+    """A fixed batch of 1, a torch model of another input width, data that is not a zoo
+    model's own: one line naming both sides, before any step (not an onnxruntime or torch
+    traceback after the steps)."""
+    from tests.edge._bundles import linear_onnx
+
+    fixed = tmp_path / "fixed.onnx"
+    fixed.write_bytes(linear_onnx(batch=1))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data: digits\nsteps: [pack]\n")
+    out = tmp_path / "x.eslim"
+    assert main(["compress", str(fixed), "--recipe", str(recipe), "-o", str(out), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert ("takes input 'input' as float32 of shape [1, 64], but the workload 'digits' feeds "
+            "float32 of shape [450, 64]") in err and "Traceback" not in err
+    (tmp_path / "eslim_fit_models.py").write_text(
+        "from torch import nn\n\n\ndef wide():\n    return nn.Linear(100, 10)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    recipe.write_text("data: digits\nsteps:\n  - prune: {sparsity: 0.5}\n")
+    assert main(["compress", "eslim_fit_models:wide", "--recipe", str(recipe), "-o", str(out),
+                 "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "does not run on the inputs of the workload 'digits' (input [1, 64])" in err
+    import edgeslim.zoo
+
+    def untouched(*a, **k):
+        raise AssertionError("the model was loaded before its data was checked")
+
+    monkeypatch.setattr(edgeslim.zoo, "load_model", untouched)
+    recipe.write_text("data: digits\nsteps: []\n")
+    assert main(["compress", "efficientnet-lite0", "--recipe", str(recipe), "-o", str(out),
+                 "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "'efficientnet-lite0' takes its own data ('photos'); the recipe's data: 'digits'" \
+        in err
+    assert not out.exists()
+
+
 def test_recipe_file_through_cli(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("name: tiny\nsteps:\n  - prune: {sparsity: 0.5}\n  - pack: {bits: 6}\n")

@@ -102,23 +102,91 @@ def _digits() -> Workload:
     )
 
 
-def _reference_outputs(reference: Any, batches: list[tuple[tuple[np.ndarray, ...], Any]]) -> list:
-    """The first output of ``reference`` on each batch: an ``nn.Module``, or an ONNX model (a
-    path or an ``onnx.ModelProto``: a user's own fp32 graph, run on onnxruntime, its inputs fed
-    in order)."""
-    if isinstance(reference, (str, Path)) or hasattr(reference, "graph"):
+def _shape_text(shape: Any) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def fit_onnx_inputs(proto: Any, input_names: tuple[str, ...], samples: list[tuple[Any, ...]],
+                    data: str, where: str) -> tuple[str, ...]:
+    """The names to feed the ONNX model ``proto`` the workload's inputs under, in the
+    workload's order; a ``ConfigError`` naming both sides when they do not fit.
+
+    The inputs must match in number and names (a model with one input is fed by position,
+    whatever its name), rank, element type and every fixed dimension of every array in
+    ``samples`` (tuples of arrays in ``input_names`` order). ``where`` names the model."""
+    from onnx import helper
+
+    known = {i.name for i in proto.graph.initializer}
+    inputs = [v for v in proto.graph.input if v.name not in known]
+    names, want = [v.name for v in inputs], list(input_names)
+    if len(names) != len(want):
+        raise ConfigError(f"{where} takes {len(names)} input(s) ({', '.join(names) or 'none'}), "
+                          f"but the workload {data!r} feeds {len(want)} ({', '.join(want)}). "
+                          f"Give data that fits the model (one of {', '.join(sorted(WORKLOADS))}).")
+    if sorted(names) == sorted(want):
+        feed = tuple(want)
+    elif len(names) == 1:  # one input: fed by position, under the model's own name
+        feed = (names[0],)
+    else:
+        raise ConfigError(f"{where} takes inputs named {', '.join(names)}, but the workload "
+                          f"{data!r} feeds {', '.join(want)}.")
+    for value in inputs:
+        k = feed.index(value.name)
+        tensor = value.type.tensor_type
+        dtype = helper.tensor_dtype_to_np_dtype(tensor.elem_type) if tensor.elem_type else None
+        dims = ([d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                 for d in tensor.shape.dim] if tensor.HasField("shape") else None)
+        for arrays in samples:
+            a = arrays[k]
+            fits = dims is None or (len(dims) == a.ndim and all(
+                not isinstance(d, int) or d == n for d, n in zip(dims, a.shape, strict=True)))
+            if not fits or (dtype is not None and a.dtype != dtype):
+                model_side = (f"{dtype} of shape {_shape_text(dims)}" if dims is not None
+                              else str(dtype))
+                raise ConfigError(
+                    f"{where} takes input {value.name!r} as {model_side}, but the workload "
+                    f"{data!r} feeds {a.dtype} of shape {_shape_text(a.shape)}. Give data that "
+                    f"fits the model, or export it with a symbolic batch dimension.")
+    return feed
+
+
+def torch_fit_error(exc: Exception, data: str, input_names: tuple[str, ...],
+                    arrays: tuple[Any, ...]) -> ConfigError:
+    """The error for a torch model that raised ``exc`` on the workload's ``arrays``."""
+    shapes = ", ".join(f"{n} {_shape_text(a.shape)}"
+                       for n, a in zip(input_names, arrays, strict=True))
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    return ConfigError(f"The model does not run on the inputs of the workload {data!r} "
+                       f"({shapes}): {reason}. Give data that fits the model.")
+
+
+def _reference_outputs(reference: Any, batches: list[tuple[tuple[np.ndarray, ...], Any]],
+                       input_names: tuple[str, ...], data: str) -> list:
+    """The first output of ``reference`` on each batch: an ``nn.Module``, or the path of an
+    ONNX model (a user's own fp32 graph, run on onnxruntime)."""
+    if isinstance(reference, (str, Path)):
+        import onnx
+
         from edgeslim._ort import ort_session
 
-        session = ort_session(Path(reference) if isinstance(reference, str) else reference)
-        names = [i.name for i in session.get_inputs()]
-        return [session.run(None, dict(zip(names, inputs, strict=True)))[0]
+        feed = fit_onnx_inputs(onnx.load(str(reference)), input_names,
+                               [inputs for inputs, _ in batches], data,
+                               f"The ONNX model {str(reference)!r}")
+        session = ort_session(Path(reference))
+        return [session.run(None, dict(zip(feed, inputs, strict=True)))[0]
                 for inputs, _ in batches]
     import torch
 
     reference.eval()
+    outs = []
     with torch.no_grad():
-        return [reference(*(torch.from_numpy(a) for a in inputs)).numpy()
-                for inputs, _ in batches]
+        for inputs, _ in batches:
+            try:
+                out = reference(*(torch.from_numpy(a) for a in inputs))
+            except Exception as exc:  # whatever the model raises on inputs it does not take
+                raise torch_fit_error(exc, data, input_names, inputs) from None
+            outs.append(out.numpy())
+    return outs
 
 
 def _photos(reference: Any = None, n_eval: int = 200) -> Workload:
@@ -132,7 +200,8 @@ def _photos(reference: Any = None, n_eval: int = 200) -> Workload:
     reference = reference if reference is not None else load_model("efficientnet-lite0")
     crops = photo_crops(n_eval, split="evaluation")
     batches = [((crops[i : i + 25],), None) for i in range(0, len(crops), 25)]
-    targets = [o.argmax(1) for o in _reference_outputs(reference, batches)]
+    targets = [o.argmax(1) for o in _reference_outputs(reference, batches, ("input",),
+                                                         "photos")]
     return Workload(
         name="photos",
         task="image-classification",
@@ -182,7 +251,8 @@ def _sentences(reference: Any = None, n_eval: int = 300) -> Workload:
     for i in range(0, len(sentences), 50):
         ids, mask = encode(sentences[i : i + 50])
         batches.append(((ids.numpy(), mask.numpy()), None))
-    targets = _reference_outputs(reference, batches)
+    targets = _reference_outputs(reference, batches, ("input_ids", "attention_mask"),
+                                 "sentences")
     calib_sentences = english_sentences(128, split="calibration")
     calibration = []
     for i in range(0, len(calib_sentences), 16):
@@ -213,7 +283,8 @@ WORKLOADS: dict[str, Callable[..., Workload]] = {
     "photos": _photos,
     "sentences": _sentences,
 }
-_ZOO_WORKLOAD = {"digits-mlp": "digits", "digits-cnn": "digits",
+#: the workload each zoo model is judged on
+ZOO_WORKLOAD = {"digits-mlp": "digits", "digits-cnn": "digits",
                  "efficientnet-lite0": "photos", "minilm-l6": "sentences"}
 
 
@@ -223,11 +294,11 @@ def workload_for(
     """The workload named ``data``, else the built-in one of zoo model ``model_name``.
 
     ``reference`` is the original model for workloads that judge fidelity to it (photos,
-    sentences): an ``nn.Module``, or the path (or ``onnx.ModelProto``) of a user's fp32 ONNX
-    model, which is then judged against its own outputs; the zoo model is loaded when not
+    sentences): an ``nn.Module``, or the path of a user's fp32 ONNX model, which is then
+    judged against its own outputs; the zoo model is loaded when not
     given.
     """
-    key = data or _ZOO_WORKLOAD.get(model_name or "")
+    key = data or ZOO_WORKLOAD.get(model_name or "")
     if key is None:
         raise ConfigError(
             f"No data is known for model {model_name!r}: name a data source with 'data:' in the "
