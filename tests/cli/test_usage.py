@@ -39,3 +39,14 @@ def test_the_installed_command_shows_no_traceback():
                           text=True, timeout=120)
     assert proc.returncode == 2
     assert "Missing argument 'bundles'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_error_lines_print_bracketed_text_as_written(tmp_path, capsys):
+    """Errors quote values such as shapes and layer pairs in brackets; the terminal printer
+    took '[student_layer, teacher_layer]' for a style tag and dropped it."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("steps:\n  - distill: {loss: feature}\n")
+    assert main(["compress", "digits-mlp", "--recipe", str(recipe), "-o",
+                 str(tmp_path / "x.eslim")]) == 2
+    err = capsys.readouterr().err
+    assert "a list of [student_layer, teacher_layer] pairs, e.g. [[fc1, fc1]]" in err
