@@ -239,3 +239,46 @@ def test_a_store_written_with_cwd_relative_paths_still_answers_there(tmp_path, m
         db.execute("UPDATE candidates SET bundle='run/c.eslim'")
     with ResultStore(Path("run/search.sqlite")) as st:
         assert st.get("k").bundle == "run/c.eslim" and Path(st.get("k").bundle).is_file()
+
+
+def test_optimize_api_checks_the_bundle_path_and_key_before_the_search(tmp_path, blocker,
+                                                                       no_model_loading):
+    """out= and sign_key= are checked before the model is loaded (a folder as out=, or a
+    missing key, failed only after the whole search)."""
+    from edgeslim.errors import EdgeslimError
+    from edgeslim.optimize import optimize
+
+    run = tmp_path / "run"
+    for kwargs, words in (({"out": tmp_path}, f"{tmp_path} is a folder, not a file"),
+                          ({"out": blocker / "x.eslim"}, f"{blocker} is a file, not a folder"),
+                          ({"out": tmp_path / "o.eslim", "sign_key": tmp_path / "no.key"},
+                           "no.key")):
+        with pytest.raises(EdgeslimError, match=words):
+            optimize("digits-mlp", max_drop=0.01, report_dir=run, **kwargs)
+    assert not run.exists()
+
+
+@pytest.mark.slow
+def test_a_run_that_fails_after_the_search_says_so_in_the_store(tmp_path):
+    """When writing the bundle fails after the search (here: a folder appears where the
+    bundle goes), the run's row records the error instead of no outcome at all."""
+    from edgeslim.optimize import optimize
+    from edgeslim.optimize.store import ResultStore
+
+    out = tmp_path / "best.eslim"
+
+    def on_event(kind, **info):
+        if kind == "phase" and info["name"] == "writing the bundle":
+            out.mkdir()
+
+    from edgeslim.errors import BundleError
+
+    with pytest.raises(BundleError, match="is a folder, not a file"):
+        optimize("digits-mlp", max_drop=0.01, time_budget="3s", out=out,
+                 report_dir=tmp_path / "run", on_event=on_event)
+    with ResultStore(tmp_path / "run" / "search.sqlite") as st:
+        outcome = st.runs()[-1]["outcome"]
+    assert outcome and "best.eslim is a folder, not a file" in outcome["error"]
+    assert main(["report", str(tmp_path / "run")]) == 0
+    html = (tmp_path / "run" / "index.html").read_text()
+    assert "This run failed after the search: no bundle was written" in html

@@ -80,6 +80,16 @@ def _check_report_dir(run_dir: Path) -> None:
                           f"--report): {problem}.")
 
 
+def _check_out(out: Any) -> None:
+    """Refuse a bundle path that cannot be written, before the search (not after it)."""
+    from edgeslim._atomic import output_problem
+    from edgeslim._validate import check_path
+
+    problem = output_problem(check_path(out, "out", "optimize"))
+    if problem:
+        raise ConfigError(f"Cannot write the bundle {out!s} (out; CLI: -o): {problem}.")
+
+
 def optimize(
     model: Any,
     *,
@@ -136,6 +146,11 @@ def optimize(
                is None else load_profile(device_profile))
     run_dir = Path(report_dir)
     _check_report_dir(run_dir)
+    _check_out(out)
+    if sign_key is not None:  # a bad key fails now, not after the search
+        from edgeslim.bundle.signing import load_private_key
+
+        load_private_key(sign_key)
     store_path = Path(store) if store is not None else run_dir / "search.sqlite"
     torch.set_num_threads(threads)
 
@@ -179,21 +194,32 @@ def optimize(
             raise
         events("phase", name="writing the bundle")
         overhead = 0.0
-        for _ in range(3):
-            judged, base = judge_run(st, mhash, settings, batch=search.throughput_batch,
-                                     size_overhead_mb=overhead)
-            best = pick(judged, objective)
-            if best is None or base is None:  # pragma: no cover - the baseline always exists
-                raise ConfigError("No candidate could be built; see the store for errors.")
-            bundle = write_best(best, base, budget, settings, Path(out), sign_key=sign_key)
-            # The written file carries the verdict and maybe a signature, so it is a little
-            # larger than the candidate judged: when that crosses the size ceiling, judge
-            # every candidate again with that much more, so the verdict holds for the file.
-            written = Path(bundle).stat().st_size / 1e6
-            if budget.size_mb is None or "size_mb" in best.failed or written <= budget.size_mb:
-                break
-            # (+64 bytes: another candidate's verdict may take a few more digits)
-            overhead = max(overhead, written - (best.size_mb - overhead) + 64e-6)
+        try:
+            for _ in range(3):
+                judged, base = judge_run(st, mhash, settings, batch=search.throughput_batch,
+                                         size_overhead_mb=overhead)
+                best = pick(judged, objective)
+                if best is None or base is None:  # pragma: no cover - the baseline exists
+                    raise ConfigError("No candidate could be built; see the store for errors.")
+                bundle = write_best(best, base, budget, settings, Path(out), sign_key=sign_key)
+                # The written file carries the verdict and maybe a signature, so it is a
+                # little larger than the candidate judged: when that crosses the size
+                # ceiling, judge every candidate again with that much more, so the verdict
+                # holds for the file.
+                written = Path(bundle).stat().st_size / 1e6
+                if budget.size_mb is None or "size_mb" in best.failed \
+                        or written <= budget.size_mb:
+                    break
+                # (+64 bytes: another candidate's verdict may take a few more digits)
+                overhead = max(overhead, written - (best.size_mb - overhead) + 64e-6)
+        except KeyboardInterrupt:
+            st.end_run(run_id, {"interrupted": True})
+            raise
+        except Exception as exc:  # the run's row says why no bundle was written
+            st.end_run(run_id, {"error": f"{type(exc).__name__}: {exc}",
+                                "elapsed_s": time.monotonic() - started,
+                                "throughput_batch": search.throughput_batch})
+            raise
         skipped = [f"{c.label()}: {why}" for c, why in search.skipped]
         outcome = {"best": best.key, "budget_met": best.meets, "failed": best.failed,
                    "size_overhead_mb": overhead,

@@ -156,6 +156,10 @@ def _e(v: Any) -> str:
 def _verdict(data: dict[str, Any]) -> str:
     best: Judged | None = data["best"]
     outcome = data["outcome"]
+    if outcome.get("error"):
+        return (f'<p class="bad">This run failed after the search: no bundle was written '
+                f'({_e(outcome["error"])}). Run the same command again once the cause is '
+                f'fixed; finished candidates are read back from the store.</p>')
     if outcome.get("interrupted") or "bundle" not in outcome:
         what = ("was interrupted" if outcome.get("interrupted") else
                 "has not finished (it is still running, or it stopped without saying why)")
