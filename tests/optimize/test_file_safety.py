@@ -282,3 +282,29 @@ def test_a_run_that_fails_after_the_search_says_so_in_the_store(tmp_path):
     assert main(["report", str(tmp_path / "run")]) == 0
     html = (tmp_path / "run" / "index.html").read_text()
     assert "This run failed after the search: no bundle was written" in html
+
+
+@pytest.mark.slow
+def test_a_candidate_that_failed_is_tried_again_by_the_next_run(tmp_path):
+    """A file where the candidates' folder goes makes every candidate fail; once it is gone,
+    the next run builds them (a failed row was skipped on every later run, for ever)."""
+    import sqlite3
+
+    from edgeslim.optimize import optimize
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "candidates").write_text("in the way")
+    kwargs = {"max_drop": 0.01, "time_budget": "3s", "out": tmp_path / "best.eslim",
+              "report_dir": run, "report": False}
+    with pytest.raises(ConfigError, match="No candidate could be built"):
+        optimize("digits-mlp", **kwargs)
+    with sqlite3.connect(run / "search.sqlite") as db:
+        failed = db.execute("SELECT key, error FROM candidates WHERE status='failed'").fetchall()
+    assert failed and all("candidates" in error for _, error in failed)
+    (run / "candidates").unlink()
+    result = optimize("digits-mlp", **kwargs)
+    assert result.bundle.is_file()
+    with sqlite3.connect(run / "search.sqlite") as db:
+        rows = dict(db.execute("SELECT key, status FROM candidates").fetchall())
+    assert rows[failed[0][0]] == "done"

@@ -110,6 +110,7 @@ class Search:
         self._batch_meta = f"throughput_batch@{self.threads}"
         if self.throughput_batch is None:  # a resumed run measures as the first one did
             self.throughput_batch = self.store.get_meta(self.model_hash, self._batch_meta)
+        self._tried: set[str] = set()  # keys built (or tried) by this run
         self.passing: list[Candidate] = []  # structured points meeting max_drop, climb order
         self.miss: Candidate | None = None  # the first structured point that missed it
 
@@ -178,8 +179,10 @@ class Search:
                 self._learn(c, row.seconds)
             self.on_event("cached", evaluated=ev)
             return ev
-        if row is not None and row.status == "failed":
-            self.failed.append((c, row.error or "failed"))
+        if row is not None and row.status == "failed" and key in self._tried:
+            # failed in this run: once per run (a later run tries again, as the cause, a
+            # blocked path or a full disk, may be gone by then)
+            self.failed.append((c, (row.error or "failed").splitlines()[0]))
             return None
         est = self.estimate(c)
         if not force and est > self.remaining - self.reserve:
@@ -197,6 +200,7 @@ class Search:
         from edgeslim.pipeline import compress
 
         self.on_event("start", candidate=c, estimate=est)
+        self._tried.add(key)
         self.store.start(key, self.model_hash, c.config())
         out = self.run_dir / "candidates" / f"{key[:16]}.eslim"
         t0 = time.monotonic()

@@ -6,10 +6,10 @@ measurement settings, search version) (``edgeslim.optimize.space.candidate_key``
 (with the error) when it ends; each start adds one to ``evaluations``, so a test (or a curious user)
 can see that a resumed run did not redo finished work. A candidate stopped by Ctrl-C is marked
 ``interrupted`` (one whose process was killed stays ``running``); either is evaluated again on the
-next run. A candidate's bundle path is kept relative to the store's folder (absolute when it lies
-outside it), so a store answers the same from any working directory. The ``runs`` table records
-each invocation; ``meta`` holds per-model facts that are worth keeping across runs (per-layer
-sensitivity).
+next run, and so is a ``failed`` one, once per run. A candidate's bundle path is kept relative
+to the store's folder (absolute when it lies outside it), so a store answers the same from any
+working directory. The ``runs`` table records each invocation; ``meta`` holds per-model facts
+that are worth keeping across runs (per-layer sensitivity).
 
 The file is opened in WAL mode with ``synchronous=NORMAL``: a reader (the report, a test
 polling progress) never blocks the writer, and a kill loses at most the row being written.
