@@ -23,7 +23,7 @@ from edgeslim.errors import ConfigError, ModelError
 from edgeslim.recipe.core import Recipe
 from edgeslim.recipe.measure import StepMetrics
 from edgeslim.recipe.steps import check_training_data, ptq_overrides
-from edgeslim.recipe.workload import WORKLOADS, Workload, workload_for
+from edgeslim.recipe.workload import WORKLOADS, Workload, check_zoo_data, workload_for
 
 __all__ = ["CompressResult", "compress", "onnx_latency_ms"]
 
@@ -99,7 +99,7 @@ def compress(
 
         load_private_key(sign_key)
 
-    _check_zoo_data(model_name, recipe.data)
+    check_zoo_data(model_name, recipe.data, "the recipe's data:")
 
     from edgeslim.zoo import ZOO, load_model
 
@@ -244,17 +244,6 @@ def _check_out(out: str | Path, model: Any) -> None:
     problem = output_problem(path)  # a file among the parents, a folder we cannot write
     if problem:
         raise ConfigError(f"Cannot write {str(path)!r}: {problem}.")
-
-
-def _check_zoo_data(model_name: str | None, data: str | None) -> None:
-    """A zoo model is judged on its own workload; refuse another one (before loading it)."""
-    from edgeslim.recipe.workload import ZOO_WORKLOAD
-
-    own = ZOO_WORKLOAD.get(model_name or "")
-    if own is not None and data is not None and data != own:
-        raise ConfigError(f"The zoo model {model_name!r} takes its own data ({own!r}); the "
-                          f"recipe's data: {data!r} does not fit it. Drop 'data:' or set it to "
-                          f"{own!r}.")
 
 
 def _fit_onnx(proto: Any, wl: Workload, path: Path) -> Workload:

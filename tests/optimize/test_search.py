@@ -160,6 +160,25 @@ def test_sigint_then_rerun_resumes_without_redoing(tmp_path):
     assert (tmp_path / "best.eslim").is_file()
 
 
+def test_a_callable_model_with_its_data_named_on_the_command_line(tmp_path):
+    """optimize takes 'package.module:callable' with --data, as the docs say."""
+    from edgeslim.bundle import read_bundle
+
+    (tmp_path / "eslim_opt_models.py").write_text(
+        "import torch\nfrom torch import nn\n\n\ndef mlp():\n    torch.manual_seed(0)\n"
+        "    return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))\n")
+    env = {**_env(), "PYTHONPATH": os.pathsep.join([str(tmp_path),
+                                                    os.environ.get("PYTHONPATH", "")])}
+    out = tmp_path / "best.eslim"
+    proc = subprocess.run(
+        _cli("optimize", "eslim_opt_models:mlp", "--data", "digits", "--max-drop", "0.05",
+             "--time-budget", "10s", "-o", str(out), "-q"),
+        env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode in (0, 3), proc.stderr[-3000:]
+    manifest = read_bundle(out).manifest
+    assert manifest["name"] == "mlp-opt" and "accuracy" in manifest["metrics"]
+
+
 def test_impossible_budget_writes_closest_and_exits_3(tmp_path):
     from edgeslim.bundle import read_bundle
     from edgeslim.edge.runtime import load

@@ -99,6 +99,10 @@ def register(app: typer.Typer) -> None:
     @app.command("optimize")
     def optimize_cmd(
         model: str = typer.Argument(..., help="zoo name or package.module:callable"),
+        data: str | None = typer.Option(
+            None, "--data", help="digits | photos | sentences: the data a "
+                                 "package.module:callable model is judged on (zoo models "
+                                 "bring their own)"),
         max_drop: float = typer.Option(..., "--max-drop",
                                        help="largest metric drop vs fp32 (0.01 = 1 point)"),
         out: Path = typer.Option(..., "-o", "--out", help="where to write the chosen bundle"),
@@ -147,7 +151,7 @@ def register(app: typer.Typer) -> None:
             result = optimize(model, max_drop=max_drop, out=out, report_dir=run_dir,
                               latency_ms=latency_ms, size_mb=size_mb, time_budget=time_budget,
                               device_profile=device_profile, store=store, threads=threads,
-                              objective=objective, sign_key=sign_key, on_event=events,
+                              objective=objective, sign_key=sign_key, on_event=events, data=data,
                               throughput_batch=throughput_batch, clock_start=started)
         except KeyboardInterrupt:
             if live:

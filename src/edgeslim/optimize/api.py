@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgeslim._validate import check_int_range
+from edgeslim._validate import check_choice, check_int_range
 from edgeslim.errors import ConfigError, ModelError
 from edgeslim.optimize.profile import DeviceProfile, load_profile, measure_reference
 from edgeslim.optimize.select import OBJECTIVES, Budget, Judged, judge, pareto_front, pick
@@ -104,6 +104,7 @@ def optimize(
     threads: int = 2,
     objective: str = "throughput",
     workload: Any = None,
+    data: str | None = None,
     name: str | None = None,
     sign_key: str | os.PathLike[str] | None = None,
     throughput_batch: int | None = None,
@@ -115,12 +116,14 @@ def optimize(
     """Search the compression space of ``model`` for the best bundle within a budget.
 
     ``model``: zoo name, ``module:callable`` or ``nn.Module`` (not an ``.onnx`` file: the search
-    prunes and fine-tunes in torch). ``max_drop``: largest allowed metric drop from the fp32 export
-    (0.01 = one point). ``latency_ms`` (batch 1) and ``size_mb`` (the .eslim file as written, 10^6
-    bytes) are optional ceilings, judged on the device of ``device_profile`` (this machine when
-    None). ``time_budget``: ``"10m"``, ``"90s"``... for the whole search. ``throughput_batch``
-    (default: 256 for small models, down to 8 for large ones, from the fp32 latency) is the batch
-    throughput is timed at.
+    prunes and fine-tunes in torch). ``data`` (``digits``, ``photos``, ``sentences``) is the
+    workload a ``module:callable`` or ``nn.Module`` is judged on (a zoo model brings its own);
+    or pass a ``Workload`` as ``workload``. ``max_drop``: largest allowed metric drop from the
+    fp32 export (0.01 = one point). ``latency_ms`` (batch 1) and ``size_mb`` (the .eslim file
+    as written, 10^6 bytes) are optional ceilings, judged on the device of ``device_profile``
+    (this machine when None). ``time_budget``: ``"10m"``, ``"90s"``... for the whole search.
+    ``throughput_batch`` (default: 256 for small models, down to 8 for large ones, from the fp32
+    latency) is the batch throughput is timed at.
     Results are kept in ``store`` (default
     ``report_dir/search.sqlite``) so a second call resumes. Writes the chosen bundle to
     ``out`` and, with ``report``, ``report_dir/index.html``. The time budget counts from
@@ -131,7 +134,7 @@ def optimize(
 
     from edgeslim.optimize.search import Search
     from edgeslim.optimize.space import model_hash
-    from edgeslim.recipe.workload import workload_for
+    from edgeslim.recipe.workload import WORKLOADS, check_zoo_data, workload_for
     from edgeslim.zoo import ZOO, load_model
 
     budget = Budget(max_drop=max_drop, latency_ms=latency_ms, size_mb=size_mb,
@@ -154,18 +157,26 @@ def optimize(
     store_path = Path(store) if store is not None else run_dir / "search.sqlite"
     torch.set_num_threads(threads)
 
+    if data is not None:
+        check_choice(data, "data", "optimize", WORKLOADS)
     if isinstance(model, str) and not model.endswith(".onnx") and ":" not in model \
             and model not in ZOO:
         raise ModelError(f"Unknown model {model!r}. optimize takes a zoo name "
                          f"({', '.join(ZOO)}), 'package.module:callable' returning an "
                          "nn.Module, or an nn.Module (it prunes and fine-tunes, so no .onnx).")
+    check_zoo_data(model if isinstance(model, str) else None, data, "--data (data=)")
+    if workload is None and data is None and not (isinstance(model, str) and model in ZOO) \
+            and not (isinstance(model, str) and model.endswith(".onnx")):
+        raise ConfigError(f"No data is known for model {_label(model, None)!r}: give --data "
+                          f"(Python: data=), one of {', '.join(sorted(WORKLOADS))}, or pass a "
+                          f"Workload as workload=.")
     resolved = load_model(model)
     if isinstance(resolved, Path):
         raise ConfigError(f"optimize needs a torch model to prune and fine-tune; "
                           f"{str(resolved)!r} is an ONNX file. Give a zoo name, "
                           "'module:callable' or an nn.Module.")
     label = _label(model, name)
-    wl = workload or workload_for(model if isinstance(model, str) else None,
+    wl = workload or workload_for(model if isinstance(model, str) else None, data,
                                   reference=resolved)
     mhash = model_hash(resolved)
     reference_here = None

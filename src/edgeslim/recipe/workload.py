@@ -18,7 +18,7 @@ import numpy as np
 
 from edgeslim.errors import ConfigError
 
-__all__ = ["WORKLOADS", "Workload", "workload_for"]
+__all__ = ["WORKLOADS", "Workload", "check_zoo_data", "workload_for"]
 
 
 @dataclass
@@ -286,6 +286,15 @@ WORKLOADS: dict[str, Callable[..., Workload]] = {
 #: the workload each zoo model is judged on
 ZOO_WORKLOAD = {"digits-mlp": "digits", "digits-cnn": "digits",
                  "efficientnet-lite0": "photos", "minilm-l6": "sentences"}
+
+
+def check_zoo_data(model_name: str | None, data: str | None, given: str) -> None:
+    """A zoo model is judged on its own workload: refuse another one (``given`` says where it
+    was named, for the message), before the model is loaded."""
+    own = ZOO_WORKLOAD.get(model_name or "")
+    if own is not None and data is not None and data != own:
+        raise ConfigError(f"The zoo model {model_name!r} takes its own data ({own!r}); "
+                          f"{given} {data!r} does not fit it. Drop it or give {own!r}.")
 
 
 def workload_for(
