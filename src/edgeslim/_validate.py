@@ -80,6 +80,33 @@ def json_kind(value: Any) -> str:
     return type(value).__name__
 
 
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (PyYAML keeps the last
+    silently: a second ``steps:`` would drop the first one's steps). Raises ``yaml.YAMLError``,
+    which ``yaml_error_line`` turns into one line."""
+    import yaml
+
+    class _UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    repeated = key in seen
+                except TypeError:  # an unhashable key: the base class says so
+                    break
+                if repeated:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"the key {key!r} is given twice (each key may appear once "
+                                    "in a mapping)", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
+
+
 def yaml_error_line(exc: Exception) -> str:
     """A YAML (or decoding) error as one line: where it is and what is wrong, without the
     parser's multi-line excerpt of the file."""

@@ -77,6 +77,23 @@ def test_load_recipe_yaml(tmp_path):
     assert recipe.steps[1].name == "pack"
 
 
+@pytest.mark.parametrize(("text", "where"), [
+    ("name: slim\nsteps:\n  - prune: {sparsity: 0.8, epochs: 2}\n  - distill: {epochs: 5}\n"
+     "description: pruned then int8\nsteps:\n  - ptq\n", "line 6, column 1: the key 'steps'"),
+    ("steps:\n  - prune: {sparsity: 0.8, epochs: 2, sparsity: 0.3}\n",
+     "line 2, column 39: the key 'sparsity'"),
+])
+def test_a_key_given_twice_is_refused_not_overridden(tmp_path, text, where):
+    """PyYAML keeps the last of two equal keys: a second 'steps:' dropped the first one's
+    steps without a word."""
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_recipe(path)
+    assert f"is not valid YAML: {where} is given twice" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
 def test_load_recipe_reports_bad_yaml_and_missing_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("steps: [prune: {sparsity: 0.8\n")

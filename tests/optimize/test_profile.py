@@ -61,6 +61,7 @@ def test_per_core_scaling_without_reference():
     ("name: x\ncores: 2\nreference: {latency_ms: 1, batch: 8}\n", "batch 1"),
     ("- just\n- a list\n", "mapping"),
     ("name: x\ncores: [2\n", "not JSON or YAML: line 3, column 1: "),
+    ("name: x\ncores: 2\ncores: 8\n", "line 3, column 1: the key 'cores' is given twice"),
 ])
 def test_bad_profiles(tmp_path, text, word):
     p = tmp_path / "bad.yaml"

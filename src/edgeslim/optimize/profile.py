@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from edgeslim._validate import yaml_error_line
+from edgeslim._validate import load_yaml, yaml_error_line
 from edgeslim.errors import ConfigError
 
 __all__ = [
@@ -149,7 +149,7 @@ def load_profile(path: str | os.PathLike[str]) -> DeviceProfile:
     if not p.is_file():
         raise ConfigError(f"The device profile {str(path)!r} does not exist.")
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))  # YAML reads JSON too
+        raw = load_yaml(p.read_text(encoding="utf-8"))  # YAML reads JSON too
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"The device profile {str(path)!r} is not JSON or YAML: "
                           f"{yaml_error_line(exc)}") from None

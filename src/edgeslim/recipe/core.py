@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgeslim._validate import yaml_error_line
+from edgeslim._validate import load_yaml, yaml_error_line
 from edgeslim.errors import ConfigError
 
 __all__ = ["Recipe", "Step", "load_recipe"]
@@ -183,7 +183,7 @@ def load_recipe(path: str | Path) -> Recipe:
     except OSError as exc:
         raise ConfigError(f"Cannot read the recipe file {str(path)!r}: {exc.strerror}.") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = load_yaml(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"The recipe file {str(path)!r} is not valid YAML: "
                           f"{yaml_error_line(exc)}.") from None
