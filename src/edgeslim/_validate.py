@@ -56,8 +56,8 @@ def check_positive(value: Any, name: str, func: str, *, allow_zero: bool = False
 
 
 def check_choice(value: Any, name: str, func: str, choices: Collection[str]) -> str:
-    """One of a fixed set of strings."""
-    if value not in choices:
+    """One of a fixed set of strings (a list or a mapping is refused, not hashed)."""
+    if not isinstance(value, str) or value not in choices:
         allowed = ", ".join(repr(c) for c in sorted(choices))
         raise _fail(name, func, f"one of {allowed}", value)
     return str(value)

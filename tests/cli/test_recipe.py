@@ -60,6 +60,14 @@ def test_recipe_from_python_objects_and_dict_agree():
          "The recipe's 'name' (the model name in the manifest) must be 1-64 of A-Z a-z 0-9 _ . - "
          "(a V2 model name). Got 'my model!' instead."),
         ({"name": 123, "steps": []}, "Got 123 instead"),
+        ({"data": ["digits"], "steps": []},
+         "The 'data' parameter of the recipe must be one of 'digits', 'photos', 'sentences'. "
+         "Got ['digits'] instead."),
+        ({"steps": [{"prune": {"sparsity": 0.5, "scope": ["layer"]}}]},
+         "The 'scope' parameter of prune must be one of 'global', 'layer'. Got ['layer']"),
+        ({"steps": [{"prune_structured": {"importance": {"taylor": 1}}}]},
+         "The 'importance' parameter of prune_structured must be one of 'activation', 'l1', "
+         "'l2', 'taylor'. Got {'taylor': 1}"),
     ],
 )
 def test_bad_recipes_fail_fast_naming_the_value(raw, needle):

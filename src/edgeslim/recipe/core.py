@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgeslim._validate import load_yaml, yaml_error_line
+from edgeslim._validate import check_choice, load_yaml, yaml_error_line
 from edgeslim.errors import ConfigError
 
 __all__ = ["Recipe", "Step", "load_recipe"]
@@ -97,6 +97,10 @@ class Recipe:
                                       or not NAME_RE.fullmatch(self.name)):
             raise ConfigError(f"The recipe's 'name' (the model name in the manifest) must be "
                               f"{NAME_RULE}. Got {self.name!r} instead.")
+        if self.data is not None:
+            from edgeslim.recipe.workload import WORKLOADS
+
+            check_choice(self.data, "data", "the recipe", WORKLOADS)
         seen_onnx = None
         for i, step in enumerate(self.steps):
             step.validate(i)
