@@ -85,6 +85,13 @@ def test_load_recipe_yaml(tmp_path):
     assert recipe.steps[1].name == "pack"
 
 
+def test_a_bare_step_takes_its_defaults(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("steps:\n  - ptq:\n  - pack\n")
+    recipe = load_recipe(path)
+    assert [(s.name, s.params) for s in recipe.steps] == [("ptq", {}), ("pack", {})]
+
+
 @pytest.mark.parametrize(("text", "where"), [
     ("name: slim\nsteps:\n  - prune: {sparsity: 0.8, epochs: 2}\n  - distill: {epochs: 5}\n"
      "description: pruned then int8\nsteps:\n  - ptq\n", "line 6, column 1: the key 'steps'"),

@@ -163,7 +163,9 @@ def _step_from(raw: Any, index: int) -> Step:
         return Step(raw, {})
     if isinstance(raw, Mapping) and len(raw) == 1:
         (name, params), = raw.items()
-        return Step(str(name), dict(params or {}) if isinstance(params, Mapping) else params)
+        if params is None:  # "- ptq:" with nothing after it: the step's defaults
+            params = {}
+        return Step(str(name), dict(params) if isinstance(params, Mapping) else params)
     raise ConfigError(
         f"Step {index + 1} must be a step name or a one-key mapping like "
         f"'prune: {{sparsity: 0.8}}'. Got {raw!r} instead."
