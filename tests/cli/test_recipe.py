@@ -39,6 +39,10 @@ def test_recipe_from_python_objects_and_dict_agree():
         ({"steps": "prune"}, "must be a list"),
         ({"steps": [42]}, "Step 1 must be"),
         ({"steps": [{"pack": {}}, {"prune": {"sparsity": 0.5}}]}, "List every torch step"),
+        ({"steps": ["ptq", {"pack": {"bits": 4}}]},
+         "Step 2 ('pack') comes after step 1 ('ptq'), which leaves no float weights to share: "
+         "pack would change nothing. Put pack before ptq."),
+        ({"steps": ["ptq", "ptq"]}, "Step 2 ('ptq') repeats step 1 ('ptq')"),
         (["prune"], "must be a mapping"),
         ({"steps": [{"prune": {"sparsity": 0.5, "ignored_layers": 7}}]},
          "In step 1 ('prune'): The 'ignored_layers' parameter of prune must be a list of layer "
@@ -87,9 +91,9 @@ def test_load_recipe_yaml(tmp_path):
 
 def test_a_bare_step_takes_its_defaults(tmp_path):
     path = tmp_path / "r.yaml"
-    path.write_text("steps:\n  - ptq:\n  - pack\n")
+    path.write_text("steps:\n  - pack\n  - ptq:\n")
     recipe = load_recipe(path)
-    assert [(s.name, s.params) for s in recipe.steps] == [("ptq", {}), ("pack", {})]
+    assert [(s.name, s.params) for s in recipe.steps] == [("pack", {}), ("ptq", {})]
 
 
 @pytest.mark.parametrize(("text", "where"), [

@@ -102,8 +102,19 @@ class Recipe:
 
             check_choice(self.data, "data", "the recipe", WORKLOADS)
         seen_onnx = None
+        ptq_at = None
         for i, step in enumerate(self.steps):
             step.validate(i)
+            if step.name == "ptq" and ptq_at is not None:
+                raise ConfigError(
+                    f"Step {i + 1} ('ptq') repeats step {ptq_at + 1} ('ptq'): the model is "
+                    "already quantized by then. Give one ptq step.")
+            if step.name == "pack" and ptq_at is not None:
+                raise ConfigError(
+                    f"Step {i + 1} ('pack') comes after step {ptq_at + 1} ('ptq'), which leaves "
+                    "no float weights to share: pack would change nothing. Put pack before ptq.")
+            if step.name == "ptq":
+                ptq_at = i
             if STEPS[step.name].stage == "onnx":
                 seen_onnx = step.name
             elif seen_onnx is not None:
