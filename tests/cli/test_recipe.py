@@ -183,6 +183,23 @@ def test_the_recipe_reference_examples_are_valid_recipes():
         assert Recipe.from_dict(yaml.safe_load(block)).steps
 
 
+def test_a_recipe_run_twice_on_one_workload_gives_the_same_model():
+    """run_recipe reseeds the training data's shuffling too: a second run on the same
+    Workload object trained on other shuffles and gave other weights."""
+    import torch
+
+    from edgeslim.recipe.run import run_recipe
+    from edgeslim.recipe.workload import workload_for
+    from edgeslim.zoo import load_model
+
+    model = load_model("digits-mlp")
+    recipe = Recipe.from_dict({"steps": [{"finetune": {"epochs": 1}}]})
+    wl = workload_for("digits-mlp")
+    first = run_recipe(recipe, model, wl, progress=False).model.state_dict()
+    second = run_recipe(recipe, model, wl, progress=False).model.state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
 def test_a_training_step_after_quantize_is_measured_as_float_weights():
     """After `quantize` the summary counts weights at the grid's width; a later `finetune`
     moves them off the grid, so its row counts them as float again (it read 149 kB, more than

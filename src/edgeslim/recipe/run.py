@@ -42,6 +42,9 @@ def run_recipe(
     recipe.validate()
     check_training_data(recipe.torch_steps, workload)
     torch.manual_seed(seed)
+    gen = getattr(workload.train, "generator", None)  # a DataLoader's own shuffling stream
+    if gen is not None:
+        gen.manual_seed(seed)  # same shuffles whatever ran on this workload before
     console = Console(stderr=True)
     original = copy.deepcopy(model).eval()
     for p in original.parameters():
