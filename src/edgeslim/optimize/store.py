@@ -6,10 +6,10 @@ measurement settings, search version) (``edgeslim.optimize.space.candidate_key``
 (with the error) when it ends; each start adds one to ``evaluations``, so a test (or a curious user)
 can see that a resumed run did not redo finished work. A candidate stopped by Ctrl-C is marked
 ``interrupted`` (one whose process was killed stays ``running``); either is evaluated again on the
-next run, and so is a ``failed`` one, once per run. A candidate's bundle path is kept relative
-to the store's folder (absolute when it lies outside it), so a store answers the same from any
-working directory. The ``runs`` table records each invocation; ``meta`` holds per-model facts
-that are worth keeping across runs (per-layer sensitivity).
+next run, and so is a ``failed`` one, once per run. A candidate's bundle path is kept absolute,
+so a store answers the same from any working directory, and a copy of it too. The ``runs``
+table records each invocation; ``meta`` holds per-model facts that are worth keeping across
+runs (per-layer sensitivity).
 
 The file is opened in WAL mode with ``synchronous=NORMAL``: a reader (the report, a test
 polling progress) never blocks the writer, and a kill loses at most the row being written.
@@ -165,27 +165,19 @@ class ResultStore:
 
     # -- bundle paths ----------------------------------------------------------------------
 
-    def _to_store(self, bundle: str | None) -> str | None:
-        """``bundle`` as kept in the store: relative to the store's folder when it lies under
-        it, else absolute (never relative to the working directory of the run)."""
-        if bundle is None:
-            return None
-        full = Path(bundle).resolve()
-        try:
-            return full.relative_to(self.path.parent.resolve()).as_posix()
-        except ValueError:
-            return str(full)
+    @staticmethod
+    def _to_store(bundle: str | None) -> str | None:
+        """``bundle`` as kept in the store: absolute (a path relative to the working directory
+        of the run means nothing to a report or a resumed run started elsewhere)."""
+        return None if bundle is None else str(Path(bundle).resolve())
 
     def _from_store(self, stored: str | None) -> str | None:
         """A stored bundle path as a path usable from here. Stores written before paths were
-        kept relative to the store hold paths relative to the working directory of their run;
-        those still resolve when that is the working directory now."""
-        if stored is None or Path(stored).is_absolute():
+        kept absolute hold paths relative to the working directory of their run; those still
+        resolve when that is the working directory now, else against the store's folder."""
+        if stored is None or Path(stored).is_absolute() or Path(stored).is_file():
             return stored
-        here = self.path.parent / stored
-        if not here.exists() and Path(stored).is_file():
-            return stored
-        return str(here)
+        return str(self.path.parent / stored)
 
     def _row(self, r: tuple[Any, ...]) -> CandidateRow:
         key, mh, config, status, result, error, bundle, evaluations, seconds, seq, finished = r
