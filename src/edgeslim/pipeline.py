@@ -157,7 +157,8 @@ def compress(
                 original_bytes = orig_path.stat().st_size
         # The sensitivity report goes beside the bundle only once the bundle is written.
         scratch = Path(tmp) / "ptq-report.json"
-        onnx_log, proto, compression = _run_onnx_steps(recipe, proto, wl, progress, scratch)
+        onnx_log, proto, compression = _run_onnx_steps(recipe, proto, wl, progress, scratch,
+                                                       report)
         report_bytes = scratch.read_bytes() if scratch.is_file() else None
         log += onnx_log
         model_bytes = proto.SerializeToString()
@@ -295,8 +296,11 @@ def _load_onnx(path: Path) -> Any:
 
 
 def _run_onnx_steps(
-    recipe: Recipe, proto: Any, wl: Workload, progress: bool, report_path: Path
+    recipe: Recipe, proto: Any, wl: Workload, progress: bool, report_path: Path,
+    final_report: Path,
 ) -> tuple[list[dict[str, Any]], Any, str]:
+    """Run the recipe's ONNX steps; ptq writes its report to ``report_path`` (a scratch file
+    that becomes ``final_report`` once the bundle is written)."""
     from edgeslim.recipe.steps import OnnxContext, run_step
 
     octx = OnnxContext(model=proto, workload=wl, progress=progress, report_path=report_path)
@@ -308,9 +312,24 @@ def _run_onnx_steps(
         report = run_step(octx, step.name, step.params)
         score = wl.evaluate_onnx(ort_session(octx.model))
         _say(progress, f"  {step.name}: {wl.metric} {score:.4f} on onnxruntime")
+        if isinstance(report, dict) and report.get("goal_met") is False:
+            from rich.markup import escape
+
+            _say(progress, f"  [yellow]{step.name}: goal missed[/]: {_fidelity(report)} "
+                           f"(max_drop {report.get('max_drop')}); the best model found is "
+                           f"kept; its report will be {escape(str(final_report))}")
         log.append({"step": step.name, "params": step.params, "report": report,
                     "metrics": {wl.metric: score}})
     return log, octx.model, octx.compression
+
+
+def _fidelity(report: dict[str, Any]) -> str:
+    """The ptq report's score against the float model, in words."""
+    metrics = report.get("metrics") or {}
+    for key in ("top1_agreement", "mean_cosine", "score"):
+        if isinstance(metrics.get(key), (int, float)):
+            return f"{key} {metrics[key]:.4f}, a drop of {report.get('drop', 0):.4f}"
+    return f"a drop of {report.get('drop', 0):.4f}"
 
 
 def _specs(values: Any, wl: Workload) -> list[dict[str, Any]]:

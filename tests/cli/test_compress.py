@@ -455,3 +455,25 @@ def test_an_interrupted_compress_leaves_nothing_behind(tmp_path, sig):
     assert "interrupted: nothing was written" in err and "Traceback" not in err
     assert not list(tmp_path.glob("edgeslim-*")) and not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_ptq_step_that_misses_its_goal_says_so(tmp_path, capsys):
+    """One loud channel squashes the 8-bit range of the others; with no time to fall back,
+    the search keeps what it has and the run says the goal was missed."""
+    import onnx
+
+    model = _matmul_mlp(tmp_path / "loud.onnx")
+    proto = onnx.load(str(model))
+    w1 = onnx.numpy_helper.to_array(proto.graph.initializer[0]).copy()
+    w1[:, 0] = 2000.0  # h[:, 0] is in the tens of thousands; Relu keeps it
+    proto.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(w1, "w1"))
+    onnx.save(proto, str(model))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data: digits\nsteps:\n  - ptq: {scheme: static, max_drop: 0.0, "
+                      "time_budget_s: 0.01}\n")
+    out = tmp_path / "loud.eslim"
+    assert main(["compress", str(model), "--recipe", str(recipe), "-o", str(out)]) == 0
+    report = json.loads((tmp_path / "loud.ptq-report.json").read_text())
+    assert report["goal_met"] is False
+    err = "".join(capsys.readouterr().err.split())  # rich wraps lines anywhere
+    assert "ptq:goalmissed:top1_agreement" in err and "loud.ptq-report.json" in err
