@@ -13,7 +13,6 @@ divides by ``std`` per channel and ``image.layout`` moves to ``NCHW`` (or ``NHWC
 from __future__ import annotations
 
 import io
-import warnings
 from typing import Any
 
 import numpy as np
@@ -56,19 +55,15 @@ def _decode(params: dict[str, Any], ctx: BuildContext) -> Any:
                 f"image.decode expects the encoded image bytes (JPEG or PNG); "
                 f"got {type(raw).__name__}"
             )
-        try:
-            with warnings.catch_warnings():  # Pillow's warning above 89M pixels: see below
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                img = Image.open(io.BytesIO(bytes(raw)), formats=_FORMATS)
-        except Image.DecompressionBombError:  # over twice that, Pillow will not open it
-            raise InferenceError(_too_large(bytes(raw), max_pixels)) from None
-        except Exception:
-            raise InferenceError(_not_an_image(bytes(raw))) from None
+        img = _open(bytes(raw))
         w, h = img.size
-        if w * h > max_pixels:
-            raise InferenceError(
-                f"the image is {w}x{h} = {w * h} pixels; at most {max_pixels} are allowed"
-            )
+        # Pillow's own bound (twice MAX_IMAGE_PIXELS), which Image.open would apply with a
+        # warning below it: applied here, since warnings filters are not thread-safe
+        bound = Image.MAX_IMAGE_PIXELS
+        most = min(max_pixels, 2 * bound) if bound else max_pixels
+        if w * h > most:
+            raise InferenceError(f"the image is {w}x{h} = {w * h} pixels; at most {most} are "
+                                 f"allowed")
         try:
             img.load()
             if img.mode in ("I", "I;16", "I;16B", "I;16L"):
@@ -84,20 +79,21 @@ def _decode(params: dict[str, Any], ctx: BuildContext) -> Any:
     return step
 
 
-def _too_large(raw: bytes, max_pixels: int) -> str:
-    """Why an image Pillow refuses to open for its size is refused: its size and the most
-    allowed (``max_pixels``, or Pillow's own bound when that is lower)."""
-    from PIL import JpegImagePlugin, PngImagePlugin
+def _open(raw: bytes) -> Any:
+    """``raw`` opened as a JPEG or PNG (header only) by the format's own Pillow plugin, as
+    ``Image.open`` does but without its size check (``_decode`` applies it)."""
+    from PIL import JpegImagePlugin, PngImagePlugin  # noqa: F401  (they register the formats)
 
-    bound = _pil().MAX_IMAGE_PIXELS
-    most = min(max_pixels, 2 * bound) if bound else max_pixels
-    for plugin in (PngImagePlugin.PngImageFile, JpegImagePlugin.JpegImageFile):
-        try:  # the plugin reads the header only, without Image.open's size check
-            w, h = plugin(io.BytesIO(raw)).size
-        except Exception:
+    Image = _pil()
+    for fmt in _FORMATS:
+        factory, accept = Image.OPEN[fmt]
+        if accept is not None and not accept(raw[:16]):
             continue
-        return f"the image is {w}x{h} = {w * h} pixels; at most {most} are allowed"
-    return f"the image has over {most} pixels; at most {most} are allowed"
+        try:
+            return factory(io.BytesIO(raw), "")
+        except Exception:  # SyntaxError and kin: not this format after all
+            continue
+    raise InferenceError(_not_an_image(raw))
 
 
 def _not_an_image(raw: bytes) -> str:
