@@ -436,6 +436,21 @@ def test_clip_bounds_come_from_the_samples_present(clip):
     assert got[0] < got[-1] and got.max() < 100 and np.isfinite(got).all()
 
 
+@pytest.mark.parametrize("clip", [{"method": "zscore", "threshold": 1.0},
+                                  {"method": "percentile", "lower": 10, "upper": 90}])
+def test_clip_leaves_a_channel_with_no_sample_missing_and_warns_nothing(clip):
+    import warnings
+
+    x = np.column_stack([np.arange(10.0), np.full(10, np.nan), np.arange(10.0) * 2])
+    x[9, 0] = 100.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = Pipeline([{"op": "sensor.clip", **clip}, {"op": "cast", "dtype": "float64"}]
+                       ).apply(x.tolist())["input"].reshape(10, 3)
+    assert np.isnan(got[:, 1]).all()
+    assert got[9, 0] < 100 and got[0, 2] > 0 and got[9, 2] < 18
+
+
 @pytest.mark.parametrize(("raw", "what"), [([["1.5", 2.0]], "holds strings"),
                                            ([[None, 1.0]], "holds null"),
                                            ([[True, False]], "holds true/false")])

@@ -20,7 +20,6 @@ reading (NaN); strings and booleans are refused. Ops, in the order one usually c
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import numpy as np
@@ -140,14 +139,24 @@ def _clip(params: dict[str, Any], ctx: BuildContext) -> Any:
 
     def step(x: np.ndarray) -> np.ndarray:
         # Bounds from the samples present: a missing one (NaN) must not void its channel's.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # a channel with no sample at all
-            if method == "zscore":
-                mu, sd = np.nanmean(x, axis=0), np.nanstd(x, axis=0)
-                lo, hi = mu - threshold * sd, mu + threshold * sd
-            else:
-                lo = np.nanpercentile(x, lower, axis=0)
-                hi = np.nanpercentile(x, upper, axis=0)
+        # numpy's nan-functions warn on a channel with no sample at all, and silencing that
+        # with warnings.catch_warnings is not thread-safe: such channels are left out here.
+        present = ~np.isnan(x)
+        count = present.sum(axis=0)
+        lo = np.full(x.shape[1:], np.nan)
+        hi = np.full(x.shape[1:], np.nan)
+        has = count > 0
+        if method == "zscore":
+            with np.errstate(invalid="ignore", divide="ignore"):  # thread-local
+                mu = np.where(present, x, 0.0).sum(axis=0) / count
+                sd = np.sqrt(np.where(present, (x - mu) ** 2, 0.0).sum(axis=0) / count)
+            lo, hi = np.where(has, mu - threshold * sd, lo), np.where(has, mu + threshold * sd, hi)
+        elif has.all():
+            lo = np.nanpercentile(x, lower, axis=0)
+            hi = np.nanpercentile(x, upper, axis=0)
+        elif has.any():  # only (T, C) series can have both kinds of channels
+            lo[has] = np.nanpercentile(x[:, has], lower, axis=0)
+            hi[has] = np.nanpercentile(x[:, has], upper, axis=0)
         return np.clip(x, lo, hi)
 
     return step
