@@ -3,9 +3,11 @@ and outbox), its outbox, and the controller's ingest of a batch of messages."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.server
 import json
+import os
 import socket
 import sqlite3
 import threading
@@ -86,6 +88,91 @@ def test_a_redelivered_desired_state_during_a_download_retry_is_still_installed(
         node._work.set()
         if server is not None:
             server.shutdown()
+
+
+def _serve_bytes(data: bytes) -> tuple[http.server.ThreadingHTTPServer, int]:
+    """A real HTTP server answering every GET with ``data`` (the controller's bundle route)."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            with contextlib.suppress(OSError):  # the node hung up
+                self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, server.server_address[1]
+
+
+def _worker_node(tmp_path, port: int, **kw) -> Node:
+    """A real Node whose worker runs (real store and outbox), without a broker."""
+    _, pub = generate_keypair(tmp_path / "keys")
+    cfg = NodeConfig(node_id="n1", broker="mqtt://u:p@127.0.0.1:1", data_dir=tmp_path / "node",
+                     controller=f"http://127.0.0.1:{port}", public_key=pub,
+                     backoff_initial=0.2, backoff_cap=0.2, measure_reference=False, **kw)
+    node = Node(cfg)
+    node.outbox = Outbox(tmp_path / "outbox.db")
+    node.serving = _Serving()
+    threading.Thread(target=node._worker, daemon=True).start()
+    return node
+
+
+def test_a_download_rolled_back_midway_is_abandoned_and_never_installed(tmp_path):
+    """A canary on a slow link is still downloading when its deployment is rolled back (its
+    desired state cleared): it must give the download up at once, not finish it and serve
+    the rejected bundle."""
+    data = os.urandom(1_000_000)
+    sha = hashlib.sha256(data).hexdigest()
+    server, port = _serve_bytes(data)
+    node = _worker_node(tmp_path, port, max_download_rate=200_000.0)  # 5 s for the whole
+    try:
+        node._on_message(topic("desired", "n1"),
+                         encode(Desired(deployment=1, sha256=sha, name="m", size=len(data))))
+        wait_until(lambda: node.store.resume_offset(sha) > 0, 5, 0.02, "the download")
+        node._on_message(topic("desired", "n1"), b"")  # the rollback of a first deployment
+        wait_until(lambda: node.state is NodeState.EMPTY, 3, 0.02, "the download given up")
+        assert node.model is None and node.installs == 0 and not node.store.has(sha)
+        assert node.store.resume_offset(sha) < len(data)  # kept for a later resume
+        assert [r for r in node.outbox.pending(100) if r.kind == "report"] == []
+    finally:
+        node._stop.set()
+        node._work.set()
+        server.shutdown()
+
+
+def test_a_desired_state_that_moves_on_as_the_download_ends_is_not_installed(tmp_path):
+    """The rollback may land between the last chunk and the swap: the node looks at its
+    desired state again before it serves the bundle."""
+    from edgeslim.fleet.store import BundleStore
+
+    data = b"bundle-bytes" * 100
+    sha = hashlib.sha256(data).hexdigest()
+    server, port = _serve_bytes(data)
+    node = _worker_node(tmp_path, port)
+
+    class RolledBackAsItEnds(BundleStore):
+        def download(self, *args, **kw):
+            path = super().download(*args, **kw)
+            node._on_message(topic("desired", "n1"), b"")  # arrives just after the last byte
+            return path
+
+    node.store = RolledBackAsItEnds(node.data)
+    try:
+        node._on_message(topic("desired", "n1"),
+                         encode(Desired(deployment=1, sha256=sha, name="m", size=len(data))))
+        wait_until(lambda: node.store.has(sha), 5, 0.02, "the download")
+        wait_until(lambda: node.state is NodeState.EMPTY, 3, 0.02, "the worker to settle")
+        assert node.model is None and node.installs == 0
+        assert [r for r in node.outbox.pending(100) if r.kind == "report"] == []
+    finally:
+        node._stop.set()
+        node._work.set()
+        server.shutdown()
 
 
 def test_a_failed_ack_leaves_no_transaction_open_for_the_next_record(tmp_path):

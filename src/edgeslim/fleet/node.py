@@ -55,7 +55,7 @@ from edgeslim.fleet.protocol import (
     node_from_topic,
     topic,
 )
-from edgeslim.fleet.store import BundleStore
+from edgeslim.fleet.store import BundleStore, Cancelled
 
 __all__ = ["Node", "NodeConfig", "NodeState", "auto_labels"]
 
@@ -454,7 +454,9 @@ class Node:
         except BundleError as exc:
             self._fail(d, "failed", str(exc), t0, reject=False)
             return True
-        if path is None:  # stopped, or the desired state moved on
+        if path is None or self._unwanted(d):  # stopped, or the desired state moved on
+            # (checked again after the download: a rollback that came as it finished must
+            # not be installed and served)
             self._set_state(NodeState.SERVING if self.model else NodeState.EMPTY)
             self._work.set()
             return False
@@ -484,6 +486,11 @@ class Node:
         self._state = NodeState.SERVING if self.model else NodeState.EMPTY
         self._report(d, outcome, reason, time.monotonic() - t0)
 
+    def _unwanted(self, d: Desired) -> bool:
+        """True when the node stops or the desired state is no longer ``d`` (a rollback, a
+        newer deployment, a cleared state; a redelivery of the same state is not a change)."""
+        return self._stop.is_set() or _desired_key(self._desired) != _desired_key(d)
+
     def _download(self, d: Desired) -> Path | None:
         """The bundle file, fetched (and resumed) as needed; None when no longer wanted."""
         import httpx
@@ -496,8 +503,8 @@ class Node:
         last: Exception | None = None
         with httpx.Client(timeout=httpx.Timeout(30.0, connect=5.0)) as client:
             for attempt in range(self.cfg.download_attempts):
-                if self._stop.is_set() or _desired_key(self._desired) != _desired_key(d):
-                    return None  # (a redelivery of the same desired state is not a change)
+                if self._unwanted(d):
+                    return None
                 try:
                     offset = self.store.resume_offset(d.sha256)
                     if offset:
@@ -508,7 +515,10 @@ class Node:
                         client=client,
                         max_rate=self.cfg.max_download_rate,
                         stop=self._stop,
+                        cancel=lambda: self._unwanted(d),  # on every chunk
                     )
+                except Cancelled:
+                    return None
                 except (httpx.HTTPError, OSError, BundleError) as exc:
                     last = exc
                     if self._stop.is_set():

@@ -31,11 +31,16 @@ from typing import Any
 from edgeslim.errors import BundleError
 from edgeslim.fleet.protocol import check_sha256
 
-__all__ = ["BundleStore", "Pointer", "atomic_write"]
+__all__ = ["BundleStore", "Cancelled", "Pointer", "atomic_write"]
 
 log = logging.getLogger("edgeslim.fleet.store")
 
 CHUNK = 64 * 1024
+
+
+class Cancelled(BundleError):
+    """A download given up because it is no longer wanted (shutdown, or the desired state
+    moved on); the partial file stays for a later resume."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -163,14 +168,24 @@ class BundleStore:
         client: Any,
         max_rate: float | None = None,
         stop: threading.Event | None = None,
+        cancel: Callable[[], bool] | None = None,
         on_progress: Callable[[int, int | None], None] | None = None,
     ) -> Path:
         """Fetch ``url`` into ``downloads/SHA.part``, resuming with ``Range``; install it.
 
         ``client`` is an ``httpx.Client``. ``max_rate`` caps bytes per second (constrained
-        links). The finished file must hash to ``sha`` or it is deleted and ``BundleError``
-        raised; a matching file is fsynced and moved to ``bundles/SHA.eslim`` atomically.
+        links). ``stop`` set or ``cancel()`` true, checked on every chunk, raises
+        ``Cancelled`` (the partial file is kept). The finished file must hash to ``sha`` or
+        it is deleted and ``BundleError`` raised; a matching file is fsynced and moved to
+        ``bundles/SHA.eslim`` atomically.
         """
+
+        def check() -> None:
+            if stop is not None and stop.is_set():
+                raise Cancelled("download interrupted by shutdown")
+            if cancel is not None and cancel():
+                raise Cancelled(f"download of {sha[:12]} no longer wanted")
+
         check_sha256(sha)
         if self.has(sha):
             return self.path(sha)
@@ -197,8 +212,7 @@ class BundleStore:
             step = CHUNK if not max_rate else int(min(CHUNK, max(1024, max_rate / 10)))
             with open(part, mode) as f:
                 for chunk in resp.iter_bytes(step):
-                    if stop is not None and stop.is_set():
-                        raise BundleError("download interrupted by shutdown")
+                    check()
                     f.write(chunk)
                     got += len(chunk)
                     if on_progress is not None:
@@ -206,7 +220,7 @@ class BundleStore:
                     if max_rate:
                         ahead = got / max_rate - (time.monotonic() - started)
                         if ahead > 0 and (stop or threading.Event()).wait(ahead):
-                            raise BundleError("download interrupted by shutdown")
+                            raise Cancelled("download interrupted by shutdown")
                 f.flush()
                 os.fsync(f.fileno())
         digest = hashlib.sha256()
