@@ -115,6 +115,15 @@ def test_bad_status_messages_are_refused_with_the_field_named(payload, needle):
         Status.from_dict(decode(payload))
 
 
+@pytest.mark.parametrize(
+    "payload, needle",
+    [(b"[" * 100_000, "nested too deeply"), (b'{"n": ' + b"1" * 5000 + b"}", "cannot carry")],
+)
+def test_payloads_json_cannot_read_here_are_protocol_errors(payload, needle):
+    with pytest.raises(ProtocolError, match=needle):
+        decode(payload)
+
+
 def test_records_need_a_known_kind_and_an_object_body():
     with pytest.raises(ProtocolError, match="Unknown record kind"):
         Record.from_dict({"id": "x", "seq": 1, "kind": "gossip", "ts": 1.0, "body": {}})

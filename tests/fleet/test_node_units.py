@@ -210,6 +210,35 @@ def test_one_malformed_status_does_not_drop_the_rest_of_an_ingest_batch(tmp_path
     assert acks == [topic("ack", "n1")] * 3
 
 
+def test_a_bad_result_message_does_not_drop_the_rest_of_an_ingest_batch(tmp_path):
+    """Any client the ACL allows may publish on edgeslim/results/#: a payload nested too deep
+    to parse, an integer too long to convert, or a result that does not match its topic is
+    dropped alone; the statuses and records of the same batch are stored and acked."""
+    from edgeslim.fleet.controller import Controller
+    from edgeslim.fleet.protocol import Result
+
+    c = Controller("mqtt://controller:pw@127.0.0.1:1", tmp_path / "ctl")
+    acks: list[str] = []
+    c.link.publish = lambda t, p, qos=1, retain=False: acks.append(t) or True
+    sha = "c" * 64
+    good = Result(node="n1", model_sha=sha, request_id="q1", outputs=[1.0], ts=1.0)
+    wrong_topic = Result(node="n1", model_sha="d" * 64, request_id="q2", outputs=[], ts=1.0)
+    bad = [b"[" * 100_000, b'{"n": ' + b"1" * 5000 + b"}", b"[1]", encode(wrong_topic),
+           b'{"node": "n1", "model_sha": "' + sha.encode() + b'", "request_id": 7, "ts": 1}']
+    for i, payload in enumerate(bad):
+        report = Record(id=f"r{i}", seq=i + 1, kind="report", ts=1.0,
+                        body={"deployment": 1, "outcome": "installed"})
+        c._apply([(topic("status", "n1"),
+                   json.dumps({"v": 1, "id": "n1", "state": "serving", "ts": 1.0}).encode()),
+                  (topic("results", sha), payload),
+                  (topic("telemetry", "n1"), encode(Batch(node="n1", records=[report])))])
+    c._apply([(topic("results", sha), encode(good))])
+    assert [n.id for n in c.registry.nodes()] == ["n1"]
+    assert sorted(r["id"] for r in c.registry.records()) == [f"r{i}" for i in range(len(bad))]
+    assert acks == [topic("ack", "n1")] * len(bad)
+    assert list(c.results) == [good.to_dict()]
+
+
 def test_a_rollback_asked_for_with_the_last_report_is_not_lost():
     """An operator's rollback that arrives while the last phase waits for its final report
     must roll the deployment back, not end it 'succeeded' after the API said it would."""

@@ -11,7 +11,6 @@ a restart it reads the registry and republishes every node's desired state.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -34,6 +33,7 @@ from edgeslim.fleet.protocol import (
     Desired,
     ProtocolError,
     Record,
+    Result,
     Status,
     check_node_id,
     check_sha256,
@@ -257,8 +257,7 @@ class Controller:
         with self.registry.tx() as db:
             for name, payload in batch:
                 if name.startswith(f"{PREFIX}/results/"):
-                    with contextlib.suppress(ProtocolError):
-                        self.results.append(decode(payload))
+                    self._apply_result(name, payload)  # never raises: writes nothing to db
                     continue
                 parsed = node_from_topic(name)
                 if parsed is None or not payload:
@@ -278,8 +277,10 @@ class Controller:
                             Registry.upsert_status(db, st, now)
                     elif kind == "telemetry":
                         ids = self._apply_records(db, node, data, now)
-                except (ProtocolError, ConfigError, TypeError, ValueError, KeyError) as exc:
-                    # (the last three: a field of the wrong type that a parser missed)
+                except (ProtocolError, ConfigError, TypeError, ValueError, KeyError,
+                        RecursionError) as exc:
+                    # (the others: a field of the wrong type that a parser missed, a body
+                    # too deeply nested to store)
                     db.execute("ROLLBACK TO message")
                     db.execute("RELEASE message")
                     log.warning("dropped a message on %s: %s", name, exc)
@@ -290,6 +291,19 @@ class Controller:
         # Committed: only now tell the nodes they may forget these records.
         for node, ids in acks.items():
             self.link.publish(topic("ack", node), encode(Ack(ids=ids)), qos=1)
+
+    def _apply_result(self, name: str, payload: bytes) -> None:
+        """Keep a shared result that matches its topic (``results/MODEL_SHA``); anything else
+        is logged and dropped, never allowed to undo the rest of the ingest batch."""
+        try:
+            sha = name[len(f"{PREFIX}/results/"):]
+            result = Result.from_dict(decode(payload))
+            if result.model_sha != sha:
+                raise ProtocolError(f"a result of model {result.model_sha[:12]} on the topic "
+                                    f"of {sha[:12]!r}")
+            self.results.append(result.to_dict())
+        except Exception as exc:  # any client the ACL allows may publish here
+            log.warning("dropped a message on %.120s: %.300s", name, exc)
 
     def _apply_records(self, db: Any, node: str, data: dict[str, Any], now: float) -> list[str]:
         check_node_id(node)

@@ -150,6 +150,10 @@ def decode(payload: bytes | str) -> dict[str, Any]:
         data = json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError(f"A fleet message must be a UTF-8 JSON object: {exc}") from exc
+    except ValueError as exc:  # e.g. an integer past Python's 4300-digit conversion limit
+        raise ProtocolError(f"A fleet message holds a value JSON cannot carry here: {exc}") from exc
+    except RecursionError:
+        raise ProtocolError("A fleet message is nested too deeply to be read.") from None
     if not isinstance(data, dict):
         raise ProtocolError(f"A fleet message must be a JSON object. Got {type(data).__name__}.")
     return data
@@ -351,6 +355,16 @@ class Result:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Result:
+        return cls(
+            node=check_node_id(_get(data, "node", str, "result")),
+            model_sha=check_sha256(_get(data, "model_sha", str, "result"), "model_sha"),
+            request_id=_get(data, "request_id", str, "result"),
+            outputs=data.get("outputs"),
+            ts=float(_get(data, "ts", (int, float), "result")),
+        )
 
 
 @dataclass(frozen=True)
