@@ -175,6 +175,92 @@ def test_a_desired_state_that_moves_on_as_the_download_ends_is_not_installed(tmp
         server.shutdown()
 
 
+class _FullDisk(Outbox):
+    """The real outbox, whose writes fail with SQLite's disk-full error while ``full`` is set
+    (a full disk cannot be produced here)."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.full = threading.Event()
+        self.refused = 0
+
+    def put_many(self, items, **kw):
+        if self.full.is_set():
+            self.refused += 1
+            raise sqlite3.OperationalError("database or disk is full")
+        return super().put_many(items, **kw)
+
+
+def test_a_full_disk_does_not_stop_the_worker_for_good(tmp_path):
+    """The install report cannot be stored while the disk is full: the worker retries it
+    instead of dying, reports once the disk is back, and installs the next bundle too."""
+    data = {v: f"bundle-{v}".encode() * 100 for v in (1, 2)}
+    shas = {v: hashlib.sha256(b).hexdigest() for v, b in data.items()}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = next(b for v, b in data.items() if shas[v] in self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    node = _worker_node(tmp_path, server.server_address[1])
+    node.outbox = box = _FullDisk(tmp_path / "full.db")
+
+    def reports():
+        return [(r.body["deployment"], r.body["outcome"]) for r in box.pending(100)
+                if r.kind == "report"]  # fmt: skip
+
+    try:
+        box.full.set()
+        node._on_message(topic("desired", "n1"), encode(Desired(deployment=1, sha256=shas[1])))
+        wait_until(lambda: node.model is not None, 5, 0.02, "the first install")
+        wait_until(lambda: box.refused >= 2, 5, 0.02, "the report refused, then retried")
+        box.full.clear()
+        wait_until(lambda: reports() == [(1, "installed")], 5, 0.05, "the report, late")
+        node._on_message(topic("desired", "n1"), encode(Desired(deployment=2, sha256=shas[2])))
+        wait_until(lambda: reports() == [(1, "installed"), (2, "installed")], 5, 0.05,
+                   "the second install")
+        assert node.model.bundle == shas[2] and node.installs == 2
+    finally:
+        node._stop.set()
+        node._work.set()
+        server.shutdown()
+
+
+def test_a_full_disk_does_not_stop_sharing_results_and_the_queue_stays_bounded(tmp_path):
+    """Results that cannot be stored are kept and stored once the disk is back; answers that
+    pile up meanwhile are bounded (the overflow is counted), not held without limit."""
+    _, pub = generate_keypair(tmp_path / "keys")
+    node = Node(NodeConfig(node_id="n1", broker="mqtt://u:p@127.0.0.1:1", public_key=pub,
+                           data_dir=tmp_path / "node", controller="http://127.0.0.1:1",
+                           backoff_initial=0.1, backoff_cap=0.2, measure_reference=False,
+                           share_results=True))  # fmt: skip
+    node.outbox = box = _FullDisk(tmp_path / "full.db")
+    box.full.set()
+    loop = threading.Thread(target=node._results_loop, daemon=True)
+    loop.start()
+    try:
+        answer = json.dumps({"id": "q", "outputs": [{"name": "logits", "data": [1.0]}]}).encode()
+        node._on_result("c" * 64, answer)
+        wait_until(lambda: node._results.empty(), 5, 0.02, "the first result taken")
+        for _ in range(Node.RESULTS_QUEUE + 100):
+            node._on_result("c" * 64, answer)
+        assert node._results.qsize() <= Node.RESULTS_QUEUE and node.results_dropped >= 100
+        box.full.clear()
+        wait_until(lambda: box.count() == 1 + Node.RESULTS_QUEUE, 20, 0.1, "the results stored")
+        assert loop.is_alive()
+    finally:
+        node._stop.set()
+        loop.join(5)
+
+
 def test_a_failed_ack_leaves_no_transaction_open_for_the_next_record(tmp_path):
     """A DELETE that fails (disk full, I/O error) must not leave the outbox inside a
     transaction: the node's next record (an install report, say) would fail with it."""

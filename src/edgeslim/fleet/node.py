@@ -192,6 +192,8 @@ def auto_labels(measure: bool = True) -> dict[str, str]:
 class Node:
     """A fleet node agent (see the module docstring). ``start()``, then ``stop()``."""
 
+    RESULTS_QUEUE = 10_000  # answers waiting to be shared (--share-results) at most
+
     def __init__(self, config: NodeConfig) -> None:
         self.cfg = config.validate()
         self.id = config.node_id
@@ -206,7 +208,10 @@ class Node:
         self._work = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._results: queue.SimpleQueue[tuple[str | None, bytes]] = queue.SimpleQueue()
+        # answers waiting to be shared; bounded, so a results thread held up by a full disk
+        # cannot make the node run out of memory (the overflow is counted and dropped)
+        self._results: queue.Queue[tuple[str | None, bytes]] = queue.Queue(self.RESULTS_QUEUE)
+        self.results_dropped = 0
         self.labels: dict[str, str] = {}
         self.peers = Peers(self.id, max_age=max(30.0, 3 * config.heartbeat_s))
         self.outbox: Outbox | None = None
@@ -422,18 +427,27 @@ class Node:
                 self._handled = key
 
     def _report(self, d: Desired, outcome: str, reason: str, seconds: float) -> None:
-        self.record(
-            "report",
-            {
-                "deployment": d.deployment,
-                "bundle": d.sha256,
-                "rollback": d.rollback,
-                "outcome": outcome,
-                "reason": reason,
-                "seconds": round(seconds, 3),
-                "serving": self.model.bundle if self.model else None,
-            },
-        )
+        """Commit a deployment report; while the outbox cannot take it (a full disk), retry
+        with backoff until it does or the node stops. Never raises: the worker lives on."""
+        body = {
+            "deployment": d.deployment,
+            "bundle": d.sha256,
+            "rollback": d.rollback,
+            "outcome": outcome,
+            "reason": reason,
+            "seconds": round(seconds, 3),
+            "serving": self.model.bundle if self.model else None,
+        }
+        backoff = Backoff(initial=self.cfg.backoff_initial, cap=self.cfg.backoff_cap)
+        while True:
+            try:
+                self.record("report", body)
+                break
+            except Exception as exc:
+                log.error("%s: could not store the %s report of %s (retrying): %s",
+                          self.id, outcome, d.sha256[:12], exc)  # fmt: skip
+                if self._stop.wait(backoff.next_delay()):
+                    return
         self.publish_status()
 
     def _converge(self, d: Desired) -> bool:
@@ -560,40 +574,68 @@ class Node:
             log.exception("%s: could not store telemetry", self.id)
 
     def _on_result(self, model_sha: str | None, body: bytes) -> None:
-        self._results.put((model_sha, body))  # called on the event loop: never block it
+        try:
+            self._results.put_nowait((model_sha, body))  # on the event loop: never block it
+        except queue.Full:
+            self.results_dropped += 1
+            if self.results_dropped % 1000 == 1:
+                log.warning("%s: %d result(s) waiting to be shared already; dropped %d",
+                            self.id, self.RESULTS_QUEUE, self.results_dropped)  # fmt: skip
 
     def _results_loop(self) -> None:
+        backoff = Backoff(initial=self.cfg.backoff_initial, cap=self.cfg.backoff_cap)
+        shared: list[tuple[str | None, Result]] = []  # read, not yet in the outbox
         while not self._stop.is_set():
-            try:
-                first = self._results.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            items = [first]
-            while len(items) < 500:
-                try:
-                    items.append(self._results.get_nowait())
-                except queue.Empty:
-                    break
-            shared = []
-            for sha, raw in items:
-                try:
-                    doc = json.loads(raw)
-                except ValueError:
+            if not shared:
+                shared = self._next_results()
+                if not shared:
                     continue
-                shared.append(
-                    (
-                        sha,
-                        Result(
-                            node=self.id,
-                            model_sha=sha or "",
-                            request_id=str(doc.get("id", "")),
-                            outputs=doc.get("outputs"),
-                        ),
-                    )
-                )
-            if self.outbox is not None and shared:
-                self.outbox.put_many([("result", r.to_dict()) for _, r in shared])
+            try:
+                if self.outbox is not None:
+                    self.outbox.put_many([("result", r.to_dict()) for _, r in shared])
+            except Exception as exc:  # a full disk: keep these, try again (the queue is bounded)
+                log.error("%s: could not store %d result(s) (retrying): %s",
+                          self.id, len(shared), exc)  # fmt: skip
+                self._stop.wait(backoff.next_delay())
+                continue
+            backoff.reset()
             if self.link is not None:
                 for sha, r in shared:
                     if sha:
-                        self.link.publish(topic("results", sha), encode(r), qos=0)
+                        try:
+                            self.link.publish(topic("results", sha), encode(r), qos=0)
+                        except Exception:  # the live copy is best effort; the outbox has it
+                            log.exception("%s: could not publish a result", self.id)
+            shared = []
+
+    def _next_results(self) -> list[tuple[str | None, Result]]:
+        """Up to 500 queued answers as results (waits up to 0.2 s for the first)."""
+        try:
+            items = [self._results.get(timeout=0.2)]
+        except queue.Empty:
+            return []
+        while len(items) < 500:
+            try:
+                items.append(self._results.get_nowait())
+            except queue.Empty:
+                break
+        shared = []
+        for sha, raw in items:
+            try:
+                doc = json.loads(raw)
+                if not isinstance(doc, dict):
+                    continue
+            except (ValueError, RecursionError):
+                continue
+            shared.append(
+                (
+                    sha,
+                    Result(
+                        node=self.id,
+                        model_sha=sha or "",
+                        request_id=str(doc.get("id", "")),
+                        outputs=doc.get("outputs"),
+                    ),
+                )
+            )
+        return shared
