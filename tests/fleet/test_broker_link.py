@@ -102,3 +102,43 @@ def test_last_will_marks_a_killed_node_offline(broker):
     wait_until(lambda: [s["state"] for s in statuses][-1:] == ["offline"], 10, what="the will")
     assert [s["state"] for s in statuses] == ["serving", "offline"]
     ctl.stop()
+
+
+def test_outbox_batches_fit_the_packet_size_the_broker_names(tmp_path):
+    """A broker drops a client that sends a packet over its Maximum Packet Size: a backlog
+    of 200-record batches over the limit was resent after every reconnect, forever. Batches
+    now fit the limit the CONNACK names; a record that cannot fit alone is set aside."""
+    from edgeslim.fleet.broker import Broker
+    from edgeslim.fleet.controller import Controller
+    from edgeslim.fleet.outbox import Forwarder, Outbox
+
+    b = Broker({"controller": "c", "node": "n"}, workdir=tmp_path / "mq",
+               options=["max_packet_size 65536"]).start()  # fmt: skip
+    c = Controller(b.url("controller"), tmp_path / "ctl", backoff=Backoff(initial=0.1, cap=0.5))
+    box = Outbox(tmp_path / "outbox.db")
+    result = {"outputs": [{"name": "logits", "shape": [1, 10], "data": [0.123456789] * 10}]}
+    for i in range(400):  # ~300 bytes each: 200 of them make a 60+ kB batch
+        box.put("result", {**result, "i": i})
+    box.put("event", {"blob": "x" * 100_000})  # over the broker's limit even alone
+    box.put("event", {"last": True})
+    fw: Forwarder | None = None
+    link = _link(b.url("node"), "n1", subscriptions=[(topic("ack", "n1"), 1)],
+                 on_message=lambda t, p: fw.on_ack(json.loads(p)["ids"]),
+                 on_connected=lambda: fw.on_connected())  # fmt: skip
+    fw = Forwarder(box, "n1", topic("telemetry", "n1"), link.publish,
+                   broker_limit=lambda: link.max_packet_size)  # fmt: skip
+    try:
+        c.start()
+        fw.start()
+        link.start(wait=5)
+        assert link.max_packet_size == 65536
+        wait_until(lambda: box.count() == 0, 20, 0.1, "the outbox to drain")
+        assert len(c.registry.records(node="n1", kind="result")) == 400
+        assert [r["body"] for r in c.registry.records(node="n1", kind="event")] == [{"last": True}]
+        assert fw.set_aside_records == 1 and box.count_set_aside() == 1
+        assert link.losses == 0 and link.connects == 1
+    finally:
+        fw.stop()
+        link.stop()
+        c.stop()
+        b.close()

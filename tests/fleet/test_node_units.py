@@ -275,6 +275,27 @@ def test_a_failed_ack_leaves_no_transaction_open_for_the_next_record(tmp_path):
     assert box.count() == 2
 
 
+def test_outbox_batches_stay_under_the_default_size_when_the_broker_names_none(tmp_path):
+    """Without a Maximum Packet Size in the CONNACK, a batch is capped at ``max_bytes`` (AWS
+    IoT's 128 KiB by default) whatever its record count; every record still goes, in order."""
+    from edgeslim.fleet.outbox import MAX_MESSAGE_BYTES, Forwarder
+
+    assert MAX_MESSAGE_BYTES == 128 * 1024
+    box = Outbox(tmp_path / "outbox.db")
+    ids = [box.put("event", {"pad": "x" * 300, "i": i}).id for i in range(60)]
+    sent: list[bytes] = []
+    fw = Forwarder(box, "n1", topic("telemetry", "n1"),
+                   lambda t, p: sent.append(p) or True, max_bytes=4096)  # fmt: skip
+    for _ in range(100):  # send a batch, get its ack, and again
+        fw._step()
+        if not box.count():
+            break
+        fw.on_ack([r["id"] for r in json.loads(sent[-1])["records"]])
+    assert all(len(p) <= 4096 - len(topic("telemetry", "n1")) - 64 for p in sent)
+    assert len(sent) > 5
+    assert [r["id"] for p in sent for r in json.loads(p)["records"]] == ids
+
+
 def test_one_malformed_status_does_not_drop_the_rest_of_an_ingest_batch(tmp_path):
     """The controller commits a batch of messages in one transaction: a status with a field of
     the wrong type is dropped alone; the other node's status and records are stored and acked."""

@@ -192,6 +192,10 @@ def node_cmd(
         None, help="Cloud-tier V2 base URL for offloading: http(s)://HOST:PORT."
     ),
     share_results: bool = typer.Option(False, help="Publish outputs on edgeslim/results/SHA."),
+    max_message_bytes: int = typer.Option(
+        128 * 1024, min=4096, max=268_435_455,
+        help="Largest MQTT packet the node sends (a smaller broker limit wins).",
+    ),
     measure: bool = typer.Option(True, help="Measure the reference model for the labels."),
     log_level: str = typer.Option("info", help="debug, info, warning or error."),
 ) -> None:
@@ -224,6 +228,7 @@ def node_cmd(
         offload_threshold=offload_threshold,
         cloud_url=cloud,
         share_results=share_results,
+        max_message_bytes=max_message_bytes,
         measure_reference=measure,
     )
     node = Node(cfg).start()

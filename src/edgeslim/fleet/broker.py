@@ -21,6 +21,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from edgeslim.errors import ConfigError, MissingDependencyError
@@ -78,8 +79,9 @@ class Broker:
     """A Mosquitto process on 127.0.0.1 with password authentication and the fleet ACL.
 
     ``users`` maps user name -> password; ``controller_user`` names the one user allowed on
-    every topic. ``start()`` blocks until the port accepts connections; ``kill()`` sends
-    SIGKILL (an outage), ``start()`` again reuses the same port and files.
+    every topic; ``options`` are extra ``mosquitto.conf`` lines (``"max_packet_size 65536"``).
+    ``start()`` blocks until the port accepts connections; ``kill()`` sends SIGKILL (an
+    outage), ``start()`` again reuses the same port and files.
 
     >>> with Broker({"controller": "c", "node": "n"}) as b:   # doctest: +SKIP
     ...     url = b.url("node")
@@ -93,6 +95,7 @@ class Broker:
         port: int | None = None,
         workdir: str | os.PathLike[str] | None = None,
         acl: bool = True,
+        options: Sequence[str] = (),
     ) -> None:
         if controller_user not in users:
             raise ConfigError(
@@ -111,6 +114,10 @@ class Broker:
         self._own_dir = workdir is None
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="edgeslim-broker-"))
         self.acl = acl
+        self.options = [str(o) for o in options]
+        for line in self.options:
+            if "\n" in line or "\r" in line:
+                raise ConfigError(f"A broker option must be one line. Got {line!r} instead.")
         self._proc: subprocess.Popen[bytes] | None = None
         self._written = False
 
@@ -136,6 +143,7 @@ class Broker:
             "log_type error",
             "log_type warning",
             "log_type notice",
+            *self.options,
         ]
         if self.acl:
             (self.dir / "acl").write_text(_ACL.format(controller=self.controller_user))

@@ -87,6 +87,8 @@ class MqttLink:
         self._first_refusal: str | None = None
         self._final: list[tuple[str, bytes, int, bool]] = []
         self.connects = 0  # accepted CONNACKs
+        # the broker's Maximum Packet Size from the last CONNACK (None: it named none)
+        self.max_packet_size: int | None = None
         self.losses = 0  # connections lost after being accepted
 
         c = mqtt.Client(
@@ -143,6 +145,7 @@ class MqttLink:
             return
         self.backoff.reset()  # only a CONNACK that accepted us resets the delay
         self.connects += 1
+        self.max_packet_size = getattr(props, "MaximumPacketSize", None)
         if self.subscriptions:
             client.subscribe([(t, q) for t, q in self.subscriptions])
         self._set_state(LinkState.CONNECTED)

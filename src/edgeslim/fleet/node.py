@@ -38,7 +38,7 @@ from edgeslim.errors import BundleError, ConfigError, EdgeslimError
 from edgeslim.fleet.backoff import Backoff
 from edgeslim.fleet.link import MqttLink
 from edgeslim.fleet.offload import FleetMiddleware, Peers
-from edgeslim.fleet.outbox import Forwarder, Outbox
+from edgeslim.fleet.outbox import MAX_MESSAGE_BYTES, Forwarder, Outbox
 from edgeslim.fleet.protocol import (
     CONTROLLER_TOPIC,
     PREFIX,
@@ -104,6 +104,9 @@ class NodeConfig:
     backoff_initial: float = 0.5
     backoff_cap: float = 30.0
     connect_wait: float = 5.0  # start(): how long to wait for the first CONNACK
+    # the largest MQTT packet the node sends (a broker that names a smaller Maximum Packet
+    # Size in its CONNACK lowers it); 128 KiB is AWS IoT Core's limit
+    max_message_bytes: int = MAX_MESSAGE_BYTES
 
     def validate(self) -> NodeConfig:
         f = "fleet node"
@@ -116,6 +119,7 @@ class NodeConfig:
         check_int_range(self.threads, "threads", f, 1, 256)
         check_int_range(self.download_attempts, "download_attempts", f, 1, 1000)
         check_int_range(self.offload_threshold, "offload_threshold", f, 0, 10**6)
+        check_int_range(self.max_message_bytes, "max_message_bytes", f, 4096, 268_435_455)
         rate = self.max_download_rate
         if rate is not None and check_positive(rate, "max_download_rate", f) < 1.0:
             raise ConfigError(f"The 'max_download_rate' parameter of {f} must be at least 1 "
@@ -319,7 +323,12 @@ class Node:
             name=f"node {self.id}",
         )
         self.forwarder = Forwarder(
-            self.outbox, self.id, topic("telemetry", self.id), self._publish1
+            self.outbox,
+            self.id,
+            topic("telemetry", self.id),
+            self._publish1,
+            max_bytes=self.cfg.max_message_bytes,
+            broker_limit=lambda: self.link.max_packet_size if self.link else None,
         )
         self.forwarder.start()
         for target, name in ((self._worker, "worker"), (self._ticker, "ticker")):

@@ -7,6 +7,11 @@ the oldest unacknowledged records, one batch in flight at a time, and deletes a 
 when the controller's ack names it - and the controller acks only what it has committed. The
 result: nothing is lost, records arrive in ``seq`` order, and a record resent after a lost
 ack is recognised by its ``id`` and stored once.
+
+A batch is capped in bytes as well as in records: a broker drops the connection of a client
+that sends a packet over its maximum packet size (and paho does not check it), so a batch
+over the limit would be resent after every reconnect, forever. A record too large to go
+alone is moved to the ``set_aside`` table (kept, counted, logged) instead.
 """
 
 from __future__ import annotations
@@ -35,7 +40,17 @@ CREATE TABLE IF NOT EXISTS outbox (
     ts   REAL NOT NULL,
     body TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS set_aside (  -- records too large for any message the broker takes
+    seq    INTEGER PRIMARY KEY,
+    id     TEXT NOT NULL UNIQUE,
+    kind   TEXT NOT NULL,
+    ts     REAL NOT NULL,
+    body   TEXT NOT NULL,
+    reason TEXT NOT NULL
+);
 """
+
+MAX_MESSAGE_BYTES = 128 * 1024  # AWS IoT Core's limit, the smallest of the common brokers'
 
 
 class Outbox:
@@ -141,9 +156,34 @@ class Outbox:
                 raise
         return n
 
+    def set_aside(self, ids: Iterable[str], reason: str) -> int:
+        """Move records out of the queue into the ``set_aside`` table (never sent); how many."""
+        ids = list(ids)
+        if not ids:
+            return 0
+        marks = ",".join("?" * len(ids))
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(
+                    "INSERT OR IGNORE INTO set_aside (seq, id, kind, ts, body, reason) "
+                    f"SELECT seq, id, kind, ts, body, ? FROM outbox WHERE id IN ({marks})",
+                    [reason, *ids],
+                )
+                n = self._db.execute(f"DELETE FROM outbox WHERE id IN ({marks})", ids).rowcount
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return int(n)
+
     def count(self) -> int:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
+    def count_set_aside(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM set_aside").fetchone()[0])
 
     def close(self) -> None:
         with self._lock:
@@ -157,6 +197,10 @@ class Forwarder:
     thread wakes on a new record, on ``on_connected()``, on an ack, or every ``tick`` seconds.
     A batch not acknowledged within ``ack_timeout`` seconds, or in flight when the link was
     lost, is sent again (the controller drops the duplicates by id).
+
+    A batch holds at most ``batch`` records and its MQTT packet at most ``max_bytes`` bytes,
+    or the broker's own maximum packet size when ``broker_limit()`` knows one (from the
+    CONNACK) and it is smaller. A record that does not fit alone is set aside.
     """
 
     def __init__(
@@ -169,12 +213,17 @@ class Forwarder:
         batch: int = 200,
         ack_timeout: float = 5.0,
         tick: float = 0.5,
+        max_bytes: int = MAX_MESSAGE_BYTES,
+        broker_limit: Callable[[], int | None] | None = None,
     ) -> None:
         self.outbox = outbox
         self.node_id = node_id
         self.topic = topic
         self._publish = publish
         self.batch = batch
+        self.max_bytes = max_bytes
+        self._broker_limit = broker_limit
+        self.set_aside_records = 0  # too large to send: moved out of the queue
         self.ack_timeout = ack_timeout
         self.tick = tick
         self._wake = threading.Event()
@@ -234,7 +283,7 @@ class Forwarder:
             if self._inflight and time.monotonic() - self._sent_at < self.ack_timeout:
                 return
             resend = bool(self._inflight)
-        records = self.outbox.pending(self.batch)
+        records = self._fit(self.outbox.pending(self.batch))
         if not records:
             with self._lock:
                 self._inflight.clear()
@@ -249,3 +298,35 @@ class Forwarder:
             self._sent_at = time.monotonic()
         self.sent_batches += 1
         self.resent_batches += int(resend)
+
+    def payload_limit(self) -> int:
+        """The most payload bytes one batch may carry: the packet limit less the header."""
+        limit = self.max_bytes
+        broker = self._broker_limit() if self._broker_limit is not None else None
+        if broker:
+            limit = min(limit, int(broker))
+        # fixed header (5), topic (2 + length), packet id (2), properties (a few): 64 covers it
+        return limit - len(self.topic.encode()) - 64
+
+    def _fit(self, records: list[Record]) -> list[Record]:
+        """The longest run of ``records`` whose batch fits ``payload_limit()``; a first record
+        that cannot fit even alone is set aside (and the next ones looked at)."""
+        while records:
+            limit = self.payload_limit()
+            size = len(encode(Batch(node=self.node_id, records=[])))
+            fit: list[Record] = []
+            for r in records:
+                size += len(encode(r)) + (1 if fit else 0)
+                if size > limit:
+                    break
+                fit.append(r)
+            if fit:
+                return fit
+            big = records[0]
+            log.error(
+                "outbox record %s (%s, %d bytes) is larger than the %d bytes a message may "
+                "carry: set aside, never sent", big.id, big.kind, len(encode(big)), limit,
+            )
+            self.set_aside_records += self.outbox.set_aside([big.id], f"larger than {limit} bytes")
+            records = self.outbox.pending(self.batch)
+        return []
