@@ -142,3 +142,82 @@ def test_outbox_batches_fit_the_packet_size_the_broker_names(tmp_path):
         link.stop()
         c.stop()
         b.close()
+
+
+class _SlowUplink:
+    """A TCP proxy to the broker whose client -> broker direction carries ``rate`` bytes/s
+    (a constrained uplink); the other direction is not slowed."""
+
+    def __init__(self, host: str, port: int, rate: float) -> None:
+        import asyncio
+
+        self.rate = rate
+        self.loop = asyncio.new_event_loop()
+        self.up_bytes = 0
+
+        async def pipe(reader, writer, slow):
+            try:
+                while data := await reader.read(1024 if slow else 65536):
+                    if slow:
+                        self.up_bytes += len(data)
+                        await asyncio.sleep(len(data) / self.rate)
+                    writer.write(data)
+                    await writer.drain()
+            except OSError:
+                pass
+            finally:
+                writer.close()
+
+        async def handle(client_r, client_w):
+            broker_r, broker_w = await asyncio.open_connection(host, port)
+            await asyncio.gather(pipe(client_r, broker_w, True), pipe(broker_r, client_w, False))
+
+        self.server = self.loop.run_until_complete(asyncio.start_server(handle, "127.0.0.1", 0))
+        self.port = self.server.sockets[0].getsockname()[1]
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        import asyncio
+
+        async def shutdown():
+            self.server.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+def test_a_batch_still_going_out_on_a_slow_uplink_is_not_sent_again(broker, controller,
+                                                                      tmp_path):
+    """The ack timeout ran from the hand-over to paho: a batch that takes longer than that to
+    upload was queued again and again behind itself, and the uplink carried duplicates. It
+    now runs from the broker's PUBACK."""
+    from edgeslim.fleet.outbox import Forwarder, Outbox
+
+    proxy = _SlowUplink(broker.host, broker.port, rate=15_000)
+    box = Outbox(tmp_path / "outbox.db")
+    box.put_many([("event", {"pad": "x" * 400, "i": i}) for i in range(180)])  # ~80 kB
+    fw: Forwarder | None = None
+    url = broker.url("node").replace(f":{broker.port}", f":{proxy.port}")
+    link = _link(url, "n1", subscriptions=[(topic("ack", "n1"), 1)],
+                 on_message=lambda t, p: fw.on_ack(json.loads(p)["ids"]),
+                 on_connected=lambda: fw.on_connected())  # fmt: skip
+    fw = Forwarder(box, "n1", topic("telemetry", "n1"), link.publish_tracked, ack_timeout=1.5)
+    try:
+        link.start(wait=5)
+        fw.start()
+        wait_until(lambda: box.count() == 0, 30, 0.1, "the outbox to drain")
+        assert len(controller.registry.records(node="n1")) == 180
+        assert fw.sent_batches == 1 and fw.resent_batches == 0
+        assert controller.registry.counter("duplicate_records") == 0
+        assert proxy.up_bytes < 1.5 * 80_000  # one copy went up, not several
+    finally:
+        fw.stop()
+        link.stop()
+        proxy.close()

@@ -268,7 +268,15 @@ class MqttLink:
     # ------------------------------------------------------------------ publish
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool:
         """Hand a message to paho when connected; False (nothing queued) when not."""
+        return self.publish_tracked(topic, payload, qos=qos, retain=retain) is not None
+
+    def publish_tracked(
+        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False
+    ) -> Any:
+        """Like ``publish``, but return paho's ``MQTTMessageInfo`` (its ``is_published()``
+        turns true once the broker has the message: PUBACK for QoS 1), or None when nothing
+        was queued."""
         if self._state is not LinkState.CONNECTED:
-            return False
+            return None
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
-        return bool(info.rc == 0)
+        return info if info.rc == 0 else None

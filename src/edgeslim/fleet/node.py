@@ -382,8 +382,9 @@ class Node:
         self.stop()
 
     # ------------------------------------------------------------------ MQTT
-    def _publish1(self, name: str, payload: bytes) -> bool:
-        return self.link is not None and self.link.publish(name, payload, qos=1)
+    def _publish1(self, name: str, payload: bytes) -> Any:
+        """The forwarder's publish: paho's message info (None when the link is down)."""
+        return None if self.link is None else self.link.publish_tracked(name, payload, qos=1)
 
     def _on_connected(self) -> None:
         self.publish_status()

@@ -193,10 +193,13 @@ class Outbox:
 class Forwarder:
     """Drains an ``Outbox`` through a publish function, one batch in flight, resending on loss.
 
-    ``publish(topic, payload) -> bool`` returns False when the link is down. The forwarder
-    thread wakes on a new record, on ``on_connected()``, on an ack, or every ``tick`` seconds.
-    A batch not acknowledged within ``ack_timeout`` seconds, or in flight when the link was
-    lost, is sent again (the controller drops the duplicates by id).
+    ``publish(topic, payload)`` returns False or None when the link is down; else True, or
+    an object whose ``is_published()`` says when the message has left (paho's
+    ``MQTTMessageInfo``). The forwarder thread wakes on a new record, on ``on_connected()``,
+    on an ack, or every ``tick`` seconds. A batch not acknowledged within ``ack_timeout``
+    seconds of leaving, or in flight when the link was lost, is sent again (the controller
+    drops the duplicates by id); one still on its way out (a slow uplink) is not: another
+    copy would only queue behind it.
 
     A batch holds at most ``batch`` records and its MQTT packet at most ``max_bytes`` bytes,
     or the broker's own maximum packet size when ``broker_limit()`` knows one (from the
@@ -208,7 +211,7 @@ class Forwarder:
         outbox: Outbox,
         node_id: str,
         topic: str,
-        publish: Callable[[str, bytes], bool],
+        publish: Callable[[str, bytes], Any],
         *,
         batch: int = 200,
         ack_timeout: float = 5.0,
@@ -231,7 +234,8 @@ class Forwarder:
         self._lock = threading.Lock()
         self._inflight: set[str] = set()
         self._acked: list[str] = []
-        self._sent_at = 0.0
+        self._sent_at = 0.0  # when the batch in flight left (the ack timeout runs from it)
+        self._leaving: Any = None  # its message info while it is still being sent
         self._thread: threading.Thread | None = None
         self.sent_batches = 0
         self.resent_batches = 0
@@ -252,6 +256,7 @@ class Forwarder:
         """The link came (back) up: whatever was in flight may be lost, send it again."""
         with self._lock:
             self._inflight.clear()
+            self._leaving = None
         self._wake.set()
 
     def on_ack(self, ids: list[str]) -> None:
@@ -280,6 +285,11 @@ class Forwarder:
             with self._lock:
                 self._inflight.difference_update(acked)
         with self._lock:
+            if self._inflight and self._leaving is not None:
+                if not self._has_left(self._leaving):
+                    return  # still going out: resending would only queue another copy
+                self._leaving = None
+                self._sent_at = time.monotonic()
             if self._inflight and time.monotonic() - self._sent_at < self.ack_timeout:
                 return
             resend = bool(self._inflight)
@@ -289,15 +299,24 @@ class Forwarder:
                 self._inflight.clear()
             return
         payload = encode(Batch(node=self.node_id, records=records))
-        if not self._publish(self.topic, payload):
+        sent = self._publish(self.topic, payload)
+        if sent is None or sent is False:
             with self._lock:
                 self._inflight.clear()  # link down: resend when on_connected wakes us
             return
         with self._lock:
             self._inflight = {r.id for r in records}
             self._sent_at = time.monotonic()
+            self._leaving = sent if hasattr(sent, "is_published") else None
         self.sent_batches += 1
         self.resent_batches += int(resend)
+
+    @staticmethod
+    def _has_left(info: Any) -> bool:
+        try:
+            return bool(info.is_published())
+        except (ValueError, RuntimeError):  # paho gave up on it: the ack timeout decides
+            return True
 
     def payload_limit(self) -> int:
         """The most payload bytes one batch may carry: the packet limit less the header."""
