@@ -9,7 +9,9 @@ Wrapped around the edge server's app, it sees every V2 infer request
   peer serving the same model sha256 (learnt from the peers' retained status messages; the
   least loaded first) or else to the configured cloud-tier V2 endpoint, and relays its
   answer; a request that was already offloaded once (``x-edgeslim-offloaded``) is never
-  forwarded again, and a peer that fails is skipped and the request served here;
+  forwarded again, and a peer that fails or cannot serve the request (5xx, or a 4xx other
+  than 400/422, such as 404 from a peer serving the same model under another name or
+  version) is skipped and the request served here;
 - hands each successful JSON answer to ``on_result`` (the node shares the outputs - never
   the inputs - on ``edgeslim/results/SHA``).
 
@@ -37,6 +39,10 @@ log = logging.getLogger("edgeslim.fleet.offload")
 _INFER = re.compile(r"^/v2/models/([^/]+)(/versions/[^/]+)?/infer$")
 OFFLOAD_HEADER = "x-edgeslim-offloaded"
 _HOP_HEADERS = {"host", "content-length", "connection", "transfer-encoding", "keep-alive"}
+# A peer's answer that says the request itself is bad (any node serving that model would say
+# the same): relayed. Every other 4xx (no such model name or version there, its own token or
+# body limit, too many requests) and every 5xx means "that target cannot serve it".
+_RELAYED_4XX = {400, 422}
 
 
 class WindowCounter:
@@ -246,7 +252,8 @@ class FleetMiddleware:
             except Exception as exc:  # peer gone: try the next, else serve here
                 log.info("offload to %s failed: %s", who, exc)
                 continue
-            if r.status_code >= 500:
+            if r.status_code >= 400 and r.status_code not in _RELAYED_4XX:
+                log.info("offload to %s answered %d: trying the next", who, r.status_code)
                 continue
             out = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in r.headers.items()
                    if k.lower() not in _HOP_HEADERS]  # fmt: skip
