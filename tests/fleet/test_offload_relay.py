@@ -80,3 +80,23 @@ def test_a_peer_that_has_not_the_name_or_version_asked_for_is_skipped(keys, bund
             assert r.status_code == 400 and r.headers["x-edgeslim-served-by"] == "node-b"
     finally:
         peer.stop()
+
+
+def test_a_cloud_tier_that_compresses_its_answers_is_relayed_readable(keys, bundles):
+    """httpx decodes a gzip answer from the cloud tier; relaying it with the cloud's
+    'content-encoding: gzip' made the client fail to decode the plain body it got."""
+    from starlette.middleware.gzip import GZipMiddleware
+
+    from edgeslim.edge.server import EdgeServer
+
+    cloud = EdgeServer([str(bundles["v1"])], threads=1)
+    cloud.app = GZipMiddleware(cloud.app, minimum_size=50)
+    cloud.start()
+    try:
+        with _overloaded_node(keys, bundles["v1"], cloud_url=cloud.url) as url:
+            r = httpx.post(f"{url}/v2/models/{NAME}/infer", json=infer_body(1))
+            assert r.status_code == 200 and r.headers["x-edgeslim-served-by"] == "cloud"
+            assert len(r.json()["outputs"][0]["data"]) == 10
+            assert "content-encoding" not in r.headers
+    finally:
+        cloud.stop()

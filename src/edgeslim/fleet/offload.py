@@ -39,6 +39,10 @@ log = logging.getLogger("edgeslim.fleet.offload")
 _INFER = re.compile(r"^/v2/models/([^/]+)(/versions/[^/]+)?/infer$")
 OFFLOAD_HEADER = "x-edgeslim-offloaded"
 _HOP_HEADERS = {"host", "content-length", "connection", "transfer-encoding", "keep-alive"}
+# not forwarded: the offload client asks for (and decodes) its own encodings
+_REQUEST_DROP = _HOP_HEADERS | {"accept-encoding"}
+# not relayed: httpx hands over the body already decoded, and ``_send`` sets the length
+_RESPONSE_DROP = _HOP_HEADERS | {"content-encoding"}
 # A peer's answer that says the request itself is bad (any node serving that model would say
 # the same): relayed. Every other 4xx (no such model name or version there, its own token or
 # body limit, too many requests) and every 5xx means "that target cannot serve it".
@@ -241,7 +245,7 @@ class FleetMiddleware:
                 targets.append((peer.id, peer.http.rstrip("/")))
         if self.cloud_url:
             targets.append(("cloud", self.cloud_url))
-        fwd = {k: v for k, v in headers.items() if k not in _HOP_HEADERS}
+        fwd = {k: v for k, v in headers.items() if k not in _REQUEST_DROP}
         fwd[OFFLOAD_HEADER] = self.node_id
         path = scope["path"] + (
             ("?" + scope["query_string"].decode()) if scope.get("query_string") else ""
@@ -256,7 +260,7 @@ class FleetMiddleware:
                 log.info("offload to %s answered %d: trying the next", who, r.status_code)
                 continue
             out = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in r.headers.items()
-                   if k.lower() not in _HOP_HEADERS]  # fmt: skip
+                   if k.lower() not in _RESPONSE_DROP]  # fmt: skip
             out.append((b"x-edgeslim-served-by", who.encode()))
             return r.status_code, out, r.content
         return None
