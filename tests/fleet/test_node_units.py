@@ -468,3 +468,67 @@ def test_a_rollback_that_cannot_complete_still_ends_the_deployment():
     Rollout(c, dep, RolloutParams(), rollback_reason="operator").run()
     row = c.registry.deployment(dep)
     assert row.state == "failed" and "rollback did not complete" in row.reason
+
+
+def _fake_broker(reasons: list[int]) -> tuple[socket.socket, list[int]]:
+    """A TCP server answering the n-th CONNECT with an MQTT 5 CONNACK of ``reasons[n]`` (the
+    last one from then on): what Mosquitto cannot be made to answer. It keeps an accepted
+    connection open; a refused one is closed."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(5)
+    seen: list[int] = []
+
+    def drain(conn):  # an accepted client: read until it hangs up
+        with contextlib.suppress(OSError):
+            while conn.recv(4096):
+                pass
+        conn.close()
+
+    def serve():
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            conn.recv(4096)
+            code = reasons[min(len(seen), len(reasons) - 1)]
+            seen.append(code)
+            conn.sendall(bytes([0x20, 0x03, 0x00, code, 0x00]))
+            if code:
+                conn.close()
+            else:
+                threading.Thread(target=drain, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return srv, seen
+
+
+def test_a_busy_broker_on_the_first_connect_is_retried_not_called_a_bad_password():
+    """CONNACK 0x89 'Server busy' (a broker under a connection storm) was reported as wrong
+    credentials and the node exited; it is retried. Credential refusals still raise."""
+    from edgeslim.errors import ConfigError
+    from edgeslim.fleet.backoff import Backoff, LinkState
+    from edgeslim.fleet.link import MqttLink
+    from edgeslim.fleet.protocol import BrokerURL
+
+    srv, seen = _fake_broker([0x89, 0x89, 0x00])
+    url = BrokerURL.parse(f"mqtt://node:pw@127.0.0.1:{srv.getsockname()[1]}")
+    link = MqttLink(url, "n1", backoff=Backoff(initial=0.1, cap=0.2))
+    try:
+        link.start(wait=10)
+        assert link.state is LinkState.CONNECTED and seen == [0x89, 0x89, 0x00]
+    finally:
+        link.stop()
+        srv.close()
+
+    for code in (0x86, 0x87, 0x85, 0x8C):
+        srv, seen = _fake_broker([code])
+        url = BrokerURL.parse(f"mqtt://node:pw@127.0.0.1:{srv.getsockname()[1]}")
+        link = MqttLink(url, "n1", backoff=Backoff(initial=0.1, cap=0.2))
+        try:
+            with pytest.raises(ConfigError, match="Check the user and password"):
+                link.start(wait=10)
+        finally:
+            link.stop()
+            srv.close()

@@ -6,9 +6,12 @@ the reconnect loop is written here):
 
 - one ``LinkState`` at a time: CONNECTING -> CONNECTED -> BACKOFF -> CONNECTING ... -> CLOSED;
 - ``Backoff.reset()`` only on a CONNACK that accepted the session;
-- the first connection is handled apart: wrong credentials there are the user's mistake and
-  ``start(wait=...)`` raises ``ConfigError``; a broker that is merely unreachable is retried
-  in the background (an edge node must come up and serve while its broker is away);
+- the first connection is handled apart: wrong credentials there (CONNACK 0x86 bad user
+  name or password, 0x87 not authorized, 0x85 client id not valid, 0x8C bad authentication
+  method) are the user's mistake and ``start(wait=...)`` raises ``ConfigError``; a broker
+  that is merely unreachable, or refuses for a passing reason (0x89 server busy, 0x97 quota
+  exceeded, ...), is retried in the background (an edge node must come up and serve while
+  its broker is away);
 - subscriptions are renewed on every CONNACK (clean sessions), after which ``on_connected``
   runs so the owner can republish its retained state and resume its outbox;
 - every wait is an ``Event.wait`` that ``stop()`` interrupts.
@@ -34,6 +37,15 @@ __all__ = ["MqttLink"]
 log = logging.getLogger("edgeslim.fleet.link")
 
 MessageHandler = Callable[[str, bytes], None]
+
+# CONNACK reason codes that no retry can cure: the --broker URL (or the broker's user list)
+# is wrong. Any other refusal (server busy, unavailable, quota exceeded) is retried.
+CREDENTIAL_REFUSALS = {
+    0x85: "client identifier not valid",
+    0x86: "bad user name or password",
+    0x87: "not authorized",
+    0x8C: "bad authentication method",
+}
 
 
 def _paho() -> Any:
@@ -137,9 +149,11 @@ class MqttLink:
     def _handle_connect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
         if rc.is_failure:
             self._refused = str(rc)
-            if self.connects == 0 and self._first_refusal is None:
+            fatal = getattr(rc, "value", None) in CREDENTIAL_REFUSALS
+            if fatal and self.connects == 0 and self._first_refusal is None:
                 self._first_refusal = str(rc)
-            log.warning("%s: broker %s refused the connection: %s", self.name, self.broker, rc)
+            log.warning("%s: broker %s refused the connection: %s%s", self.name, self.broker,
+                        rc, "" if fatal else " (retrying)")  # fmt: skip
             with self._changed:
                 self._changed.notify_all()
             return
@@ -179,8 +193,9 @@ class MqttLink:
     def start(self, wait: float | None = None) -> MqttLink:
         """Start the network thread; with ``wait``, block up to that many seconds for CONNACK.
 
-        Raises ``ConfigError`` when the broker refuses the first connection (bad credentials,
-        client id not allowed). An unreachable broker is not an error: the link keeps trying.
+        Raises ``ConfigError`` when the broker refuses the first connection for its
+        credentials (``CREDENTIAL_REFUSALS``). An unreachable or busy broker is not an error:
+        the link keeps trying.
         """
         if self._thread is not None:
             return self
