@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -290,3 +291,47 @@ def test_rollback_no_wait_says_it_was_requested_and_json_prints_the_row(controll
                       "--deployment", str(dep), "--json")  # fmt: skip
     row = json.loads(out)
     assert rc == 0 and row["id"] == dep and row["state"] == "rolled_back"
+
+
+def test_operator_verbs_refuse_a_malformed_controller_url_naming_it(capsys):
+    for url in ("http://127.0.0.1:abc", "http://[::1", "http://127.0.0.1:99999", "http://"):
+        for verb in (["status"], ["rollback"]):
+            _refused(capsys, ["fleet", *verb, "--controller", url], "--controller", repr(url),
+                     "not a valid URL")
+
+
+def test_operator_verbs_say_when_the_url_is_not_an_edgeslim_controller(capsys):
+    """A web server that is not the controller (an HTML page, JSON of another shape) is named
+    in one line, not a traceback."""
+    import http.server
+
+    answers = {"/nodes": (b"<html>hello</html>", "text/html"),
+               "/deployments/latest/rollback": (b'{"ok": true}', "application/json")}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _answer(self):
+            body, ctype = answers.get(self.path, (b"[1, 2]", "application/json"))
+            self.send_response(200)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        _refused(capsys, ["fleet", "status", "--controller", url],
+                 "not an edgeslim controller", "not JSON")
+        answers["/nodes"] = (b'{"nodes": []}', "application/json")
+        _refused(capsys, ["fleet", "status", "--controller", url],
+                 "not an edgeslim controller", "another shape")
+        _refused(capsys, ["fleet", "rollback", "--controller", url],
+                 "not an edgeslim controller")
+    finally:
+        server.shutdown()

@@ -100,28 +100,56 @@ def _http_url(value: str | None, flag: str) -> None:
 
 
 def _client(controller: str) -> Any:
+    from urllib.parse import urlsplit
+
     import httpx
 
     if not controller.startswith(("http://", "https://")):
         raise ConfigError(f"--controller must be an http(s) URL. Got {controller!r} instead.")
-    return httpx.Client(base_url=controller.rstrip("/"), timeout=30.0)
+    try:
+        parts = urlsplit(controller)
+        parts.port  # noqa: B018 - raises ValueError on a port that is not 0-65535
+        if not parts.hostname or re.search(r"[\s%]", parts.hostname):
+            raise ValueError("no host name, or a bad one")
+        return httpx.Client(base_url=controller.rstrip("/"), timeout=30.0)
+    except (ValueError, httpx.InvalidURL) as exc:
+        raise ConfigError(f"--controller {controller!r} is not a valid URL ({exc}); give "
+                          "http://HOST:PORT.") from None
 
 
-def _call(client: Any, method: str, path: str, **kw: Any) -> Any:
+def _call(
+    client: Any, method: str, path: str, *, keys: tuple[str, ...] = (), many: bool = False,
+    **kw: Any,
+) -> Any:
+    """The JSON answer of the controller: an object holding ``keys`` (with ``many``, a list
+    of such objects); anything else means the URL is not an edgeslim controller."""
     import httpx
 
     try:
         r = client.request(method, path, **kw)
+    except httpx.InvalidURL as exc:
+        raise ConfigError(f"--controller {str(client.base_url)!r} is not a valid URL: {exc}"
+                          ) from None
     except httpx.HTTPError as exc:
         raise UnreachableError(f"Cannot reach the controller at {client.base_url}: {exc}"
                                ) from None
+    try:
+        doc = r.json()
+    except ValueError:  # HTML, plain text, nothing
+        doc = None
     if r.status_code >= 400:
-        try:
-            msg = r.json().get("error", r.text)
-        except ValueError:
-            msg = r.text
-        raise ConfigError(f"The controller answered {r.status_code}: {msg}")
-    return r.json()
+        msg = doc.get("error", r.text) if isinstance(doc, dict) else r.text
+        raise ConfigError(f"The controller answered {r.status_code}: {str(msg)[:500]}")
+
+    def fits(item: Any) -> bool:
+        return isinstance(item, dict) and all(k in item for k in keys)
+
+    ok = (isinstance(doc, list) and all(fits(i) for i in doc)) if many else fits(doc)
+    if not ok:
+        what = "JSON of another shape" if doc is not None else "something that is not JSON"
+        raise ConfigError(f"{client.base_url} is not an edgeslim controller: {method} {path} "
+                          f"answered {what} (HTTP {r.status_code}).")
+    return doc
 
 
 # ---------------------------------------------------------------------- long-running verbs
@@ -258,6 +286,7 @@ def _upload_or_sha(client: Any, bundle: str, force: bool) -> str:
         "/bundles",
         content=path.read_bytes(),
         params={"force": "1" if force else "0"},
+        keys=("sha256",),
     )
     return str(info["sha256"])
 
@@ -287,10 +316,13 @@ def _rollout_params(params: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
+_DEPLOYMENT_KEYS = ("id", "state", "reason", "targets")  # what _print_deployment reads
+
+
 def _wait_final(client: Any, dep: int, timeout: float) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
-        row = _call(client, "GET", f"/deployments/{dep}")
+        row = _call(client, "GET", f"/deployments/{dep}", keys=_DEPLOYMENT_KEYS)
         if row["state"] in ("succeeded", "rolled_back", "failed"):
             return dict(row)
         if time.monotonic() > deadline:
@@ -346,7 +378,7 @@ def deploy_cmd(
     with _client(controller) as client:
         sha = _upload_or_sha(client, bundle, force)
         body = {"bundle": sha, "selector": labels, "params": params}
-        row = _call(client, "POST", "/deployments", json=body)
+        row = _call(client, "POST", "/deployments", json=body, keys=_DEPLOYMENT_KEYS)
         if wait:
             row = _wait_final(client, int(row["id"]), timeout)
     if as_json:
@@ -400,7 +432,8 @@ def status_cmd(
 ) -> None:
     """List every node: id, labels, model name and sha256, health, last seen."""
     with _client(controller) as client:
-        nodes = _call(client, "GET", "/nodes")
+        nodes = _call(client, "GET", "/nodes", many=True,
+                      keys=("id", "labels", "health", "state"))
     if as_json:
         print(json.dumps(nodes, indent=2))
         return
@@ -421,7 +454,7 @@ def rollback_cmd(
                           f"'latest'. Got {deployment!r} instead.")
     _number(timeout, "--timeout", "a positive number of seconds")
     with _client(controller) as client:
-        row = _call(client, "POST", f"/deployments/{deployment}/rollback")
+        row = _call(client, "POST", f"/deployments/{deployment}/rollback", keys=("id",))
         if wait:
             row = _wait_final(client, int(row["id"]), timeout)
     if as_json:
