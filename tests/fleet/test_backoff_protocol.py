@@ -108,6 +108,10 @@ def test_messages_round_trip_through_json():
         (b'{"id": "n1", "state": "s", "model": {"name": "m", "sha256": "xyz", "bundle": "b"}}',
          "sha256"),
         (b'{"id": "n1", "state": "s", "labels": [1]}', "labels"),
+        (b'{"id": "n1", "state": "s", "queue": -1000000}', "'queue' must be >= 0"),
+        (b'{"id": "n1", "state": "s", "http": "ftp://10.0.0.2"}', "'http'"),
+        (b'{"id": "n1", "state": "s", "http": "http://"}', "'http'"),
+        (b'{"id": "n1", "state": "s", "heartbeat_s": -5}', "'heartbeat_s'"),
     ],
 )  # fmt: skip
 def test_bad_status_messages_are_refused_with_the_field_named(payload, needle):
@@ -122,6 +126,27 @@ def test_bad_status_messages_are_refused_with_the_field_named(payload, needle):
 def test_payloads_json_cannot_read_here_are_protocol_errors(payload, needle):
     with pytest.raises(ProtocolError, match=needle):
         decode(payload)
+
+
+def test_peers_pick_no_liar_and_judge_freshness_by_the_peers_own_heartbeat():
+    """A status that advertises a negative queue is refused (it won every pick); a peer that
+    heartbeats every 60 s stays fresh between its beats, judged by its own interval."""
+    from edgeslim.fleet.offload import Peers
+
+    def status(node, **kw):
+        doc = {"id": node, "state": "serving", "http": "http://127.0.0.1:8001",
+               "model": {"name": "m", "version": "1", "sha256": SHA_A, "bundle": SHA_B}, **kw}
+        return Status.from_dict(decode(encode(doc)))
+
+    with pytest.raises(ProtocolError, match="'queue'"):
+        status("liar", queue=-1000000)
+    peers = Peers("me", max_age=30.0)
+    peers.update("slow", status("slow", heartbeat_s=60.0))
+    peers.update("quiet", status("quiet"))  # says nothing: this node's max_age applies
+    for p in peers.all():
+        p.seen -= 100.0  # a status 100 s old: within three 60 s beats, past 30 s
+    assert peers.pick(SHA_A).id == "slow"
+    assert peers.pick(SHA_A, exclude={"slow"}) is None
 
 
 def test_records_need_a_known_kind_and_an_object_body():

@@ -255,6 +255,7 @@ class Node:
             http=self.url,
             queue=self.middleware.inflight if self.middleware else 0,
             ts=time.time(),
+            heartbeat_s=self.cfg.heartbeat_s,
         )
 
     def publish_status(self) -> bool:

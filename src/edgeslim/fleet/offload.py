@@ -102,10 +102,15 @@ class Peer:
     sha256: str
     queue: int
     seen: float  # monotonic
+    max_age: float = 30.0  # seconds after ``seen`` that it counts as fresh
 
 
 class Peers:
-    """Other nodes as their retained status messages describe them."""
+    """Other nodes as their retained status messages describe them.
+
+    A peer is fresh for ``max_age`` seconds after its last status, or three of its own
+    heartbeats when it says it beats slower than that.
+    """
 
     def __init__(self, self_id: str, max_age: float = 30.0) -> None:
         self.self_id = self_id
@@ -127,7 +132,8 @@ class Peers:
                 self._peers.pop(node, None)
                 return
             self._peers[node] = Peer(node, status.http, status.model.sha256, status.queue,
-                                     time.monotonic())  # fmt: skip
+                                     time.monotonic(),
+                                     max(self.max_age, 3.0 * status.heartbeat_s))  # fmt: skip
 
     def pick(self, sha: str, exclude: set[str] | frozenset[str] = frozenset()) -> Peer | None:
         """The least-loaded fresh peer serving ``sha`` (random among equals), or None."""
@@ -136,7 +142,7 @@ class Peers:
             fresh = [
                 p
                 for p in self._peers.values()
-                if p.sha256 == sha and now - p.seen <= self.max_age and p.id not in exclude
+                if p.sha256 == sha and now - p.seen <= p.max_age and p.id not in exclude
             ]
         if not fresh:
             return None

@@ -69,6 +69,7 @@ RECORD_KINDS = ("telemetry", "report", "result", "event")
 _NODE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _LABEL_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_HTTP_URL = re.compile(r"^https?://[^/\s?#@]+(/\S*)?$")
 
 
 class ProtocolError(ConfigError):
@@ -200,7 +201,9 @@ class Status:
 
     ``state`` is a ``NodeState`` value (or ``"offline"`` from the last will); ``health`` is
     ``"ok"``, ``"degraded"`` (last install failed, still serving) or ``"down"`` (no model);
-    ``queue`` is the number of inference requests in flight; ``ts`` is Unix seconds.
+    ``queue`` is the number of inference requests in flight (>= 0); ``http`` its V2 base URL
+    (http(s), or "" when it serves none); ``ts`` is Unix seconds; ``heartbeat_s`` the seconds
+    between its heartbeats (0: not said), so that peers know when its status is stale.
     """
 
     id: str
@@ -211,6 +214,7 @@ class Status:
     http: str = ""
     queue: int = 0
     ts: float = 0.0
+    heartbeat_s: float = 0.0
     v: int = PROTOCOL_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -221,15 +225,26 @@ class Status:
         labels = data.get("labels") or {}
         if not isinstance(labels, dict):
             raise ProtocolError(f"The status field 'labels' must be an object. Got {labels!r}")
+        http = str(data.get("http", "") or "")
+        if http and not _HTTP_URL.match(http):
+            raise ProtocolError(f"The status field 'http' must be an http(s) URL. Got {http!r}")
+        queue = _number(data, "queue", int)
+        if queue < 0:
+            raise ProtocolError(f"The status field 'queue' must be >= 0. Got {queue!r}")
+        heartbeat = _number(data, "heartbeat_s", float)
+        if not 0.0 <= heartbeat <= 86400.0:
+            raise ProtocolError("The status field 'heartbeat_s' must be in [0, 86400]. "
+                                f"Got {heartbeat!r}")
         return cls(
             id=check_node_id(_get(data, "id", str, "status")),
             state=_get(data, "state", str, "status"),
             health=str(data.get("health", "down")),
             labels={str(k): str(v) for k, v in labels.items()},
             model=ModelRef.from_dict(data.get("model")),
-            http=str(data.get("http", "")),
-            queue=_number(data, "queue", int),
+            http=http,
+            queue=queue,
             ts=_number(data, "ts", float),
+            heartbeat_s=heartbeat,
         )
 
 
