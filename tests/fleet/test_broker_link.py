@@ -144,6 +144,46 @@ def test_outbox_batches_fit_the_packet_size_the_broker_names(tmp_path):
         b.close()
 
 
+def test_a_live_result_over_the_packet_size_is_left_to_the_outbox(tmp_path):
+    """Shared results go out twice: live on edgeslim/results/SHA and through the outbox. A live
+    copy over the broker's Maximum Packet Size made the broker drop the node's link, once per
+    large answer; it is now skipped, and the outbox (which fits its batches) sends it."""
+    from edgeslim.bundle.signing import generate_keypair
+    from edgeslim.fleet.broker import Broker
+    from edgeslim.fleet.node import Node, NodeConfig
+    from edgeslim.fleet.outbox import Forwarder, Outbox
+
+    b = Broker({"controller": "c", "node": "n"}, workdir=tmp_path / "mq",
+               options=["max_packet_size 65536"]).start()  # fmt: skip
+    _, pub = generate_keypair(tmp_path / "keys")
+    node = Node(NodeConfig(node_id="n1", broker=b.url("node"), public_key=pub,
+                           data_dir=tmp_path / "node", controller="http://127.0.0.1:1",
+                           measure_reference=False, share_results=True))  # fmt: skip
+    node.outbox = Outbox(tmp_path / "outbox.db")
+    live: list[bytes] = []
+    node.link = link = _link(b.url("node"), "n1", subscriptions=[(topic("results", "#"), 0)],
+                             on_message=lambda t, p: live.append(p))  # fmt: skip
+    node.forwarder = Forwarder(node.outbox, "n1", topic("telemetry", "n1"), link.publish,
+                               broker_limit=lambda: link.max_packet_size)  # fmt: skip
+    loop = threading.Thread(target=node._results_loop, daemon=True)
+    try:
+        link.start(wait=5)
+        loop.start()
+        small = json.dumps({"id": "s", "outputs": [{"name": "y", "data": [1.0]}]}).encode()
+        big = json.dumps({"id": "b", "outputs": [{"name": "y", "data": [0.5] * 20_000}]})
+        node._on_result("c" * 64, big.encode())
+        node._on_result("c" * 64, small)
+        wait_until(lambda: node.outbox.count() == 2, 10, 0.05, "both results stored")
+        wait_until(lambda: len(live) == 1, 10, 0.05, "the small result live")
+        assert json.loads(live[0])["request_id"] == "s"
+        assert link.losses == 0 and link.connects == 1
+    finally:
+        node._stop.set()
+        loop.join(5)
+        link.stop()
+        b.close()
+
+
 class _SlowUplink:
     """A TCP proxy to the broker whose client -> broker direction carries ``rate`` bytes/s
     (a constrained uplink); the other direction is not slowed."""

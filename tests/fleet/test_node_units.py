@@ -275,12 +275,11 @@ def test_a_failed_ack_leaves_no_transaction_open_for_the_next_record(tmp_path):
     assert box.count() == 2
 
 
-def test_outbox_batches_stay_under_the_default_size_when_the_broker_names_none(tmp_path):
-    """Without a Maximum Packet Size in the CONNACK, a batch is capped at ``max_bytes`` (AWS
-    IoT's 128 KiB by default) whatever its record count; every record still goes, in order."""
-    from edgeslim.fleet.outbox import MAX_MESSAGE_BYTES, Forwarder
+def test_outbox_batches_stay_under_max_bytes_when_the_broker_names_none(tmp_path):
+    """Without a Maximum Packet Size in the CONNACK, a batch is capped at ``max_bytes`` (for
+    AWS IoT's 128 KiB, say) whatever its record count; every record still goes, in order."""
+    from edgeslim.fleet.outbox import Forwarder
 
-    assert MAX_MESSAGE_BYTES == 128 * 1024
     box = Outbox(tmp_path / "outbox.db")
     ids = [box.put("event", {"pad": "x" * 300, "i": i}).id for i in range(60)]
     sent: list[bytes] = []
@@ -294,6 +293,22 @@ def test_outbox_batches_stay_under_the_default_size_when_the_broker_names_none(t
     assert all(len(p) <= 4096 - len(topic("telemetry", "n1")) - 64 for p in sent)
     assert len(sent) > 5
     assert [r["id"] for p in sent for r in json.loads(p)["records"]] == ids
+
+
+def test_a_large_record_goes_when_no_limit_is_set(tmp_path):
+    """A shared result of 16 x 1000 classes is ~190 kB: by default (MQTT's own limit, no
+    broker limit) it is sent, not set aside as it was under a default cap of 128 KiB."""
+    from edgeslim.fleet.outbox import MAX_MESSAGE_BYTES, Forwarder
+
+    assert MAX_MESSAGE_BYTES == 268_435_455  # MQTT's largest packet
+    box = Outbox(tmp_path / "outbox.db")
+    big = box.put("result", {"outputs": [[0.123456789] * 1000] * 16}).id
+    sent: list[bytes] = []
+    fw = Forwarder(box, "n1", topic("telemetry", "n1"), lambda t, p: sent.append(p) or True)
+    fw._step()
+    assert len(sent) == 1 and len(sent[0]) > 150_000  # over 128 KiB
+    assert [r["id"] for r in json.loads(sent[0])["records"]] == [big]
+    assert fw.set_aside_records == 0 and box.count_set_aside() == 0
 
 
 def test_one_malformed_status_does_not_drop_the_rest_of_an_ingest_batch(tmp_path):

@@ -221,8 +221,9 @@ def node_cmd(
     ),
     share_results: bool = typer.Option(False, help="Publish outputs on edgeslim/results/SHA."),
     max_message_bytes: int = typer.Option(
-        128 * 1024, min=4096, max=268_435_455,
-        help="Largest MQTT packet the node sends (a smaller broker limit wins).",
+        268_435_455, min=4096, max=268_435_455,
+        help="Largest MQTT packet the node sends (default: MQTT's own limit; 131072 for AWS "
+             "IoT Core); a smaller limit the broker names wins.",
     ),
     measure: bool = typer.Option(True, help="Measure the reference model for the labels."),
     log_level: str = typer.Option("info", help="debug, info, warning or error."),

@@ -613,8 +613,12 @@ class Node:
             if self.link is not None:
                 for sha, r in shared:
                     if sha:
+                        payload, where = encode(r), topic("results", sha)
+                        if (self.forwarder is not None
+                                and len(payload) > self.forwarder.payload_limit(where)):
+                            continue  # the broker would drop the link; the outbox sends it
                         try:
-                            self.link.publish(topic("results", sha), encode(r), qos=0)
+                            self.link.publish(where, payload, qos=0)
                         except Exception:  # the live copy is best effort; the outbox has it
                             log.exception("%s: could not publish a result", self.id)
             shared = []

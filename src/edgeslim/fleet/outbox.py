@@ -6,7 +6,8 @@ FULL``), so a record that was accepted survives a kill -9 or a power cut. The fo
 the oldest unacknowledged records, one batch in flight at a time, and deletes a record only
 when the controller's ack names it - and the controller acks only what it has committed. The
 result: nothing is lost, records arrive in ``seq`` order, and a record resent after a lost
-ack is recognised by its ``id`` and stored once.
+ack is recognised by its ``id`` and stored once (the one exception, below: a record larger
+than any message the broker takes stays on the node, set aside).
 
 A batch is capped in bytes as well as in records: a broker drops the connection of a client
 that sends a packet over its maximum packet size (and paho does not check it), so a batch
@@ -50,7 +51,9 @@ CREATE TABLE IF NOT EXISTS set_aside (  -- records too large for any message the
 );
 """
 
-MAX_MESSAGE_BYTES = 128 * 1024  # AWS IoT Core's limit, the smallest of the common brokers'
+#: MQTT's own packet limit: no cap of the node's own unless one is set (AWS IoT Core takes
+#: 128 KiB) or the broker names a smaller one in its CONNACK
+MAX_MESSAGE_BYTES = 268_435_455
 
 
 class Outbox:
@@ -318,14 +321,15 @@ class Forwarder:
         except (ValueError, RuntimeError):  # paho gave up on it: the ack timeout decides
             return True
 
-    def payload_limit(self) -> int:
-        """The most payload bytes one batch may carry: the packet limit less the header."""
+    def payload_limit(self, topic: str | None = None) -> int:
+        """The most payload bytes one message on ``topic`` (the batches' by default) may
+        carry: the packet limit less the header."""
         limit = self.max_bytes
         broker = self._broker_limit() if self._broker_limit is not None else None
         if broker:
             limit = min(limit, int(broker))
         # fixed header (5), topic (2 + length), packet id (2), properties (a few): 64 covers it
-        return limit - len(self.topic.encode()) - 64
+        return limit - len((self.topic if topic is None else topic).encode()) - 64
 
     def _fit(self, records: list[Record]) -> list[Record]:
         """The longest run of ``records`` whose batch fits ``payload_limit()``; a first record

@@ -17,8 +17,9 @@ bundle's model.onnx.
   node at once; the node's last will publishes the same topic with ``state: "offline"``.
 - ``telemetry`` carries batches of records from the node's SQLite outbox (stats, deployment
   reports, inference results); the controller stores them, commits, then answers ``ack`` with
-  the ids it saved. The node deletes only acknowledged records, so nothing is lost and the
-  controller deduplicates by record id.
+  the ids it saved. The node deletes only acknowledged records, so nothing is lost (a record
+  larger than any message the broker takes stays on the node, in the outbox's ``set_aside``
+  table) and the controller deduplicates by record id.
 - ``desired`` is the state the controller wants (which bundle to serve). Retained, so a node
   that was offline converges when it comes back; a rollback is a new desired state.
 - ``controller/status`` is ``{"state": "online"}`` while the controller is connected (its last
