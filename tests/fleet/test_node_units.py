@@ -19,7 +19,7 @@ from edgeslim.bundle import generate_keypair
 from edgeslim.fleet.demo import wait_until
 from edgeslim.fleet.node import Node, NodeConfig, NodeState
 from edgeslim.fleet.outbox import Outbox
-from edgeslim.fleet.protocol import Batch, Desired, ModelRef, Record, encode, topic
+from edgeslim.fleet.protocol import Ack, Batch, Desired, ModelRef, Record, encode, topic
 
 
 class _Serving:
@@ -309,6 +309,26 @@ def test_a_large_record_goes_when_no_limit_is_set(tmp_path):
     assert len(sent) == 1 and len(sent[0]) > 150_000  # over 128 KiB
     assert [r["id"] for r in json.loads(sent[0])["records"]] == [big]
     assert fw.set_aside_records == 0 and box.count_set_aside() == 0
+
+
+def test_a_record_sqlite_cannot_store_is_acked_and_dropped_alone(tmp_path):
+    """A report whose deployment is an integer beyond 64 bits raised OverflowError in SQLite
+    and undid the whole ingest batch, other nodes' statuses with it; the record is now dropped
+    alone and acked (or the node would resend it forever)."""
+    from edgeslim.fleet.controller import Controller
+
+    c = Controller("mqtt://controller:pw@127.0.0.1:1", tmp_path / "ctl")
+    acks: list[tuple[str, bytes]] = []
+    c.link.publish = lambda t, p, qos=1, retain=False: acks.append((t, p)) or True
+    good = {"v": 1, "id": "n1", "state": "serving", "ts": 1.0}
+    huge = Record(id="r-huge", seq=1, kind="report", ts=1.0,
+                  body={"deployment": 10**20, "outcome": "installed"})
+    fine = Record(id="r-fine", seq=2, kind="event", ts=1.0, body={"a": 1})
+    c._apply([(topic("telemetry", "n2"), encode(Batch(node="n2", records=[huge, fine]))),
+              (topic("status", "n1"), json.dumps(good).encode())])
+    assert "n1" in [n.id for n in c.registry.nodes()]  # the status in the same batch
+    assert [r["id"] for r in c.registry.records(node="n2")] == ["r-fine"]
+    assert acks == [(topic("ack", "n2"), encode(Ack(ids=["r-huge", "r-fine"])))]
 
 
 def test_one_malformed_status_does_not_drop_the_rest_of_an_ingest_batch(tmp_path):

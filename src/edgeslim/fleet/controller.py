@@ -278,9 +278,9 @@ class Controller:
                     elif kind == "telemetry":
                         ids = self._apply_records(db, node, data, now)
                 except (ProtocolError, ConfigError, TypeError, ValueError, KeyError,
-                        RecursionError) as exc:
+                        RecursionError, OverflowError) as exc:
                     # (the others: a field of the wrong type that a parser missed, a body
-                    # too deeply nested to store)
+                    # too deeply nested to store, an integer beyond SQLite's 64 bits)
                     db.execute("ROLLBACK TO message")
                     db.execute("RELEASE message")
                     log.warning("dropped a message on %s: %s", name, exc)
@@ -322,11 +322,22 @@ class Controller:
                     ids.append(rid)  # ack it, or the node would resend it forever
                 continue
             ids.append(rec.id)
-            new = Registry.insert_records(db, node, [rec], now)
+            db.execute("SAVEPOINT record")  # a record SQLite cannot store undoes itself only
+            try:
+                new = Registry.insert_records(db, node, [rec], now)
+                if rec.kind == "report" and new:
+                    self._apply_report(db, node, rec.body, now)
+            except (OverflowError, ValueError, TypeError, RecursionError) as exc:
+                # an integer beyond 64 bits, a body too deeply nested to store: acked (above)
+                # and dropped, or the node would resend it forever
+                db.execute("ROLLBACK TO record")
+                db.execute("RELEASE record")
+                log.warning("node %s sent a record that cannot be stored (acked and dropped): "
+                            "%s", node, exc)  # fmt: skip
+                continue
+            db.execute("RELEASE record")
             if rec.kind == "telemetry":
                 stats = rec.body
-            elif rec.kind == "report" and new:
-                self._apply_report(db, node, rec.body, now)
         Registry.touch(db, node, now, stats)
         return ids
 

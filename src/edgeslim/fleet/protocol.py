@@ -230,8 +230,8 @@ class Status:
         if http and not _HTTP_URL.match(http):
             raise ProtocolError(f"The status field 'http' must be an http(s) URL. Got {http!r}")
         queue = _number(data, "queue", int)
-        if queue < 0:
-            raise ProtocolError(f"The status field 'queue' must be >= 0. Got {queue!r}")
+        if not 0 <= queue <= 2**31:
+            raise ProtocolError(f"The status field 'queue' must be in [0, 2**31]. Got {queue!r}")
         heartbeat = _number(data, "heartbeat_s", float)
         if not 0.0 <= heartbeat <= 86400.0:
             raise ProtocolError("The status field 'heartbeat_s' must be in [0, 86400]. "
