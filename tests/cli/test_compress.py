@@ -286,6 +286,19 @@ def test_an_onnx_model_on_sentences_is_judged_against_its_own_fp32_outputs(tmp_p
     assert metrics["mean_cosine"] == pytest.approx(1.0, abs=1e-6)
 
 
+def test_the_dynamic_scheme_shrinks_a_model_whose_only_weights_are_an_embedding_table(tmp_path):
+    """No MatMul, but a 30522-row embedding table: the sentence preset stores it as int8 per
+    row (the refusal of MatMul-less models once took this model too)."""
+    model = _bag_of_words_encoder(tmp_path / "encoder.onnx")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data: sentences\nsteps:\n  - ptq: {}\n")
+    out = tmp_path / "enc.eslim"
+    assert main(["compress", str(model), "--recipe", str(recipe), "-o", str(out), "-q"]) == 0
+    manifest = json.loads(zipfile.ZipFile(out).read("manifest.json"))
+    assert manifest["metrics"]["onnx_bytes"] < 0.35 * model.stat().st_size
+    assert manifest["metrics"]["mean_cosine"] > 0.999
+
+
 @pytest.mark.slow
 def test_an_onnx_model_on_photos_is_judged_against_its_own_fp32_outputs(tmp_path):
     """data: photos for a user's ONNX classifier: the unchanged model agrees with itself (top-1

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 
 from edgeslim.ptq._graph import Graph, unique_node_names
+from edgeslim.ptq.dynamic import embedding_gathers
+from edgeslim.ptq.weight_only import require_matmuls
 
 __all__ = ["Builder", "activation_units", "float_bytes", "within_budget"]
 
@@ -55,9 +57,9 @@ class Builder:
             if cfg["activation_bias_correction"]:
                 self._correct_bias()
         else:
-            if self.scheme == "dynamic":
-                from edgeslim.ptq.weight_only import require_matmuls
-
+            if self.scheme == "dynamic" and not (
+                cfg["quantize_embeddings"] and embedding_gathers(model, exclude=cfg["exclude"])
+            ):  # nothing it would quantize: a float model is no int8 result
                 require_matmuls(model, cfg["exclude"], "The dynamic scheme", "the static scheme")
             self.float_model = unique_node_names(copy.deepcopy(model))
             self.prepared = copy.deepcopy(self.float_model)

@@ -33,6 +33,7 @@ from onnx import TensorProto, helper
 from edgeslim.ptq._graph import Graph, opset_of, unique_node_names
 
 __all__ = [
+    "embedding_gathers",
     "input_statistics",
     "quantize_dynamic_ort",
     "quantize_embeddings",
@@ -253,6 +254,23 @@ def rowwise_dynamic(
     return model, [n.name for n in selected]
 
 
+def embedding_gathers(
+    model: Any, *, min_rows: int = 1024, exclude: Sequence[str] = ()
+) -> list[Any]:
+    """The Gather nodes ``quantize_embeddings`` stores as int8: on a 2-D float32 constant of
+    at least ``min_rows`` rows, along axis 0, not in ``exclude``."""
+    graph = Graph(model)
+    skipped = set(exclude)
+    found = []
+    for node in model.graph.node:
+        table = graph.array(node.input[0]) if node.op_type == "Gather" else None
+        if (table is not None and table.ndim == 2 and table.dtype == np.float32
+                and table.shape[0] >= min_rows and int(graph.attr(node, "axis", 0)) == 0
+                and node.name not in skipped):
+            found.append(node)
+    return found
+
+
 def quantize_embeddings(
     model: Any, *, min_rows: int = 1024, exclude: Sequence[str] = ()
 ) -> list[str]:
@@ -263,20 +281,14 @@ def quantize_embeddings(
     """
     unique_node_names(model)
     graph = Graph(model)
+    tables = {id(n) for n in embedding_gathers(model, min_rows=min_rows, exclude=exclude)}
     done = []
     out = []
     for node in model.graph.node:
-        table = graph.array(node.input[0]) if node.op_type == "Gather" else None
-        if (
-            table is None
-            or table.ndim != 2
-            or table.dtype != np.float32
-            or table.shape[0] < min_rows
-            or int(graph.attr(node, "axis", 0)) != 0
-            or node.name in set(exclude)
-        ):
+        if id(node) not in tables:
             out.append(node)
             continue
+        table = graph.array(node.input[0])
         scale = np.maximum(np.abs(table).max(1, keepdims=True), 1e-12) / 127.0
         q = np.clip(np.round(table / scale), -127, 127).astype(np.int8)
         qn = graph.fresh_name(node.input[0] + "_int8")
