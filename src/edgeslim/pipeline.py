@@ -312,6 +312,9 @@ def _run_onnx_steps(
         report = run_step(octx, step.name, step.params)
         score = wl.evaluate_onnx(ort_session(octx.model))
         _say(progress, f"  {step.name}: {wl.metric} {score:.4f} on onnxruntime")
+        if step.name == "pack" and isinstance(report, dict) and not report.get("packed_tensors"):
+            _say(progress, "  [yellow]pack: no float weight tensor to share[/] (after ptq only "
+                           "the layers it keeps in float are left); the bundle is lzma-coded")
         if isinstance(report, dict) and report.get("goal_met") is False:
             from rich.markup import escape
 

@@ -343,6 +343,38 @@ def test_a_recipe_quantizes_weights_to_int4(tmp_path):
     assert all(a.i == 4 for n in packed for a in n.attribute if a.name == "bits")
 
 
+def test_pack_after_ptq_shares_what_ptq_left_in_float_and_says_when_nothing(tmp_path, capsys):
+    """After weight-only int4 a conv's weights are still float for pack to share; with none
+    left (an MLP of MatMuls only), pack runs and says so instead of being listed silently."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = _matmul_mlp(tmp_path / "mlp.onnx")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data: digits\nsteps:\n  - ptq: {scheme: weight_only, bits: 4}\n"
+                      "  - pack: {bits: 4, min_size: 16}\n")
+    out = tmp_path / "mlp.eslim"
+    assert main(["compress", str(model), "--recipe", str(recipe), "-o", str(out)]) == 0
+    steps = json.loads(zipfile.ZipFile(out).read("manifest.json"))["compression"]
+    assert steps[-1]["step"] == "pack" and steps[-1]["report"]["packed_tensors"] == 0
+    assert "pack:nofloatweighttensortoshare" in "".join(capsys.readouterr().err.split())
+
+    # a 1x1 conv in front: weight-only leaves it float, and pack shares it
+    proto = onnx.load(str(model))
+    w = np.random.default_rng(1).normal(0, 0.3, (64, 64, 1, 1)).astype(np.float32)
+    proto.graph.initializer.append(numpy_helper.from_array(w, "wc"))
+    proto.graph.node.insert(0, helper.make_node("Unsqueeze", ["input", "ax"], ["x4"], name="u"))
+    proto.graph.node.insert(1, helper.make_node("Conv", ["x4", "wc"], ["c4"], name="conv"))
+    proto.graph.node.insert(2, helper.make_node("Squeeze", ["c4", "ax"], ["c"], name="s"))
+    proto.graph.initializer.append(numpy_helper.from_array(np.array([2, 3], np.int64), "ax"))
+    proto.graph.node[3].input[0] = "c"
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(model))
+    assert main(["compress", str(model), "--recipe", str(recipe), "-o", str(out), "-q"]) == 0
+    steps = json.loads(zipfile.ZipFile(out).read("manifest.json"))["compression"]
+    assert steps[-1]["report"]["packed_tensors"] == 1
+
+
 def test_weight_only_is_refused_for_a_model_without_matmuls(tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("steps:\n  - ptq: {scheme: weight_only, bits: 4, time_budget_s: 30}\n")

@@ -39,9 +39,6 @@ def test_recipe_from_python_objects_and_dict_agree():
         ({"steps": "prune"}, "must be a list"),
         ({"steps": [42]}, "Step 1 must be"),
         ({"steps": [{"pack": {}}, {"prune": {"sparsity": 0.5}}]}, "List every torch step"),
-        ({"steps": ["ptq", {"pack": {"bits": 4}}]},
-         "Step 2 ('pack') comes after step 1 ('ptq'), which leaves no float weights to share: "
-         "pack would change nothing. Put pack before ptq."),
         ({"steps": ["ptq", "ptq"]}, "Step 2 ('ptq') repeats step 1 ('ptq')"),
         (["prune"], "must be a mapping"),
         ({"steps": [{"prune": {"sparsity": 0.5, "ignored_layers": 7}}]},

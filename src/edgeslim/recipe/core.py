@@ -109,10 +109,6 @@ class Recipe:
                 raise ConfigError(
                     f"Step {i + 1} ('ptq') repeats step {ptq_at + 1} ('ptq'): the model is "
                     "already quantized by then. Give one ptq step.")
-            if step.name == "pack" and ptq_at is not None:
-                raise ConfigError(
-                    f"Step {i + 1} ('pack') comes after step {ptq_at + 1} ('ptq'), which leaves "
-                    "no float weights to share: pack would change nothing. Put pack before ptq.")
             if step.name == "ptq":
                 ptq_at = i
             if STEPS[step.name].stage == "onnx":
