@@ -327,12 +327,18 @@ def _run_onnx_steps(
 
 
 def _fidelity(report: dict[str, Any]) -> str:
-    """The ptq report's score against the float model, in words."""
+    """The ptq report's score against the float model and, when it broke its cap, its size,
+    in words."""
     metrics = report.get("metrics") or {}
+    said = f"a drop of {report.get('drop', 0):.4f}"
     for key in ("top1_agreement", "mean_cosine", "score"):
         if isinstance(metrics.get(key), (int, float)):
-            return f"{key} {metrics[key]:.4f}, a drop of {report.get('drop', 0):.4f}"
-    return f"a drop of {report.get('drop', 0):.4f}"
+            said = f"{key} {metrics[key]:.4f}, {said}"
+            break
+    cap, ratio = (report.get("config") or {}).get("max_size_ratio"), metrics.get("size_ratio")
+    if isinstance(cap, (int, float)) and isinstance(ratio, (int, float)) and ratio > cap:
+        said += f"; size_ratio {ratio:.3f} over max_size_ratio {cap}"
+    return said
 
 
 def _specs(values: Any, wl: Workload) -> list[dict[str, Any]]:

@@ -29,3 +29,15 @@ def test_a_calibration_named_in_the_recipe_wins():
 
 def test_the_dynamic_scheme_gets_no_calibration_method():
     assert "method" not in ptq_overrides(SENTENCES)
+
+
+def test_a_missed_goal_names_the_size_when_that_is_what_broke():
+    from edgeslim.pipeline import _fidelity
+
+    report = {"goal_met": False, "drop": 0.0, "config": {"max_size_ratio": 0.27},
+              "metrics": {"top1_agreement": 1.0, "size_ratio": 0.4}}
+    # it read "top1_agreement 1.0000, a drop of 0.0000": a missed goal with nothing missed
+    assert _fidelity(report) == ("top1_agreement 1.0000, a drop of 0.0000; size_ratio 0.400 "
+                                 "over max_size_ratio 0.27")
+    report["metrics"]["size_ratio"] = 0.26
+    assert "size_ratio" not in _fidelity(report)

@@ -247,3 +247,15 @@ def test_schemes_for_matmuls_refuse_a_model_without_one(scheme):
     with pytest.raises(ConfigError, match=r"MatMuls with constant weights.*are Gemm"):
         quantize(model, x, x, scheme=scheme, bits=4 if scheme == "weight_only" else 8,
                  progress=False, threads=1)
+
+
+def test_per_tensor_static_int8_keeps_an_older_opset():
+    from edgeslim.ptq._graph import opset_of
+
+    rng = np.random.default_rng(0)
+    model = _conv_net(rng.normal(size=(8, 3, 3, 3)).astype(np.float32), (1, 3, 8, 8),
+                      pads=[1, 1, 1, 1])
+    model.opset_import[0].version = 11
+    x = rng.normal(size=(32, 3, 8, 8)).astype(np.float32)
+    res = quantize(model, x, x, per_channel=False, progress=False, threads=1)
+    assert opset_of(res.model) == 11  # no conversion where none is needed

@@ -318,8 +318,8 @@ def quantize(
                           f"Got {exclude!r} instead.")
     start = time.perf_counter()
     float_model = as_model(model)
-    if scheme == "static":  # per-channel DequantizeLinear (its axis) came with opset 13
-        float_model = at_least_opset(float_model, 13, "static int8 quantization")
+    if scheme == "static" and per_channel:  # DequantizeLinear's axis came with opset 13
+        float_model = at_least_opset(float_model, 13, "per-channel static int8")
     unknown = sorted(set(exclude) - {n.name for n in float_model.graph.node})
     if unknown:
         names = ", ".join(n.name for n in float_model.graph.node[:12] if n.name)
@@ -344,6 +344,7 @@ def quantize(
         "quantize_embeddings": quantize_embeddings,
         "bits": bits,
         "exclude": list(exclude),
+        "max_size_ratio": max_size_ratio,
         "float_leading_units": float_leading_units,
         "float_logits": float_logits,
         "finetune_share": finetune_share,
