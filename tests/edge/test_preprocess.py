@@ -453,7 +453,8 @@ def test_clip_leaves_a_channel_with_no_sample_missing_and_warns_nothing(clip):
 
 @pytest.mark.parametrize(("raw", "what"), [([["1.5", 2.0]], "holds strings"),
                                            ([[None, 1.0]], "holds null"),
-                                           ([[True, False]], "holds true/false")])
+                                           ([[True, False]], "holds true/false"),
+                                           ([[1.5, True]], "holds true/false")])
 def test_an_array_payload_takes_numbers_only(raw, what):
     """As the V2 JSON path does: a string or null among the values is refused, not read as
     1.5 or NaN."""
@@ -466,7 +467,11 @@ def test_an_array_payload_takes_numbers_only(raw, what):
                                            ([[1.0, "2"], [None, 3.0]], "strings"),
                                            ([True, False, True], "true/false"),
                                            ([True, None, 1.0], "true/false"),
-                                           ([[1.0, [2.0]], [None, 3.0]], "an array")])
+                                           ([[1.0, [2.0]], [None, 3.0]],
+                                            r"arrays where numbers should be \(rows of unequal "
+                                            r"length, or nested deeper\)"),
+                                           ([1.5, True, 2.0], "true/false"),
+                                           ([[1, 2], [True, 3]], "true/false")])
 def test_a_sensor_payload_takes_numbers_and_null_only(raw, what):
     """As an array payload does: "1.5" and true are refused, not read as 1.5 and 1.0; null
     stays a missing sample."""
@@ -555,9 +560,13 @@ def test_the_cast_step_refuses_values_it_would_wrap_and_keeps_truncation():
     np.testing.assert_array_equal(got, np.array([[-128, 127]], np.float32))
 
 
-def test_integers_beyond_64_bits_are_named_as_such():
-    with pytest.raises(InferenceError, match="integers beyond 64 bits"):
-        Pipeline([], inputs=[{"name": "x", "dtype": "float32"}]).apply([[10**30]])
+def test_an_array_payload_reads_big_integers_as_the_sensor_path_does():
+    f32 = [{"name": "x", "dtype": "float32"}]
+    # 10**30 was refused as "null or mixed values"; it is a JSON number, 1e30 in float64
+    got = Pipeline([], inputs=f32).apply([[10**30, 1]])["x"]
+    np.testing.assert_array_equal(got, np.array([[1e30, 1.0]], np.float32))
+    with pytest.raises(InferenceError, match="a number beyond the range of float64"):
+        Pipeline([], inputs=f32).apply([[10**400]])
 
 
 def test_overlapping_windows_are_views_and_their_total_size_is_capped():

@@ -263,17 +263,9 @@ class Pipeline:
 def _to_array(raw: Any) -> np.ndarray:
     if isinstance(raw, np.ndarray):
         return raw
-    try:
-        # as parsed: numbers only (a float64 conversion would take "1.5" and null as values)
-        kind = np.asarray(raw).dtype.kind
-        arr = np.array(raw, dtype=np.float64)
-    except (ValueError, TypeError) as exc:
-        raise InferenceError(f"the payload is not a rectangular array of numbers: {exc}") from None
-    if kind not in "iuf":
-        what = {"U": "strings", "S": "strings", "b": "true/false",
-                "O": "null, mixed values or integers beyond 64 bits"}
-        raise InferenceError(f"the payload holds {what.get(kind, 'values that are not numbers')}"
-                             f"; send a JSON array of numbers")
+    arr, what = _sensor.parse_numbers(raw, allow_null=False)
+    if arr is None:
+        raise InferenceError(f"the payload holds {what}; send a JSON array of numbers")
     if np.isinf(arr).any():
         raise InferenceError("the payload holds an infinite value (Infinity, or a number beyond "
                              "the range of float64 such as 1e400); send finite numbers")

@@ -20,6 +20,7 @@ reading (NaN); strings and booleans are refused. Ops, in the order one usually c
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import numpy as np
@@ -60,17 +61,10 @@ def to_series(raw: Any) -> np.ndarray:
                 f"a sensor payload is a non-empty JSON array of numbers or of rows of numbers; "
                 f"got {json_kind(raw)}"
             )
-        try:
-            # as parsed: numbers and null only (a float64 conversion takes "1.5" and true)
-            kind = np.asarray(raw).dtype.kind
-            arr = np.array(raw, dtype=np.float64)
-        except (ValueError, TypeError) as exc:
-            raise InferenceError(
-                f"a sensor payload must be numbers (null for missing) in rows of equal length: "
-                f"{exc}"
-            ) from None
-        if kind not in "iuf":
-            _check_numbers_or_null(raw, kind)
+        arr, what = parse_numbers(raw, allow_null=True)
+        if arr is None:
+            raise InferenceError(f"a sensor payload holds {what}; send numbers (null for a "
+                                 f"missing sample) in rows of equal length")
     if arr.ndim not in (1, 2) or arr.size == 0:
         raise InferenceError(
             f"a sensor payload must be (T,) or (T, C); got shape {list(arr.shape)}"
@@ -82,19 +76,33 @@ def to_series(raw: Any) -> np.ndarray:
     return arr
 
 
-def _check_numbers_or_null(raw: list[Any], kind: str) -> None:
-    """``InferenceError`` unless every value of the rectangular ``raw`` is a number or null."""
-    bad = None
-    if kind == "O":  # null among the numbers, or mixed values: look at each one
-        values = np.array(raw, dtype=object).ravel()
-        bad = next((v for v in values if v is not None and (
-            isinstance(v, bool) or not isinstance(v, (int, float)))), None)
-        if bad is None:
-            return
-    what = ("true/false" if kind == "b" or isinstance(bad, bool) else
-            "strings" if kind in "US" or isinstance(bad, str) else json_kind(bad))
-    raise InferenceError(f"a sensor payload holds {what}; send numbers (null for a missing "
-                         f"sample)")
+_NOT_NUMBERS = (  # what a JSON payload holds instead of numbers, in the words of a message
+    (str, "strings"), (bool, "true/false"), (np.bool_, "true/false"),
+    (list, "arrays where numbers should be (rows of unequal length, or nested deeper)"),
+    (dict, "objects"), (type(None), "null"),
+)
+
+
+def parse_numbers(raw: Any, *, allow_null: bool) -> tuple[np.ndarray | None, str]:
+    """A parsed JSON array of numbers (``null`` as NaN when ``allow_null``) as float64, or
+    ``(None, what)`` naming what it holds instead: a float64 conversion alone would read
+    "1.5" as 1.5 and true as 1.0 (also among numbers), and null as NaN. One pass over the
+    values, in C but for the type check."""
+    try:
+        obj = np.array(raw, dtype=object)
+    except (ValueError, TypeError):
+        return None, "rows of unequal length"
+    bad = {t for t in set(map(type, obj.ravel()))
+           if issubclass(t, (bool, np.bool_)) or not issubclass(t, numbers.Real)}
+    if allow_null:
+        bad.discard(type(None))
+    if bad:
+        return None, next((w for t, w in _NOT_NUMBERS if any(issubclass(b, t) for b in bad)),
+                          "values that are not numbers")
+    try:
+        return obj.astype(np.float64), ""
+    except OverflowError:
+        return None, "a number beyond the range of float64"
 
 
 def _impute(params: dict[str, Any], ctx: BuildContext) -> Any:
