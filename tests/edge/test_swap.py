@@ -191,3 +191,17 @@ def test_an_unload_during_a_load_answers_at_once_and_the_server_keeps_serving(si
             assert loaded == {"status": 200}
             assert server.store.names() == ["linear", "slow"]
             assert c.get("/v2/models/other/ready").status_code == 404
+
+            # an unload of the very model being loaded wins over that load: it used to be
+            # served again once the load ended
+            loaded.clear()
+            loader = threading.Thread(target=load)
+            loader.start()
+            while not server.store._load_lock.locked():
+                assert time.monotonic() < deadline + 60 and loader.is_alive()
+                time.sleep(0.001)
+            assert c.post("/v2/repository/models/slow/unload").status_code == 200
+            loader.join(120)
+            assert loaded["status"] == 400
+            assert server.store.names() == ["linear"]
+            assert c.get("/v2/models/slow/ready").status_code == 404

@@ -224,6 +224,7 @@ class ModelStore:
         self._models: dict[str, ServedModel] = {}
         self._load_lock = threading.Lock()  # held through a whole load (read, warm-up, probe)
         self._switch_lock = threading.Lock()  # held only to switch or drop a name
+        self._unloads: dict[str, int] = {}  # unload calls per name, so a load can tell
 
     def get(self, name: str) -> ServedModel | None:
         return self._models.get(name)
@@ -277,6 +278,8 @@ class ModelStore:
         """
         with self._load_lock:
             label = name or "?"
+            with self._switch_lock:
+                unloads = dict(self._unloads)
             try:
                 served = self.build(source)
                 label = served.name
@@ -288,6 +291,12 @@ class ModelStore:
                     self.metrics.loads.labels(label, "failed").inc()
                 raise
             with self._switch_lock:
+                if self._unloads.get(served.name, 0) != unloads.get(served.name, 0):
+                    # the later request wins: serving it again would undo the unload
+                    if self.metrics is not None:
+                        self.metrics.loads.labels(label, "failed").inc()
+                    raise ConfigError(f"model '{served.name}' was unloaded while this load ran, "
+                                      f"so it was not switched to; load it again to serve it")
                 self._models[served.name] = served  # the atomic switch
                 if self.metrics is not None:
                     self.metrics.loads.labels(served.name, "ok").inc()
@@ -297,9 +306,11 @@ class ModelStore:
     def unload(self, name: str) -> bool:
         """Stop serving ``name``; in-flight requests finish. False when it was not loaded.
 
-        Does not wait for a load in progress (the server calls it on its event loop).
+        Does not wait for a load in progress (the server calls it on its event loop); a load
+        of ``name`` in progress then fails rather than serve it again.
         """
         with self._switch_lock:
+            self._unloads[name] = self._unloads.get(name, 0) + 1
             gone = self._models.pop(name, None)
             if gone is not None and self.metrics is not None:
                 self.metrics.drop_model(name)
