@@ -11,8 +11,9 @@ from pathlib import Path
 
 import typer
 
+from edgeslim.edge import MIN_BODY_MB
+
 TOKEN_ENV = "EDGESLIM_TOKEN"
-MIN_BODY_MB = 0.001  # as EdgeServer's: about 1 kB, enough for a small JSON request
 
 
 def register(app: typer.Typer) -> None:

@@ -13,6 +13,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Runner", "load"]
 
+#: the smallest request body limit a server takes (MB): about 1 kB, a small JSON request
+MIN_BODY_MB = 0.001
+
 
 def __getattr__(name: str) -> Any:
     if name in __all__:

@@ -45,6 +45,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from edgeslim.edge import MIN_BODY_MB
 from edgeslim.edge._http import RECEIVE_BUFFER, Connections, edge_protocol, tune_malloc
 from edgeslim.edge.metrics import CONTENT_TYPE, Metrics
 from edgeslim.edge.model_store import ModelStore, ServedModel
@@ -62,8 +63,6 @@ log = logging.getLogger("edgeslim.edge.server")
 
 OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
 SERVER_NAME = "edgeslim"
-MIN_BODY_MB = 0.001
-"""The smallest body limit (``max_body_mb``): about 1 kB, enough for a small JSON request."""
 EXTENSIONS = ["binary_tensor_data", "model_repository", "edgeslim_raw"]
 
 Handler = Callable[[Request], Awaitable[Response]]
