@@ -108,7 +108,7 @@ def _check_prune(**p: Any) -> None:
 def _run_prune(ctx: RecipeContext, **p: Any) -> dict[str, Any]:
     from edgeslim.compress.prune import prune
 
-    train = ctx.need_train("prune") if p["epochs"] or p["schedule"] == "gradual" else None
+    train = ctx.need_train("prune") if step_trains("prune", p) else None
     result = prune(
         ctx.model,
         sparsity=p["sparsity"],
@@ -146,7 +146,7 @@ def _check_struct(**p: Any) -> None:
 def _run_struct(ctx: RecipeContext, **p: Any) -> dict[str, Any]:
     from edgeslim.compress.structured import prune_structured
 
-    data = ctx.workload.train if p["importance"] in ("taylor", "activation") else None
+    data = ctx.workload.train if step_trains("prune_structured", p) else None
     result = prune_structured(
         ctx.model,
         ctx.workload.example_inputs,
