@@ -227,18 +227,27 @@ def test_a_store_made_with_relative_paths_answers_from_another_directory(tmp_pat
 
 
 def test_a_store_written_with_cwd_relative_paths_still_answers_there(tmp_path, monkeypatch):
-    """Stores written before bundle paths were kept relative to the store hold paths relative
-    to the run's working directory; run from there, they still resolve."""
+    """Stores written before bundle paths were kept absolute hold paths relative to the run's
+    working directory; they resolve from there, and from elsewhere by the store's folder."""
     import sqlite3
 
     from edgeslim.optimize.store import ResultStore
 
     monkeypatch.chdir(tmp_path)
     _small_store(Path("run"))
+    (tmp_path / "run" / "candidates").mkdir()
+    Path("run/c.eslim").rename("run/candidates/c.eslim")  # where optimize puts candidates
     with sqlite3.connect("run/search.sqlite") as db:
-        db.execute("UPDATE candidates SET bundle='run/c.eslim'")
+        db.execute("UPDATE candidates SET bundle='run/candidates/c.eslim'")
     with ResultStore(Path("run/search.sqlite")) as st:
-        assert st.get("k").bundle == "run/c.eslim" and Path(st.get("k").bundle).is_file()
+        assert st.get("k").bundle == "run/candidates/c.eslim"
+        assert Path(st.get("k").bundle).is_file()
+    # and from another directory, by the store's own candidates folder (it once resolved to
+    # run/run/candidates/c.eslim, which does not exist)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with ResultStore(Path("../run/search.sqlite")) as st:
+        assert Path(st.get("k").bundle).resolve() == tmp_path / "run" / "candidates" / "c.eslim"
 
 
 def test_optimize_api_checks_the_bundle_path_and_key_before_the_search(tmp_path, blocker,

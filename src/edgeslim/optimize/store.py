@@ -173,11 +173,13 @@ class ResultStore:
 
     def _from_store(self, stored: str | None) -> str | None:
         """A stored bundle path as a path usable from here. Stores written before paths were
-        kept absolute hold paths relative to the working directory of their run; those still
-        resolve when that is the working directory now, else against the store's folder."""
+        kept absolute hold paths relative to the working directory of their run
+        (``RUN/candidates/KEY.eslim``); those resolve from that directory, and from anywhere
+        when the store is in its run's folder (the default), by the file's name."""
         if stored is None or Path(stored).is_absolute() or Path(stored).is_file():
             return stored
-        return str(self.path.parent / stored)
+        beside = self.path.parent / "candidates" / Path(stored).name
+        return str(beside) if beside.is_file() else stored
 
     def _row(self, r: tuple[Any, ...]) -> CandidateRow:
         key, mh, config, status, result, error, bundle, evaluations, seconds, seq, finished = r
