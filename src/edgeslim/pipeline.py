@@ -312,15 +312,16 @@ def _run_onnx_steps(
         report = run_step(octx, step.name, step.params)
         score = wl.evaluate_onnx(ort_session(octx.model))
         _say(progress, f"  {step.name}: {wl.metric} {score:.4f} on onnxruntime")
+        # warnings: said also under -q (which hides progress, not what went short)
         if step.name == "pack" and isinstance(report, dict) and not report.get("packed_tensors"):
-            _say(progress, "  [yellow]pack: no float weight tensor to share[/] (after ptq only "
-                           "the layers it keeps in float are left); the bundle is lzma-coded")
+            _say(True, "  [yellow]pack: no float weight tensor to share[/] (after ptq only the "
+                       "layers it keeps in float are left); the bundle is lzma-coded")
         if isinstance(report, dict) and report.get("goal_met") is False:
             from rich.markup import escape
 
-            _say(progress, f"  [yellow]{step.name}: goal missed[/]: {_fidelity(report)} "
-                           f"(max_drop {report.get('max_drop')}); the best model found is "
-                           f"kept; its report will be {escape(str(final_report))}")
+            _say(True, f"  [yellow]{step.name}: goal missed[/]: {_fidelity(report)} "
+                       f"(max_drop {report.get('max_drop')}); the best model found is kept; "
+                       f"its report will be {escape(str(final_report))}")
         log.append({"step": step.name, "params": step.params, "report": report,
                     "metrics": {wl.metric: score}})
     return log, octx.model, octx.compression

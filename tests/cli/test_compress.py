@@ -354,7 +354,7 @@ def test_pack_after_ptq_shares_what_ptq_left_in_float_and_says_when_nothing(tmp_
     recipe.write_text("data: digits\nsteps:\n  - ptq: {scheme: weight_only, bits: 4}\n"
                       "  - pack: {bits: 4, min_size: 16}\n")
     out = tmp_path / "mlp.eslim"
-    assert main(["compress", str(model), "--recipe", str(recipe), "-o", str(out)]) == 0
+    assert main(["compress", str(model), "--recipe", str(recipe), "-o", str(out), "-q"]) == 0
     steps = json.loads(zipfile.ZipFile(out).read("manifest.json"))["compression"]
     assert steps[-1]["step"] == "pack" and steps[-1]["report"]["packed_tensors"] == 0
     assert "pack:nofloatweighttensortoshare" in "".join(capsys.readouterr().err.split())
@@ -504,7 +504,8 @@ def test_an_interrupted_compress_leaves_nothing_behind(tmp_path, sig):
 
 def test_a_ptq_step_that_misses_its_goal_says_so(tmp_path, capsys):
     """One loud channel squashes the 8-bit range of the others; with no time to fall back,
-    the search keeps what it has and the run says the goal was missed."""
+    the search keeps what it has and the run says the goal was missed (also under -q, which
+    hides progress only)."""
     import onnx
 
     model = _matmul_mlp(tmp_path / "loud.onnx")
@@ -517,7 +518,7 @@ def test_a_ptq_step_that_misses_its_goal_says_so(tmp_path, capsys):
     recipe.write_text("data: digits\nsteps:\n  - ptq: {scheme: static, max_drop: 0.0, "
                       "time_budget_s: 0.01}\n")
     out = tmp_path / "loud.eslim"
-    assert main(["compress", str(model), "--recipe", str(recipe), "-o", str(out)]) == 0
+    assert main(["compress", str(model), "--recipe", str(recipe), "-o", str(out), "-q"]) == 0
     report = json.loads((tmp_path / "loud.ptq-report.json").read_text())
     assert report["goal_met"] is False
     err = "".join(capsys.readouterr().err.split())  # rich wraps lines anywhere
