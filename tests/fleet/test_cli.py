@@ -239,6 +239,28 @@ def test_demo_refuses_bad_node_counts_and_a_file_workdir(monkeypatch, tmp_path, 
              "--key-dir")  # fmt: skip
 
 
+def test_demo_refuses_bundles_its_key_does_not_verify(monkeypatch, keys, bundles, capsys):
+    """An unsigned bundle, or one signed with another key, was uploaded mid-demo and ended in
+    a KeyError traceback from the controller's 422; it is now refused before anything starts
+    (exit 4, as inspect --public-key)."""
+    import edgeslim.fleet.broker as broker_mod
+    from edgeslim.errors import MissingDependencyError
+
+    def missing() -> str:
+        raise MissingDependencyError("mosquitto is missing (test)")
+
+    monkeypatch.setattr(broker_mod, "mosquitto_path", missing)  # nothing starts if unchecked
+    key_dir = str(keys[1].parent)
+    for bad in ("unsigned", "foreign"):
+        rc, _, err = _run(capsys, "fleet", "demo", "--bundle", str(bundles["v1"]),
+                          "--bundle", str(bundles[bad]), "--key-dir", key_dir)  # fmt: skip
+        assert rc == 4 and "Traceback" not in err and "mosquitto is missing" not in err, err
+        assert "signature" in err.lower() or "signed" in err.lower(), err
+    _refused(capsys, ["fleet", "demo", "--bundle", str(bundles["v1"]), "--bundle",
+                      str(bundles["v2"]), "--key-dir", str(keys[1].parent.parent)],
+             "holds no signing.pub")  # fmt: skip
+
+
 def test_deploy_checks_every_parameter_before_uploading(tmp_path, capsys):
     bundle = tmp_path / "b.eslim"
     bundle.write_bytes(b"PK not really")

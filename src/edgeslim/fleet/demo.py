@@ -215,6 +215,13 @@ def run_demo(
     for b in bundles or []:
         if not Path(b).is_file():
             raise ConfigError(f"--bundle {str(b)!r} is not a file.")
+    if bundles and key_dir is not None:
+        # the controller refuses a bundle its key does not verify: say so now, not mid-demo
+        pub_key = Path(key_dir) / "signing.pub"
+        if not pub_key.is_file():
+            raise ConfigError(f"--key-dir {str(key_dir)!r} holds no signing.pub.")
+        for b in bundles:
+            read_bundle(b, public_key=pub_key)  # SignatureError / BundleError: one line
     _folder(Path(workdir) if workdir is not None else None, "--workdir")
     console = wide_console()
     mosquitto_path()  # a clear message on how to install it, before any work
