@@ -23,7 +23,7 @@ import numpy as np
 
 from edgeslim._ort import ort_session
 from edgeslim._validate import check_int_range
-from edgeslim.errors import ConfigError
+from edgeslim.errors import ConfigError, InferenceError
 
 __all__ = ["BenchRow", "bench_bundle", "percentiles", "timed_rounds"]
 
@@ -48,48 +48,70 @@ def percentiles(samples_ms: list[float]) -> tuple[float, float, float]:
     return tuple(float(np.percentile(arr, q)) for q in (50, 90, 99))  # type: ignore[return-value]
 
 
-def _inputs_for(manifest: dict[str, Any], batch: int, seq: int = 32) -> dict[str, np.ndarray]:
-    """Real inputs for zoo bundles (their evaluation data), else seeded random ones."""
-    source = manifest.get("provenance", {}).get("source")
+def _source_data(manifest: dict[str, Any]) -> tuple[Any, str | None]:
+    """The bundle's source model and the data its recipe named (None for zoo defaults)."""
+    provenance = manifest.get("provenance") or {}
+    recipe = provenance.get("recipe") if isinstance(provenance.get("recipe"), dict) else {}
+    data = recipe.get("data") if isinstance(recipe.get("data"), str) else None
+    return provenance.get("source"), data
+
+
+def _workload(manifest: dict[str, Any], reference: Any = None) -> Any:
+    """The evaluation workload of the bundle's source (a zoo model, or a callable with the
+    data its recipe named), or None: a torch-free install, or a source without one."""
+    source, data = _source_data(manifest)
     try:
         from edgeslim.recipe.workload import ZOO_WORKLOAD, workload_for
+    except ImportError:  # torch-free install: no zoo workloads
+        return None
+    if source in ZOO_WORKLOAD or (data is not None and ":" in str(source)):
+        return workload_for(source, data, reference=reference)
+    return None
 
-        if source in ZOO_WORKLOAD:
-            wl = workload_for(source)
-            names = [s["name"] for s in manifest["inputs"]]
-            first = wl.eval_batches[0][0]
-            reps = -(-batch // len(first[0]))
-            return {n: np.concatenate([a] * reps)[:batch] for n, a in zip(names, first,
-                                                                           strict=True)}
-    except ImportError:  # torch-free install: no zoo workloads, random inputs below
-        pass
+
+def _inputs_for(manifest: dict[str, Any], batch: int, wl: Any = None, seq: int = 32
+                ) -> dict[str, np.ndarray]:
+    """``batch`` rows of inputs: the workload's evaluation data when there is one, else the
+    manifest's probe inputs repeated (valid by construction: the model ran on them), else
+    seeded random floats with zeros for integer inputs and ones for masks. An input whose
+    first axis is fixed gets that many rows whatever ``batch`` says."""
+    specs = manifest["inputs"]
+    rows = [spec["shape"][0] if spec["shape"] and isinstance(spec["shape"][0], int) else batch
+            for spec in specs]
+    if wl is not None:
+        first = wl.eval_batches[0][0]
+    elif (manifest.get("probe") or {}).get("inputs"):
+        first = [np.asarray(manifest["probe"]["inputs"][s["name"]], dtype=s["dtype"])
+                 for s in specs]
+    else:
+        first = None
+    if first is not None and all(np.ndim(a) >= 1 and len(a) for a in first):
+        return {s["name"]: np.concatenate([a] * -(-n // len(a)))[:n]
+                for s, a, n in zip(specs, first, rows, strict=True)}
     rng = np.random.default_rng(0)
     feeds = {}
-    for spec in manifest["inputs"]:
-        shape = [batch if i == 0 and not isinstance(d, int) else
-                 (seq if not isinstance(d, int) else d) for i, d in enumerate(spec["shape"])]
+    for spec, n in zip(specs, rows, strict=True):
+        shape = [n if i == 0 else (seq if not isinstance(d, int) else d)
+                 for i, d in enumerate(spec["shape"])]
         if spec["dtype"].startswith("float"):
             feeds[spec["name"]] = rng.standard_normal(shape).astype(spec["dtype"])
         elif "mask" in spec["name"]:
             feeds[spec["name"]] = np.ones(shape, dtype=spec["dtype"])
-        else:
-            feeds[spec["name"]] = rng.integers(0, 100, size=shape).astype(spec["dtype"])
+        else:  # an index of any table: zeros are always in range
+            feeds[spec["name"]] = np.zeros(shape, dtype=spec["dtype"])
     return feeds
 
 
-def _original_variants(source: str, threads: int) -> dict[str, Callable[[dict], Any]]:
-    """PyTorch eager and onnxruntime fp32 runners of the bundle's original model."""
+def _original_variants(source: str, model: Any, wl: Any, threads: int
+                       ) -> dict[str, Callable[[dict], Any]]:
+    """PyTorch eager and onnxruntime fp32 runners of the bundle's original ``model``."""
     import tempfile
 
     import torch
 
     from edgeslim.export import export_onnx
-    from edgeslim.recipe.workload import workload_for
-    from edgeslim.zoo import load_model
 
     torch.set_num_threads(threads)
-    model = load_model(source).eval()
-    wl = workload_for(source, reference=model)
     names = list(wl.input_names)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "fp32.onnx"
@@ -131,8 +153,8 @@ def bench_bundle(
         f"bundle {manifest['name']} (onnxruntime)": lambda feeds: sess.run(None, feeds)
     }
     if against_original:
-        source = manifest.get("provenance", {}).get("source")
-        from edgeslim.zoo import ZOO
+        source, _ = _source_data(manifest)
+        from edgeslim.zoo import ZOO, load_model
 
         if source not in ZOO and ":" not in str(source):
             raise ConfigError(
@@ -140,13 +162,29 @@ def bench_bundle(
                 f"{source!r}, which is neither a zoo model ({', '.join(sorted(ZOO))}) nor "
                 "package.module:callable."
             )
-        variants.update(_original_variants(source, threads))
-    one = _inputs_for(manifest, 1)
-    many = _inputs_for(manifest, batch)
+        model = load_model(source).eval()
+        wl = _workload(manifest, reference=model)
+        if wl is None:
+            raise ConfigError(f"--against original needs the data the bundle was made with; "
+                              f"the recipe of {source!r} named none (data:).")
+        variants.update(_original_variants(source, model, wl, threads))
+    else:
+        wl = _workload(manifest)
+    # the workload is built once (photos: 2,048 crops), for both batch sizes
+    one, many = _inputs_for(manifest, 1, wl), _inputs_for(manifest, batch, wl)
+    rows = len(next(iter(many.values())))  # a fixed first axis wins over --batch
+    for feeds in (one, many):  # a model that cannot run on them: one line, not a traceback
+        for name, fn in variants.items():
+            try:
+                fn(feeds)
+            except Exception as exc:  # onnxruntime's and torch's errors alike
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise InferenceError(f"{name} cannot run on {len(next(iter(feeds.values())))} "
+                                     f"row(s) of bench inputs: {first[:300]}") from None
     lat = timed_rounds(variants, one, repeats)
     thr_ms = timed_rounds(variants, many, max(5, repeats // 20))
-    return [BenchRow(name, *percentiles(lat[name]), float(batch / np.median(thr_ms[name]) * 1e3),
-                     batch)
+    return [BenchRow(name, *percentiles(lat[name]), float(rows / np.median(thr_ms[name]) * 1e3),
+                     rows)
             for name in variants]
 
 

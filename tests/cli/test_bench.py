@@ -112,3 +112,69 @@ def test_bench_refuses_a_bundle_whose_model_does_not_run_with_one_line(tmp_path,
     assert main(["bench", str(path), "--repeats", "5"]) == 2
     err = capsys.readouterr().err
     assert needle in err and err.startswith("error:") and "Traceback" not in err
+
+
+def _bundle_of(tmp_path, nodes, inputs, arrays, out_shape, name="m"):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgeslim.bundle import write_bundle
+
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info(n, e, s) for n, e, s in inputs],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
+        [numpy_helper.from_array(a, k) for k, a in arrays.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    dtypes = {TensorProto.FLOAT: "float32", TensorProto.INT64: "int64"}
+    manifest = {"name": name,
+                "inputs": [{"name": n, "dtype": dtypes[e], "shape": s} for n, e, s in inputs],
+                "outputs": [{"name": "y", "dtype": "float32", "shape": out_shape}]}
+    return write_bundle(tmp_path / f"{name}.eslim", model_onnx=model.SerializeToString(),
+                        manifest=manifest)
+
+
+def test_bench_times_a_fixed_first_axis_at_its_own_size(tmp_path):
+    """A model whose input is [1, 64] was timed on one row and its rows/s multiplied by
+    --batch (64x too high); the row count reported is the one timed."""
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    w = np.random.default_rng(0).normal(size=(64, 10)).astype(np.float32)
+    bundle = _bundle_of(tmp_path, [helper.make_node("MatMul", ["x", "w"], ["y"])],
+                        [("x", TensorProto.FLOAT, [1, 64])], {"w": w}, [1, 10])
+    rows = bench_bundle(bundle, threads=1, batch=64, repeats=10)
+    assert rows[0].batch == 1
+
+
+def test_bench_feeds_integer_inputs_values_every_table_takes(tmp_path, capsys):
+    """Index inputs were random integers 0-99: a two-row table (token types) crashed bench
+    with onnxruntime's traceback on a bundle inspect passes."""
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Gather", ["words", "input_ids"], ["a"]),
+             helper.make_node("Gather", ["types", "token_type_ids"], ["b"]),
+             helper.make_node("Add", ["a", "b"], ["y"])]
+    ints = [("input_ids", TensorProto.INT64, ["batch", "seq"]),
+            ("token_type_ids", TensorProto.INT64, ["batch", "seq"])]
+    bundle = _bundle_of(tmp_path, nodes, ints, {
+        "words": rng.normal(size=(1000, 8)).astype(np.float32),
+        "types": rng.normal(size=(2, 8)).astype(np.float32)}, ["batch", "seq", 8])
+    assert main(["bench", str(bundle), "--repeats", "5", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["throughput"] > 0
+
+
+def test_bench_against_original_finds_a_callables_data_in_its_recipe(tmp_path):
+    """A package.module:callable bundle names its data in the recipe; --against original
+    asked for a 'data:' it already had, and always failed."""
+    out = tmp_path / "mine.eslim"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data: digits\nsteps: []\n")
+    assert main(["compress", "edgeslim.zoo.digits:DigitsMLP", "--recipe", str(recipe),
+                 "-o", str(out), "-q"]) == 0
+    rows = bench_bundle(out, threads=1, batch=8, repeats=5, against_original=True)
+    assert [r.variant.split(" (")[0] for r in rows][1:] == [
+        "original PyTorch eager", "original onnxruntime fp32"]

@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
             return
         base = rows[0]
         table = Table(title=f"{bundle} — {threads} threads, warm runs in rounds")
-        for col in ("variant", "p50 ms", "p90 ms", "p99 ms", f"rows/s @ {batch}",
+        for col in ("variant", "p50 ms", "p90 ms", "p99 ms", f"rows/s @ {base.batch}",
                     "bundle speed-up (p50)", "bundle speed-up (throughput)"):
             table.add_column(col, justify="left" if col == "variant" else "right")
         for r in rows:
