@@ -417,10 +417,17 @@ def test_python_api_errors(tmp_path):
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path, capsys):
+    # a key pair already in --out-dir/keys (keygen --out keys, then demo --out-dir .) was
+    # replaced without a word; the demo now signs with it
+    assert main(["keygen", "--out", str(tmp_path / "keys")]) == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "keys").iterdir()}
     assert main(["demo", "--out-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "verified signature" in out and "test accuracy" in out
     assert _accuracy(tmp_path / "digits-cnn.eslim") > 0.97
+    assert {p.name: p.read_bytes() for p in (tmp_path / "keys").iterdir()} == before
+    assert main(["inspect", str(tmp_path / "digits-cnn.eslim"), "--public-key",
+                 str(tmp_path / "keys" / "signing.pub")]) == 0
 
 
 def test_bad_outputs_keys_and_onnx_files_are_refused_before_any_work(tmp_path, monkeypatch,

@@ -64,7 +64,12 @@ def register(app: typer.Typer) -> None:
 
             raise ConfigError(f"Cannot make --out-dir {work}: "
                               f"{output_problem(work, folder=True) or exc.strerror}.") from None
-        key, pub = generate_keypair(work / "keys", force=True)
+        keys = work / "keys"
+        if (keys / "signing.key").is_file() and (keys / "signing.pub").is_file():
+            key, pub = keys / "signing.key", keys / "signing.pub"  # a key is never replaced
+            console.print(f"signing with the key pair already in {keys}")
+        else:
+            key, pub = generate_keypair(keys)
         recipe = Recipe.from_dict(DEMO_RECIPE)
         result = compress("digits-cnn", out=work / "digits-cnn.eslim", recipe=recipe,
                           sign_key=key)
