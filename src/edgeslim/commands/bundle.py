@@ -127,6 +127,42 @@ def _print_summary(report: dict[str, Any]) -> None:
         console.print(t)
 
 
+def _read_inputs(path: Path) -> Any:
+    """The model inputs in ``path`` (.npy, .npz or .json), or a ConfigError saying why not."""
+    import numpy as np
+
+    from edgeslim.errors import ConfigError
+
+    if not path.is_file():
+        raise ConfigError(f"The inputs file {str(path)!r} does not exist.")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            return np.load(path, allow_pickle=False)
+        if suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        if suffix == ".json":
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            return doc if isinstance(doc, dict) else np.asarray(doc)
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise ConfigError(f"Cannot read the inputs file {str(path)!r}: "
+                          f"{str(exc).splitlines()[0][:200]}") from None
+    raise ConfigError(f"The inputs file {str(path)!r} must be .npy, .npz or .json. Got "
+                      f"{suffix or 'no suffix'!r}.")
+
+
+def _check_npz_out(out: Path) -> None:
+    from edgeslim._atomic import output_problem
+    from edgeslim.errors import ConfigError
+
+    if out.suffix.lower() != ".npz":
+        raise ConfigError(f"-o takes a .npz file (the outputs by name). Got {str(out)!r}.")
+    problem = output_problem(out)
+    if problem:
+        raise ConfigError(f"Cannot write {str(out)!r}: {problem}.")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("inspect")
     def inspect_cmd(
@@ -175,6 +211,55 @@ def register(app: typer.Typer) -> None:
         key, pub = generate_keypair(out, force=force)
         typer.echo(f"private key: {key} (keep it secret; mode 600)")
         typer.echo(f"public key:  {pub} (give it to nodes: --public-key {pub})")
+
+    @app.command("run")
+    def run_cmd(
+        bundle: Path = typer.Argument(..., help="The .eslim bundle to run."),
+        inputs: Path = typer.Argument(
+            ..., help="The inputs: .npy (a model with one input), .npz (arrays by input name) "
+                      "or .json (an object of nested lists by input name, or one nested list)."),
+        public_key: Path | None = typer.Option(
+            None, "--public-key", help="Require a signature that verifies with this PEM key."),
+        out: Path | None = typer.Option(
+            None, "-o", "--out", help="Write the outputs to this .npz (default: JSON on "
+                                      "stdout)."),
+        cast: bool = typer.Option(
+            False, "--cast", help="Convert .npy/.npz inputs to the model's dtypes where numpy's "
+                                  "same-kind rule allows (float64 -> float32, int -> float); "
+                                  "JSON inputs always are."),
+    ) -> None:
+        """Run a bundle on inputs from a file, as edgeslim.load(BUNDLE).run(INPUTS) does."""
+        from edgeslim.edge.runtime import load
+
+        feeds = _read_inputs(inputs)
+        if out is not None:
+            _check_npz_out(out)
+        runner = load(bundle, public_key=public_key)  # a SignatureError exits 4
+        # JSON numbers have no width: they are cast as --cast does
+        outputs = runner.run(feeds, cast=cast or inputs.suffix.lower() == ".json")
+        if out is None:
+            typer.echo(json.dumps({k: v.tolist() for k, v in outputs.items()}))
+            return
+        import numpy as np
+
+        from edgeslim._atomic import write_atomically
+
+        write_atomically(out, lambda f: np.savez(f, **outputs))
+        typer.echo(f"outputs {', '.join(outputs)}: {out}")
+
+    @app.command("extract")
+    def extract_cmd(
+        bundle: Path = typer.Argument(..., help="The .eslim bundle to unpack."),
+        dest: Path = typer.Argument(..., help="A new folder for its files (must not exist)."),
+        public_key: Path | None = typer.Option(
+            None, "--public-key", help="Require a signature that verifies with this PEM key."),
+    ) -> None:
+        """Check a bundle, then unpack manifest.json, model.onnx and its other files into DEST
+        (whole or not at all), as edgeslim.bundle.extract_bundle does."""
+        from edgeslim.bundle import extract_bundle
+
+        path = extract_bundle(bundle, dest, public_key=public_key)
+        typer.echo(f"extracted: {path}")
 
     @app.command("sign")
     def sign_cmd(
