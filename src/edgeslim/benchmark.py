@@ -152,15 +152,25 @@ def bench_bundle(
     variants: dict[str, Callable[[dict], Any]] = {
         f"bundle {manifest['name']} (onnxruntime)": lambda feeds: sess.run(None, feeds)
     }
-    if against_original:
+    if against_original and str(_source_data(manifest)[0]).endswith(".onnx"):
+        # an ONNX original: onnxruntime fp32 only (there is no PyTorch model to run)
+        source = Path(str(_source_data(manifest)[0]))
+        if not source.is_file():
+            raise ConfigError(f"--against original runs the bundle's source model, "
+                              f"{str(source)!r}, which is not a file here (the path is as "
+                              f"compress was given it).")
+        fp32 = ort_session(source.read_bytes(), threads=threads, spin_between_runs=False)
+        variants["original onnxruntime fp32"] = lambda feeds: fp32.run(None, feeds)
+        wl = None  # the manifest's probe inputs: what the bundle was checked on
+    elif against_original:
         source, _ = _source_data(manifest)
         from edgeslim.zoo import ZOO, load_model
 
         if source not in ZOO and ":" not in str(source):
             raise ConfigError(
                 f"--against original needs the bundle's source model; its provenance names "
-                f"{source!r}, which is neither a zoo model ({', '.join(sorted(ZOO))}) nor "
-                "package.module:callable."
+                f"{source!r}, which is neither a zoo model ({', '.join(sorted(ZOO))}), "
+                "package.module:callable nor an .onnx file."
             )
         model = load_model(source).eval()
         wl = _workload(manifest, reference=model)

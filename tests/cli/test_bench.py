@@ -178,3 +178,19 @@ def test_bench_against_original_finds_a_callables_data_in_its_recipe(tmp_path):
     rows = bench_bundle(out, threads=1, batch=8, repeats=5, against_original=True)
     assert [r.variant.split(" (")[0] for r in rows][1:] == [
         "original PyTorch eager", "original onnxruntime fp32"]
+
+
+def test_bench_against_original_runs_an_onnx_source_on_onnxruntime(tmp_path, monkeypatch):
+    """A bundle compressed from a .onnx file was refused ('neither a zoo model nor
+    package.module:callable'); its original runs on onnxruntime fp32."""
+    from tests.edge._bundles import linear_onnx
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lin.onnx").write_bytes(linear_onnx())
+    (tmp_path / "r.yaml").write_text("data: digits\nsteps:\n  - ptq: {}\n")
+    assert main(["compress", "lin.onnx", "--recipe", "r.yaml", "-o", "lin.eslim", "-q"]) == 0
+    rows = bench_bundle("lin.eslim", threads=1, batch=8, repeats=5, against_original=True)
+    assert [r.variant.split(" (")[0] for r in rows][1:] == ["original onnxruntime fp32"]
+    (tmp_path / "lin.onnx").unlink()
+    with pytest.raises(ConfigError, match=r"'lin\.onnx', which is not a file here"):
+        bench_bundle("lin.eslim", threads=1, batch=8, repeats=5, against_original=True)
