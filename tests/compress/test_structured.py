@@ -138,8 +138,14 @@ def test_any_chain_matches_its_masked_reference(case, ratio, importance, scope):
     model, chain = case
     x = torch.rand(8, 16)
     keep = [int(n * (1 - ratio)) for n in _widths(model, chain)[:-1]]
+    total = sum(_widths(model, chain)[:-1])
     if scope == "layer" and ratio > 0 and min(keep, default=1) < 1:  # a layer would be emptied
         with pytest.raises(ConfigError, match="would leave no channel"):
+            prune_structured(model, x[:1], ratio=ratio, importance=importance, scope=scope,
+                             progress=False)
+        return
+    if scope == "global" and ratio > 0 and int(total * (1 - ratio)) < len(chain) - 1:
+        with pytest.raises(ConfigError, match="too few to leave one channel in each"):
             prune_structured(model, x[:1], ratio=ratio, importance=importance, scope=scope,
                              progress=False)
         return
@@ -152,6 +158,8 @@ def test_any_chain_matches_its_masked_reference(case, ratio, importance, scope):
     assert all(w >= 1 for w in widths)
     if scope == "layer":  # each group keeps int(n * (1 - ratio)) channels, none is skipped
         assert widths[:-1] == keep
+    else:  # all groups together keep int(total * (1 - ratio)), none is skipped
+        assert sum(widths[:-1]) <= int(total * (1 - ratio))
     ref = masked_reference(model, pruned, chain)
     with torch.no_grad():
         torch.testing.assert_close(pruned(x), ref(x), rtol=1e-4, atol=1e-5)
@@ -238,6 +246,23 @@ def test_global_scope_ranks_across_layers_and_keeps_the_output(digits_mlp):
     assert w[2] == 10
     assert w[0] + w[1] <= 0.55 * 400 and w[0] != 150  # uneven: ranked globally
     assert result.model(X1).shape == (1, 10)
+
+
+@pytest.mark.parametrize("ratio", [0.8, 0.9])
+def test_global_scope_removes_ratio_of_all_channels_and_skips_no_layer(digits_cnn, ratio):
+    """torch-pruning skips a group whose channels all rank below the global threshold: at 0.8
+    conv2 stayed at 64 channels, at 0.9 conv1 and conv2 both stayed whole."""
+    result = prune_structured(digits_cnn, X1, ratio=ratio, scope="global", progress=False)
+    widths = _widths(result.model, CNN_CHAIN)
+    assert widths[3] == 10
+    assert all(1 <= w < n for w, n in zip(widths[:3], [32, 64, 128], strict=True)), widths
+    assert sum(widths[:3]) <= int(224 * (1 - ratio))
+    half = prune_structured(digits_cnn, X1, ratio=0.5, scope="global", progress=False)
+    assert result.report.params_after < half.report.params_after
+    with pytest.raises(ConfigError, match=re.escape(
+            "ratio=0.99 with scope='global' keeps 2 of the 224 channels, too few to leave one "
+            "channel in each of fc1 (128), conv2 (64), conv1 (32): use a ratio of at most")):
+        prune_structured(digits_cnn, X1, ratio=0.99, scope="global", progress=False)
 
 
 def test_iterative_steps_reach_the_same_widths_and_call_back(digits_cnn):

@@ -80,7 +80,8 @@ def prune_structured(
             of positional inputs, or a dict of keyword inputs); used to trace the graph and
             to count MACs.
         ratio: fraction in [0, 1) of the channels removed from each group (``scope="layer"``)
-            or from all groups together, ranked globally (``scope="global"``).
+            or from all groups together, ranked globally (``scope="global"``; every group
+            keeps at least one channel, or ``round_to``).
         importance: ``"l1"``/``"l2"`` (weight magnitude, no data), ``"taylor"`` (loss
             gradient x weight, needs labelled ``data`` or a ``loss_fn``) or ``"activation"``
             (mean |activation| on ``data``). See ``edgeslim.compress.structured.importance``.
@@ -155,6 +156,9 @@ def prune_structured(
                          f"layer in {type(model).__name__}: there is nothing to prune.")
     macs_before, params_before = count(work, example_inputs)
     scorer = make_importance(importance)
+    # global ranking could put every channel of a group below the threshold, and
+    # torch-pruning then skips that group whole: keep each group's best channels out of reach
+    ranked = _Floored(scorer, round_to or 1) if scope == "global" else scorer
 
     with trainable(work):
         try:
@@ -165,7 +169,7 @@ def prune_structured(
                 pruner = tp.pruner.MetaPruner(
                     work,
                     example_inputs,
-                    importance=scorer,
+                    importance=ranked,
                     global_pruning=scope == "global",
                     pruning_ratio=prune_ratio,
                     iterative_steps=iterative_steps,
@@ -182,8 +186,14 @@ def prune_structured(
                     forward_fn=forward,
                     root_module_types=list(ROOT_TYPES),
                 )
-                if scope == "layer" and prune_ratio > 0 and not only_heads:
-                    _check_reachable(pruner, work, prune_ratio, round_to)
+                budget = None
+                if isinstance(ranked, _Floored):
+                    ranked.pruner = pruner
+                if prune_ratio > 0 and not only_heads:
+                    if scope == "layer":
+                        _check_reachable(pruner, work, prune_ratio, round_to)
+                    else:
+                        budget = _check_reachable_global(pruner, work, prune_ratio, round_to)
             for step in range(iterative_steps):
                 if importance in DATA_DRIVEN:
                     collect_statistics(work, scorer, data, loss_fn=loss_fn, progress=progress)
@@ -197,6 +207,8 @@ def prune_structured(
                     after_step(work, step)
         finally:
             work.train(was_training)
+    if budget is not None:
+        _check_removed(pruner, budget, prune_ratio)
 
     shapes_after = run_example(work, example_inputs, _FUNC, pruned=True)
     if shapes_after != shapes_before:  # cannot happen unless an output layer escaped the graph
@@ -263,6 +275,90 @@ def _check_reachable(pruner: Any, work: nn.Module, ratio: float, round_to: int |
         raise ConfigError(
             f"ratio={ratio:g} would leave no channel in {', '.join(short)}: {hint}, or add "
             f"them to ignored_layers.")
+
+
+class _Floored(tp.importance.Importance):
+    """``scorer``'s scores with the best ``keep`` channels of every group raised to +inf.
+
+    Under ``scope="global"`` torch-pruning removes every channel scored at or below one
+    threshold, and skips without a word a group that would lose them all: at ``ratio=0.8``
+    digits-cnn kept conv2 at its full 64 channels (and came out bigger than at 0.5). With
+    the floor each group keeps at least ``keep`` channels (``round_to``, else 1), and the
+    threshold moves up so that ``ratio`` of all channels still goes. Attention groups are
+    left as scored: they lose whole heads, ranked on these scores.
+    """
+
+    def __init__(self, scorer: Any, keep: int) -> None:
+        self.scorer = scorer
+        self.keep = keep
+        self.pruner: Any = None
+
+    def __call__(self, group: Any) -> Any:
+        imp = self.scorer(group)
+        if imp is None or self.pruner is None or self.pruner._is_atten_group(group)[0]:
+            return imp
+        per = imp.detach().clone().float().view(self.pruner._get_channel_groups(group), -1)
+        best = per.mean(0).topk(min(self.keep, per.shape[1])).indices
+        per[:, best] = math.inf
+        return per.view(-1)
+
+
+def _ranked_groups(pruner: Any, work: nn.Module) -> list[tuple[str, nn.Module, int, bool]]:
+    """``(name, root module, width, is attention)`` of every group torch-pruning ranks."""
+    names = {id(m): n for n, m in work.named_modules()}
+    found = []
+    for group in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
+                                          root_module_types=pruner.root_module_types):
+        dep = group[0].dep
+        if not pruner.DG.is_out_channel_pruning_fn(dep.handler):
+            continue
+        width = pruner.DG.get_out_channels(dep.target.module)
+        if not width or width <= 1:
+            continue
+        found.append((names.get(id(dep.target.module), "?"), dep.target.module, width,
+                      bool(pruner._is_atten_group(group)[0])))
+    return found
+
+
+def _check_reachable_global(pruner: Any, work: nn.Module, ratio: float,
+                            round_to: int | None) -> tuple[list[tuple[nn.Module, int]], int]:
+    """Refuse a global ``ratio`` that cannot keep ``round_to`` (else 1) channels in every
+    group; returns the ranked non-attention roots with their widths, and the total ranked.
+
+    All groups together keep ``int(total * (1 - ratio))`` channels.
+    """
+    groups = _ranked_groups(pruner, work)
+    total = sum(width for _, _, width, _ in groups)
+    floor = sum(min(width, round_to or 1) for _, _, width, attn in groups if not attn)
+    keep = int(total * (1 - ratio))
+    if keep < floor:
+        short = [f"{name} ({width})" for name, _, width, attn in groups if not attn]
+        each = f"round_to={round_to} channels" if round_to else "one channel"
+        most = math.floor((1 - floor / total) * 1e4) / 1e4
+        raise ConfigError(
+            f"ratio={ratio:g} with scope='global' keeps {keep} of the {total} channels, too few "
+            f"to leave {each} in each of {', '.join(short)}: use a ratio of at most {most:g}, "
+            "or add layers to ignored_layers.")
+    return [(module, width) for _, module, width, attn in groups if not attn], total
+
+
+def _check_removed(pruner: Any, budget: tuple[list[tuple[nn.Module, int]], int],
+                   ratio: float) -> None:
+    """After global pruning: ``ratio`` of the ranked channels went (no group was skipped).
+
+    Each group that reached one channel leaves the ranking, so the channels kept may exceed
+    ``int(total * (1 - ratio))`` by one per group. Attention groups lose heads, not width,
+    so a model with them is not checked.
+    """
+    roots, total = budget
+    if sum(width for _, width in roots) != total:
+        return
+    kept = sum(pruner.DG.get_out_channels(module) or 0 for module, _ in roots)
+    if kept > int(total * (1 - ratio)) + len(roots):
+        raise ModelError(
+            f"{_FUNC} with scope='global' kept {kept} of {total} channels, not the "
+            f"{int(total * (1 - ratio))} that ratio={ratio:g} asks for: a group was skipped. "
+            "Use scope='layer'.")
 
 
 @contextlib.contextmanager
