@@ -121,6 +121,37 @@ def test_gradients_reach_the_weights_and_the_observer_tracks_by_ema():
     assert float(frozen.fc1.input_quant.max_val) == before
 
 
+def test_a_conv_subclass_keeps_its_own_forward_under_qat():
+    """The zoo's Conv2dSame pads (TF "same") in its forward before convolving; QAT ran the
+    bare convolution and efficientnet-lite0's logits moved by up to 5.49."""
+    from edgeslim.zoo.efficientnet import Conv2dSame
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = Conv2dSame(3, 8, 3, stride=2)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.stem(x)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = torch.rand(4, 3, 8, 8)
+    data = [(x, torch.tensor([0, 1, 2, 0]))]
+    q = quantize_qat(model, data, bits=8, quantize_activations=False, epochs=0, progress=False)
+    plain = strip_qat(q)
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), plain(x), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(q(x), model(x), rtol=0, atol=0.02)
+    q.stem.frozen = False  # the training path, with the straight-through estimator
+    q.train()
+    out = q(x)
+    torch.testing.assert_close(out.detach(), plain(x).detach(), rtol=1e-5, atol=1e-6)
+    out.sum().backward()
+    assert q.stem.layer.weight.grad is not None and q.stem.layer.weight.grad.abs().sum() > 0
+
+
 def test_pruned_zeros_stay_zero_through_qat(digits_mlp, loaders):
     train, _ = loaders
     small = [b for _, b in zip(range(4), train, strict=False)]

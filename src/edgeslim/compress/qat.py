@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
+from torch.func import functional_call
 
 from edgeslim._validate import check_choice, check_int_range, check_positive
 from edgeslim.compress.prune import _check_model, prunable_layers
@@ -167,10 +167,11 @@ class QATLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quant is not None:
             x = self.input_quant(x)
-        w = self.quantized_weight()
-        if isinstance(self.layer, nn.Linear):
-            return F.linear(x, w, self.layer.bias)
-        return self.layer._conv_forward(x, w, self.layer.bias)  # type: ignore[operator]
+        if self.frozen:
+            return self.layer(x)
+        # the layer's own forward with the quantized weight swapped in: a subclass may do more
+        # than the convolution (the zoo's Conv2dSame pads first)
+        return functional_call(self.layer, {"weight": self.quantized_weight()}, (x,))
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
