@@ -358,6 +358,26 @@ def test_attention_heads_are_removed_whole(tiny_bert):
         )
 
 
+def test_iterative_head_pruning_removes_head_ratio_of_the_original_heads(tiny_bert):
+    """torch-pruning compounds each step's head ratio on the heads left: 4 heads at
+    head_ratio=0.5 in 2 steps ended with 1 head (12 heads in 3 steps with 3)."""
+    model, inputs = tiny_bert
+    seen = []
+    result = prune_structured(
+        model, inputs, ratio=0.0, head_ratio=0.5, iterative_steps=2, progress=False,
+        after_step=lambda m, step: seen.append(
+            [layer.attention.self.num_attention_heads for layer in m.bert.encoder.layer]),
+    )
+    assert seen == [[3, 3], [2, 2]]
+    heads = {w.name: (w.before, w.after) for w in result.report.layers if w.unit == "heads"}
+    assert heads == {f"bert.encoder.layer.{i}.attention.self": (4, 2) for i in range(2)}
+    assert result.model(**inputs).logits.shape == (2, 3)
+    with pytest.raises(ConfigError, match=re.escape(
+            "head_ratio=0.9 would leave no head in bert.encoder.layer.0.attention.self (4 heads), "
+            "bert.encoder.layer.1.attention.self (4 heads): use a head_ratio of at most 0.75.")):
+        prune_structured(model, inputs, ratio=0.0, head_ratio=0.9, progress=False)
+
+
 def test_heads_and_widths_together_keep_the_output_shape(tiny_bert):
     model, inputs = tiny_bert
     result = prune_structured(

@@ -86,7 +86,9 @@ def prune_structured(
             gradient x weight, needs labelled ``data`` or a ``loss_fn``) or ``"activation"``
             (mean |activation| on ``data``). See ``edgeslim.compress.structured.importance``.
         head_ratio: fraction in [0, 1) of the attention heads removed whole from each
-            attention module (BERT-family self-attention; see ``structured.attention``).
+            attention module (BERT-family self-attention; see ``structured.attention``):
+            ``ceil(head_ratio * heads)`` of its original heads, also over ``iterative_steps``;
+            a ratio that would remove every head is refused.
             Attention projections are never narrowed by ``ratio``: they lose whole heads only.
         ignored_layers: layers (modules or qualified names) kept whole. The layers whose
             pruning would change the width of a model output (the final classifier) are
@@ -141,6 +143,8 @@ def prune_structured(
             "self-attention with query/key/value Linear layers; nn.MultiheadAttention keeps "
             "its heads). Pass head_ratio=0."
         )
+    if head_ratio > 0:
+        _check_heads_left(attention, head_ratio, scope)
     prune_ratio, only_heads = ratio, []
     if ratio == 0 and head_ratio > 0:
         # torch-pruning removes heads only while it narrows layers: narrow nothing else
@@ -194,9 +198,13 @@ def prune_structured(
                         _check_reachable(pruner, work, prune_ratio, round_to)
                     else:
                         budget = _check_reachable_global(pruner, work, prune_ratio, round_to)
+            heads_before = [layer.heads for layer in attention]
             for step in range(iterative_steps):
                 if importance in DATA_DRIVEN:
                     collect_statistics(work, scorer, data, loss_fn=loss_fn, progress=progress)
+                if head_ratio > 0 and scope == "layer":
+                    _schedule_heads(pruner, attention, heads_before, head_ratio,
+                                    (step + 1) / iterative_steps)
                 with _explained(model, example_inputs):
                     for group in pruner.step(interactive=True):
                         group.prune()
@@ -275,6 +283,45 @@ def _check_reachable(pruner: Any, work: nn.Module, ratio: float, round_to: int |
         raise ConfigError(
             f"ratio={ratio:g} would leave no channel in {', '.join(short)}: {hint}, or add "
             f"them to ignored_layers.")
+
+
+def _check_heads_left(attention: list[Any], head_ratio: float, scope: str) -> None:
+    """Refuse a ``head_ratio`` that would remove every head of an attention layer (each layer
+    loses ``ceil(head_ratio * heads)``; under ``scope="global"`` all keep
+    ``int(total * (1 - head_ratio))`` together)."""
+    if scope == "layer":
+        empty = [f"{a.name} ({a.heads} heads)" for a in attention
+                 if math.ceil(head_ratio * a.heads) >= a.heads]
+        fewest = min(a.heads for a in attention)
+    else:
+        total = sum(a.heads for a in attention)
+        empty = ([f"{a.name} ({a.heads} heads)" for a in attention]
+                 if int(total * (1 - head_ratio)) < len(attention) else [])
+        fewest = total / len(attention)
+    if empty:
+        most = math.floor((1 - 1 / fewest) * 1e4) / 1e4
+        raise ConfigError(
+            f"head_ratio={head_ratio:g} would leave no head in {', '.join(empty)}: use a "
+            f"head_ratio of at most {most:g}.")
+
+
+def _schedule_heads(pruner: Any, attention: list[Any], heads_before: list[int],
+                    head_ratio: float, done: float) -> None:
+    """Per-layer head ratios for the next step, so that a share ``done`` of the way there
+    each layer has lost ``ceil(done * head_ratio * heads)`` of its original heads.
+
+    torch-pruning removes ``ceil(step ratio * current heads)`` heads per step, its step
+    ratio rising linearly towards ``head_ratio``: the ratio compounds on the heads left, and
+    12 heads at ``head_ratio=0.5`` in 3 steps ended with 3 heads instead of 6.
+    """
+    steps = pruner.iterative_steps + 1
+    for layer, before in zip(attention, heads_before, strict=True):
+        goal = math.ceil(done * head_ratio * before - 1e-9)
+        remove = goal - (before - layer.heads)
+        # ceil((remove - 0.5) / heads * heads) == remove, whatever the float rounding
+        share = (remove - 0.5) / layer.heads if remove > 0 else 0.0
+        for projection in layer.projections:
+            pruner.head_pruning_ratio_dict[projection] = [share] * steps
 
 
 class _Floored(tp.importance.Importance):
