@@ -266,3 +266,32 @@ def test_an_output_batch_axis_follows_the_input_when_only_inputs_are_named(tmp_p
     assert [d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim] == ["batch", 3]
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert sess.run(None, {"input": np.zeros((5, 4), np.float32)})[0].shape == (5, 3)
+
+
+class _Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+        layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        a, _ = self.attn(x, x, x)
+        return self.fc(self.enc(x + a).mean(1))
+
+
+def test_multihead_attention_and_transformer_encoder_export(tmp_path):
+    """Under no_grad both take torch's fused fast path ('aten::_transformer_encoder_layer_fwd',
+    '_native_multi_head_attention'), which the exporter cannot map to ONNX."""
+    torch.manual_seed(0)
+    model = _Encoder().eval()
+    x = torch.randn(2, 5, 16)
+    path = tmp_path / "enc.onnx"
+    export_onnx(model, x, path, input_names=["x"], output_names=["y"],
+                dynamic_axes={"x": {0: "batch"}}, check_inputs=[(torch.randn(3, 5, 16),)])
+    assert torch.backends.mha.get_fastpath_enabled()  # restored
+    x3 = torch.randn(3, 5, 16)
+    (got,) = _session(path).run(None, {"x": x3.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(x3).numpy(), rtol=1e-4, atol=ATOL)

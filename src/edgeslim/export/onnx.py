@@ -272,6 +272,10 @@ def export_onnx(
                 # numerically, so the exporter's own caveats need not reach the user.
                 warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
                 warnings.filterwarnings("ignore", message="Exporting aten::index operator")
+                # Under no_grad nn.MultiheadAttention and nn.TransformerEncoder(Layer) take
+                # torch's fused fast path, whose ops have no ONNX mapping: trace the plain ops
+                fastpath = torch.backends.mha.get_fastpath_enabled()
+                torch.backends.mha.set_fastpath_enabled(False)
                 try:
                     torch.onnx.export(
                         model,
@@ -289,6 +293,8 @@ def export_onnx(
                     raise ModelError(
                         f"torch.onnx.export failed for {type(model).__name__}: {exc}"
                     ) from exc
+                finally:
+                    torch.backends.mha.set_fastpath_enabled(fastpath)
 
             proto = onnx.load(str(work))
             with torch.no_grad():
