@@ -162,6 +162,15 @@ def test_pruned_zeros_stay_zero_through_qat(digits_mlp, loaders):
         assert torch.all(getattr(q, name).weight[mask] == 0)
 
 
+def test_a_zero_initialised_layer_trains_through_qat():
+    torch.manual_seed(0)
+    model = DigitsMLP(hidden=(16, 8))
+    nn.init.zeros_(model.fc3.weight)
+    data = [(torch.rand(16, 64), torch.randint(0, 10, (16,))) for _ in range(4)]
+    q = strip_qat(quantize_qat(model, data, bits=8, epochs=2, lr=1e-2, progress=False))
+    assert int(q.fc3.weight.count_nonzero()) > 0
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter
 def test_qat_model_exports_to_onnx_and_runs_in_onnxruntime(qat4):
     ort = pytest.importorskip("onnxruntime")

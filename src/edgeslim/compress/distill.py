@@ -79,7 +79,8 @@ def distill(
         epochs, lr, weight_decay: the training budget (Adam with cosine decay).
         features: ``(student_layer, teacher_layer)`` pairs of module names for ``"feature"``.
         keep_zeros: weights of the student's Linear and convolution layers that are exactly
-            zero (a pruned student) stay zero, so distillation keeps the sparsity.
+            zero (a pruned student) stay zero, so distillation keeps the sparsity; a weight
+            tensor that is zero throughout (a zero-initialised head) trains.
         progress: show a progress bar.
 
     Raises:

@@ -108,7 +108,8 @@ class QATLayer(nn.Module):
     """A Linear/conv ``layer`` run with fake-quantized input and per-channel weight.
 
     ``keep_zeros`` records which weights are exactly zero (pruned) so training can hold them
-    there (``hold_zeros()``, called after every optimiser step).
+    there (``hold_zeros()``, called after every optimiser step); a weight that is zero
+    throughout (a zero-initialised layer, never a pruned one) is left free to train.
     """
 
     def __init__(
@@ -121,8 +122,9 @@ class QATLayer(nn.Module):
         self.bits = bits
         self.input_quant = ActivationFakeQuant(act_bits) if act_bits else None
         self.frozen = False
-        if keep_zeros:
-            self.register_buffer("zero_mask", layer.weight.detach() == 0, persistent=False)
+        zero = layer.weight.detach() == 0
+        if keep_zeros and not bool(zero.all()):
+            self.register_buffer("zero_mask", zero, persistent=False)
         else:
             self.zero_mask = None
 

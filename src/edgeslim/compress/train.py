@@ -111,14 +111,17 @@ def _bad_batch(desc: str, index: int, batch: Any, exc: Exception) -> ConfigError
 def zero_keeper(model: nn.Module) -> Callable[[], None] | None:
     """For ``fit(after_step=...)``: a function that sets back to zero every weight of the
     model's Linear and convolution layers that is exactly zero now (the pruned ones), so
-    that training after pruning keeps the sparsity; None when no such weight is zero."""
+    that training after pruning keeps the sparsity; None when no such weight is zero.
+
+    A weight tensor that is zero throughout is left free: pruning always keeps some of a
+    layer, and a zero-initialised layer (a fresh classifier head) must learn."""
     from edgeslim.compress.prune import PRUNABLE  # prune imports this module
 
     masks = []
     for m in model.modules():
         if isinstance(m, PRUNABLE):
             zero = m.weight.detach() == 0
-            if bool(zero.any()):
+            if bool(zero.any()) and not bool(zero.all()):
                 masks.append((m.weight, zero))
     if not masks:
         return None
