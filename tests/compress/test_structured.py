@@ -306,6 +306,37 @@ def test_ignored_layers_by_name_or_module_of_the_original(digits_cnn):
         prune_structured(digits_cnn, X1, ratio=0.5, ignored_layers=["conv9"], progress=False)
 
 
+def test_tied_weights_stay_tied_and_their_layers_whole(caplog):
+    """Pruning gave an Embedding and the output head tied to it each its own narrower copy:
+    the tie was lost and the model grew (592 -> 616 parameters)."""
+    class TinyLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte = nn.Embedding(50, 16)
+            self.up = nn.Linear(16, 64)
+            self.down = nn.Linear(64, 16)
+            self.lm_head = nn.Linear(16, 50, bias=False)
+            self.lm_head.weight = self.wte.weight
+
+        def forward(self, ids):
+            h = self.wte(ids)
+            return self.lm_head(h + self.down(torch.relu(self.up(h))))
+
+    torch.manual_seed(0)
+    model = TinyLM().eval()
+    ids = torch.randint(0, 50, (2, 6))
+    with caplog.at_level("INFO", logger="edgeslim.compress.structured"):
+        result = prune_structured(model, ids, ratio=0.5, progress=False)
+    pruned = result.model
+    assert pruned.lm_head.weight is pruned.wte.weight
+    assert pruned.wte.weight.shape == (50, 16) and pruned.up.out_features == 32
+    assert result.report.params_after == sum(p.numel() for p in pruned.parameters())
+    assert result.report.params_after < result.report.params_before
+    assert {"wte", "lm_head"} <= set(result.report.ignored) and pruned.down.out_features == 16
+    assert "wte.weight (lm_head, wte)" in caplog.text
+    assert pruned(ids).shape == (2, 6, 50)
+
+
 def test_frozen_parameters_and_training_mode_are_restored():
     model = DigitsMLP().train()
     for p in model.fc1.parameters():

@@ -29,9 +29,11 @@ __all__ = [
     "ROOT_TYPES",
     "build_graph",
     "check_model",
+    "coupled_roots",
     "output_layers",
     "resolve_layers",
     "run_example",
+    "tied_layers",
     "trainable",
 ]
 
@@ -132,6 +134,29 @@ def output_layers(
             if dep.target in out_nodes and graph.is_out_channel_pruning_fn(dep.handler):
                 found.append(group[0].dep.target.module)
                 break
+    return found
+
+
+def tied_layers(model: nn.Module) -> dict[str, list[str]]:
+    """``{parameter name: names of the modules holding it}`` for every parameter that
+    several modules share (an embedding tied to the output head)."""
+    owners: dict[int, list[str]] = {}
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        first.setdefault(id(p), name)
+        owners.setdefault(id(p), []).append(name.rpartition(".")[0])
+    return {first[k]: sorted(set(v)) for k, v in owners.items() if len(set(v)) > 1}
+
+
+def coupled_roots(
+    graph: tp.DependencyGraph, layers: Iterable[nn.Module], ignored: Iterable[nn.Module] = ()
+) -> list[nn.Module]:
+    """Root layers of the groups that would prune any of ``layers`` (in or out channels)."""
+    wanted = {id(m) for m in layers}
+    found: list[nn.Module] = []
+    for group in graph.get_all_groups(ignored_layers=list(ignored), root_module_types=ROOT_TYPES):
+        if any(id(dep.target.module) in wanted for dep, _ in group):
+            found.append(group[0].dep.target.module)
     return found
 
 

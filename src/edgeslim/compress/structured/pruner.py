@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -27,10 +28,12 @@ from edgeslim.compress.structured.graph import (
     ROOT_TYPES,
     build_graph,
     check_model,
+    coupled_roots,
     forward,
     output_layers,
     resolve_layers,
     run_example,
+    tied_layers,
     trainable,
 )
 from edgeslim.compress.structured.importance import (
@@ -52,6 +55,8 @@ from edgeslim.errors import ConfigError, EdgeslimError, ModelError
 __all__ = ["prune_structured"]
 
 _FUNC = "prune_structured"
+
+log = logging.getLogger("edgeslim.compress.structured")
 
 
 def prune_structured(
@@ -92,7 +97,8 @@ def prune_structured(
             Attention projections are never narrowed by ``ratio``: they lose whole heads only.
         ignored_layers: layers (modules or qualified names) kept whole. The layers whose
             pruning would change the width of a model output (the final classifier) are
-            always kept whole, so the output shape never changes.
+            always kept whole, so the output shape never changes, and so are layers that
+            share a parameter (an embedding tied to the output head), so the tie holds.
         data: batches ``(x, y)`` (or bare ``x`` for ``"activation"``) scored by the
             data-driven criteria; a few batches suffice. The model's weights are not trained.
         loss_fn: ``loss(model, x, y)`` for ``"taylor"``; default cross-entropy on the logits.
@@ -169,6 +175,7 @@ def prune_structured(
             with _explained(model, example_inputs):
                 graph, outputs = build_graph(work, example_inputs)
                 protected = output_layers(graph, outputs, ignored)
+                protected += _keep_tied(work, graph, ignored + protected)
                 num_heads = {p: layer.heads for layer in attention for p in layer.projections}
                 pruner = tp.pruner.MetaPruner(
                     work,
@@ -283,6 +290,24 @@ def _check_reachable(pruner: Any, work: nn.Module, ratio: float, round_to: int |
         raise ConfigError(
             f"ratio={ratio:g} would leave no channel in {', '.join(short)}: {hint}, or add "
             f"them to ignored_layers.")
+
+
+def _keep_tied(work: nn.Module, graph: Any, ignored: list[nn.Module]) -> list[nn.Module]:
+    """Layers left whole because they hold a parameter shared with another layer.
+
+    Pruning gives each layer its own narrower copy of the tensor: an Embedding tied to the
+    output head came out untied, and the model grew. The tied layers and every group that
+    would narrow them are kept whole.
+    """
+    tied = tied_layers(work)
+    if not tied:
+        return []
+    modules = dict(work.named_modules())
+    layers = [modules[n] for names in tied.values() for n in names]
+    log.info("%s keeps whole the layers that share parameters: %s", _FUNC,
+             "; ".join(f"{p} ({', '.join(n or '<model>' for n in names)})"
+                       for p, names in tied.items()))
+    return layers + coupled_roots(graph, layers, ignored + layers)
 
 
 def _check_heads_left(attention: list[Any], head_ratio: float, scope: str) -> None:
