@@ -337,6 +337,29 @@ def test_tied_weights_stay_tied_and_their_layers_whole(caplog):
     assert pruned(ids).shape == (2, 6, 50)
 
 
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_a_model_with_an_lstm_prunes_the_layer_in_front_of_it(batch_first):
+    """With nn.LSTM as a group root every model holding one failed to prune, with an error
+    naming no layer ("index out of range in self")."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(4, 8)
+            self.lstm = nn.LSTM(8, 16, batch_first=batch_first)
+            self.fc = nn.Linear(16, 3)
+
+        def forward(self, x):
+            out, _ = self.lstm(torch.relu(self.inp(x)))
+            return self.fc(out[:, -1] if batch_first else out[-1])
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 4) if batch_first else torch.randn(5, 2, 4)
+    result = prune_structured(Net().eval(), x, ratio=0.5, progress=False)
+    pruned = result.model
+    assert (pruned.inp.out_features, pruned.lstm.input_size, pruned.lstm.hidden_size) == (4, 4, 16)
+    assert pruned(x).shape == (2, 3)
+
+
 def test_frozen_parameters_and_training_mode_are_restored():
     model = DigitsMLP().train()
     for p in model.fc1.parameters():

@@ -38,7 +38,9 @@ __all__ = [
 ]
 
 # Layers that can root a pruning group (their output channels are what gets removed).
-ROOT_TYPES: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd, nn.Linear, nn.LSTM)
+# nn.LSTM is not one: torch-pruning cannot narrow its hidden size consistently (the
+# pruning failed with "index out of range in self"); it follows the layer before it.
+ROOT_TYPES: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd, nn.Linear)
 
 
 def check_model(model: Any, func: str) -> nn.Module:
