@@ -246,3 +246,19 @@ def test_pruned_zeros_of_layers_left_in_float_stay_zero_through_qat():
     for name, p in q.named_parameters():
         if name in zeros:
             assert bool((p[zeros[name]] == 0).all()), f"{name} regrew pruned weights"
+
+
+def test_qat_refuses_a_bare_layer_and_bad_calibration_batches_in_one_line():
+    """A bare nn.Linear recursed without end; unlabelled calibration batches ((x,) from a
+    TensorDataset) hit an IndexError; inputs of the wrong width a raw RuntimeError."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x = torch.rand(32, 64)
+    with pytest.raises(ModelError, match=r"bare Linear\. Put it in a container"):
+        quantize_qat(nn.Linear(64, 10), None, calib_data=[x], epochs=0, progress=False)
+    model = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+    unlabelled = DataLoader(TensorDataset(x), batch_size=8)
+    q = quantize_qat(model, None, calib_data=unlabelled, epochs=0, progress=False)
+    assert q(x).shape == (32, 10)
+    with pytest.raises(ConfigError, match=r"cannot calibrate on batch 0 of shape .*32.*63"):
+        quantize_qat(model, None, calib_data=[torch.rand(32, 63)], epochs=0, progress=False)

@@ -32,6 +32,7 @@ from torch import nn
 from torch.func import functional_call
 
 from edgeslim._validate import check_choice, check_int_range, check_positive
+from edgeslim.compress._batch import describe, split_batch
 from edgeslim.compress.prune import _check_model, prunable_layers
 from edgeslim.compress.quantizer import (
     MAX_BITS,
@@ -42,7 +43,7 @@ from edgeslim.compress.quantizer import (
     minmax_qparams,
     minmax_quantize,
 )
-from edgeslim.compress.train import LossFn, _split, fit, zero_keeper
+from edgeslim.compress.train import LossFn, fit, zero_keeper
 from edgeslim.errors import ConfigError, ModelError
 
 __all__ = [
@@ -244,6 +245,10 @@ def quantize_qat(
         for name, m in prunable_layers(model, ignored_layers).items()
         if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and name not in inside_mha
     ]
+    if "" in names:  # wrapping the root in itself recursed without end
+        raise ModelError(
+            f"quantize_qat wraps the layers inside a model; it got a bare "
+            f"{type(model).__name__}. Put it in a container, e.g. nn.Sequential(layer).")
     if not inplace:
         model = copy.deepcopy(model)
     # every pruned weight, also of the layers left in float (ConvTranspose, attention's
@@ -265,7 +270,16 @@ def quantize_qat(
         seen = 0
         with torch.no_grad():
             for batch in islice(iter(source), calib_batches):
-                model(batch if isinstance(batch, torch.Tensor) else _split(batch)[0])
+                # calibration needs no labels: (x,), (x, y), {"x": ...} or x alone
+                inputs = batch if isinstance(batch, torch.Tensor) else split_batch(batch)[0]
+                try:
+                    model(inputs)
+                except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+                    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                    raise ConfigError(
+                        f"quantize_qat cannot calibrate on batch {seen} of shape "
+                        f"{describe(batch)}: {reason[:300].rstrip('.')}. Calibration batches "
+                        "must hold inputs the model accepts.") from None
                 seen += 1
         if seen == 0:
             raise ConfigError(
