@@ -337,6 +337,26 @@ def test_tied_weights_stay_tied_and_their_layers_whole(caplog):
     assert pruned(ids).shape == (2, 6, 50)
 
 
+def test_a_layer_registered_under_two_names_is_pruned_as_one():
+    """self.first = self.body[0] is one module, not a tie: taking it for one refused to prune
+    the model at all (a KeyError turned ModelError)."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(),
+                                      nn.Conv2d(32, 64, 3, padding=1), nn.ReLU())
+            self.first = self.body[0]
+            self.fc = nn.Linear(64, 5)
+
+        def forward(self, x):
+            return self.fc(self.body(x).mean((2, 3)))
+
+    torch.manual_seed(0)
+    result = prune_structured(Net().eval(), torch.randn(1, 3, 8, 8), ratio=0.5, progress=False)
+    assert (result.model.body[0].out_channels, result.model.body[2].out_channels) == (16, 32)
+    assert result.model.first is result.model.body[0]
+
+
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_a_model_with_an_lstm_prunes_the_layer_in_front_of_it(batch_first):
     """With nn.LSTM as a group root every model holding one failed to prune, with an error

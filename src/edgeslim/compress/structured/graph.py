@@ -142,12 +142,14 @@ def output_layers(
 def tied_layers(model: nn.Module) -> dict[str, list[str]]:
     """``{parameter name: names of the modules holding it}`` for every parameter that
     several modules share (an embedding tied to the output head)."""
-    owners: dict[int, list[str]] = {}
+    owners: dict[int, dict[int, str]] = {}  # parameter -> distinct module -> its first name
     first: dict[int, str] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        first.setdefault(id(p), name)
-        owners.setdefault(id(p), []).append(name.rpartition(".")[0])
-    return {first[k]: sorted(set(v)) for k, v in owners.items() if len(set(v)) > 1}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for pname, p in module.named_parameters(recurse=False):
+            first.setdefault(id(p), f"{mname}.{pname}" if mname else pname)
+            owners.setdefault(id(p), {}).setdefault(id(module), mname)
+    # one module registered under two names (self.first = self.body[0]) shares nothing
+    return {first[k]: sorted(v.values()) for k, v in owners.items() if len(v) > 1}
 
 
 def coupled_roots(
