@@ -337,6 +337,29 @@ def test_tied_weights_stay_tied_and_their_layers_whole(caplog):
     assert pruned(ids).shape == (2, 6, 50)
 
 
+def test_global_scope_prunes_a_model_with_a_grouped_convolution():
+    """The global floor counted a grouped conv's full width where torch-pruning ranks
+    width / groups entries: such models were refused after (or halfway through) pruning."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 16, 3, padding=1)
+            self.pw = nn.Conv2d(16, 24, 1)
+            self.g = nn.Conv2d(24, 24, 3, padding=1, groups=4)
+            self.fc = nn.Linear(24, 5)
+
+        def forward(self, x):
+            return self.fc(self.g(self.pw(torch.relu(self.stem(x)))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 8, 8)
+    for round_to in (None, 4):
+        result = prune_structured(Net().eval(), x, ratio=0.7, scope="global",
+                                  round_to=round_to, progress=False)
+        assert result.report.params_after < result.report.params_before
+        assert result.model(x).shape == (1, 5)
+
+
 def test_a_layer_registered_under_two_names_is_pruned_as_one():
     """self.first = self.body[0] is one module, not a tie: taking it for one refused to prune
     the model at all (a KeyError turned ModelError)."""

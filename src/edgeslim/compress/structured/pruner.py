@@ -198,12 +198,13 @@ def prune_structured(
                     root_module_types=list(ROOT_TYPES),
                 )
                 budget = None
-                if isinstance(ranked, _Floored):
-                    ranked.pruner = pruner
+                grouped = scope == "global" and _has_grouped_channels(pruner)
+                if isinstance(ranked, _Floored) and not grouped:
+                    ranked.pruner = pruner  # (its floor is off while .pruner is None)
                 if prune_ratio > 0 and not only_heads:
                     if scope == "layer":
                         _check_reachable(pruner, work, prune_ratio, round_to)
-                    else:
+                    elif not grouped:
                         budget = _check_reachable_global(pruner, work, prune_ratio, round_to)
             heads_before = [layer.heads for layer in attention]
             for step in range(iterative_steps):
@@ -373,6 +374,19 @@ class _Floored(tp.importance.Importance):
         best = per.mean(0).topk(min(self.keep, per.shape[1])).indices
         per[:, best] = math.inf
         return per.view(-1)
+
+
+def _has_grouped_channels(pruner: Any) -> bool:
+    """Whether a ranked group has channel groups (a grouped convolution): torch-pruning ranks
+    width / groups entries there, which the global floor and its checks do not count, so a
+    model with one is pruned as torch-pruning ranks it, as before the floor."""
+    for group in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
+                                          root_module_types=pruner.root_module_types):
+        if (pruner.DG.is_out_channel_pruning_fn(group[0].dep.handler)
+                and not pruner._is_atten_group(group)[0]
+                and pruner._get_channel_groups(group) > 1):
+            return True
+    return False
 
 
 def _ranked_groups(pruner: Any, work: nn.Module) -> list[tuple[str, nn.Module, int, bool]]:
