@@ -262,3 +262,18 @@ def test_qat_refuses_a_bare_layer_and_bad_calibration_batches_in_one_line():
     assert q(x).shape == (32, 10)
     with pytest.raises(ConfigError, match=r"cannot calibrate on batch 0 of shape .*32.*63"):
         quantize_qat(model, None, calib_data=[torch.rand(32, 63)], epochs=0, progress=False)
+
+
+def test_a_layer_pruning_emptied_stays_empty_through_qat():
+    """Pruning by threshold can zero a whole small layer; freeing every all-zero tensor (for
+    zero-initialised heads) let it grow back (0 -> 18,284 non-zero weights). In a pruned
+    model an emptied layer is held like the others."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
+    with torch.no_grad():
+        model[2].weight.mul_(0.1)  # all under the threshold
+    pruned = prune(model, threshold=0.03, progress=False).model
+    assert int(pruned[2].weight.count_nonzero()) == 0 and int(pruned[0].weight.count_nonzero())
+    data = [(torch.rand(16, 64), torch.randint(0, 10, (16,))) for _ in range(4)]
+    q = strip_qat(quantize_qat(pruned, data, epochs=1, lr=1e-2, progress=False))
+    assert int(q[2].weight.count_nonzero()) == 0

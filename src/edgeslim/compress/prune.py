@@ -43,6 +43,9 @@ __all__ = [
 ]
 
 PRUNABLE = (nn.Linear, nn.modules.conv._ConvNd)
+#: the attribute where ``prune`` leaves its masks on the model (layer name -> zeros), for
+#: the training that follows to hold exactly those (``train.held_zeros``)
+PRUNED_MASKS = "edgeslim_pruned_masks"
 
 
 @dataclass(frozen=True)
@@ -313,6 +316,8 @@ def prune(
                 progress=progress,
             )
     model.eval()
+    # the masks later training holds (train.held_zeros): a layer pruning emptied included
+    setattr(model, PRUNED_MASKS, {name: m.weight.detach() == 0 for name, m in layers.items()})
 
     report = {}
     for name, m in layers.items():

@@ -43,7 +43,7 @@ from edgeslim.compress.quantizer import (
     minmax_qparams,
     minmax_quantize,
 )
-from edgeslim.compress.train import LossFn, fit, zero_keeper
+from edgeslim.compress.train import LossFn, fit, held_zeros, zero_keeper
 from edgeslim.errors import ConfigError, ModelError
 
 __all__ = [
@@ -124,7 +124,7 @@ class QATLayer(nn.Module):
         self.input_quant = ActivationFakeQuant(act_bits) if act_bits else None
         self.frozen = False
         zero = layer.weight.detach() == 0
-        if keep_zeros and not bool(zero.all()):
+        if keep_zeros and bool(zero.any()):
             self.register_buffer("zero_mask", zero, persistent=False)
         else:
             self.zero_mask = None
@@ -254,6 +254,7 @@ def quantize_qat(
     # every pruned weight, also of the layers left in float (ConvTranspose, attention's
     # out_proj): training must not regrow them (taken before wrapping, same parameters)
     keep_pruned = zero_keeper(model) if keep_zeros else None
+    held = {id(m) for m, _ in held_zeros(model)} if keep_zeros else set()
     layers = {name: model.get_submodule(name) for name in names}
     if not layers:
         raise ModelError(
@@ -261,7 +262,7 @@ def quantize_qat(
         )
     act = act_bits if quantize_activations else None
     for name, layer in layers.items():
-        _set_submodule(model, name, QATLayer(layer, bits, act, keep_zeros))
+        _set_submodule(model, name, QATLayer(layer, bits, act, id(layer) in held))
     wrapped = list(_qat_layers(model).values())
 
     if quantize_activations:

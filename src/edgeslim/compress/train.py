@@ -108,21 +108,35 @@ def _bad_batch(desc: str, index: int, batch: Any, exc: Exception) -> ConfigError
         "class indices in range (or give a loss_fn that takes them).")
 
 
-def zero_keeper(model: nn.Module) -> Callable[[], None] | None:
-    """For ``fit(after_step=...)``: a function that sets back to zero every weight of the
-    model's Linear and convolution layers that is exactly zero now (the pruned ones), so
-    that training after pruning keeps the sparsity; None when no such weight is zero.
+def held_zeros(model: nn.Module) -> list[tuple[nn.Module, torch.Tensor]]:
+    """The Linear and convolution layers whose zero weights training must keep, with their
+    masks: the masks ``prune`` left on the model, a layer it emptied included; for a layer
+    without one (zeros made otherwise, or shapes changed since), its exactly-zero weights,
+    unless the tensor is zero throughout (a zero-initialised classifier head must learn)."""
+    from edgeslim.compress.prune import PRUNABLE, PRUNED_MASKS  # prune imports this module
 
-    A weight tensor that is zero throughout is left free: pruning always keeps some of a
-    layer, and a zero-initialised layer (a fresh classifier head) must learn."""
-    from edgeslim.compress.prune import PRUNABLE  # prune imports this module
-
-    masks = []
-    for m in model.modules():
-        if isinstance(m, PRUNABLE):
+    recorded = getattr(model, PRUNED_MASKS, None) or {}
+    found = []
+    for name, m in model.named_modules():
+        if not isinstance(m, PRUNABLE):
+            continue
+        mask = recorded.get(name)
+        if mask is not None and mask.shape == m.weight.shape:
+            zero = mask & (m.weight.detach() == 0)  # what was pruned and is still zero
+        else:
             zero = m.weight.detach() == 0
-            if bool(zero.any()) and not bool(zero.all()):
-                masks.append((m.weight, zero))
+            if bool(zero.all()):
+                continue
+        if bool(zero.any()):
+            found.append((m, zero))
+    return found
+
+
+def zero_keeper(model: nn.Module) -> Callable[[], None] | None:
+    """For ``fit(after_step=...)``: a function that sets back to zero the weights
+    ``held_zeros`` names (the pruned ones), so that training after pruning keeps the
+    sparsity; None when there are none."""
+    masks = [(m.weight, zero) for m, zero in held_zeros(model)]
     if not masks:
         return None
 
