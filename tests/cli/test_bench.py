@@ -194,3 +194,12 @@ def test_bench_against_original_runs_an_onnx_source_on_onnxruntime(tmp_path, mon
     (tmp_path / "lin.onnx").unlink()
     with pytest.raises(ConfigError, match=r"'lin\.onnx', which is not a file here"):
         bench_bundle("lin.eslim", threads=1, batch=8, repeats=5, against_original=True)
+
+
+def test_plain_bench_of_a_callable_builds_no_workload():
+    """Without --against, a callable's bundle is timed on its probe inputs: building its
+    recipe's workload (photos: 2,048 crops and the zoo model) took ~35 s to pick one batch."""
+    from edgeslim.benchmark import _workload
+
+    manifest = {"provenance": {"source": "mypkg.models:build", "recipe": {"data": "photos"}}}
+    assert _workload(manifest) is None
