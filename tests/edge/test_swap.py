@@ -205,3 +205,21 @@ def test_an_unload_during_a_load_answers_at_once_and_the_server_keeps_serving(si
             assert loaded["status"] == 400
             assert server.store.names() == ["linear"]
             assert c.get("/v2/models/slow/ready").status_code == 404
+
+
+def test_the_store_remembers_unloads_only_while_a_load_is_pending(signed):
+    """Every unload left a counter behind for good (names never loaded included)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from edgeslim.edge.model_store import ModelStore
+
+    paths, _ = signed
+    with ThreadPoolExecutor(1) as pool:
+        store = ModelStore(pool, threads=1)
+        store.load(paths["v1"])
+        for i in range(100):
+            store.unload(f"never-loaded-{i}")
+        assert store._unloaded == []
+        store.unload("linear")
+        store.load(paths["v1"])  # unloaded before this load began: it loads
+        assert store.names() == ["linear"] and store._unloaded == []

@@ -224,7 +224,11 @@ class ModelStore:
         self._models: dict[str, ServedModel] = {}
         self._load_lock = threading.Lock()  # held through a whole load (read, warm-up, probe)
         self._switch_lock = threading.Lock()  # held only to switch or drop a name
-        self._unloads: dict[str, int] = {}  # unload calls per name, so a load can tell
+        # unloads while loads are pending, so that a load can tell its name was unloaded
+        # after it began: (unload number, name), cleared when no load is pending
+        self._pending_loads = 0
+        self._unload_count = 0
+        self._unloaded: list[tuple[int, str]] = []
 
     def get(self, name: str) -> ServedModel | None:
         return self._models.get(name)
@@ -274,12 +278,25 @@ class ModelStore:
         """Build a model and switch to it; on any failure the current model keeps serving.
 
         ``name``, when given, must be the bundle's model name (``ConfigError`` otherwise).
-        Raises the load's ``EdgeslimError`` (``BundleError``, ``SignatureError``, ...).
+        Raises the load's ``EdgeslimError`` (``BundleError``, ``SignatureError``, ...), and a
+        ``ConfigError`` when its model's name was unloaded after this call began: the later
+        request wins.
         """
+        with self._switch_lock:
+            self._pending_loads += 1
+            began = self._unload_count
+        try:
+            return self._load(source, name, began)
+        finally:
+            with self._switch_lock:
+                self._pending_loads -= 1
+                if not self._pending_loads:
+                    self._unloaded.clear()
+
+    def _load(self, source: str | os.PathLike | Bundle, name: str | None, began: int
+              ) -> ServedModel:
         with self._load_lock:
             label = name or "?"
-            with self._switch_lock:
-                unloads = dict(self._unloads)
             try:
                 served = self.build(source)
                 label = served.name
@@ -291,7 +308,7 @@ class ModelStore:
                     self.metrics.loads.labels(label, "failed").inc()
                 raise
             with self._switch_lock:
-                if self._unloads.get(served.name, 0) != unloads.get(served.name, 0):
+                if any(n > began and u == served.name for n, u in self._unloaded):
                     # the later request wins: serving it again would undo the unload
                     if self.metrics is not None:
                         self.metrics.loads.labels(label, "failed").inc()
@@ -310,7 +327,9 @@ class ModelStore:
         of ``name`` in progress then fails rather than serve it again.
         """
         with self._switch_lock:
-            self._unloads[name] = self._unloads.get(name, 0) + 1
+            self._unload_count += 1
+            if self._pending_loads:
+                self._unloaded.append((self._unload_count, name))
             gone = self._models.pop(name, None)
             if gone is not None and self.metrics is not None:
                 self.metrics.drop_model(name)
