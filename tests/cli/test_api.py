@@ -50,6 +50,8 @@ def test_run_and_extract_verbs_do_what_load_and_extract_bundle_do(tmp_path, caps
                  str(tmp_path / "y.npz")]) == 0
     np.testing.assert_array_equal(np.load(tmp_path / "y.npz")["logits"], want)
     assert main(["run", str(bundle), str(tmp_path / "x.npy"), "-o", str(tmp_path / "y.txt")]) == 2
+    (tmp_path / "b.json").write_text(_json.dumps({"input": [[True] + [0.5] * 63]}))
+    assert main(["run", str(bundle), str(tmp_path / "b.json")]) == 2  # true is not 1.0
     assert main(["run", str(bundle), str(tmp_path / "nope.npy")]) == 2
     capsys.readouterr()
 

@@ -277,3 +277,17 @@ def test_a_layer_pruning_emptied_stays_empty_through_qat():
     data = [(torch.rand(16, 64), torch.randint(0, 10, (16,))) for _ in range(4)]
     q = strip_qat(quantize_qat(pruned, data, epochs=1, lr=1e-2, progress=False))
     assert int(q[2].weight.count_nonzero()) == 0
+
+
+def test_qat_calibrates_a_model_that_takes_keyword_inputs():
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, a, b):
+            return self.fc(a + b)
+
+    batches = [{"x": {"a": torch.rand(4, 8), "b": torch.rand(4, 8)}}]  # no labels
+    q = quantize_qat(TwoInputs(), None, calib_data=batches, epochs=0, progress=False)
+    assert q(torch.rand(2, 8), torch.rand(2, 8)).shape == (2, 3)

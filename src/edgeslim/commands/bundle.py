@@ -142,9 +142,18 @@ def _read_inputs(path: Path) -> Any:
         if suffix == ".npz":
             with np.load(path, allow_pickle=False) as z:
                 return {k: z[k] for k in z.files}
-        if suffix == ".json":
+        if suffix == ".json":  # numbers only, as the server's JSON payloads
+            from edgeslim.edge.preprocess.sensor import parse_numbers
+
             doc = json.loads(path.read_text(encoding="utf-8"))
-            return doc if isinstance(doc, dict) else np.asarray(doc)
+            arrays = {}
+            for key, value in (doc.items() if isinstance(doc, dict) else [("", doc)]):
+                arr, what = parse_numbers(value, allow_null=False)
+                if arr is None:
+                    where = f"input {key!r}" if key else "the array"
+                    raise ConfigError(f"In {str(path)!r}, {where} holds {what}; give numbers.")
+                arrays[key] = arr
+            return arrays if isinstance(doc, dict) else arrays[""]
     except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ConfigError(f"Cannot read the inputs file {str(path)!r}: "
                           f"{str(exc).splitlines()[0][:200]}") from None

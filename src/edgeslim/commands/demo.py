@@ -68,6 +68,11 @@ def register(app: typer.Typer) -> None:
         if (keys / "signing.key").is_file() and (keys / "signing.pub").is_file():
             key, pub = keys / "signing.key", keys / "signing.pub"  # a key is never replaced
             console.print(f"signing with the key pair already in {keys}")
+        elif (keys / "signing.key").exists() or (keys / "signing.pub").exists():
+            from edgeslim.errors import ConfigError
+
+            raise ConfigError(f"{keys} holds one of signing.key and signing.pub but not both; "
+                              f"give --out-dir a folder without a half key pair.")
         else:
             key, pub = generate_keypair(keys)
         recipe = Recipe.from_dict(DEMO_RECIPE)

@@ -32,7 +32,7 @@ from torch import nn
 from torch.func import functional_call
 
 from edgeslim._validate import check_choice, check_int_range, check_positive
-from edgeslim.compress._batch import describe, split_batch
+from edgeslim.compress._batch import call_model, describe, split_batch
 from edgeslim.compress.prune import _check_model, prunable_layers
 from edgeslim.compress.quantizer import (
     MAX_BITS,
@@ -274,7 +274,7 @@ def quantize_qat(
                 # calibration needs no labels: (x,), (x, y), {"x": ...} or x alone
                 inputs = batch if isinstance(batch, torch.Tensor) else split_batch(batch)[0]
                 try:
-                    model(inputs)
+                    call_model(model, inputs)
                 except (RuntimeError, TypeError, ValueError, IndexError) as exc:
                     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
                     raise ConfigError(
