@@ -78,9 +78,10 @@ def distill(
             label loss.
         epochs, lr, weight_decay: the training budget (Adam with cosine decay).
         features: ``(student_layer, teacher_layer)`` pairs of module names for ``"feature"``.
-        keep_zeros: weights of the student's Linear and convolution layers that are exactly
-            zero (a pruned student) stay zero, so distillation keeps the sparsity; a weight
-            tensor that is zero throughout (a zero-initialised head) trains.
+        keep_zeros: a pruned student keeps its sparsity: the weights ``prune`` zeroed stay
+            zero (its masks), and in layers without a mask, weights exactly zero do, unless
+            the tensor is zero throughout (a zero-initialised head trains);
+            ``train.held_zeros``.
         progress: show a progress bar.
 
     Raises:

@@ -109,8 +109,9 @@ class QATLayer(nn.Module):
     """A Linear/conv ``layer`` run with fake-quantized input and per-channel weight.
 
     ``keep_zeros`` records which weights are exactly zero (pruned) so training can hold them
-    there (``hold_zeros()``, called after every optimiser step); a weight that is zero
-    throughout (a zero-initialised layer, never a pruned one) is left free to train.
+    there (``hold_zeros()``, called after every optimiser step); ``quantize_qat`` passes it
+    for the layers ``train.held_zeros`` names (a zero-initialised layer of an unpruned
+    model is left free to train).
     """
 
     def __init__(
