@@ -264,23 +264,15 @@ def _check_reachable(pruner: Any, work: nn.Module, ratio: float, round_to: int |
     with its first layers untouched (and bigger than at 0.95). Each group of ``scope="layer"``
     keeps ``int(width * (1 - ratio))`` channels, rounded down to a multiple of ``round_to``.
     """
-    names = {id(m): n for n, m in work.named_modules()}
     short = []
-    for group in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
-                                          root_module_types=pruner.root_module_types):
-        dep = group[0].dep
-        if not pruner.DG.is_out_channel_pruning_fn(dep.handler):
-            continue
-        if pruner._is_atten_group(group)[0]:  # attention loses whole heads only
-            continue
-        width = pruner.DG.get_out_channels(dep.target.module)
-        if not width or width <= 1:
+    for name, _, width, attention in _ranked_groups(pruner, work):
+        if attention:  # attention loses whole heads only
             continue
         keep = int(width * (1 - ratio))
         if round_to:
             keep -= keep % round_to
         if keep < 1:
-            short.append(f"{names.get(id(dep.target.module), '?')} ({width})")
+            short.append(f"{name} ({width})")
     if short:
         most = "a smaller ratio"
         if not round_to:
