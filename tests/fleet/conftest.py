@@ -39,7 +39,8 @@ def keys(tmp_path_factory):
 def bundles(tmp_path_factory, keys):
     """Signed test bundles by role: v1, v2 (good), probe (fails its probe), foreign (signed
     with another key), unsigned, slow (a heavy model), fixed (batch fixed at 2: every
-    one-row request fails). All hold the model name ``digits-linear``."""
+    one-row request fails), slower (4x slow's work). All hold the model name
+    ``digits-linear``."""
     from edgeslim.bundle import generate_keypair
 
     d = tmp_path_factory.mktemp("bundles")
@@ -53,6 +54,10 @@ def bundles(tmp_path_factory, keys):
         "unsigned": make_bundle(d / "unsigned.eslim", None, seed=6, version="6"),
         "slow": make_bundle(d / "slow.eslim", key, seed=7, version="7", hidden=1024, repeats=64),
         "fixed": make_bundle(d / "fixed.eslim", key, seed=8, version="8", batch=2),
+        # 4x slow's work: a p99 regression no load on the test machine can hide (slow's ~11 ms
+        # came within a busy baseline's 3x once: 4 ms x 3 = 12 ms)
+        "slower": make_bundle(d / "slower.eslim", key, seed=9, version="9", hidden=1024,
+                              repeats=256),
     }
 
 

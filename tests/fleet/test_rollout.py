@@ -142,7 +142,7 @@ def test_canary_regressions_under_traffic_roll_back(controller, fleet, bundles, 
     """A canary whose p99 latency (slow) or error rate (fixed batch) regresses is reverted."""
     s1 = _upload(controller, bundles["v1"])
     assert _deploy(controller, s1)[1] == "succeeded"
-    bad = _upload(controller, bundles[role])
+    bad = _upload(controller, bundles["slower" if role == "slow" else role])
     traffic = TrafficClient([n.url for n in fleet], NAME, infer_body(1))
     traffic.start()
     try:
