@@ -64,15 +64,17 @@ def register(app: typer.Typer) -> None:
 
             raise ConfigError(f"Cannot make --out-dir {work}: "
                               f"{output_problem(work, folder=True) or exc.strerror}.") from None
+        from edgeslim.bundle.signing import PRIVATE_KEY_FILE, PUBLIC_KEY_FILE
+
         keys = work / "keys"
-        if (keys / "signing.key").is_file() and (keys / "signing.pub").is_file():
-            key, pub = keys / "signing.key", keys / "signing.pub"  # a key is never replaced
+        key, pub = keys / PRIVATE_KEY_FILE, keys / PUBLIC_KEY_FILE
+        if key.is_file() and pub.is_file():  # a key is never replaced
             console.print(f"signing with the key pair already in {keys}")
-        elif (keys / "signing.key").exists() or (keys / "signing.pub").exists():
+        elif key.exists() or pub.exists():
             from edgeslim.errors import ConfigError
 
-            raise ConfigError(f"{keys} holds one of signing.key and signing.pub but not both; "
-                              f"give --out-dir a folder without a half key pair.")
+            raise ConfigError(f"{keys} holds one of {PRIVATE_KEY_FILE} and {PUBLIC_KEY_FILE} "
+                              f"but not both; give --out-dir a folder without a half key pair.")
         else:
             key, pub = generate_keypair(keys)
         recipe = Recipe.from_dict(DEMO_RECIPE)

@@ -252,11 +252,13 @@ def quantize_qat(
             f"{type(model).__name__}. Put it in a container, e.g. nn.Sequential(layer).")
     if not inplace:
         model = copy.deepcopy(model)
-    # every pruned weight, also of the layers left in float (ConvTranspose, attention's
-    # out_proj): training must not regrow them (taken before wrapping, same parameters)
-    keep_pruned = zero_keeper(model) if keep_zeros else None
-    held = {id(m) for m, _ in held_zeros(model)} if keep_zeros else set()
     layers = {name: model.get_submodule(name) for name in names}
+    # every pruned weight must stay zero: the wrapped layers hold theirs (hold_zeros), the
+    # layers left in float (ConvTranspose, attention's out_proj) through keep_pruned
+    found = held_zeros(model) if keep_zeros else []
+    held = {id(m) for m, _ in found}
+    wrapped_ids = {id(m) for m in layers.values()}
+    keep_pruned = zero_keeper(model, [(m, z) for m, z in found if id(m) not in wrapped_ids])
     if not layers:
         raise ModelError(
             f"quantize_qat found no Linear or convolution layer in {type(model).__name__}."

@@ -132,11 +132,12 @@ def held_zeros(model: nn.Module) -> list[tuple[nn.Module, torch.Tensor]]:
     return found
 
 
-def zero_keeper(model: nn.Module) -> Callable[[], None] | None:
+def zero_keeper(model: nn.Module, held: list[tuple[nn.Module, torch.Tensor]] | None = None
+                ) -> Callable[[], None] | None:
     """For ``fit(after_step=...)``: a function that sets back to zero the weights
-    ``held_zeros`` names (the pruned ones), so that training after pruning keeps the
-    sparsity; None when there are none."""
-    masks = [(m.weight, zero) for m, zero in held_zeros(model)]
+    ``held_zeros`` names (the pruned ones; or those of ``held``, a part of its answer), so
+    that training after pruning keeps the sparsity; None when there are none."""
+    masks = [(m.weight, zero) for m, zero in (held_zeros(model) if held is None else held)]
     if not masks:
         return None
 

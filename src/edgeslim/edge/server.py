@@ -420,8 +420,8 @@ class EdgeApp:
                 raise V2Error(f"model '{model.name}' takes {want}; the body is not valid "
                               f"JSON: {exc}"[:300]) from None
         feeds, context = await asyncio.to_thread(model.pipeline.apply_with_context, payload)
-        feeds = model.runner.check_inputs(feeds)
-        return feeds, {**context, **feeds}
+        # (the context already holds the feeds: apply_with_context merges them in)
+        return model.runner.check_inputs(feeds), context
 
     async def index(self, request: Request) -> Response:
         return JSONResponse(self.store.index())

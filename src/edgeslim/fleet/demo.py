@@ -199,6 +199,7 @@ def run_demo(
     import httpx
 
     from edgeslim.bundle import generate_keypair, read_bundle
+    from edgeslim.bundle.signing import PUBLIC_KEY_FILE
     from edgeslim.commands.fleet import DEMO_MAX_NODES, _folder, status_table, wide_console
     from edgeslim.fleet.broker import Broker, free_port, mosquitto_path
     from edgeslim.fleet.controller import Controller
@@ -215,13 +216,14 @@ def run_demo(
     for b in bundles or []:
         if not Path(b).is_file():
             raise ConfigError(f"--bundle {str(b)!r} is not a file.")
+    checked = []
     if bundles and key_dir is not None:
         # the controller refuses a bundle its key does not verify: say so now, not mid-demo
-        pub_key = Path(key_dir) / "signing.pub"
+        pub_key = Path(key_dir) / PUBLIC_KEY_FILE
         if not pub_key.is_file():
-            raise ConfigError(f"--key-dir {str(key_dir)!r} holds no signing.pub.")
-        for b in bundles:
-            read_bundle(b, public_key=pub_key)  # SignatureError / BundleError: one line
+            raise ConfigError(f"--key-dir {str(key_dir)!r} holds no {PUBLIC_KEY_FILE}.")
+        # SignatureError / BundleError: one line
+        checked = [read_bundle(b, public_key=pub_key) for b in bundles]
     _folder(Path(workdir) if workdir is not None else None, "--workdir")
     console = wide_console()
     mosquitto_path()  # a clear message on how to install it, before any work
@@ -235,13 +237,14 @@ def run_demo(
     on_term = threading.current_thread() is threading.main_thread()
     old_term = signal.signal(signal.SIGTERM, _raise_interrupt) if on_term else None
     try:
-        if bundles and key_dir is not None:  # (bundles without key_dir: refused above)
-            pub = Path(key_dir) / "signing.pub"
+        if checked:  # (bundles without key_dir: refused above)
+            pub = pub_key
             v1, v2 = bundles
+            manifest = checked[0].manifest
         else:
             key, pub = generate_keypair(work / "keys")
             v1, v2 = _make_bundles(work, Path(key), console)
-        manifest = read_bundle(v1).manifest
+            manifest = read_bundle(v1).manifest
         broker = Broker({"controller": os.urandom(8).hex(), "node": os.urandom(8).hex()},
                         workdir=work / "broker").start()  # fmt: skip
         console.print(f"broker: mosquitto on 127.0.0.1:{broker.port}")

@@ -105,7 +105,7 @@ class NodeConfig:
     backoff_cap: float = 30.0
     connect_wait: float = 5.0  # start(): how long to wait for the first CONNACK
     # the largest MQTT packet the node sends (a broker that names a smaller Maximum Packet
-    # Size in its CONNACK lowers it); 128 KiB is AWS IoT Core's limit
+    # Size in its CONNACK lowers it); MQTT's own limit by default, 131072 for AWS IoT Core
     max_message_bytes: int = MAX_MESSAGE_BYTES
 
     def validate(self) -> NodeConfig:

@@ -296,12 +296,11 @@ class Forwarder:
             if self._inflight and time.monotonic() - self._sent_at < self.ack_timeout:
                 return
             resend = bool(self._inflight)
-        records = self._fit(self.outbox.pending(self.batch))
+        records, payload = self._fit(self.outbox.pending(self.batch))
         if not records:
             with self._lock:
                 self._inflight.clear()
             return
-        payload = encode(Batch(node=self.node_id, records=records))
         sent = self._publish(self.topic, payload)
         if sent is None or sent is False:
             with self._lock:
@@ -331,11 +330,15 @@ class Forwarder:
         # fixed header (5), topic (2 + length), packet id (2), properties (a few): 64 covers it
         return limit - len((self.topic if topic is None else topic).encode()) - 64
 
-    def _fit(self, records: list[Record]) -> list[Record]:
-        """The longest run of ``records`` whose batch fits ``payload_limit()``; a first record
-        that cannot fit even alone is set aside (and the next ones looked at)."""
+    def _fit(self, records: list[Record]) -> tuple[list[Record], bytes]:
+        """The longest run of ``records`` whose batch fits ``payload_limit()``, and that
+        batch encoded; a first record that cannot fit even alone is set aside (and the next
+        ones looked at)."""
         while records:
             limit = self.payload_limit()
+            payload = encode(Batch(node=self.node_id, records=records))
+            if len(payload) <= limit:  # the usual case: all of them, encoded once
+                return records, payload
             size = len(encode(Batch(node=self.node_id, records=[])))
             fit: list[Record] = []
             for r in records:
@@ -344,7 +347,7 @@ class Forwarder:
                     break
                 fit.append(r)
             if fit:
-                return fit
+                return fit, encode(Batch(node=self.node_id, records=fit))
             big = records[0]
             log.error(
                 "outbox record %s (%s, %d bytes) is larger than the %d bytes a message may "
@@ -352,4 +355,4 @@ class Forwarder:
             )
             self.set_aside_records += self.outbox.set_aside([big.id], f"larger than {limit} bytes")
             records = self.outbox.pending(self.batch)
-        return []
+        return [], b""

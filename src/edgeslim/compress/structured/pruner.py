@@ -198,14 +198,17 @@ def prune_structured(
                     root_module_types=list(ROOT_TYPES),
                 )
                 budget = None
-                grouped = scope == "global" and _has_grouped_channels(pruner)
+                groups = _ranked_groups(pruner, work)
+                # a grouped convolution ranks width / groups entries, which the global floor
+                # and its checks do not count: such a model is pruned as torch-pruning ranks
+                grouped = scope == "global" and any(g > 1 and not a for *_, a, g in groups)
                 if isinstance(ranked, _Floored) and not grouped:
                     ranked.pruner = pruner  # (its floor is off while .pruner is None)
                 if prune_ratio > 0 and not only_heads:
                     if scope == "layer":
-                        _check_reachable(pruner, work, prune_ratio, round_to)
+                        _check_reachable(groups, prune_ratio, round_to)
                     elif not grouped:
-                        budget = _check_reachable_global(pruner, work, prune_ratio, round_to)
+                        budget = _check_reachable_global(groups, prune_ratio, round_to)
             heads_before = [layer.heads for layer in attention]
             for step in range(iterative_steps):
                 if importance in DATA_DRIVEN:
@@ -257,7 +260,8 @@ def prune_structured(
     return StructuredResult(work, report)
 
 
-def _check_reachable(pruner: Any, work: nn.Module, ratio: float, round_to: int | None) -> None:
+def _check_reachable(groups: list[tuple[str, nn.Module, int, bool, int]], ratio: float,
+                     round_to: int | None) -> None:
     """Refuse a ``ratio`` (or ``round_to``) that would leave a layer group with no channel.
 
     torch-pruning skips such a group without a word, so ``ratio=0.99`` would return a model
@@ -265,7 +269,7 @@ def _check_reachable(pruner: Any, work: nn.Module, ratio: float, round_to: int |
     keeps ``int(width * (1 - ratio))`` channels, rounded down to a multiple of ``round_to``.
     """
     short = []
-    for name, _, width, attention in _ranked_groups(pruner, work):
+    for name, _, width, attention, _ in groups:
         if attention:  # attention loses whole heads only
             continue
         keep = int(width * (1 - ratio))
@@ -368,21 +372,10 @@ class _Floored(tp.importance.Importance):
         return per.view(-1)
 
 
-def _has_grouped_channels(pruner: Any) -> bool:
-    """Whether a ranked group has channel groups (a grouped convolution): torch-pruning ranks
-    width / groups entries there, which the global floor and its checks do not count, so a
-    model with one is pruned as torch-pruning ranks it, as before the floor."""
-    for group in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
-                                          root_module_types=pruner.root_module_types):
-        if (pruner.DG.is_out_channel_pruning_fn(group[0].dep.handler)
-                and not pruner._is_atten_group(group)[0]
-                and pruner._get_channel_groups(group) > 1):
-            return True
-    return False
-
-
-def _ranked_groups(pruner: Any, work: nn.Module) -> list[tuple[str, nn.Module, int, bool]]:
-    """``(name, root module, width, is attention)`` of every group torch-pruning ranks."""
+def _ranked_groups(pruner: Any, work: nn.Module
+                   ) -> list[tuple[str, nn.Module, int, bool, int]]:
+    """``(name, root module, width, is attention, channel groups)`` of every group
+    torch-pruning ranks."""
     names = {id(m): n for n, m in work.named_modules()}
     found = []
     for group in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
@@ -394,30 +387,30 @@ def _ranked_groups(pruner: Any, work: nn.Module) -> list[tuple[str, nn.Module, i
         if not width or width <= 1:
             continue
         found.append((names.get(id(dep.target.module), "?"), dep.target.module, width,
-                      bool(pruner._is_atten_group(group)[0])))
+                      bool(pruner._is_atten_group(group)[0]),
+                      int(pruner._get_channel_groups(group))))
     return found
 
 
-def _check_reachable_global(pruner: Any, work: nn.Module, ratio: float,
+def _check_reachable_global(groups: list[tuple[str, nn.Module, int, bool, int]], ratio: float,
                             round_to: int | None) -> tuple[list[tuple[nn.Module, int]], int]:
     """Refuse a global ``ratio`` that cannot keep ``round_to`` (else 1) channels in every
     group; returns the ranked non-attention roots with their widths, and the total ranked.
 
     All groups together keep ``int(total * (1 - ratio))`` channels.
     """
-    groups = _ranked_groups(pruner, work)
-    total = sum(width for _, _, width, _ in groups)
-    floor = sum(min(width, round_to or 1) for _, _, width, attn in groups if not attn)
+    total = sum(width for _, _, width, _, _ in groups)
+    floor = sum(min(width, round_to or 1) for _, _, width, attn, _ in groups if not attn)
     keep = int(total * (1 - ratio))
     if keep < floor:
-        short = [f"{name} ({width})" for name, _, width, attn in groups if not attn]
+        short = [f"{name} ({width})" for name, _, width, attn, _ in groups if not attn]
         each = f"round_to={round_to} channels" if round_to else "one channel"
         most = math.floor((1 - floor / total) * 1e4) / 1e4
         raise ConfigError(
             f"ratio={ratio:g} with scope='global' keeps {keep} of the {total} channels, too few "
             f"to leave {each} in each of {', '.join(short)}: use a ratio of at most {most:g}, "
             "or add layers to ignored_layers.")
-    return [(module, width) for _, module, width, attn in groups if not attn], total
+    return [(module, width) for _, module, width, attn, _ in groups if not attn], total
 
 
 def _check_removed(pruner: Any, budget: tuple[list[tuple[nn.Module, int]], int],

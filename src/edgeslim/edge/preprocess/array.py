@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -72,20 +73,22 @@ def cast_exactly(arr: np.ndarray, dt: np.dtype, what: str) -> np.ndarray:
     number beyond the range of an integer type (it would wrap around), NaN or infinity cast to
     integers."""
     out = arr.astype(dt)
-    if arr.size == 0 or arr.dtype.kind not in "iuf":
-        return out
+    if arr.size == 0 or arr.dtype.kind not in "iuf" or np.can_cast(arr.dtype, dt, "safe"):
+        return out  # (a widening cast changes no value)
     bad: Any = None
     if out.dtype.kind == "f":  # finite numbers that became infinite
-        over = np.isinf(out) & ~np.isinf(arr) if arr.dtype.kind == "f" else np.isinf(out)
+        over = np.isinf(out)
+        if over.any() and arr.dtype.kind == "f":
+            over &= ~np.isinf(arr)
         bad = arr[over].flat[0].item() if over.any() else None
     elif out.dtype.kind in "iu":
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             bad = arr[~np.isfinite(arr)].flat[0].item()
-        else:  # fractions are truncated, as numpy casts them
+        else:  # fractions are truncated, as numpy casts them (truncation keeps the order)
             info = np.iinfo(out.dtype)
-            whole = np.trunc(arr) if arr.dtype.kind == "f" else arr
-            lo, hi = whole.min().item(), whole.max().item()  # Python numbers: exact compares
+            lo, hi = math.trunc(arr.min().item()), math.trunc(arr.max().item())
             if lo < info.min or hi > info.max:
+                whole = np.trunc(arr) if arr.dtype.kind == "f" else arr
                 bad = arr[(whole < info.min) | (whole > info.max)].flat[0].item()
     if bad is not None:
         raise InferenceError(f"{what} holds a value out of the range of {dt}: {bad}; send "
