@@ -1,7 +1,8 @@
 """``edgeslim fleet``: controller, node, deploy, status, rollback, demo.
 
 The long-running verbs (``controller``, ``node``) log to standard error and stop cleanly on
-SIGINT or SIGTERM. ``deploy``, ``status`` and ``rollback`` talk to the controller's HTTP API.
+SIGINT or SIGTERM. ``deploy``, ``status`` and ``rollback`` talk to the controller's HTTP API
+through ``edgeslim.fleet.client.FleetClient``, which Python users call directly.
 Exit codes: 0 success, 1 a deployment that was rolled back (or failed to), 2 bad input, 3 a
 deployment still running when --timeout ran out (it goes on), 5 the controller did not answer.
 """
@@ -12,13 +13,15 @@ import json
 import math
 import re
 import sys
-import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
-from edgeslim.errors import ConfigError, StillRunningError, UnreachableError
+from edgeslim.errors import ConfigError
+
+if TYPE_CHECKING:
+    from edgeslim.fleet.client import FleetClient
 
 fleet_app = typer.Typer(
     name="fleet",
@@ -99,57 +102,12 @@ def _http_url(value: str | None, flag: str) -> None:
                           f"Got {value!r} instead.")
 
 
-def _client(controller: str) -> Any:
-    from urllib.parse import urlsplit
+def _client(controller: str) -> FleetClient:
+    """A ``FleetClient`` of ``--controller`` (a bad URL is refused naming the flag)."""
+    from edgeslim.fleet.client import FleetClient, check_url
 
-    import httpx
-
-    if not controller.startswith(("http://", "https://")):
-        raise ConfigError(f"--controller must be an http(s) URL. Got {controller!r} instead.")
-    try:
-        parts = urlsplit(controller)
-        parts.port  # noqa: B018 - raises ValueError on a port that is not 0-65535
-        if not parts.hostname or re.search(r"[\s%]", parts.hostname):
-            raise ValueError("no host name, or a bad one")
-        return httpx.Client(base_url=controller.rstrip("/"), timeout=30.0)
-    except (ValueError, httpx.InvalidURL) as exc:
-        raise ConfigError(f"--controller {controller!r} is not a valid URL ({exc}); give "
-                          "http://HOST:PORT.") from None
-
-
-def _call(
-    client: Any, method: str, path: str, *, keys: tuple[str, ...] = (), many: bool = False,
-    **kw: Any,
-) -> Any:
-    """The JSON answer of the controller: an object holding ``keys`` (with ``many``, a list
-    of such objects); anything else means the URL is not an edgeslim controller."""
-    import httpx
-
-    try:
-        r = client.request(method, path, **kw)
-    except httpx.InvalidURL as exc:
-        raise ConfigError(f"--controller {str(client.base_url)!r} is not a valid URL: {exc}"
-                          ) from None
-    except httpx.HTTPError as exc:
-        raise UnreachableError(f"Cannot reach the controller at {client.base_url}: {exc}"
-                               ) from None
-    try:
-        doc = r.json()
-    except ValueError:  # HTML, plain text, nothing
-        doc = None
-    if r.status_code >= 400:
-        msg = doc.get("error", r.text) if isinstance(doc, dict) else r.text
-        raise ConfigError(f"The controller answered {r.status_code}: {str(msg)[:500]}")
-
-    def fits(item: Any) -> bool:
-        return isinstance(item, dict) and all(k in item for k in keys)
-
-    ok = (isinstance(doc, list) and all(fits(i) for i in doc)) if many else fits(doc)
-    if not ok:
-        what = "JSON of another shape" if doc is not None else "something that is not JSON"
-        raise ConfigError(f"{client.base_url} is not an edgeslim controller: {method} {path} "
-                          f"answered {what} (HTTP {r.status_code}).")
-    return doc
+    check_url(controller, "--controller")
+    return FleetClient(controller)
 
 
 # ---------------------------------------------------------------------- long-running verbs
@@ -275,23 +233,6 @@ def node_cmd(
 
 
 # ---------------------------------------------------------------------- operator verbs
-def _upload_or_sha(client: Any, bundle: str, force: bool) -> str:
-    if re.fullmatch(r"[0-9a-f]{64}", bundle) and not Path(bundle).exists():
-        return bundle
-    path = Path(bundle)
-    if not path.is_file():
-        raise ConfigError(f"BUNDLE must be a .eslim file or a sha256 on the controller: {bundle!r}")
-    info = _call(
-        client,
-        "POST",
-        "/bundles",
-        content=path.read_bytes(),
-        params={"force": "1" if force else "0"},
-        keys=("sha256",),
-    )
-    return str(info["sha256"])
-
-
 # RolloutParams field -> the ``fleet deploy`` flag that sets it
 _DEPLOY_FLAGS = {
     "canary": "--canary",
@@ -315,22 +256,6 @@ def _rollout_params(params: dict[str, Any]) -> dict[str, Any]:
             raise
         raise ConfigError(f"{_DEPLOY_FLAGS[m.group(1)]} must be {m.group(2)}") from None
     return params
-
-
-_DEPLOYMENT_KEYS = ("id", "state", "reason", "targets")  # what _print_deployment reads
-
-
-def _wait_final(client: Any, dep: int, timeout: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        row = _call(client, "GET", f"/deployments/{dep}", keys=_DEPLOYMENT_KEYS)
-        if row["state"] in ("succeeded", "rolled_back", "failed"):
-            return dict(row)
-        if time.monotonic() > deadline:
-            raise StillRunningError(
-                f"Deployment {dep} is still {row['state']} after {timeout:g} s; it goes on "
-                f"(follow it with 'edgeslim fleet status --controller {client.base_url}').")
-        time.sleep(0.3)
 
 
 def _print_deployment(row: dict[str, Any]) -> None:
@@ -377,11 +302,9 @@ def deploy_cmd(
     _number(timeout, "--timeout", "a positive number of seconds")
     labels = parse_labels(selector)
     with _client(controller) as client:
-        sha = _upload_or_sha(client, bundle, force)
-        body = {"bundle": sha, "selector": labels, "params": params}
-        row = _call(client, "POST", "/deployments", json=body, keys=_DEPLOYMENT_KEYS)
+        row = client.deploy(bundle, labels, **params)
         if wait:
-            row = _wait_final(client, int(row["id"]), timeout)
+            row = client.wait(int(row["id"]), timeout=timeout)
     if as_json:
         print(json.dumps(row, indent=2))
     else:
@@ -433,8 +356,7 @@ def status_cmd(
 ) -> None:
     """List every node: id, labels, model name and sha256, health, last seen."""
     with _client(controller) as client:
-        nodes = _call(client, "GET", "/nodes", many=True,
-                      keys=("id", "labels", "health", "state"))
+        nodes = client.nodes()
     if as_json:
         print(json.dumps(nodes, indent=2))
         return
@@ -450,14 +372,14 @@ def rollback_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the deployment as JSON."),
 ) -> None:
     """Roll a deployment back: every node it touched returns to its previous bundle."""
-    if deployment != "latest" and not re.fullmatch(r"[1-9][0-9]{0,17}", deployment):
-        raise ConfigError("--deployment must be a deployment id (a positive integer) or "
-                          f"'latest'. Got {deployment!r} instead.")
+    from edgeslim.fleet.client import deployment_ref
+
+    deployment_ref(deployment, "--deployment")
     _number(timeout, "--timeout", "a positive number of seconds")
     with _client(controller) as client:
-        row = _call(client, "POST", f"/deployments/{deployment}/rollback", keys=("id",))
+        row = client.rollback(deployment)
         if wait:
-            row = _wait_final(client, int(row["id"]), timeout)
+            row = client.wait(int(row["id"]), timeout=timeout)
     if as_json:
         print(json.dumps(row, indent=2))
     elif wait:
