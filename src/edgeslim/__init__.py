@@ -7,6 +7,8 @@ One verb per technique, flat here (nncf-style)::
     result = edgeslim.prune(model, sparsity=0.8, train_data=train, epochs=3)
     runner = edgeslim.load("model.eslim")            # torch-free
     outputs = runner.run({"input": x})
+    with edgeslim.FleetClient("http://127.0.0.1:8700") as fleet:   # torch-free
+        fleet.wait(fleet.deploy("model.eslim", canary=0.1)["id"])
 
 Names resolve lazily, so ``import edgeslim`` (and the torch-free ``edgeslim.edge``) never
 imports torch; the compression verbs import it when first used.
@@ -25,6 +27,8 @@ _EXPORTS: dict[str, str] = {
     "Dataset": "edgeslim.data:Dataset",
     "load_model": "edgeslim.zoo:load_model",
     "load": "edgeslim.edge.runtime:load",
+    # the fleet controller's HTTP API, from Python (torch-free)
+    "FleetClient": "edgeslim.fleet.client:FleetClient",
     # the pipeline verb; plain `compress` is the subpackage of techniques (edgeslim.compress)
     "compress_model": "edgeslim.pipeline:compress",
     # compression verbs
@@ -47,6 +51,8 @@ _EXPORTS: dict[str, str] = {
     "BundleError": "edgeslim.errors:BundleError",
     "SignatureError": "edgeslim.errors:SignatureError",
     "InferenceError": "edgeslim.errors:InferenceError",
+    "UnreachableError": "edgeslim.errors:UnreachableError",
+    "StillRunningError": "edgeslim.errors:StillRunningError",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

@@ -15,6 +15,8 @@ __all__ = [
     "MissingDependencyError",
     "ModelError",
     "SignatureError",
+    "StillRunningError",
+    "UnreachableError",
 ]
 
 
