@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.server
 import json
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -55,6 +56,26 @@ def test_deploy_wait_status_and_rollback_through_the_client(broker, controller, 
             wait_until(lambda: node.model.version == "1", 10, what="the node back on v1")
     finally:
         node.stop()
+
+
+@needs_broker
+def test_the_python_example_of_docs_fleet_md_runs(broker, controller, tmp_path, keys, bundles,
+                                                  capsys):  # fmt: skip
+    text = (Path(__file__).resolve().parents[2] / "docs" / "fleet.md").read_text()
+    code = text.split("### Python\n", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert "http://127.0.0.1:8700" in code and '"model.eslim"' in code
+    code = code.replace("http://127.0.0.1:8700", controller.url)
+    code = code.replace('"model.eslim"', repr(str(bundles["v1"])))
+    node = Node(node_config(broker, controller, tmp_path, keys, "edge-1",
+                            labels={"site": "lab", "tier": "a"})).start()  # fmt: skip
+    try:
+        wait_until(controller.online_nodes, 20, what="the node to register")
+        exec(compile(code, "docs/fleet.md", "exec"), {})
+    finally:
+        node.stop()
+    assert capsys.readouterr().out == "succeeded [('edge-1', '1')]\n"
+    (dep,) = controller.registry.deployments()
+    assert dep.state == "rolled_back"
 
 
 def _soaking(controller) -> int:
