@@ -59,7 +59,8 @@ def check_url(url: Any, name: str = "url") -> str:
             raise ValueError("a base URL has no query or fragment")
         base = url.rstrip("/")
         # what httpx refuses only when it sends (an IDNA host such as 'xn--') is refused now
-        httpx.Client(base_url=base).build_request("GET", "/healthz")
+        with httpx.Client(base_url=base) as probe:
+            probe.build_request("GET", "/healthz")
     except (ValueError, httpx.InvalidURL) as exc:  # idna's errors are ValueErrors too
         raise ConfigError(f"{name} {url!r} is not a valid URL ({exc}); give "
                           "http://HOST:PORT.") from None  # fmt: skip
