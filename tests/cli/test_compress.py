@@ -87,6 +87,32 @@ def test_default_names_of_callables_and_files_are_valid_model_names(tmp_path, mo
     assert json.loads(zipfile.ZipFile(out).read("manifest.json"))["name"] == "my-model--1-"
 
 
+@pytest.mark.parametrize(("source", "words"), [
+    ("raise RuntimeError('set MY_WEIGHTS first')\n\ndef build():\n    pass\n",
+     ["Cannot import module 'eslim_bad_models' from 'eslim_bad_models:build': RuntimeError: "
+      "set MY_WEIGHTS first"]),
+    ("def build():\n    raise FileNotFoundError('weights.pt')\n",
+     ["'eslim_bad_models:build' raised FileNotFoundError: weights.pt"]),
+    ("build = 3\n", ["'eslim_bad_models' has no callable 'build'"]),
+])
+def test_a_model_callable_that_fails_is_one_line(tmp_path, monkeypatch, capsys, source, words):
+    """MODEL's 'package.module:callable': a module that fails as it imports, or a callable
+    that raises, was a traceback; now one line naming the spec and what MODEL may be."""
+    import sys
+
+    (tmp_path / "eslim_bad_models.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "eslim_bad_models", raising=False)  # each case anew
+    out = tmp_path / "x.eslim"
+    assert main(["compress", "eslim_bad_models:build", "--preset", "fp32", "-o", str(out),
+                 "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    for word in [*words, "'package.module:callable' returning a torch.nn.Module"]:
+        assert word in err, (word, err)
+    assert not out.exists()
+
+
 def test_a_bad_recipe_name_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
     import edgeslim.zoo
 

@@ -8,7 +8,6 @@ Each zoo entry imports its dependencies lazily, so listing the zoo costs nothing
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,15 +109,10 @@ def load_model(spec: Any) -> Any:
 def _from_callable(text: str, accepted: str) -> Any:
     from torch import nn
 
-    module_name, _, attr = text.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ModelError(f"Cannot import module {module_name!r} from {text!r}: {exc}") from exc
-    factory: Callable[[], Any] | None = getattr(module, attr, None)
-    if factory is None or not callable(factory):
-        raise ModelError(f"{module_name!r} has no callable {attr!r} (from {text!r}).")
-    model = factory()
+    from edgeslim._callables import call_spec, import_callable
+
+    factory = import_callable(text, accepted=accepted, error=ModelError)
+    model = call_spec(text, factory, accepted=accepted, error=ModelError)
     if not isinstance(model, nn.Module):
         raise ModelError(
             f"{text!r} returned {type(model).__name__}, not a torch.nn.Module. Expected {accepted}."
