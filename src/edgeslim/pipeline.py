@@ -23,7 +23,13 @@ from edgeslim.errors import ConfigError, ModelError
 from edgeslim.recipe.core import Recipe
 from edgeslim.recipe.measure import StepMetrics
 from edgeslim.recipe.steps import check_training_data, ptq_overrides
-from edgeslim.recipe.workload import WORKLOADS, Workload, check_zoo_data, workload_for
+from edgeslim.recipe.workload import (
+    WORKLOADS,
+    Workload,
+    check_torch_fit,
+    check_zoo_data,
+    workload_for,
+)
 
 __all__ = ["CompressResult", "compress", "onnx_latency_ms"]
 
@@ -118,7 +124,7 @@ def compress(
     if isinstance(resolved, Path):
         wl = _fit_onnx(proto, wl, resolved)
     elif model_name not in ZOO:
-        _check_torch_fit(resolved, wl)
+        check_torch_fit(resolved, wl)
     if not isinstance(resolved, Path):  # a step that trains fails now, not after the others
         check_training_data(recipe.torch_steps, wl)
     report = Path(out).with_name(Path(out).stem + ".ptq-report.json")
@@ -261,24 +267,6 @@ def _fit_onnx(proto: Any, wl: Workload, path: Path) -> Workload:
         return wl
     axes = {feed[0] if k == wl.input_names[0] else k: v for k, v in wl.dynamic_axes.items()}
     return dataclasses.replace(wl, input_names=feed, dynamic_axes=axes)
-
-
-def _check_torch_fit(model: Any, wl: Workload) -> None:
-    """Run ``model`` once on one example of ``wl``: a ``ConfigError`` when it does not take it."""
-    import torch
-
-    from edgeslim.recipe.workload import torch_fit_error
-
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(*wl.example_inputs)
-    except Exception as exc:  # whatever the model raises on inputs it does not take
-        arrays = tuple(t.numpy() for t in wl.example_inputs)
-        raise torch_fit_error(exc, wl.name, wl.input_names, arrays) from None
-    finally:
-        model.train(was_training)
 
 
 def _load_onnx(path: Path) -> Any:

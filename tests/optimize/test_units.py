@@ -61,6 +61,28 @@ def test_refused_input_leaves_no_report_folder(tmp_path, model, kwargs, word):
     assert not run.exists() and not (tmp_path / "never").exists()
 
 
+def test_data_that_does_not_fit_the_model_is_refused_before_the_search(tmp_path):
+    """A workload whose inputs the model does not take failed inside the search, after the
+    report folder was made; it is refused first, as compress refuses it."""
+    import dataclasses
+
+    from torch import nn
+
+    from edgeslim.optimize import optimize
+    from edgeslim.recipe.workload import workload_for
+
+    wl = workload_for("digits-mlp")
+    (x,), y = wl.eval_batches[0]
+    images = dataclasses.replace(wl, name="images", eval_batches=[((x.reshape(-1, 1, 8, 8),), y)])
+    model = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+    run = tmp_path / "never" / "run"
+    with pytest.raises(ConfigError, match=re.escape(
+            "The model does not run on the inputs of the workload 'images' (input [1, 1, 8, 8])")):
+        optimize(model, workload=images, max_drop=0.01, out=tmp_path / "x.eslim",
+                 report_dir=run)
+    assert not run.exists() and not (tmp_path / "x.eslim").exists()
+
+
 def test_candidate_recipe_and_key():
     c = Candidate(ratio=0.5, distill=True, epochs=4, sparsity=0.7, sparse_epochs=2,
                   format="pack", bits=4)

@@ -134,7 +134,12 @@ def optimize(
 
     from edgeslim.optimize.search import Search
     from edgeslim.optimize.space import model_hash
-    from edgeslim.recipe.workload import WORKLOADS, check_zoo_data, workload_for
+    from edgeslim.recipe.workload import (
+        WORKLOADS,
+        check_torch_fit,
+        check_zoo_data,
+        workload_for,
+    )
     from edgeslim.zoo import ZOO, load_model
 
     budget = Budget(max_drop=max_drop, latency_ms=latency_ms, size_mb=size_mb,
@@ -178,6 +183,8 @@ def optimize(
     label = _label(model, name)
     wl = workload or workload_for(model if isinstance(model, str) else None, data,
                                   reference=resolved)
+    if not (isinstance(model, str) and model in ZOO):  # data that does not fit fails now
+        check_torch_fit(resolved, wl)
     mhash = model_hash(resolved)
     reference_here = None
     factor = 1.0

@@ -160,6 +160,22 @@ def torch_fit_error(exc: Exception, data: str, input_names: tuple[str, ...],
                        f"({shapes}): {reason}. Give data that fits the model.")
 
 
+def check_torch_fit(model: Any, wl: Workload) -> None:
+    """Run ``model`` once on one example of ``wl``: a ``ConfigError`` when it does not take it."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*wl.example_inputs)
+    except Exception as exc:  # whatever the model raises on inputs it does not take
+        arrays = tuple(t.numpy() for t in wl.example_inputs)
+        raise torch_fit_error(exc, wl.name, wl.input_names, arrays) from None
+    finally:
+        model.train(was_training)
+
+
 def _reference_outputs(reference: Any, batches: list[tuple[tuple[np.ndarray, ...], Any]],
                        input_names: tuple[str, ...], data: str) -> list:
     """The first output of ``reference`` on each batch: an ``nn.Module``, or the path of an
