@@ -24,7 +24,7 @@ from edgeslim.recipe.core import Recipe
 from edgeslim.recipe.measure import StepMetrics
 from edgeslim.recipe.steps import check_training_data, ptq_overrides
 from edgeslim.recipe.workload import (
-    WORKLOADS,
+    DATA_ACCEPTED,
     Workload,
     check_torch_fit,
     check_zoo_data,
@@ -117,7 +117,7 @@ def compress(
                    "(ptq, pack) and" if from_preset else "give the recipe")
             raise ConfigError(
                 f"The ONNX file {str(resolved)!r} comes with no data to calibrate and evaluate "
-                f"it on: {how} a 'data:' key (one of {', '.join(sorted(WORKLOADS))}).")
+                f"it on: {how} a 'data:' key ({DATA_ACCEPTED}).")
     # an ONNX model is judged against its own fp32 outputs, not the zoo model's
     wl = workload or workload_for(model_name, recipe.data, reference=resolved)
     # a workload that does not fit the model fails now, not after the steps

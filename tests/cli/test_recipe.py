@@ -62,8 +62,8 @@ def test_recipe_from_python_objects_and_dict_agree():
          "(a V2 model name). Got 'my model!' instead."),
         ({"name": 123, "steps": []}, "Got 123 instead"),
         ({"data": ["digits"], "steps": []},
-         "The 'data' parameter of the recipe must be one of 'digits', 'photos', 'sentences'. "
-         "Got ['digits'] instead."),
+         "The 'data' parameter of the recipe must be one of 'digits', 'photos', 'sentences', "
+         "or 'package.module:callable' returning a Workload. Got ['digits'] instead."),
         ({"steps": [{"prune": {"sparsity": 0.5, "scope": ["layer"]}}]},
          "The 'scope' parameter of prune must be one of 'global', 'layer'. Got ['layer']"),
         ({"steps": [{"prune_structured": {"importance": {"taylor": 1}}}]},

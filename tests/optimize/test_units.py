@@ -46,9 +46,12 @@ def test_budget_rejects(kwargs, word):
     ("digits-mlp", {"objective": "speed"}, "objective"),
     ("digits-mlp", {"time_budget": "ten minutes"}, "time budget"),
     ("no_such_pkg.models:build", {}, "No data is known for model 'build': give --data "
-                                     "(Python: data=), one of digits, photos, sentences"),
+                                     "(Python: data=), one of 'digits', 'photos', 'sentences', "
+                                     "or 'package.module:callable' returning a Workload"),
     ("digits-mlp", {"data": "imagenet"}, "The 'data' parameter of optimize must be one of "
-                                         "'digits', 'photos', 'sentences'. Got 'imagenet'"),
+                                         "'digits', 'photos', 'sentences', or "
+                                         "'package.module:callable' returning a Workload. Got "
+                                         "'imagenet'"),
     ("digits-mlp", {"data": "photos"}, "'digits-mlp' takes its own data ('digits'); --data"),
 ])
 def test_refused_input_leaves_no_report_folder(tmp_path, model, kwargs, word):

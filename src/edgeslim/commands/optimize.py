@@ -100,9 +100,9 @@ def register(app: typer.Typer) -> None:
     def optimize_cmd(
         model: str = typer.Argument(..., help="zoo name or package.module:callable"),
         data: str | None = typer.Option(
-            None, "--data", help="digits | photos | sentences: the data a "
-                                 "package.module:callable model is judged on (zoo models "
-                                 "bring their own)"),
+            None, "--data", help="digits | photos | sentences | package.module:callable "
+                                 "returning a Workload: the data a package.module:callable "
+                                 "model is judged on (zoo models bring their own)"),
         max_drop: float = typer.Option(..., "--max-drop",
                                        help="largest metric drop vs fp32 (0.01 = 1 point)"),
         out: Path = typer.Option(..., "-o", "--out", help="where to write the chosen bundle"),

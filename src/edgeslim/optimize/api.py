@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgeslim._validate import check_choice, check_int_range
+from edgeslim._validate import check_int_range
 from edgeslim.errors import ConfigError, ModelError
 from edgeslim.optimize.profile import DeviceProfile, load_profile, measure_reference
 from edgeslim.optimize.select import OBJECTIVES, Budget, Judged, judge, pareto_front, pick
@@ -116,7 +116,8 @@ def optimize(
     """Search the compression space of ``model`` for the best bundle within a budget.
 
     ``model``: zoo name, ``module:callable`` or ``nn.Module`` (not an ``.onnx`` file: the search
-    prunes and fine-tunes in torch). ``data`` (``digits``, ``photos``, ``sentences``) is the
+    prunes and fine-tunes in torch). ``data`` (``digits``, ``photos``, ``sentences``, or
+    ``'package.module:callable'`` returning a ``Workload``, see ``workload_for``) is the
     workload a ``module:callable`` or ``nn.Module`` is judged on (a zoo model brings its own);
     or pass a ``Workload`` as ``workload``. ``max_drop``: largest allowed metric drop from the
     fp32 export (0.01 = one point). ``latency_ms`` (batch 1) and ``size_mb`` (the .eslim file
@@ -135,7 +136,8 @@ def optimize(
     from edgeslim.optimize.search import Search
     from edgeslim.optimize.space import model_hash
     from edgeslim.recipe.workload import (
-        WORKLOADS,
+        DATA_ACCEPTED,
+        check_data,
         check_torch_fit,
         check_zoo_data,
         workload_for,
@@ -163,7 +165,7 @@ def optimize(
     torch.set_num_threads(threads)
 
     if data is not None:
-        check_choice(data, "data", "optimize", WORKLOADS)
+        check_data(data, "data", "optimize")
     if isinstance(model, str) and not model.endswith(".onnx") and ":" not in model \
             and model not in ZOO:
         raise ModelError(f"Unknown model {model!r}. optimize takes a zoo name "
@@ -173,8 +175,8 @@ def optimize(
     if workload is None and data is None and not (isinstance(model, str) and model in ZOO) \
             and not (isinstance(model, str) and model.endswith(".onnx")):
         raise ConfigError(f"No data is known for model {_label(model, None)!r}: give --data "
-                          f"(Python: data=), one of {', '.join(sorted(WORKLOADS))}, or pass a "
-                          f"Workload as workload=.")
+                          f"(Python: data=), {DATA_ACCEPTED}; or pass a Workload as "
+                          f"workload=.")
     resolved = load_model(model)
     if isinstance(resolved, Path):
         raise ConfigError(f"optimize needs a torch model to prune and fine-tune; "

@@ -3,7 +3,8 @@
 A recipe file::
 
     name: digits-cnn-slim            # optional; the bundle's model name
-    data: digits                     # optional for zoo models: their own data is used
+    data: digits                     # optional for zoo models: their own data is used;
+                                     # or package.module:callable returning a Workload
     steps:
       - prune: {sparsity: 0.8, scope: global, epochs: 3}
       - quantize: {bits: 8, epochs: 2}
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgeslim._validate import check_choice, load_yaml, yaml_error_line
+from edgeslim._validate import load_yaml, yaml_error_line
 from edgeslim.errors import ConfigError
 
 __all__ = ["Recipe", "Step", "load_recipe"]
@@ -98,9 +99,9 @@ class Recipe:
             raise ConfigError(f"The recipe's 'name' (the model name in the manifest) must be "
                               f"{NAME_RULE}. Got {self.name!r} instead.")
         if self.data is not None:
-            from edgeslim.recipe.workload import WORKLOADS
+            from edgeslim.recipe.workload import check_data
 
-            check_choice(self.data, "data", "the recipe", WORKLOADS)
+            check_data(self.data, "data", "the recipe")
         seen_onnx = None
         ptq_at = None
         for i, step in enumerate(self.steps):

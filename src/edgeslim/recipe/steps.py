@@ -412,7 +412,8 @@ def check_training_data(steps: list[Any], workload: Any) -> None:
             raise ConfigError(
                 f"Step {i + 1} ({step.name!r}) trains, but the workload {workload.name!r} has no "
                 f"training data. Without it a recipe can use: {DATA_FREE}; or give a workload "
-                "with labelled training data (data: digits).")
+                "with labelled training data (data: digits, or a package.module:callable "
+                "whose Workload has train).")
 
 
 def run_step(ctx: Any, name: str, params: dict[str, Any]) -> dict[str, Any]:

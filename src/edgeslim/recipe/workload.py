@@ -4,11 +4,14 @@ A ``Workload`` ties a model to its data: training batches ``(x, y)`` (optional),
 batches ``(inputs, target)`` as numpy, the model's input/output names and symbolic axes, and a
 ``score(outputs, targets) -> float`` (higher is better) that judges the torch model and its
 ONNX export alike. Built-in workloads exist for the zoo models; a user's model names one with
-``data:`` in the recipe (``digits``) or passes a ``Workload`` from Python.
+``data:`` in the recipe (``digits``), names a function of its own that returns a ``Workload``
+(``data: package.module:callable``, see ``workload_for``), or passes a ``Workload`` from
+Python.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +19,11 @@ from typing import Any
 
 import numpy as np
 
+from edgeslim._callables import call_spec, import_callable, is_callable_spec
 from edgeslim.errors import ConfigError
 
-__all__ = ["WORKLOADS", "Workload", "check_zoo_data", "workload_for"]
+__all__ = ["DATA_ACCEPTED", "WORKLOADS", "Workload", "check_data", "check_zoo_data",
+           "workload_for"]
 
 
 @dataclass
@@ -122,7 +127,7 @@ def fit_onnx_inputs(proto: Any, input_names: tuple[str, ...], samples: list[tupl
     if len(names) != len(want):
         raise ConfigError(f"{where} takes {len(names)} input(s) ({', '.join(names) or 'none'}), "
                           f"but the workload {data!r} feeds {len(want)} ({', '.join(want)}). "
-                          f"Give data that fits the model (one of {', '.join(sorted(WORKLOADS))}).")
+                          f"Give data that fits the model ({DATA_ACCEPTED}).")
     if sorted(names) == sorted(want):
         feed = tuple(want)
     elif len(names) == 1:  # one input: fed by position, under the model's own name
@@ -304,6 +309,21 @@ ZOO_WORKLOAD = {"digits-mlp": "digits", "digits-cnn": "digits",
                  "efficientnet-lite0": "photos", "minilm-l6": "sentences"}
 
 
+#: what may name a workload (a recipe's ``data:``, ``--data``), for the messages
+DATA_ACCEPTED = (f"one of {', '.join(repr(k) for k in sorted(WORKLOADS))}, or "
+                 "'package.module:callable' returning a Workload")
+
+
+def check_data(value: Any, name: str, func: str) -> str:
+    """A data name: a built-in workload or ``'package.module:callable'``, checked by its form
+    only (the callable is imported and called when the workload is built, by
+    ``workload_for``)."""
+    if isinstance(value, str) and (value in WORKLOADS or is_callable_spec(value)):
+        return value
+    raise ConfigError(f"The '{name}' parameter of {func} must be {DATA_ACCEPTED}. "
+                      f"Got {value!r} instead.")
+
+
 def check_zoo_data(model_name: str | None, data: str | None, given: str) -> None:
     """A zoo model is judged on its own workload: refuse another one (``given`` says where it
     was named, for the message), before the model is loaded."""
@@ -322,17 +342,55 @@ def workload_for(
     sentences): an ``nn.Module``, or the path of a user's fp32 ONNX model, which is then
     judged against its own outputs; the zoo model is loaded when not
     given.
+
+    ``data`` may also be ``'package.module:callable'``: a function of the user's returning a
+    ``Workload``, imported as MODEL's callables are. It follows the built-ins' rule: called
+    with ``reference`` when it takes a positional parameter (``def data(model)``), with no
+    arguments when it takes none (``def data()``).
     """
     key = data or ZOO_WORKLOAD.get(model_name or "")
     if key is None:
         raise ConfigError(
             f"No data is known for model {model_name!r}: name a data source with 'data:' in the "
-            f"recipe (one of {', '.join(sorted(WORKLOADS))}) or pass a Workload from Python."
+            f"recipe ({DATA_ACCEPTED}) or pass a Workload from Python."
         )
+    if is_callable_spec(key):
+        return _custom_workload(key, reference)
     if key not in WORKLOADS:
-        raise ConfigError(
-            f"Unknown data source {key!r}. Allowed: {', '.join(sorted(WORKLOADS))}."
-        )
-    if key == "digits":
-        return WORKLOADS[key]()
-    return WORKLOADS[key](reference)
+        raise ConfigError(f"Unknown data source {key!r}. Allowed: {DATA_ACCEPTED}.")
+    builder = WORKLOADS[key]
+    return builder(*_arguments(key, builder, reference))
+
+
+def _arguments(spec: str, fn: Callable[..., Any], reference: Any) -> tuple[Any, ...]:
+    """What a workload function is called with: ``(reference,)`` when it takes a positional
+    parameter, ``()`` when it takes none; a ``ConfigError`` when it requires more."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # no signature to read (some builtins): no arguments
+        return ()
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD,
+                                                  p.VAR_POSITIONAL)]
+    extra = [p.name for p in params if p.default is p.empty
+             and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+             and (not positional or p is not positional[0])]
+    if extra:
+        raise ConfigError(f"{spec!r} requires the parameter(s) {', '.join(extra)}; a data "
+                          f"callable takes none, or one: the original model. "
+                          f"Expected {DATA_ACCEPTED}.")
+    return (reference,) if positional else ()
+
+
+def _custom_workload(spec: str, reference: Any) -> Workload:
+    """The ``Workload`` that the user's ``'package.module:callable'`` returns."""
+    fn = import_callable(spec, accepted=DATA_ACCEPTED, error=ConfigError)
+    wl = call_spec(spec, fn, *_arguments(spec, fn, reference), accepted=DATA_ACCEPTED,
+                   error=ConfigError)
+    if not isinstance(wl, Workload):
+        raise ConfigError(f"{spec!r} returned {type(wl).__name__}, not a Workload "
+                          f"(edgeslim.recipe.workload.Workload). Expected {DATA_ACCEPTED}.")
+    if not isinstance(wl.eval_batches, list) or not wl.eval_batches:
+        raise ConfigError(f"The Workload of {spec!r} has no evaluation batches "
+                          f"(eval_batches: a list of (inputs, target)); the bundle's metric is "
+                          f"measured on them. Give at least one.")
+    return wl
