@@ -20,6 +20,7 @@ from edgeslim.compress.structured import StructuredResult, prune_structured
 from edgeslim.compress.structured.importance import TaylorImportance
 from edgeslim.compress.train import accuracy
 from edgeslim.errors import ConfigError, ModelError
+from edgeslim.export.onnx import export_onnx
 from edgeslim.zoo import load_model
 from edgeslim.zoo.digits import DigitsCNN, DigitsMLP, digits_loaders
 
@@ -358,6 +359,84 @@ def test_global_scope_prunes_a_model_with_a_grouped_convolution():
                                   round_to=round_to, progress=False)
         assert result.report.params_after < result.report.params_before
         assert result.model(x).shape == (1, 5)
+
+
+class _InvertedResidual(nn.Module):
+    """A depthwise-separable block, then an EfficientNet-lite style inverted residual whose
+    expansion is a grouped 1x1 convolution (4 groups). torch-pruning ranks 34 channels: 16
+    for stem + dw (pruned together), 6 positions of the 24 residual channels (read by the
+    grouped expand) and 12 of the 48 expanded ones (expand + dw2)."""
+
+    def __init__(self):
+        super().__init__()
+        def block(cin, cout, k=1, groups=1, act=True):
+            layers = [nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups, bias=False),
+                      nn.BatchNorm2d(cout)]
+            return nn.Sequential(*layers, nn.ReLU6()) if act else nn.Sequential(*layers)
+        self.stem = block(3, 16, 3)
+        self.dw = block(16, 16, 3, groups=16)
+        self.pw = block(16, 24, act=False)
+        self.expand = block(24, 48, groups=4)
+        self.dw2 = block(48, 48, 3, groups=48)
+        self.project = block(48, 24, act=False)
+        self.head = nn.Linear(24, 5)
+
+    def forward(self, x):
+        x = self.pw(self.dw(self.stem(x)))
+        x = x + self.project(self.dw2(self.expand(x)))
+        return self.head(x.mean((2, 3)))
+
+
+def _grouped_widths(model: nn.Module) -> list[int]:
+    """Widths of the three groups: stem/dw, the residual (pw/project), expand/dw2."""
+    return [model.stem[0].out_channels, model.pw[0].out_channels,
+            model.expand[0].out_channels]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter
+@pytest.mark.parametrize("ratio", [0.5, 0.9])
+def test_global_floor_holds_with_grouped_and_depthwise_convolutions(tmp_path, ratio):
+    """The floor was off for any model with a grouped convolution: at 0.9 the expand/dw2
+    group ranked below the threshold whole, was skipped and kept all 48 channels."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    pruned = prune_structured(_InvertedResidual().eval(), x[:1], ratio=ratio,
+                              scope="global", progress=False).model
+    stem, residual, expand = _grouped_widths(pruned)
+    assert residual % 4 == 0 and expand % 4 == 0  # the grouped conv keeps 4 equal groups
+    ranked = [stem, residual // 4, expand // 4]
+    assert all(1 <= k < n for k, n in zip(ranked, [16, 6, 12], strict=True)), ranked
+    assert sum(ranked) == int(34 * (1 - ratio))  # exactly ratio of the ranked channels
+    assert pruned.dw[0].groups == pruned.dw[0].out_channels == stem  # still depthwise
+    assert pruned.expand[0].groups == 4
+    export_onnx(pruned, x, tmp_path / "m.onnx", input_names=["x"], output_names=["y"])
+
+
+@pytest.mark.parametrize(("scope", "ratio", "expected"), [
+    ("layer", 0.5, [8, 8, 24]),  # 16 -> 8; 6 positions keep 3, rounded to 2 (8 channels)
+    ("global", 0.5, None),
+])
+def test_round_to_with_a_grouped_convolution_counts_its_positions(scope, ratio, expected):
+    """torch-pruning's round_to counted the positions removed from a grouped conv against
+    its full width: widths came out wrong (layer) or whole (global: 16, 24, 48 at 0.7)."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 8, 8)
+    pruned = prune_structured(_InvertedResidual().eval(), x, ratio=ratio, scope=scope,
+                              round_to=8, progress=False).model
+    widths = _grouped_widths(pruned)
+    assert [w % 8 for w in widths] == [0, 0, 0] and all(w >= 8 for w in widths)
+    if expected is not None:
+        assert widths == expected
+    else:  # rounding removes more, never less, than the ranked share
+        assert sum(w // g for w, g in zip(widths, [1, 4, 4], strict=True)) <= int(34 * 0.5)
+        assert widths != [16, 24, 48]
+    assert pruned(x).shape == (1, 5)
+    with pytest.raises(ConfigError, match=re.escape(
+            "ratio=0.7 with scope='global' keeps 10 of the 34 channels, too few to leave "
+            "round_to=8 channels in each of")) as refused:
+        prune_structured(_InvertedResidual().eval(), x, ratio=0.7, scope="global",
+                         round_to=8, progress=False)
+    assert "(48 in 4 groups)" in str(refused.value)
 
 
 def test_a_layer_registered_under_two_names_is_pruned_as_one():

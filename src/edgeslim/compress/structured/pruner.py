@@ -86,7 +86,10 @@ def prune_structured(
             to count MACs.
         ratio: fraction in [0, 1) of the channels removed from each group (``scope="layer"``)
             or from all groups together, ranked globally (``scope="global"``; every group
-            keeps at least one channel, or ``round_to``).
+            keeps at least one channel, or ``round_to``). A grouped convolution (or a
+            GroupNorm) loses the same channels in each of its groups, so its width stays a
+            multiple of ``groups``: its channels are ranked and counted once per position in
+            a group (a depthwise convolution is pruned with the layer that feeds it).
         importance: ``"l1"``/``"l2"`` (weight magnitude, no data), ``"taylor"`` (loss
             gradient x weight, needs labelled ``data`` or a ``loss_fn``) or ``"activation"``
             (mean |activation| on ``data``). See ``edgeslim.compress.structured.importance``.
@@ -103,8 +106,8 @@ def prune_structured(
             data-driven criteria; a few batches suffice. The model's weights are not trained.
         loss_fn: ``loss(model, x, y)`` for ``"taylor"``; default cross-entropy on the logits.
         round_to: keep each pruned width a multiple of this (e.g. 8 for SIMD-friendly
-            shapes). Models with ``nn.MultiheadAttention`` are rounded to a multiple of its
-            head count.
+            shapes), and of ``groups`` for a grouped convolution. Models with
+            ``nn.MultiheadAttention`` are rounded to a multiple of its head count.
         iterative_steps: reach ``ratio`` in this many equal steps, re-scoring in between;
             ``after_step(model, step)`` runs after each (e.g. to fine-tune).
         progress: show progress bars.
@@ -168,7 +171,8 @@ def prune_structured(
     scorer = make_importance(importance)
     # global ranking could put every channel of a group below the threshold, and
     # torch-pruning then skips that group whole: keep each group's best channels out of reach
-    ranked = _Floored(scorer, round_to or 1) if scope == "global" else scorer
+    # (the scores are kept in both scopes, for rounding)
+    ranked = _Floored(scorer, round_to or 1, floor=scope == "global")
 
     with trainable(work):
         try:
@@ -185,7 +189,7 @@ def prune_structured(
                     pruning_ratio=prune_ratio,
                     iterative_steps=iterative_steps,
                     ignored_layers=ignored + protected + only_heads,
-                    round_to=round_to,
+                    round_to=None,  # rounded by _rounded: torch-pruning's misses channel groups
                     num_heads=num_heads,
                     prune_num_heads=head_ratio > 0,
                     prune_head_dims=False,
@@ -199,15 +203,11 @@ def prune_structured(
                 )
                 budget = None
                 groups = _ranked_groups(pruner, work)
-                # a grouped convolution ranks width / groups entries, which the global floor
-                # and its checks do not count: such a model is pruned as torch-pruning ranks
-                grouped = scope == "global" and any(g > 1 and not a for *_, a, g in groups)
-                if isinstance(ranked, _Floored) and not grouped:
-                    ranked.pruner = pruner  # (its floor is off while .pruner is None)
+                ranked.pruner = pruner
                 if prune_ratio > 0 and not only_heads:
                     if scope == "layer":
                         _check_reachable(groups, prune_ratio, round_to)
-                    elif not grouped:
+                    else:
                         budget = _check_reachable_global(groups, prune_ratio, round_to)
             heads_before = [layer.heads for layer in attention]
             for step in range(iterative_steps):
@@ -218,7 +218,7 @@ def prune_structured(
                                     (step + 1) / iterative_steps)
                 with _explained(model, example_inputs):
                     for group in pruner.step(interactive=True):
-                        group.prune()
+                        _rounded(pruner, group, ranked.scores, round_to).prune()
                     for layer in attention:
                         layer.set_heads(num_heads[layer.projections[0]])
                 work.zero_grad(set_to_none=True)
@@ -266,22 +266,23 @@ def _check_reachable(groups: list[tuple[str, nn.Module, int, bool, int]], ratio:
 
     torch-pruning skips such a group without a word, so ``ratio=0.99`` would return a model
     with its first layers untouched (and bigger than at 0.95). Each group of ``scope="layer"``
-    keeps ``int(width * (1 - ratio))`` channels, rounded down to a multiple of ``round_to``.
+    keeps ``int(ranked * (1 - ratio))`` of its ranked channels (``_ranked``), rounded down as
+    ``_rounded`` does.
     """
     short = []
-    for name, _, width, attention, _ in groups:
-        if attention:  # attention loses whole heads only
+    for name, _, width, attention, groups_of in groups:
+        ranked = _ranked(width, groups_of)
+        if attention or ranked <= 1:  # attention loses whole heads only; one cannot go
             continue
-        keep = int(width * (1 - ratio))
-        if round_to:
-            keep -= keep % round_to
+        keep = int(ranked * (1 - ratio))
+        keep -= keep % _unit(round_to, groups_of)
         if keep < 1:
-            short.append(f"{name} ({width})")
+            short.append((_label(name, width, groups_of), ranked))
     if short:
         most = "a smaller ratio"
         if not round_to:
-            narrowest = min(int(x.rsplit("(", 1)[1].rstrip(")")) for x in short)
-            most = f"a ratio below {1 - 1 / narrowest:.4g}"
+            most = f"a ratio below {1 - 1 / min(ranked for _, ranked in short):.4g}"
+        short = [label for label, _ in short]
         hint = (f"round_to={round_to} is more than they keep; use a smaller round_to or ratio"
                 if round_to else f"use {most}")
         raise ConfigError(
@@ -347,29 +348,80 @@ def _schedule_heads(pruner: Any, attention: list[Any], heads_before: list[int],
 
 
 class _Floored(tp.importance.Importance):
-    """``scorer``'s scores with the best ``keep`` channels of every group raised to +inf.
+    """``scorer``'s scores, kept per group root in ``scores`` (one per ranked channel, as
+    torch-pruning ranks them) for ``_rounded``; with ``floor`` the best channels of every group
+    are raised to +inf.
 
     Under ``scope="global"`` torch-pruning removes every channel scored at or below one
     threshold, and skips without a word a group that would lose them all: at ``ratio=0.8``
     digits-cnn kept conv2 at its full 64 channels (and came out bigger than at 0.5). With
-    the floor each group keeps at least ``keep`` channels (``round_to``, else 1), and the
-    threshold moves up so that ``ratio`` of all channels still goes. Attention groups are
-    left as scored: they lose whole heads, ranked on these scores.
+    the floor each group keeps at least one ranked channel, or as many as ``round_to``
+    needs (``_unit``), and the threshold moves up so that ``ratio`` of all ranked channels
+    still goes. A grouped convolution's scores come as ``groups`` rows of positions, which
+    torch-pruning ranks by their mean and removes from every row at once: the floor raises
+    whole positions. Attention groups are left as scored: they lose whole heads, ranked on
+    these scores.
     """
 
-    def __init__(self, scorer: Any, keep: int) -> None:
+    def __init__(self, scorer: Any, round_to: int, *, floor: bool) -> None:
         self.scorer = scorer
-        self.keep = keep
-        self.pruner: Any = None
+        self.round_to = round_to
+        self.floor = floor
+        self.pruner: Any = None  # set once torch-pruning's pruner exists
+        self.scores: dict[nn.Module, Any] = {}
 
     def __call__(self, group: Any) -> Any:
         imp = self.scorer(group)
         if imp is None or self.pruner is None or self.pruner._is_atten_group(group)[0]:
             return imp
-        per = imp.detach().clone().float().view(self.pruner._get_channel_groups(group), -1)
-        best = per.mean(0).topk(min(self.keep, per.shape[1])).indices
-        per[:, best] = math.inf
-        return per.view(-1)
+        groups_of = int(self.pruner._get_channel_groups(group))
+        per = imp.detach().clone().float().view(groups_of, -1)
+        if self.floor:
+            keep = min(_unit(self.round_to, groups_of), per.shape[1])
+            per[:, per.mean(0).topk(keep).indices] = math.inf
+        self.scores[group[0].dep.target.module] = per.mean(0)
+        return per.view(-1) if self.floor else imp
+
+
+def _ranked(width: int, groups_of: int) -> int:
+    """How many channels torch-pruning ranks in a group ``width`` wide whose channels fall
+    into ``groups_of`` channel groups (a grouped conv's ``groups``): one per position."""
+    return width // groups_of
+
+
+def _unit(round_to: int | None, groups_of: int) -> int:
+    """The ranked channels kept come in multiples of this, so that the width (ranked x
+    ``groups_of``) is a multiple of ``round_to``."""
+    return (round_to or 1) // math.gcd(round_to or 1, groups_of)
+
+
+def _label(name: str, width: int, groups_of: int) -> str:
+    return f"{name} ({width})" if groups_of == 1 else f"{name} ({width} in {groups_of} groups)"
+
+
+def _rounded(pruner: Any, group: Any, scores: dict[nn.Module, Any], round_to: int | None
+             ) -> Any:
+    """``group`` removing more channels, so that its root keeps a multiple of ``_unit``.
+
+    torch-pruning's own ``round_to`` counts the positions removed from a grouped
+    convolution against its full width: a conv 24 wide in 4 groups lost 16 channels where
+    it should have lost 4, or all 24. Here the ranked channels kept are rounded down and the
+    lowest-scored go, as torch-pruning does for ungrouped layers.
+    """
+    root, idxs = group[0].dep.target.module, group[0].idxs
+    imp = scores.get(root)
+    if not round_to or imp is None or not pruner.DG.is_out_channel_pruning_fn(
+            group[0].dep.handler):
+        return group
+    ranked = len(imp)
+    groups_of = pruner.DG.get_out_channels(root) // ranked
+    keep = ranked - len({int(i) % ranked for i in idxs})
+    rounded = keep - keep % _unit(round_to, groups_of)
+    if rounded == keep or rounded < 1:  # (< 1: refused beforehand by the checks)
+        return group
+    drop = imp.argsort()[: ranked - rounded].tolist()
+    return pruner.DG.get_pruning_group(
+        root, group[0].dep.handler, sorted(p + g * ranked for g in range(groups_of) for p in drop))
 
 
 def _ranked_groups(pruner: Any, work: nn.Module
@@ -393,27 +445,31 @@ def _ranked_groups(pruner: Any, work: nn.Module
 
 
 def _check_reachable_global(groups: list[tuple[str, nn.Module, int, bool, int]], ratio: float,
-                            round_to: int | None) -> tuple[list[tuple[nn.Module, int]], int]:
+                            round_to: int | None
+                            ) -> tuple[list[tuple[nn.Module, int, int]], int]:
     """Refuse a global ``ratio`` that cannot keep ``round_to`` (else 1) channels in every
-    group; returns the ranked non-attention roots with their widths, and the total ranked.
+    group; returns the non-attention roots with their widths and channel groups, and the
+    total ranked.
 
-    All groups together keep ``int(total * (1 - ratio))`` channels.
+    All groups together keep ``int(total * (1 - ratio))`` ranked channels (``_ranked``: a
+    grouped convolution's count once per position), each at least ``_unit`` of them.
     """
-    total = sum(width for _, _, width, _, _ in groups)
-    floor = sum(min(width, round_to or 1) for _, _, width, attn, _ in groups if not attn)
+    total = sum(width if attn else _ranked(width, of) for _, _, width, attn, of in groups)
+    floor = sum(min(_ranked(width, of), _unit(round_to, of))
+                for _, _, width, attn, of in groups if not attn)
     keep = int(total * (1 - ratio))
     if keep < floor:
-        short = [f"{name} ({width})" for name, _, width, attn, _ in groups if not attn]
+        short = [_label(name, width, of) for name, _, width, attn, of in groups if not attn]
         each = f"round_to={round_to} channels" if round_to else "one channel"
         most = math.floor((1 - floor / total) * 1e4) / 1e4
         raise ConfigError(
             f"ratio={ratio:g} with scope='global' keeps {keep} of the {total} channels, too few "
             f"to leave {each} in each of {', '.join(short)}: use a ratio of at most {most:g}, "
             "or add layers to ignored_layers.")
-    return [(module, width) for _, module, width, attn, _ in groups if not attn], total
+    return [(module, width, of) for _, module, width, attn, of in groups if not attn], total
 
 
-def _check_removed(pruner: Any, budget: tuple[list[tuple[nn.Module, int]], int],
+def _check_removed(pruner: Any, budget: tuple[list[tuple[nn.Module, int, int]], int],
                    ratio: float) -> None:
     """After global pruning: ``ratio`` of the ranked channels went (no group was skipped).
 
@@ -422,9 +478,9 @@ def _check_removed(pruner: Any, budget: tuple[list[tuple[nn.Module, int]], int],
     so a model with them is not checked.
     """
     roots, total = budget
-    if sum(width for _, width in roots) != total:
+    if sum(_ranked(width, of) for _, width, of in roots) != total:
         return
-    kept = sum(pruner.DG.get_out_channels(module) or 0 for module, _ in roots)
+    kept = sum(_ranked(pruner.DG.get_out_channels(module) or 0, of) for module, _, of in roots)
     if kept > int(total * (1 - ratio)) + len(roots):
         raise ModelError(
             f"{_FUNC} with scope='global' kept {kept} of {total} channels, not the "
