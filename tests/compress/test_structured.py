@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from edgeslim.compress.distill import distill
-from edgeslim.compress.structured import StructuredResult, prune_structured
+from edgeslim.compress.structured import StructuredResult, check_structured, prune_structured
 from edgeslim.compress.structured.importance import TaylorImportance
 from edgeslim.compress.train import accuracy
 from edgeslim.errors import ConfigError, ModelError
@@ -295,6 +295,18 @@ def test_a_ratio_or_round_to_no_layer_can_reach_is_refused_not_skipped(digits_cn
     near = prune_structured(digits_cnn, torch.zeros(1, 64), ratio=0.95, progress=False).model
     assert (near.conv1.out_channels, near.conv2.out_channels) == (1, 3)  # every layer pruned
 
+
+def test_check_structured_refuses_as_prune_structured_does_and_prunes_nothing(digits_cnn):
+    """The check planners run before proposing settings is the pruner's own."""
+    before = copy.deepcopy(digits_cnn.state_dict())
+    with pytest.raises(ConfigError) as pruned:
+        prune_structured(digits_cnn, X1, ratio=0.8, round_to=8, progress=False)
+    with pytest.raises(ConfigError) as checked:
+        check_structured(digits_cnn, X1, ratio=0.8, round_to=8)
+    assert str(checked.value) == str(pruned.value)
+    check_structured(digits_cnn, X1, ratio=0.7, round_to=8)
+    check_structured(digits_cnn, X1, ratio=0.8, scope="global", round_to=8)
+    assert all(torch.equal(v, before[k]) for k, v in digits_cnn.state_dict().items())
 
 def test_ignored_layers_by_name_or_module_of_the_original(digits_cnn):
     by_name = prune_structured(digits_cnn, X1, ratio=0.5, ignored_layers=["conv1"], progress=False)

@@ -257,3 +257,41 @@ def test_a_runs_report_holds_only_the_candidates_finished_by_its_end(tmp_path, m
     latest = {j.label for j in load_run(path, run2)["judged"]}
     assert first == {"fp32", Candidate(ratio=0.5).label()}
     assert latest == first | {Candidate(ratio=0.8).label()}
+
+
+def test_the_plan_builds_no_structured_candidate_the_pruner_refuses(tmp_path, monkeypatch,
+                                                                     digits_cnn):
+    """At ratio 0.8 digits-cnn's conv1 keeps 6 of its 32 channels, fewer than round_to=8:
+    the plan built that candidate anyway, and the report listed it as failed."""
+    import torch
+
+    from edgeslim.compress.structured import prune_structured
+    from edgeslim.optimize.search import Evaluated, Search
+    from edgeslim.recipe.workload import workload_for
+
+    built = []
+
+    def compute(self, c, key, est):  # every candidate keeps the baseline's accuracy
+        built.append(c)
+        ev = Evaluated(c, key, {"metric": 0.98}, str(tmp_path / "none.eslim"))
+        self.evaluated.append(ev)
+        self.base = self.base or ev
+        return ev
+
+    monkeypatch.setattr(Search, "_compute", compute)
+    with ResultStore(tmp_path / "s.sqlite") as st:
+        st.set_meta("m", "sensitivity", [])  # (no sensitivity pass)
+        search = Search(digits_cnn, workload_for("digits-cnn"),
+                        Budget(max_drop=0.01, time_s=3600), st, tmp_path, "m", "digits-cnn")
+        search.run()
+    planned = {(c.ratio, c.round_to) for c in built if c.ratio}
+    assert (0.9, None) in planned and (0.7, 8) in planned  # the climb and rounding ran
+    for ratio, round_to in planned:  # the pruner accepts every one built
+        prune_structured(digits_cnn, torch.zeros(1, 64), ratio=ratio, round_to=round_to,
+                         progress=False)
+    refused = {(c.ratio, c.round_to): why for c, why in search.skipped}
+    assert set(refused) == {(0.8, 8), (0.9, 8)}
+    assert refused[0.8, 8] == (
+        "not built, prune_structured refuses it: ratio=0.8 would leave no channel in conv1 "
+        "(32): round_to=8 is more than they keep; use a smaller round_to or ratio, or add them "
+        "to ignored_layers.")

@@ -15,12 +15,16 @@ Order of work (see ``docs/optimize.md`` for why):
    a climb along unstructured sparsity (size), then the sparsest passing point packed;
 5. with the time left: twice the longest recovery where the climb stopped; the passing
    ratios with widths rounded to a multiple of ``ROUND_TO`` (onnxruntime's convolution speed
-   jumps with the channel count); step 4 on the lower passing ratios.
+   jumps with the channel count) where every layer keeps that many; step 4 on the lower
+   passing ratios.
 
 Each candidate's cost is estimated from those measured so far (export and measurement time
 plus epochs x seconds per epoch); one that would not finish before the deadline (less a
-reserve for writing the bundle and the report) is skipped. Results go to the store before the
-next candidate starts, so an interrupted search resumes where it stopped.
+reserve for writing the bundle and the report) is skipped. So is one whose structured
+pruning the pruner would refuse (``check_structured``, the pruner's own check, run before
+any work: ``ROUND_TO`` channels are more than digits-cnn's conv1 keeps at 0.8), with the
+pruner's reason in the report's notes. Results go to the store before the next candidate
+starts, so an interrupted search resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ START_EPOCHS = 4
 MAX_EPOCHS = 16
 SPARSE_EPOCHS = 2
 ROUND_TO = 8
+# the prune_structured parameters its reachability check reads
+_CHECKED = frozenset({"ratio", "scope", "head_ratio", "ignored_layers", "round_to"})
 
 EventFn = Callable[..., None]
 
@@ -113,6 +119,7 @@ class Search:
         self._tried: set[str] = set()  # keys built (or tried) by this run
         self.passing: list[Candidate] = []  # structured points meeting max_drop, climb order
         self.miss: Candidate | None = None  # the first structured point that missed it
+        self._refusals: dict[str, str | None] = {}  # prune_structured settings -> why refused
 
     # -- time ------------------------------------------------------------------------------
 
@@ -184,6 +191,12 @@ class Search:
             # blocked path or a full disk, may be gone by then)
             self.failed.append((c, (row.error or "failed").splitlines()[0]))
             return None
+        refused = self.refusal(c)
+        if refused is not None:
+            if (c, refused) not in self.skipped:
+                self.skipped.append((c, refused))
+                self.on_event("skip", candidate=c, reason=refused)
+            return None
         est = self.estimate(c)
         if not force and est > self.remaining - self.reserve:
             if self.remaining - self.reserve < (self._base_cost or 5.0):
@@ -192,6 +205,25 @@ class Search:
             self.on_event("skip", candidate=c, reason=self.skipped[-1][1])
             return None
         return self._compute(c, key, est)
+
+    def refusal(self, c: Candidate) -> str | None:
+        """Why ``prune_structured`` would refuse ``c``'s structured step on this model (its
+        own check, run once per setting on a copy), or None."""
+        params = dict(c.step_list()).get("prune_structured")
+        if params is None or not hasattr(self.model, "state_dict"):
+            return None
+        settings = {k: v for k, v in params.items() if k in _CHECKED}
+        memo = repr(sorted(settings.items()))
+        if memo not in self._refusals:
+            from edgeslim.compress.structured import check_structured
+            from edgeslim.errors import ConfigError
+
+            try:
+                check_structured(self.model, self.workload.example_inputs, **settings)
+                self._refusals[memo] = None
+            except ConfigError as exc:
+                self._refusals[memo] = f"not built, prune_structured refuses it: {exc}"
+        return self._refusals[memo]
 
     def _compute(self, c: Candidate, key: str, est: float) -> Evaluated | None:
         import torch

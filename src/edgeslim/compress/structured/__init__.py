@@ -7,7 +7,7 @@ Layered like torch-pruning: ``graph`` (DepGraph tracing, output protection), ``i
 from __future__ import annotations
 
 from edgeslim.compress.structured.importance import IMPORTANCES, ActivationImportance
-from edgeslim.compress.structured.pruner import prune_structured
+from edgeslim.compress.structured.pruner import check_structured, prune_structured
 from edgeslim.compress.structured.report import LayerWidth, StructuredReport, StructuredResult
 
 __all__ = [
@@ -16,5 +16,6 @@ __all__ = [
     "LayerWidth",
     "StructuredReport",
     "StructuredResult",
+    "check_structured",
     "prune_structured",
 ]

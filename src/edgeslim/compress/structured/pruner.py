@@ -52,7 +52,7 @@ from edgeslim.compress.structured.report import (
 )
 from edgeslim.errors import ConfigError, EdgeslimError, ModelError
 
-__all__ = ["prune_structured"]
+__all__ = ["check_structured", "prune_structured"]
 
 _FUNC = "prune_structured"
 
@@ -125,6 +125,66 @@ def prune_structured(
     >>> result.model.conv2.out_channels, result.model.fc2.out_features
     (32, 10)
     """
+    result = _prune_structured(
+        model, example_inputs, ratio=ratio, importance=importance, scope=scope,
+        head_ratio=head_ratio, ignored_layers=ignored_layers, data=data, loss_fn=loss_fn,
+        round_to=round_to, iterative_steps=iterative_steps, after_step=after_step,
+        inplace=inplace, progress=progress, check_only=False)
+    assert result is not None  # (None only when check_only)
+    return result
+
+
+def check_structured(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    ratio: float,
+    scope: str = "layer",
+    head_ratio: float = 0.0,
+    ignored_layers: Iterable[str | nn.Module] | None = None,
+    round_to: int | None = None,
+) -> None:
+    """Raise the ``ConfigError`` that ``prune_structured`` would raise for these settings
+    (a ``ratio`` or ``round_to`` that would leave a layer group without a channel, too few
+    heads...), without pruning: the model is traced on a copy and left as it was.
+
+    For planners (``edgeslim.optimize``) that must not propose settings the pruner refuses;
+    the arguments mean what they mean in ``prune_structured``, and the checks are its own.
+
+    >>> import torch
+    >>> from edgeslim.zoo.digits import DigitsCNN
+    >>> try:
+    ...     check_structured(DigitsCNN(), torch.zeros(1, 64), ratio=0.8, round_to=8)
+    ... except ConfigError as exc:
+    ...     print(str(exc).split(":")[0])
+    ratio=0.8 would leave no channel in conv1 (32)
+    """
+    _prune_structured(model, example_inputs, ratio=ratio, importance="l2", scope=scope,
+                      head_ratio=head_ratio, ignored_layers=ignored_layers, data=None,
+                      loss_fn=None, round_to=round_to, iterative_steps=1, after_step=None,
+                      inplace=False, progress=False, check_only=True)
+
+
+def _prune_structured(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    ratio: float,
+    importance: str,
+    scope: str,
+    head_ratio: float,
+    ignored_layers: Iterable[str | nn.Module] | None,
+    data: Iterable[Any] | None,
+    loss_fn: LossFn | None,
+    round_to: int | None,
+    iterative_steps: int,
+    after_step: Callable[[nn.Module, int], None] | None,
+    inplace: bool,
+    progress: bool,
+    check_only: bool,
+) -> StructuredResult | None:
+    """``prune_structured``; with ``check_only``, stop (returning None) once every check
+    has passed, before anything is pruned."""
     check_model(model, _FUNC)
     ratio = check_fraction(ratio, "ratio", _FUNC)
     head_ratio = check_fraction(head_ratio, "head_ratio", _FUNC)
@@ -209,6 +269,8 @@ def prune_structured(
                         _check_reachable(groups, prune_ratio, round_to)
                     else:
                         budget = _check_reachable_global(groups, prune_ratio, round_to)
+            if check_only:
+                return None
             heads_before = [layer.heads for layer in attention]
             for step in range(iterative_steps):
                 if importance in DATA_DRIVEN:
