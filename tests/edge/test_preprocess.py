@@ -525,6 +525,24 @@ def test_axes_out_of_range_at_run_time_are_inference_errors():
             PostPipeline([{"op": op, "axis": 2}]).apply(logits)
 
 
+@pytest.mark.parametrize("declared", [{}, {"shape": None}, {"shape": "unknown"}])
+def test_an_output_of_unknown_rank_is_left_to_the_run_time_check(declared):
+    """A hand-built output spec with no shape has no rank to check against: the steps are
+    accepted (not judged as if on a scalar), and the arrays are checked when they come."""
+    outputs = [{"name": "emb", "dtype": "float32", **declared}]
+    steps = [{"op": "mean_pool"}, {"op": "l2_normalize", "axis": 1}]
+    validate_steps(steps, stage="post", outputs=outputs)
+    post = PostPipeline(steps, outputs=outputs)
+    emb = np.ones((1, 2, 4), np.float32)
+    got = post.apply({"emb": emb}, {"attention_mask": np.ones((1, 2), np.int64)})["emb"]
+    np.testing.assert_allclose(got, np.full((1, 4), 0.5, np.float32))
+    with pytest.raises(InferenceError, match=r"mean_pool needs an output \(B, L, H\)"):
+        post.apply({"emb": emb[0]}, {"attention_mask": np.ones((1, 2), np.int64)})
+    softmax = PostPipeline([{"op": "softmax", "axis": 2}], outputs=outputs)
+    with pytest.raises(InferenceError, match=r"softmax works along axis 2, but output 'emb' "
+                                             r"has shape \[2, 4\]"):
+        softmax.apply({"emb": emb[0]})
+
 def test_values_that_do_not_fit_the_input_dtype_are_refused_without_a_warning():
     import warnings
 
