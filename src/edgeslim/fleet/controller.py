@@ -102,6 +102,7 @@ class Controller:
         self._changed = threading.Condition()
         self._stop = threading.Event()
         self._rollouts: dict[int, Rollout] = {}
+        self._republisher: threading.Thread | None = None
         # held while a rollout is launched, aborted or declared succeeded (see Rollout)
         self.rollout_lock = threading.Lock()
         # held from reading or changing the targets to publishing the desired states they imply,
@@ -148,11 +149,22 @@ class Controller:
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        with self.rollout_lock:
+        """Stop every thread, then close the registry.
+
+        A running rollout ends at its next wait and writes nothing more: its deployment stays
+        as it stood, and the next ``start`` rolls it back. Rollouts and the republisher are
+        joined while the link is still up (a desired state they publish reaches the broker)
+        and before the registry closes under them.
+        """
+        with self.rollout_lock:  # a deploy or rollback launched before this is joined below;
+            self._stop.set()  # one asked for after it is refused
             rollouts = list(self._rollouts.values())
-        for r in rollouts:
-            r.join(2.0)
+        self.notify()  # wake the rollouts waiting for a change
+        for t in [*rollouts, self._republisher]:
+            if t is not None and t.ident is not None:
+                t.join(30.0)
+                if t.is_alive():
+                    log.error("%s did not stop within 30 s", t.name)
         self.link.stop(final=[(CONTROLLER_TOPIC, b'{"state":"offline"}', 1, True)])
         self.http.stop()
         self._ingest.join(5.0)
@@ -182,13 +194,21 @@ class Controller:
         self.link.publish(CONTROLLER_TOPIC, encode({"state": "online", "ts": time.time()}),
                           qos=1, retain=True)  # fmt: skip
         # Off the network thread: it reads the registry and publishes one message per node.
-        threading.Thread(target=self._republish_desired, name="republish", daemon=True).start()
+        t = threading.Thread(target=self._republish_desired, name="republish", daemon=True)
+        # stop joins the newest; an older one still running holds desired_lock, which the
+        # newest waits for, so joining the newest waits for every one
+        self._republisher = t
+        t.start()
 
     def _republish_desired(self) -> None:
         """The broker may have restarted without its retained messages: publish them again
         (and clear those of nodes a rollback left with no bundle, in case that was lost)."""
         with self.desired_lock:
+            if self._stop.is_set():
+                return
             for node, (dep, sha, rollback) in self.registry.latest_desired().items():
+                if self._stop.is_set():  # the next start republishes them all
+                    return
                 if sha is None:
                     self.clear_desired(node)
                     continue
@@ -427,6 +447,7 @@ class Controller:
                 "refusing to deploy it (force=True deploys it anyway; nodes will still verify)."
             )
         with self.rollout_lock:
+            self._check_running()
             active = [d for d, r in self._rollouts.items() if r.is_alive()]
             if active:
                 raise Conflict(
@@ -446,8 +467,13 @@ class Controller:
             self._launch(dep, p)
         return dep
 
+    def _check_running(self) -> None:
+        """Refuse to start a rollout once ``stop`` began (call under ``rollout_lock``)."""
+        if self._stop.is_set():
+            raise Conflict("The controller is stopping; deploy or roll back after it restarts.")
+
     def _launch(self, dep: int, p: RolloutParams, abort: str | None = None) -> None:
-        r = Rollout(self, dep, p)
+        r = Rollout(self, dep, p, stop=self._stop)
         self._rollouts[dep] = r
         if abort:
             r.abort(abort)
@@ -467,6 +493,7 @@ class Controller:
         if row is None:
             raise NotFound(f"No deployment with id {dep}.")
         with self.rollout_lock:
+            self._check_running()
             r = self._rollouts.get(dep)
             if r is not None and r.is_alive() and not r.succeeded:
                 r.abort(reason)  # it checks before it may succeed, under this lock
@@ -480,7 +507,8 @@ class Controller:
                 # would fight the newer deployment's desired states.
                 raise Conflict(f"Deployment {dep} is not the latest ({latest[0].id} is); roll "
                                f"back {latest[0].id} first.")
-            r = Rollout(self, dep, RolloutParams.from_dict(row.params), rollback_reason=reason)
+            r = Rollout(self, dep, RolloutParams.from_dict(row.params), rollback_reason=reason,
+                        stop=self._stop)
             self._rollouts[dep] = r
             r.start()
         return dep

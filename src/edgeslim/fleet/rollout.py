@@ -15,6 +15,10 @@ Rollback triggers:
   when none of them reported then, with the canaries' own windows before the deployment);
 - a node of the second phase fails (``max_failures`` allows a fraction);
 - an operator asks (``edgeslim fleet rollback``).
+
+When the controller stops, a rollout stops too, at its next wait, and writes nothing more: the
+deployment stays as it stood (``canary``, ``soak``, ``rolling``, ``rolling_back``) and the
+controller's next start rolls it back (``Controller.start``).
 """
 
 from __future__ import annotations
@@ -140,6 +144,10 @@ class Aborted(Exception):
     """An operator asked for a rollback while the rollout ran."""
 
 
+class Stopped(Exception):
+    """The controller is stopping: leave the deployment as it stands, write nothing more."""
+
+
 class Rollout(threading.Thread):
     """Drives one deployment to a final state; runs on its own thread inside the controller."""
 
@@ -150,11 +158,14 @@ class Rollout(threading.Thread):
         params: RolloutParams,
         *,
         rollback_reason: str | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         super().__init__(name=f"rollout-{dep_id}", daemon=True)
         self.c = controller
         self.dep_id = dep_id
         self.p = params
+        # the controller's stop event: every wait below ends on it, and the thread with it
+        self._halt = stop if stop is not None else threading.Event()
         self._abort = threading.Event()
         self._abort_reason = ""
         self._rollback_only = rollback_reason
@@ -167,6 +178,7 @@ class Rollout(threading.Thread):
 
     # ------------------------------------------------------------------ helpers
     def _state(self, state: str, reason: str = "") -> None:
+        self._check_stop()
         log.info("deployment %d: %s %s", self.dep_id, state, reason)
         self.c.registry.set_deployment_state(self.dep_id, state, reason)
 
@@ -174,30 +186,54 @@ class Rollout(threading.Thread):
         dep = self.c.registry.deployment(self.dep_id)
         return {t.node: t for t in dep.targets} if dep else {}
 
+    def _check_stop(self) -> None:
+        if self._halt.is_set():
+            raise Stopped()
+
     def _check_abort(self) -> None:
+        self._check_stop()
         if self._abort.is_set():
             raise Aborted(self._abort_reason)
 
+    def _wait(self, timeout: float) -> None:
+        """Wait for a registry change (at most ``timeout`` s); ``Stopped`` once the controller
+        stops (it wakes every waiter), so that no write follows its stop."""
+        self.c.wait_change(timeout)
+        self._check_stop()
+
     # ------------------------------------------------------------------ phases
     def run(self) -> None:
+        try:
+            self._drive()
+        except Stopped:
+            # Not rolled back here: the broker link and the registry are going away, so a
+            # rollback could not be published, nor its confirmations heard. The next start
+            # rolls back whatever is not final.
+            log.info("deployment %d: left unfinished, the controller stopped", self.dep_id)
+        finally:
+            self.c.rollout_finished(self.dep_id)
+
+    def _drive(self) -> None:
         try:
             if self._rollback_only is not None:
                 self._safe_rollback(self._rollback_only)
             else:
                 self._run()
+        except Stopped:
+            raise
         except Aborted as exc:
             self._safe_rollback(str(exc) or "rollback requested")
         except Exception as exc:  # a controller bug must not leave a deployment half-done
             log.exception("deployment %d crashed", self.dep_id)
             self._safe_rollback(f"controller error: {exc}")
-        finally:
-            self.c.rollout_finished(self.dep_id)
 
     def _safe_rollback(self, reason: str) -> None:
         """``_rollback``, and a final state even when it fails (``failed``: not every node
         may have been sent back; a new deployment or a restart sets their desired states)."""
         try:
             self._rollback(reason)
+        except Stopped:
+            raise
         except Exception as exc:
             log.exception("deployment %d: rollback failed", self.dep_id)
             self._state("failed", f"rollback did not complete ({exc}) after: {reason}")
@@ -256,13 +292,14 @@ class Rollout(threading.Thread):
                 # Mark first, publish second: a fast node's report must find "sent", not be
                 # overwritten by it.
                 with self.c.desired_lock:
+                    self._check_stop()  # (a stopping controller's link may be down already)
                     self.c.registry.set_targets(self.dep_id, batch, "sent",
                                                 only_from=("pending",))
                     for node in batch:
                         self.c.publish_desired(node, self.dep_id, bundle["sha256"], bundle,
                                                False)
                         waiting[node] = time.monotonic()
-            self.c.wait_change(0.5)
+            self._wait(0.5)
             targets = self._targets()
             now = time.monotonic()
             for node in list(waiting):
@@ -296,7 +333,8 @@ class Rollout(threading.Thread):
         deadline = time.monotonic() + self.p.soak_s
         while time.monotonic() < deadline:
             self._check_abort()
-            self.c.wait_change(min(0.5, max(0.0, deadline - time.monotonic())))
+            self._wait(min(0.5, max(0.0, deadline - time.monotonic())))
+        self._check_stop()  # (a soak of 0 s waits for nothing)
         dep = self.c.registry.deployment(self.dep_id)
         if dep is None:
             raise RuntimeError(f"deployment {self.dep_id} disappeared")
@@ -330,6 +368,7 @@ class Rollout(threading.Thread):
         """Point every touched target back at its previous bundle; wait for confirmations."""
         self._state("rolling_back", reason)
         with self.c.desired_lock:  # a republish sees the targets before or after, not between
+            self._check_stop()
             targets = self._targets().values()
             touched = [t for t in targets if t.state not in ("pending", "reverted")]
             self.c.registry.set_targets(self.dep_id, [t.node for t in touched], "rolled_back",
@@ -347,5 +386,5 @@ class Rollout(threading.Thread):
             targets = self._targets()
             if all(targets[n].state == "reverted" for n in names):
                 break
-            self.c.wait_change(0.5)
+            self._wait(0.5)
         self._state("rolled_back", reason)
