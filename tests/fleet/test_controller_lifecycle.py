@@ -108,3 +108,45 @@ def test_stop_while_a_canary_installs_writes_nothing_more(broker, tmp_path, bund
     finally:
         c.stop()  # (twice is harmless)
         silent.stop()
+
+
+def _open_files(path) -> list[str]:
+    import os
+
+    fds = "/proc/self/fd"
+    out = []
+    for fd in os.listdir(fds):
+        try:
+            target = os.readlink(f"{fds}/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(path)):
+            out.append(target)
+    return out
+
+
+def test_a_start_the_broker_refuses_leaves_nothing_running(broker, tmp_path):
+    """Wrong broker password: start raises ConfigError, and the HTTP API, ingest and the
+    registry it had opened are stopped and closed again (a caller that retries, or a test
+    process, would otherwise keep a port and an SQLite file held by a controller it never
+    got)."""
+    import socket
+    from urllib.parse import quote
+
+    from edgeslim.errors import ConfigError
+    from edgeslim.fleet.broker import free_port
+    from edgeslim.fleet.controller import Controller
+
+    port = free_port()
+    wrong = quote("wrong-" + broker.users["controller"])
+    url = f"mqtt://controller:{wrong}@127.0.0.1:{broker.port}"
+    before = set(threading.enumerate())
+    c = Controller(url, tmp_path / "ctl", http_port=port)
+    assert _open_files(tmp_path / "ctl")  # the registry is open from here on
+    with pytest.raises(ConfigError, match="refused"):
+        c.start(wait=10)
+    wait_until(lambda: not [t for t in threading.enumerate() if t not in before and t.is_alive()],
+               10, 0.05, "the threads the start began to end")  # fmt: skip
+    with socket.socket() as s, pytest.raises(ConnectionRefusedError):
+        s.connect(("127.0.0.1", port))
+    assert not _open_files(tmp_path / "ctl"), "the registry is still open"

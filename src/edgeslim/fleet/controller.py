@@ -136,16 +136,29 @@ class Controller:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, wait: float = 10.0) -> Controller:
-        self._ingest.start()
-        self.http.start()
-        self.link.start(wait=wait)
-        # Deployments interrupted by a controller restart are rolled back: the soak they were
-        # in cannot be trusted after a gap.
-        for dep in self.registry.deployments():
-            if dep.state not in FINAL_STATES:
-                self._launch(
-                    dep.id, RolloutParams.from_dict(dep.params), abort="controller restarted"
-                )
+        """Start ingest, the HTTP API and the broker link (waiting up to ``wait`` s for it).
+
+        Raises ``ConfigError`` when the broker refuses the controller's credentials or the
+        HTTP server does not start; whatever had started is stopped again and the registry
+        closed first.
+        """
+        try:
+            self._ingest.start()
+            self.http.start()
+            self.link.start(wait=wait)
+            # Deployments interrupted by a controller restart are rolled back: the soak they
+            # were in cannot be trusted after a gap.
+            for dep in self.registry.deployments():
+                if dep.state not in FINAL_STATES:
+                    self._launch(
+                        dep.id, RolloutParams.from_dict(dep.params), abort="controller restarted"
+                    )
+        except BaseException:
+            try:
+                self.stop()
+            except Exception:  # the error to report is the one that stopped the start
+                log.exception("stopping the controller after a failed start failed")
+            raise
         return self
 
     def stop(self) -> None:
@@ -167,7 +180,8 @@ class Controller:
                     log.error("%s did not stop within 30 s", t.name)
         self.link.stop(final=[(CONTROLLER_TOPIC, b'{"state":"offline"}', 1, True)])
         self.http.stop()
-        self._ingest.join(5.0)
+        if self._ingest.ident is not None:  # (a start that failed early never started it)
+            self._ingest.join(5.0)
         self.registry.close()
 
     def __enter__(self) -> Controller:
