@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -132,6 +134,67 @@ def test_demo_runs_a_fleet_and_cleans_up(keys, bundles, tmp_path):
     assert "3 nodes joined" in out and "deploy v2" in out and "succeeded" in out
     assert ", 0 failed" in out
     assert out.count("digits-linear") >= 3 and "everything stopped" in out
+
+
+def _processes_naming(text: str) -> list[int]:
+    """Pids of the processes whose command line names ``text`` (a demo's temp folder)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            pids.append(int(entry))
+    return pids
+
+
+@pytest.mark.slow
+def test_demo_interrupted_again_during_its_clean_up_still_stops_everything(keys, bundles,
+                                                                          tmp_path):  # fmt: skip
+    """Ctrl-C, then Ctrl-C again and again while the demo cleans up: the node process and
+    Mosquitto (which a terminal's Ctrl-C does not reach) are stopped all the same, and the
+    demo's temporary folder is removed."""
+    tmp = tmp_path / "tmp"  # the demo's mkdtemp lands here: its processes name this folder
+    tmp.mkdir()
+    env = dict(os.environ, TMPDIR=str(tmp), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgeslim.cli", "fleet", "demo", "--nodes", "1",
+         "--bundle", str(bundles["v1"]), "--bundle", str(bundles["v2"]),
+         "--key-dir", str(keys[1].parent)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        start_new_session=True,
+    )  # fmt: skip
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        wait_until(lambda: any("nodes joined" in line for line in lines), 90, 0.05,
+                   "the node to join")  # fmt: skip
+        assert _processes_naming(str(tmp))  # the node and the broker run
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            proc.send_signal(signal.SIGINT)  # the first stops the demo; the rest hit clean-up
+            time.sleep(0.1)
+        rc = proc.wait(10)
+        reader.join(10)
+        out = "".join(lines)
+        # 130: interrupted; -SIGINT: one more Ctrl-C after the clean-up, as it exited
+        assert rc in (130, -signal.SIGINT), out[-3000:]
+        time.sleep(0.5)
+        assert not _processes_naming(str(tmp)), out[-3000:]  # the node, mosquitto
+        assert not list(tmp.glob("edgeslim-fleet-demo-*"))
+        assert "everything stopped" in out, out[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        for pid in _processes_naming(str(tmp)):  # what the demo left behind
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(os.getpgid(pid), signal.SIGKILL)
 
 
 def test_demo_without_mosquitto_says_how_to_install_it(monkeypatch, capsys):

@@ -181,7 +181,14 @@ def _reversion(src: Path, out: Path, key: Path, version: str) -> Path:
     )
 
 
-def _raise_interrupt(signum: int, frame: Any) -> None:
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _interrupt_once(signum: int, frame: Any) -> None:
+    """The first Ctrl-C or SIGTERM stops the demo; any after it is ignored (set here, before
+    the clean-up begins), so that none can cut the clean-up short."""
+    for s in _STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
     raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -228,15 +235,18 @@ def run_demo(
     console = wide_console()
     mosquitto_path()  # a clear message on how to install it, before any work
     own = workdir is None
-    work = Path(workdir or tempfile.mkdtemp(prefix="edgeslim-fleet-demo-"))
-    work.mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen[bytes]] = []
     broker = controller = traffic = None
     # The nodes run in their own sessions (a Ctrl-C in the terminal does not reach them), so
-    # the clean-up below must run on SIGTERM too, or a killed demo leaves them behind.
-    on_term = threading.current_thread() is threading.main_thread()
-    old_term = signal.signal(signal.SIGTERM, _raise_interrupt) if on_term else None
+    # the clean-up below must run on SIGTERM too, or a killed demo leaves them behind; and it
+    # must run to its end: a second Ctrl-C or SIGTERM, while it stops the nodes, is ignored.
+    on_main = threading.current_thread() is threading.main_thread()
+    old_handlers = {s: signal.signal(s, _interrupt_once) for s in _STOP_SIGNALS} if on_main else {}
+    work = Path(workdir) if workdir is not None else None
     try:
+        if work is None:
+            work = Path(tempfile.mkdtemp(prefix="edgeslim-fleet-demo-"))
+        work.mkdir(parents=True, exist_ok=True)
         if checked:  # (bundles without key_dir: refused above)
             pub = pub_key
             v1, v2 = bundles
@@ -290,9 +300,13 @@ def run_demo(
             d["age_s"] = now - n.last_seen
             rows.append(d)
         console.print(status_table(rows, title="edgeslim fleet status"))
+    except KeyboardInterrupt:
+        with contextlib.suppress(Exception):
+            console.print("interrupted: stopping the nodes, the controller and the broker ...")
+        raise
     finally:
-        if on_term:  # a second SIGTERM must not cut the clean-up short
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for s in old_handlers:  # (when the demo ended without a signal)
+            signal.signal(s, signal.SIG_IGN)
         if traffic is not None and traffic.is_alive():
             traffic.stop()
         for p in procs:  # all at once, then wait: not 10 s per node in turn
@@ -305,9 +319,9 @@ def run_demo(
             controller.stop()
         if broker is not None:
             broker.stop()
-        if own:
+        if own and work is not None:
             shutil.rmtree(work, ignore_errors=True)
         with contextlib.suppress(Exception):
             console.print("demo: everything stopped")
-        if on_term:
-            signal.signal(signal.SIGTERM, old_term if old_term is not None else signal.SIG_DFL)
+        for s, handler in old_handlers.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
