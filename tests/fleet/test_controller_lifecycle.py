@@ -150,3 +150,47 @@ def test_a_start_the_broker_refuses_leaves_nothing_running(broker, tmp_path):
     with socket.socket() as s, pytest.raises(ConnectionRefusedError):
         s.connect(("127.0.0.1", port))
     assert not _open_files(tmp_path / "ctl"), "the registry is still open"
+
+
+def test_a_start_removes_the_uploads_a_crash_cut_short(broker, tmp_path, bundles):
+    """A controller killed -9 while it wrote an upload leaves ``bundles/.SHA.PID.tmp``
+    (up to a bundle's size) that nothing else removes: the next start deletes it. The
+    temporary file of a live writer, and any other file, are kept."""
+    import hashlib
+    import subprocess
+    import sys
+
+    from edgeslim.fleet.controller import Controller
+
+    data = bundles["v1"].read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    folder = tmp_path / "ctl" / "bundles"
+    folder.mkdir(parents=True)
+    # a writer that dies mid-write, as add_bundle writes: .SHA.PID.tmp, then kill -9
+    crash = (
+        "import os, signal, sys\n"
+        "f = open(os.path.join(sys.argv[1], f'.{sys.argv[2]}.{os.getpid()}.tmp'), 'wb')\n"
+        "f.write(os.urandom(1 << 20)); f.flush()\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    dead = subprocess.run([sys.executable, "-c", crash, str(folder), sha], timeout=60)
+    assert dead.returncode == -9
+    (stale,) = folder.glob(".*.tmp")
+    busy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = folder / f".{'c' * 64}.{busy.pid}.tmp"  # another controller's upload under way
+        live.write_bytes(b"partial")
+        other = folder / ".keep.tmp"
+        other.write_bytes(b"not an upload")
+        c = Controller(broker.url("controller"), tmp_path / "ctl").start()
+        try:
+            assert not stale.exists()
+            assert live.exists() and other.exists()
+            assert c.add_bundle(data)["sha256"] == sha  # the same bundle uploads again
+            assert (folder / f"{sha}.eslim").read_bytes() == data
+            assert sorted(p.name for p in folder.glob(".*.tmp")) == sorted([live.name, other.name])
+        finally:
+            c.stop()
+    finally:
+        busy.kill()
+        busy.wait(10)

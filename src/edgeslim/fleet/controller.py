@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import queue
+import re
 import threading
 import time
 from collections import deque
@@ -48,6 +49,24 @@ from edgeslim.fleet.rollout import FINAL_STATES, Rollout, RolloutParams, pick_ca
 __all__ = ["Conflict", "Controller", "NotFound"]
 
 log = logging.getLogger("edgeslim.fleet.controller")
+
+# an upload on its way to bundles/SHA.eslim (see Controller.add_bundle): .SHA.PID.tmp
+_UPLOAD_TMP = re.compile(r"\.([0-9a-f]{64})\.([0-9]+)\.tmp")
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (a signal-0 probe)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except (OverflowError, ValueError):  # not a pid at all
+        return False
+    return True
 
 
 class NotFound(ConfigError):
@@ -143,6 +162,7 @@ class Controller:
         closed first.
         """
         try:
+            self._remove_stale_uploads()  # before the HTTP API takes uploads
             self._ingest.start()
             self.http.start()
             self.link.start(wait=wait)
@@ -394,6 +414,33 @@ class Controller:
         Registry.report_target(db, dep, node, state, detail, now)  # never undoes a rollback
 
     # ------------------------------------------------------------------ bundles
+    def _remove_stale_uploads(self) -> None:
+        """Delete the temporary files of uploads a crash cut short (kill -9, power loss during
+        ``add_bundle``'s write or fsync): their writer is gone and nothing else removes them.
+
+        A file whose writer is another live process is kept: one data folder belongs to one
+        controller (a second one on it would roll back the first one's running deployment
+        at its start), but a second one started by mistake must not break an upload in
+        progress. This process's own pid marks a file of an earlier process that had it
+        (a container's controller is often pid 1 at every start): no upload of this one has
+        begun yet.
+        """
+        removed = 0
+        for path in self.bundles_dir.glob(".*.tmp"):
+            m = _UPLOAD_TMP.fullmatch(path.name)
+            if m is None:
+                continue
+            pid = int(m.group(2))
+            if pid != os.getpid() and _alive(pid):
+                continue
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            removed += 1
+        if removed:
+            log.info("removed %d unfinished upload(s) from %s", removed, self.bundles_dir)
+
     def bundle_path(self, sha: str) -> Path:
         return self.bundles_dir / f"{check_sha256(sha)}.eslim"
 
