@@ -1,7 +1,7 @@
 """``edgeslim serve BUNDLE``: answer the Open Inference Protocol (KServe V2 REST) over HTTP.
 
-Exit codes: 0 after a clean shutdown (Ctrl-C / SIGTERM); 2 a bad bundle or argument; 4 a
-signature problem under ``--public-key``.
+Exit codes: 0 after a shutdown (Ctrl-C / SIGTERM, bounded by ``--drain``); 2 a bad bundle or
+argument; 4 a signature problem under ``--public-key``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from edgeslim.edge import MIN_BODY_MB
+from edgeslim.edge import DRAIN_S, MIN_BODY_MB
 
 TOKEN_ENV = "EDGESLIM_TOKEN"
 
@@ -48,6 +48,10 @@ def register(app: typer.Typer) -> None:
                  "keep cores busy between requests (--no-spin on battery or shared cores)."),
         public_key: Path = typer.Option(
             None, "--public-key", help="Refuse bundles not signed with this Ed25519 key."),
+        drain: float = typer.Option(
+            DRAIN_S, "--drain", min=0.0,
+            help="On SIGTERM or Ctrl-C, seconds the requests in flight get to finish before "
+                 "the connections still open are closed; a second signal closes them at once."),
     ) -> None:
         """Serve bundles over HTTP: /v2/models/NAME/infer, /v2/health/*, /metrics."""
         from rich.console import Console
@@ -64,7 +68,7 @@ def register(app: typer.Typer) -> None:
             [str(b) for b in bundles], host=host, port=port, token=token,
             public_key=str(public_key) if public_key is not None else None,
             max_batch=max_batch, batch_window_ms=batch_window_ms, inline_ms=inline_ms,
-            max_body_mb=max_body_mb, threads=threads, spin=spin,
+            max_body_mb=max_body_mb, threads=threads, spin=spin, drain_s=drain,
         )
         console = Console(stderr=True)
         auth = "bearer token required" if token else "no auth"

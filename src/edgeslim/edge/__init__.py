@@ -16,6 +16,9 @@ __all__ = ["Runner", "load"]
 #: the smallest request body limit a server takes (MB): about 1 kB, a small JSON request
 MIN_BODY_MB = 0.001
 
+#: seconds a server's requests in flight get to finish once shutdown begins (``drain_s``)
+DRAIN_S = 10.0
+
 
 def __getattr__(name: str) -> Any:
     if name in __all__:

@@ -45,7 +45,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from edgeslim.edge import MIN_BODY_MB
+from edgeslim.edge import DRAIN_S, MIN_BODY_MB
 from edgeslim.edge._http import RECEIVE_BUFFER, Connections, edge_protocol, tune_malloc
 from edgeslim.edge.metrics import CONTENT_TYPE, Metrics
 from edgeslim.edge.model_store import ModelStore, ServedModel
@@ -70,6 +70,22 @@ Handler = Callable[[Request], Awaitable[Response]]
 #: ``POST`` paths of the inference endpoint: model name, optional version.
 INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
 HEADER_LENGTH_KEY = HEADER_LENGTH.lower()
+
+#: Seconds the requests of the connections closed at the end of the drain get to end.
+HANG_UP_S = 1.0
+
+
+class _CancelledAtExit(logging.Filter):
+    """Drops uvicorn's "Exception in ASGI application" for a request task cancelled as the
+    server exits (one still waiting on a model run or a load after the drain): the shutdown
+    has said what it cut short, and a traceback would read as a crash."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, asyncio.CancelledError)
+
+
+_CANCELLED_AT_EXIT = _CancelledAtExit()
 
 
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -477,6 +493,11 @@ class EdgeServer:
     idle ones spin-wait for the next run (see ``Runner``); ``workers`` run model
     calls. ``connections.open`` counts the open HTTP connections.
 
+    Shutdown (SIGINT/SIGTERM under ``serve_forever``, or ``stop()``) stops accepting, lets the
+    requests in flight finish for at most ``drain_s`` seconds, then closes the connections
+    still open (a client that stalls mid-request cannot keep the node from exiting); a second
+    SIGINT or SIGTERM closes them at once.
+
     ``app`` is the ASGI application; a node agent may replace it with a wrapper (middleware)
     before ``start()``, which serves whatever ``app`` holds then. ``metrics`` (Prometheus
     families) and ``store`` (the ``ModelStore``) are public too.
@@ -503,6 +524,7 @@ class EdgeServer:
         threads: int | None = None,
         spin: bool = True,
         workers: int = 1,
+        drain_s: float = DRAIN_S,
     ) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
@@ -525,6 +547,7 @@ class EdgeServer:
                               f"{MIN_BODY_MB} (about 1 kB; the default is 16). Got "
                               f"{max_body_mb!r} instead.")
         check_int_range(workers, "workers", "EdgeServer", 1, 256)
+        check_positive(drain_s, "drain_s", "EdgeServer", allow_zero=True)
         if threads is not None:
             check_int_range(threads, "threads", "EdgeServer", 1, 256)
         if not isinstance(spin, bool):
@@ -536,6 +559,7 @@ class EdgeServer:
                               "printable string.")
         self.host = host
         self._port = port
+        self.drain_s = float(drain_s)
         self.executor = ThreadPoolExecutor(max_workers=workers,
                                            thread_name_prefix="edgeslim-infer")
         self.metrics = Metrics()
@@ -608,18 +632,48 @@ class EdgeServer:
         return sock
 
     def _uvicorn(self) -> Any:
-        import signal
-
         import uvicorn
 
         class Server(uvicorn.Server):
-            """Shuts down gracefully on SIGINT/SIGTERM and returns (no re-raised signal), so
-            ``edgeslim serve`` exits 0 after a clean stop; a second Ctrl-C forces it."""
+            """uvicorn's server with a bounded shutdown (see ``EdgeServer``). It returns after
+            SIGINT/SIGTERM (no re-raised signal), so ``edgeslim serve`` exits 0."""
+
+            drain_s = DRAIN_S
+            hung_up = False
 
             def handle_exit(self, sig: int, frame: Any) -> None:
-                if self.should_exit and sig == signal.SIGINT:
+                if self.should_exit:  # a second signal: stop waiting for the requests
                     self.force_exit = True
                 self.should_exit = True
+
+            async def shutdown(self, sockets: Any = None) -> None:
+                # uvicorn waits for the open connections without a bound (and, on Python
+                # 3.12+, also after a forced exit): close those left at the deadline, which
+                # ends its wait, and the requests on them see the client gone
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + self.drain_s
+                waiting = loop.create_task(super().shutdown(sockets))
+                while not waiting.done():
+                    if self.force_exit or loop.time() >= deadline:
+                        self.hang_up()
+                    await asyncio.wait({waiting}, timeout=0.05)
+                await waiting
+                if self.server_state.tasks:  # a run or load under way; then asyncio cancels
+                    await asyncio.wait(set(self.server_state.tasks), timeout=HANG_UP_S)
+
+            def hang_up(self) -> None:
+                self.force_exit = True
+                if self.hung_up:
+                    return
+                self.hung_up = True
+                left = [c for c in self.server_state.connections
+                        if not c.transport.is_closing()]
+                if left:
+                    log.warning("%d connection%s still open after the %g s drain; closing "
+                                "%s", len(left), "s" if len(left) > 1 else "",
+                                self.drain_s, "them" if len(left) > 1 else "it")
+                for connection in left:
+                    connection.transport.close()
 
         tune_malloc()
         # proxy_headers off: the node never reads the client address, and uvicorn's
@@ -629,7 +683,10 @@ class EdgeServer:
                                 lifespan="off", access_log=False,
                                 log_level="warning", timeout_keep_alive=30,
                                 server_header=False, proxy_headers=False)
-        return Server(config)
+        logging.getLogger("uvicorn.error").addFilter(_CANCELLED_AT_EXIT)
+        server = Server(config)
+        server.drain_s = self.drain_s
+        return server
 
     def start(self, timeout: float = 30.0) -> EdgeServer:
         """Serve in a background thread; return once the socket accepts connections."""
@@ -650,12 +707,19 @@ class EdgeServer:
             time.sleep(0.01)
         return self
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop serving (in-flight requests get ``timeout`` seconds) and free the workers."""
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop serving and free the workers: the requests in flight get ``timeout`` seconds
+        (default ``drain_s``) to finish, then the connections still open are closed."""
+        from edgeslim._validate import check_positive
+
+        if timeout is not None:
+            check_positive(timeout, "timeout", "EdgeServer.stop", allow_zero=True)
         if self._server is not None:
+            if timeout is not None:
+                self._server.drain_s = float(timeout)
             self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout)
+            if self._thread is not None:
+                self._thread.join(self._server.drain_s + HANG_UP_S + 5.0)
         self._server = self._thread = None
         self._stopped = True
         self.executor.shutdown(wait=False, cancel_futures=True)
