@@ -19,7 +19,7 @@ def write_atomically(path: Path, fill: Callable[[BinaryIO], None], *,
     file is removed, ``path`` is as it was, and the error (``OSError`` and all) propagates.
     Missing parent folders are created. A ``path`` that is a symbolic link has its target
     replaced (the link stays); ``mode`` None keeps the mode of the file replaced (0o644 for a
-    new one).
+    new one). Folders made for ``path`` are removed again when the write fails.
     """
     with staged(path, mode=mode) as tmp, open(tmp, "w+b") as f:
         fill(f)
@@ -31,8 +31,10 @@ def write_atomically(path: Path, fill: Callable[[BinaryIO], None], *,
 def staged(path: Path, *, mode: int | None = None) -> Iterator[Path]:
     """A temporary file beside ``path`` for writers that need a file name (an exporter, a
     checker): it replaces ``path`` when the block ends without an error and is removed
-    otherwise, ``path`` then being as it was. Links and modes as in ``write_atomically``."""
+    otherwise, ``path`` then being as it was. Links, modes and folders as in
+    ``write_atomically``."""
     tmp: str | None = None
+    made: list[Path] = []
     try:
         if path.is_symlink():
             path = Path(os.path.realpath(path))
@@ -41,7 +43,7 @@ def staged(path: Path, *, mode: int | None = None) -> Iterator[Path]:
                 mode = stat.S_IMODE(os.stat(path).st_mode)
             except OSError:
                 mode = 0o644
-        path.parent.mkdir(parents=True, exist_ok=True)
+        made = make_folders(path.parent)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".eslim-", suffix=".tmp")
         os.close(fd)
         yield Path(tmp)
@@ -51,7 +53,41 @@ def staged(path: Path, *, mode: int | None = None) -> Iterator[Path]:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+        remove_folders(made)
         raise
+
+
+def make_folders(folder: Path) -> list[Path]:
+    """Make ``folder`` and its missing parents; return the folders made, outermost first, for
+    ``remove_folders`` to take away when the write they were made for fails (a failed write
+    then leaves nothing behind, not even an empty folder). Made all or none."""
+    missing = []
+    for where in (folder, *folder.parents):
+        if where.is_dir():
+            break
+        missing.append(where)
+    made: list[Path] = []
+    try:
+        for where in reversed(missing):
+            try:
+                where.mkdir()
+            except FileExistsError:
+                if not where.is_dir():
+                    raise
+                continue  # made by someone else meanwhile: not ours to remove
+            made.append(where)
+    except BaseException:
+        remove_folders(made)
+        raise
+    return made
+
+
+def remove_folders(made: list[Path]) -> None:
+    """Remove the folders ``make_folders`` made, innermost first; one that is no longer empty
+    (something else was put there) stays."""
+    for where in reversed(made):
+        with contextlib.suppress(OSError):
+            where.rmdir()
 
 
 def output_problem(path: Path, *, folder: bool = False) -> str | None:

@@ -2,12 +2,16 @@
 
 A folder cannot be made unwritable for root with chmod, so an unwritable folder is simulated
 by a regular file where a parent folder should be, or by ``tempfile.mkstemp`` / ``os.replace``
-raising ``PermissionError`` for the target folder only.
+raising ``PermissionError`` for the target folder only. A full disk (which needs root to
+mount) is simulated by a file size limit (``RLIMIT_FSIZE``) on a subprocess: its writes past
+the limit fail with EFBIG, as they would with ENOSPC, in whatever code does the writing.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -18,6 +22,28 @@ from edgeslim.cli import main
 from edgeslim.errors import BundleError
 from tests._errors import one_line_error
 from tests.bundle.helpers import mlp_manifest
+
+
+def _main_with_file_limit(args: list[str], limit: int) -> subprocess.CompletedProcess:
+    """``edgeslim ARGS`` in a subprocess that cannot make a file longer than ``limit`` bytes
+    (SIGXFSZ ignored, so a longer write fails with EFBIG instead of killing the process)."""
+    import edgeslim
+
+    code = ("import resource, signal, sys\n"
+            "from edgeslim.cli import main\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n"
+            f"sys.exit(main({args!r}))\n")
+    src = str(Path(edgeslim.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def _one_line(err: str, *words: str) -> None:
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    for word in words:
+        assert word in err, (word, err)
 
 
 def _deny_mkstemp_in(monkeypatch, folder: Path) -> None:
@@ -169,3 +195,49 @@ def test_compress_writes_its_ptq_report_beside_the_bundle(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["out.eslim", "out.ptq-report.json"]
     report = json.loads((tmp_path / "out.ptq-report.json").read_text())
     assert "sensitivity" in report
+
+
+def test_run_outputs_on_a_full_disk(tmp_path, bundle):
+    import numpy as np
+
+    np.save(tmp_path / "x.npy", np.ones((2, 8), np.float32))
+    out = tmp_path / "new" / "deeper" / "y.npz"
+    proc = _main_with_file_limit(["run", str(bundle), str(tmp_path / "x.npy"), "-o", str(out)],
+                                 limit=64)
+    assert proc.returncode == 2, proc.stderr
+    _one_line(proc.stderr, f"error: Cannot write {str(out)!r}", "File too large")
+    assert sorted(os.listdir(tmp_path)) == ["m.eslim", "x.npy"]  # the folders it made: gone
+    proc = _main_with_file_limit(["run", str(bundle), str(tmp_path / "x.npy"), "-o", str(out)],
+                                 limit=1 << 20)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(np.load(out).files) == ["logits"]
+
+
+def test_keygen_on_a_full_disk_leaves_no_folder_behind(tmp_path):
+    out = tmp_path / "keys" / "edge"
+    proc = _main_with_file_limit(["keygen", "--out", str(out)], limit=64)
+    assert proc.returncode == 2, proc.stderr
+    _one_line(proc.stderr, "Cannot write the key file", "File too large", "No key file")
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "keys").mkdir()  # a folder it did not make stays
+    proc = _main_with_file_limit(["keygen", "--out", str(out)], limit=64)
+    assert proc.returncode == 2, proc.stderr
+    assert os.listdir(tmp_path) == ["keys"] and os.listdir(tmp_path / "keys") == []
+    proc = _main_with_file_limit(["keygen", "--out", str(out)], limit=1 << 20)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(out)) == ["signing.key", "signing.pub"]
+
+
+def test_a_failed_write_removes_the_folders_it_made_and_only_those(tmp_path):
+    import errno
+
+    from edgeslim._atomic import write_atomically
+
+    def fill(f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(OSError, match="No space left"):
+        write_atomically(tmp_path / "kept" / "a" / "b" / "x.bin", fill)
+    assert os.listdir(tmp_path) == ["kept"] and os.listdir(tmp_path / "kept") == []

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
-from edgeslim._atomic import output_problem, write_error_reason
+from edgeslim._atomic import make_folders, output_problem, remove_folders, write_error_reason
 from edgeslim._validate import check_path
 from edgeslim.errors import ConfigError, SignatureError
 
@@ -210,7 +210,7 @@ def generate_keypair(out_dir: str | os.PathLike, *, force: bool = False) -> tupl
     The private key is PKCS8 PEM with mode 0600, the public key SubjectPublicKeyInfo PEM.
     Existing key files are refused (``ConfigError``) unless ``force=True``; a folder in the
     place of either file is always refused. The two files are replaced together or not at
-    all: on a failure the old pair is left as it was.
+    all: on a failure the old pair is left as it was, and the folders made for it are removed.
     """
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -235,18 +235,22 @@ def generate_keypair(out_dir: str | os.PathLike, *, force: bool = False) -> tupl
             "(CLI: --force) to replace them."
         )
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        made = make_folders(out)
     except OSError as exc:
         raise ConfigError(f"Cannot make the key folder {out}: "
                           f"{output_problem(out, folder=True) or exc.strerror or exc}.") from None
-    key = Ed25519PrivateKey.generate()
-    private_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    public_pem = key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    _install_pair(key_path, private_pem, pub_path, public_pem)
+    try:
+        key = Ed25519PrivateKey.generate()
+        private_pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        public_pem = key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        _install_pair(key_path, private_pem, pub_path, public_pem)
+    except BaseException:
+        remove_folders(made)  # a failed keygen leaves no empty key folder behind
+        raise
     return key_path, pub_path

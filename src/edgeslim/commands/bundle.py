@@ -251,9 +251,14 @@ def register(app: typer.Typer) -> None:
             return
         import numpy as np
 
-        from edgeslim._atomic import write_atomically
+        from edgeslim._atomic import write_atomically, write_error_reason
+        from edgeslim.errors import ConfigError
 
-        write_atomically(out, lambda f: np.savez(f, **outputs))
+        try:
+            write_atomically(out, lambda f: np.savez(f, **outputs))
+        except OSError as exc:  # a full disk: found only now, after the run
+            raise ConfigError(f"Cannot write {str(out)!r}: "
+                              f"{write_error_reason(out, exc)}.") from None
         typer.echo(f"outputs {', '.join(outputs)}: {out}")
 
     @app.command("extract")
