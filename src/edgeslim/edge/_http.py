@@ -16,12 +16,25 @@ default glibc serves each buffer over ~128 kB (a request body, its copy for the 
 fresh pages, and faulting in the 150 pages of a 600 kB image body costs more than moving it
 through the socket: on the project's machine it is the difference between 1.2 ms and 0.5 ms
 per request for a 600 kB POST.
+
+``draining_server`` is the uvicorn server every HTTP server of the project runs (the edge
+server, the fleet controller's API): its shutdown waits for the requests in flight for a
+bounded time, then closes the connections still open.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
 from typing import Any
+
+from edgeslim.edge import DRAIN_S
+
+log = logging.getLogger(__name__)
+
+#: Seconds the requests of the connections closed at the end of the drain get to end.
+HANG_UP_S = 1.0
 
 #: Bytes asked for as SO_RCVBUF on the listening socket (the kernel caps it at rmem_max).
 RECEIVE_BUFFER = 4 << 20
@@ -164,3 +177,79 @@ def edge_protocol(body_buffer: int, connections: Connections | None = None
             super().connection_lost(exc)
 
     return EdgeHttp
+
+
+class _CancelledAtExit(logging.Filter):
+    """Drops uvicorn's "Exception in ASGI application" for a request task cancelled as the
+    server exits (one still waiting on a model run or a load after the drain): the shutdown
+    has said what it cut short, and a traceback would read as a crash."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, asyncio.CancelledError)
+
+
+_CANCELLED_AT_EXIT = _CancelledAtExit()
+
+
+@functools.cache
+def _draining_server_class() -> type[Any]:
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):  # type: ignore[misc]
+        """uvicorn's server with a bounded shutdown (see ``draining_server``). It returns after
+        SIGINT/SIGTERM (no re-raised signal), so a CLI serving with it exits 0."""
+
+        drain_s = DRAIN_S
+        hung_up = False
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if self.should_exit:  # a second signal: stop waiting for the requests
+                self.force_exit = True
+            self.should_exit = True
+
+        async def shutdown(self, sockets: Any = None) -> None:
+            # uvicorn waits for the open connections without a bound (and, on Python
+            # 3.12+, also after a forced exit): close those left at the deadline, which
+            # ends its wait, and the requests on them see the client gone
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.drain_s
+            waiting = loop.create_task(super().shutdown(sockets))
+            while not waiting.done():
+                if self.force_exit or loop.time() >= deadline:
+                    self.hang_up()
+                await asyncio.wait({waiting}, timeout=0.05)
+            await waiting
+            if self.server_state.tasks:  # a run or load under way; then asyncio cancels
+                await asyncio.wait(set(self.server_state.tasks), timeout=HANG_UP_S)
+
+        def hang_up(self) -> None:
+            """Close the connections still open (once); their requests see the client gone."""
+            self.force_exit = True
+            if self.hung_up:
+                return
+            self.hung_up = True
+            left = [c for c in self.server_state.connections if not c.transport.is_closing()]
+            if left:
+                log.warning("%d connection%s still open after the %g s drain; closing %s",
+                            len(left), "s" if len(left) > 1 else "", self.drain_s,
+                            "them" if len(left) > 1 else "it")
+            for connection in left:
+                connection.transport.close()
+
+    return DrainingServer
+
+
+def draining_server(config: Any, drain_s: float) -> Any:
+    """A ``uvicorn.Server`` for ``config`` whose shutdown is bounded.
+
+    Once asked to exit (``should_exit``, or SIGINT/SIGTERM when it runs in the main thread) it
+    stops accepting and lets the requests in flight finish for at most ``drain_s`` seconds
+    (``server.drain_s``, which may be changed until then); the connections still open then are
+    closed, so a client that stalls mid-request cannot keep the process, or the thread serving,
+    from ending. A second signal closes them at once. Stock uvicorn waits for them for ever.
+    """
+    logging.getLogger("uvicorn.error").addFilter(_CANCELLED_AT_EXIT)
+    server = _draining_server_class()(config)
+    server.drain_s = float(drain_s)
+    return server

@@ -46,7 +46,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from edgeslim.edge import DRAIN_S, MIN_BODY_MB
-from edgeslim.edge._http import RECEIVE_BUFFER, Connections, edge_protocol, tune_malloc
+from edgeslim.edge._http import (
+    HANG_UP_S,
+    RECEIVE_BUFFER,
+    Connections,
+    draining_server,
+    edge_protocol,
+    tune_malloc,
+)
 from edgeslim.edge.metrics import CONTENT_TYPE, Metrics
 from edgeslim.edge.model_store import ModelStore, ServedModel
 from edgeslim.edge.v2 import (
@@ -70,23 +77,6 @@ Handler = Callable[[Request], Awaitable[Response]]
 #: ``POST`` paths of the inference endpoint: model name, optional version.
 INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
 HEADER_LENGTH_KEY = HEADER_LENGTH.lower()
-
-#: Seconds the requests of the connections closed at the end of the drain get to end.
-HANG_UP_S = 1.0
-
-
-class _CancelledAtExit(logging.Filter):
-    """Drops uvicorn's "Exception in ASGI application" for a request task cancelled as the
-    server exits (one still waiting on a model run or a load after the drain): the shutdown
-    has said what it cut short, and a traceback would read as a crash."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        return not isinstance(exc, asyncio.CancelledError)
-
-
-_CANCELLED_AT_EXIT = _CancelledAtExit()
-
 
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     """The V2 error response."""
@@ -634,47 +624,6 @@ class EdgeServer:
     def _uvicorn(self) -> Any:
         import uvicorn
 
-        class Server(uvicorn.Server):
-            """uvicorn's server with a bounded shutdown (see ``EdgeServer``). It returns after
-            SIGINT/SIGTERM (no re-raised signal), so ``edgeslim serve`` exits 0."""
-
-            drain_s = DRAIN_S
-            hung_up = False
-
-            def handle_exit(self, sig: int, frame: Any) -> None:
-                if self.should_exit:  # a second signal: stop waiting for the requests
-                    self.force_exit = True
-                self.should_exit = True
-
-            async def shutdown(self, sockets: Any = None) -> None:
-                # uvicorn waits for the open connections without a bound (and, on Python
-                # 3.12+, also after a forced exit): close those left at the deadline, which
-                # ends its wait, and the requests on them see the client gone
-                loop = asyncio.get_running_loop()
-                deadline = loop.time() + self.drain_s
-                waiting = loop.create_task(super().shutdown(sockets))
-                while not waiting.done():
-                    if self.force_exit or loop.time() >= deadline:
-                        self.hang_up()
-                    await asyncio.wait({waiting}, timeout=0.05)
-                await waiting
-                if self.server_state.tasks:  # a run or load under way; then asyncio cancels
-                    await asyncio.wait(set(self.server_state.tasks), timeout=HANG_UP_S)
-
-            def hang_up(self) -> None:
-                self.force_exit = True
-                if self.hung_up:
-                    return
-                self.hung_up = True
-                left = [c for c in self.server_state.connections
-                        if not c.transport.is_closing()]
-                if left:
-                    log.warning("%d connection%s still open after the %g s drain; closing "
-                                "%s", len(left), "s" if len(left) > 1 else "",
-                                self.drain_s, "them" if len(left) > 1 else "it")
-                for connection in left:
-                    connection.transport.close()
-
         tune_malloc()
         # proxy_headers off: the node never reads the client address, and uvicorn's
         # X-Forwarded-For middleware would wrap every request for nothing
@@ -683,10 +632,7 @@ class EdgeServer:
                                 lifespan="off", access_log=False,
                                 log_level="warning", timeout_keep_alive=30,
                                 server_header=False, proxy_headers=False)
-        logging.getLogger("uvicorn.error").addFilter(_CANCELLED_AT_EXIT)
-        server = Server(config)
-        server.drain_s = self.drain_s
-        return server
+        return draining_server(config, self.drain_s)
 
     def start(self, timeout: float = 30.0) -> EdgeServer:
         """Serve in a background thread; return once the socket accepts connections."""

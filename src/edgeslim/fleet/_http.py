@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import threading
 import time
 from typing import Any
 
+from edgeslim.edge._http import HANG_UP_S, draining_server
 from edgeslim.errors import ConfigError, MissingDependencyError
 
 __all__ = ["ServerThread"]
+
+log = logging.getLogger(__name__)
 
 
 class ServerThread:
     """uvicorn on a daemon thread, bound before start (``port=0`` picks a free port).
 
     The socket is bound here, so ``port`` is known at once and two servers never race for it.
+    The server is the edge server's (``edgeslim.edge._http.draining_server``): ``stop`` lets
+    the requests in flight finish for a bounded time, then closes the connections still open,
+    so a client stalled mid-request cannot keep it (or the thread) from ending.
     """
 
     def __init__(
@@ -40,7 +47,7 @@ class ServerThread:
         config = uvicorn.Config(
             app, log_level="warning", access_log=False, lifespan="off", timeout_keep_alive=30
         )
-        self._server = uvicorn.Server(config)
+        self._server = draining_server(config, drain_s=5.0)
         self._thread = threading.Thread(
             target=self._server.run, kwargs={"sockets": [self._sock]}, name=name, daemon=True
         )
@@ -59,8 +66,14 @@ class ServerThread:
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
+        """Stop serving: the requests in flight get ``timeout`` seconds to finish, then the
+        connections still open are closed and the server thread ends."""
+        self._server.drain_s = float(timeout)
         self._server.should_exit = True
         if self._thread.is_alive():
-            self._thread.join(timeout)
+            limit = timeout + HANG_UP_S + 5.0  # the drain, the hang-up, the loop's close
+            self._thread.join(limit)
+            if self._thread.is_alive():
+                log.error("the HTTP server on %s did not stop within %g s", self.url, limit)
         with contextlib.suppress(OSError):
             self._sock.close()
