@@ -184,3 +184,23 @@ def test_labels_parse_and_refuse_malformed_pairs():
     for bad in ("novalue", "a b=c", "k=v=w"):
         with pytest.raises(ConfigError, match="key=value"):
             parse_labels(bad)
+
+
+def test_ids_shas_and_urls_with_a_trailing_newline_are_refused():
+    """``$`` also matches before a final newline: every protocol pattern must match the whole
+    value, or "edge-1\\n" becomes a node id (and a topic level holding a newline)."""
+    from edgeslim.fleet.protocol import check_node_id, check_sha256
+
+    assert check_node_id("edge-1") == "edge-1"
+    assert check_sha256(SHA_A) == SHA_A
+    for bad in ("edge-1\n", "edge-1\r\n", "\nedge-1"):
+        with pytest.raises(ConfigError, match="'id'"):
+            check_node_id(bad)
+    with pytest.raises(ConfigError, match="sha256"):
+        check_sha256(SHA_A + "\n")
+    with pytest.raises(ConfigError, match="'id'"):
+        Status.from_dict({"id": "n1\n", "state": "serving"})
+    with pytest.raises(ProtocolError, match="'http'"):
+        Status.from_dict({"id": "n1", "state": "s", "http": "http://127.0.0.1:8001\n"})
+    with pytest.raises(ConfigError, match="sha256"):
+        Desired.from_dict({"deployment": 1, "sha256": SHA_A + "\n"})

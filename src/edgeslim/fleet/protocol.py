@@ -67,10 +67,12 @@ PREFIX = "edgeslim"
 PROTOCOL_VERSION = 1
 RECORD_KINDS = ("telemetry", "report", "result", "event")
 
-_NODE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_LABEL_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_HTTP_URL = re.compile(r"^https?://[^/\s?#@]+(/\S*)?$")
+# Used with fullmatch only: "$" also matches before a trailing newline, so "^...$" with
+# match() lets "edge-1\n" through.
+_NODE_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_LABEL_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_HTTP_URL = re.compile(r"https?://[^/\s?#@]+(/\S*)?")
 
 
 class ProtocolError(ConfigError):
@@ -79,7 +81,7 @@ class ProtocolError(ConfigError):
 
 def check_node_id(value: Any, func: str = "fleet") -> str:
     """A node id: 1-64 characters from [A-Za-z0-9_.-] (no MQTT wildcards, no '/')."""
-    if not isinstance(value, str) or not _NODE_ID.match(value):
+    if not isinstance(value, str) or not _NODE_ID.fullmatch(value):
         raise ConfigError(
             f"The 'id' parameter of {func} must be 1-64 characters from [A-Za-z0-9_.-]. "
             f"Got {value!r} instead."
@@ -89,7 +91,7 @@ def check_node_id(value: Any, func: str = "fleet") -> str:
 
 def check_sha256(value: Any, name: str = "sha256", func: str = "fleet") -> str:
     """A lower-case hex sha256 (64 characters)."""
-    if not isinstance(value, str) or not _SHA256.match(value):
+    if not isinstance(value, str) or not _SHA256.fullmatch(value):
         raise ConfigError(
             f"The '{name}' parameter of {func} must be a lower-case hex sha256 "
             f"(64 characters). Got {value!r} instead."
@@ -131,7 +133,7 @@ def parse_labels(text: str | None) -> dict[str, str]:
             continue
         key, sep, value = item.partition("=")
         key, value = key.strip(), value.strip()
-        if not sep or not _LABEL_KEY.match(key) or "=" in value:
+        if not sep or not _LABEL_KEY.fullmatch(key) or "=" in value:
             raise ConfigError(
                 f"The 'labels' parameter must be comma-separated key=value pairs with keys "
                 f"from [A-Za-z0-9_.-]. Got {item!r} in {text!r} instead."
@@ -227,7 +229,7 @@ class Status:
         if not isinstance(labels, dict):
             raise ProtocolError(f"The status field 'labels' must be an object. Got {labels!r}")
         http = str(data.get("http", "") or "")
-        if http and not _HTTP_URL.match(http):
+        if http and not _HTTP_URL.fullmatch(http):
             raise ProtocolError(f"The status field 'http' must be an http(s) URL. Got {http!r}")
         queue = _number(data, "queue", int)
         if not 0 <= queue <= 2**31:
