@@ -396,6 +396,61 @@ def test_a_16_bit_grey_png_is_scaled_not_clipped():
     np.testing.assert_array_equal(out[0, :, :, 0], (ramp >> 8).astype(np.float32))
 
 
+def _wide_grey_reference(img: Image.Image) -> np.ndarray:
+    """The 16-bit conversion as it was first written (int64 copies): the reference."""
+    return (np.clip(np.asarray(img, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
+
+
+def test_16_bit_grey_conversion_matches_the_reference_band_by_band(monkeypatch):
+    from edgeslim.edge.preprocess import image as image_mod
+
+    rng = np.random.default_rng(3)
+    grey = rng.integers(0, 65536, size=(37, 53), dtype=np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(grey).save(buf, format="PNG")
+    png = Image.open(io.BytesIO(buf.getvalue()))
+    png.load()
+    signed = rng.integers(-70000, 140000, size=(37, 53), dtype=np.int32)
+    images = [png, Image.frombytes("I;16B", (53, 37), grey.astype(">u2").tobytes()),
+              Image.fromarray(signed, "I")]
+    for band in (1 << 18, 53 * 5 + 7, 1):  # one band; several with a short last one; a row
+        monkeypatch.setattr(image_mod, "GREY_BAND_PIXELS", band)
+        for img in images:
+            got = image_mod.wide_grey_to_8bit(img)
+            assert got.dtype == np.uint8
+            np.testing.assert_array_equal(got, _wide_grey_reference(img))
+    for mode in ("L", "RGB"):
+        out = Pipeline([{"op": "image.decode", "mode": mode},
+                        {"op": "image.scale", "divisor": 1.0},
+                        {"op": "image.layout", "layout": "HWC"}]).apply(buf.getvalue())["input"]
+        ref = np.asarray(Image.fromarray(_wide_grey_reference(png), "L").convert(mode),
+                         dtype=np.float32).reshape(out.shape)
+        np.testing.assert_array_equal(out, ref)
+
+
+def test_a_16_bit_png_costs_no_wide_copies_of_itself():
+    """A 16-bit PNG compresses to almost nothing (77 kB for 40 MP): decoding it may not make
+    int64 copies (8 bytes a pixel, several at once); what numpy allocates stays under two
+    bytes a pixel (the 8-bit result plus one band)."""
+    import tracemalloc
+
+    h, w = 1500, 2000
+    row = (np.arange(w, dtype=np.uint32) * 32).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(np.broadcast_to(row, (h, w)).copy()).save(buf, format="PNG")
+    data = buf.getvalue()
+    pipe = Pipeline([{"op": "image.decode", "mode": "L"}, {"op": "image.center_crop", "size": 4},
+                     {"op": "image.scale", "divisor": 1.0}, {"op": "image.layout"}])
+    tracemalloc.start()
+    try:
+        out = pipe.apply(data)["input"]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(out[0, 0], np.broadcast_to(row[998:1002] >> 8, (4, 4)))
+    assert peak < 2 * h * w, f"decoding took {peak} bytes for {h * w} pixels"
+
+
 def test_text_with_a_lone_surrogate_is_an_inference_error():
     pipe = Pipeline([{"op": "text.tokenize", "tokenizer": "t"}],
                     files={"t": _word_piece_tokenizer_json()})

@@ -66,17 +66,40 @@ def _decode(params: dict[str, Any], ctx: BuildContext) -> Any:
                                  f"allowed")
         try:
             img.load()
-            if img.mode in ("I", "I;16", "I;16B", "I;16L"):
+            if img.mode in _WIDE_GREY:
                 # 16-bit grey: convert() would clip at 255 (a white image); scale it to 8 bits
-                import numpy as np
-
-                wide = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)
-                img = Image.fromarray((wide >> 8).astype(np.uint8), "L")
+                img = Image.fromarray(wide_grey_to_8bit(img), "L")
             return img.convert(mode)
         except Exception as exc:
             raise InferenceError(f"could not decode the image: {exc}") from None
 
     return step
+
+
+_WIDE_GREY = ("I", "I;16", "I;16B", "I;16L")
+
+#: Pixels converted at a time by ``wide_grey_to_8bit``: its temporaries stay near a megabyte
+#: whatever the image's size (a 77 kB PNG can hold 40 million 16-bit pixels).
+GREY_BAND_PIXELS = 1 << 18
+
+
+def wide_grey_to_8bit(img: Any) -> np.ndarray:
+    """The top 8 of 16 bits of a loaded 16-bit (or 32-bit ``"I"``) grey image, as a uint8
+    ``(H, W)`` array: ``clip(v, 0, 65535) >> 8``.
+
+    Converted a band of rows at a time in the image's own dtype (uint16, or int32 for mode
+    ``"I"``), so the only full-size array is the 8-bit result.
+    """
+    w, h = img.size
+    out = np.empty((h, w), dtype=np.uint8)
+    rows = max(1, GREY_BAND_PIXELS // max(w, 1))
+    for top in range(0, h, rows):
+        bottom = min(h, top + rows)
+        band = np.asarray(img.crop((0, top, w, bottom)))
+        if band.dtype.kind == "i":  # mode "I" (int32) may hold values outside 16 bits
+            band = np.clip(band, 0, 65535)
+        np.right_shift(band, 8, out=out[top:bottom], casting="unsafe")
+    return out
 
 
 def _open(raw: bytes) -> Any:
