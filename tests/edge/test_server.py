@@ -420,3 +420,60 @@ def test_repository_index_and_unknown_routes(client):
     assert r.status_code == 422 and "not a regular file" in r.json()["error"]
     r = client.post("/v2/models/text/raw", content=b'"bad \\ud800 text"')
     assert r.status_code == 400 and "not valid Unicode" in r.json()["error"]
+
+
+def test_raw_preprocessing_runs_at_most_one_job_per_cpu_at_once(edge_bundles, monkeypatch):
+    """Preprocessing a large image takes hundreds of MB while it runs: the /raw endpoint runs
+    at most ``preprocess_workers()`` of them at once, and the others wait their turn."""
+    import threading
+    import time
+
+    import httpx
+
+    from edgeslim.edge import server as server_mod
+
+    monkeypatch.setattr(server_mod, "preprocess_workers", lambda: 2, raising=False)
+    srv = server_mod.EdgeServer([edge_bundles["linear"]], threads=1).start()
+    try:
+        model = srv.store.get("linear")
+        real = model.pipeline.apply_with_context
+        lock, release = threading.Lock(), threading.Event()
+        state = {"active": 0, "most": 0, "entered": 0}
+
+        def held(payload):
+            with lock:
+                state["active"] += 1
+                state["entered"] += 1
+                state["most"] = max(state["most"], state["active"])
+            try:
+                release.wait(30)
+                return real(payload)
+            finally:
+                with lock:
+                    state["active"] -= 1
+
+        monkeypatch.setattr(model.pipeline, "apply_with_context", held)
+        width = read_bundle(edge_bundles["linear"]).manifest["inputs"][0]["shape"][-1]
+        codes: list[int] = []
+
+        def post():
+            r = httpx.post(f"{srv.url}/v2/models/linear/raw", json=[[0.5] * width], timeout=60)
+            codes.append(r.status_code)
+
+        clients = [threading.Thread(target=post) for _ in range(6)]
+        for t in clients:
+            t.start()
+        deadline = time.monotonic() + 20
+        while state["entered"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.5)  # room for any job beyond the bound to start
+        entered_while_held = state["entered"]
+        release.set()
+        for t in clients:
+            t.join(60)
+        assert entered_while_held == 2
+        assert state["most"] == 2 and state["entered"] == 6
+        assert codes == [200] * 6
+    finally:
+        release.set()
+        srv.stop()

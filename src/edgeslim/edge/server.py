@@ -36,6 +36,7 @@ import re
 import time
 import zlib
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -199,8 +200,26 @@ async def receive_body(receive: Any, headers: Any, limit: int) -> bytes:
     return out
 
 
+def preprocess_workers() -> int:
+    """Threads that run ``/raw`` preprocessing: one per CPU this process may use.
+
+    Decoding an image or tokenizing a text is CPU work whose memory grows with the payload
+    (a 40-million-pixel image takes a few hundred MB while it is decoded); more of them at
+    once than there are CPUs finishes none sooner and only multiplies that memory. Further
+    requests wait their turn with their body read.
+    """
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 class EdgeApp:
-    """The starlette application over a ``ModelStore`` (see the module docstring)."""
+    """The starlette application over a ``ModelStore`` (see the module docstring).
+
+    ``preprocess`` runs the ``/raw`` preprocessing (by default a pool of
+    ``preprocess_workers()`` threads, which the app owns).
+    """
 
     def __init__(
         self,
@@ -209,8 +228,13 @@ class EdgeApp:
         *,
         token: str | None = None,
         max_body_bytes: int = 16 << 20,
+        preprocess: Executor | None = None,
     ) -> None:
         self.store = store
+        if preprocess is None:
+            preprocess = ThreadPoolExecutor(max_workers=preprocess_workers(),
+                                            thread_name_prefix="edgeslim-pre")
+        self.preprocess = preprocess
         self.metrics = metrics
         self.admin = bool(token)
         self.max_body = max_body_bytes
@@ -425,7 +449,10 @@ class EdgeApp:
                 want = "a JSON string or list of strings" if kind == "text" else "a JSON array"
                 raise V2Error(f"model '{model.name}' takes {want}; the body is not valid "
                               f"JSON: {exc}"[:300]) from None
-        feeds, context = await asyncio.to_thread(model.pipeline.apply_with_context, payload)
+        # on the bounded pool, not asyncio's default one (cpu + 4 threads, shared with loads)
+        loop = asyncio.get_running_loop()
+        feeds, context = await loop.run_in_executor(self.preprocess,
+                                                    model.pipeline.apply_with_context, payload)
         # (the context already holds the feeds: apply_with_context merges them in)
         return model.runner.check_inputs(feeds), context
 
@@ -481,7 +508,9 @@ class EdgeServer:
     lone request of the only connected client runs on the loop for up to 50 ms (see
     ``Batcher``); ``threads`` are onnxruntime intra-op threads per model and ``spin`` whether
     idle ones spin-wait for the next run (see ``Runner``); ``workers`` run model
-    calls. ``connections.open`` counts the open HTTP connections.
+    calls. ``/raw`` preprocessing runs on its own pool of ``preprocess_workers()`` threads
+    (one per CPU), so at most that many payloads are decoded at once.
+    ``connections.open`` counts the open HTTP connections.
 
     Shutdown (SIGINT/SIGTERM under ``serve_forever``, or ``stop()``) stops accepting, lets the
     requests in flight finish for at most ``drain_s`` seconds, then closes the connections
@@ -516,8 +545,6 @@ class EdgeServer:
         workers: int = 1,
         drain_s: float = DRAIN_S,
     ) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
         from edgeslim._validate import check_int_range, check_positive
 
         if isinstance(bundles, (str, os.PathLike)) or not isinstance(bundles, (list, tuple)):
@@ -552,6 +579,8 @@ class EdgeServer:
         self.drain_s = float(drain_s)
         self.executor = ThreadPoolExecutor(max_workers=workers,
                                            thread_name_prefix="edgeslim-infer")
+        self.preprocess_executor = ThreadPoolExecutor(max_workers=preprocess_workers(),
+                                                      thread_name_prefix="edgeslim-pre")
         self.metrics = Metrics()
         self.connections = Connections()
         self.store = ModelStore(self.executor, public_key=public_key, threads=threads, spin=spin,
@@ -569,7 +598,8 @@ class EdgeServer:
             sources[served.name] = served.source or bundle
         self.max_body_bytes = int(max_body_mb * (1 << 20))
         self.app = EdgeApp(self.store, self.metrics, token=token,
-                           max_body_bytes=self.max_body_bytes)
+                           max_body_bytes=self.max_body_bytes,
+                           preprocess=self.preprocess_executor)
         self._server: Any = None
         self._thread: Any = None
         self._stopped = False
@@ -668,7 +698,7 @@ class EdgeServer:
                 self._thread.join(self._server.drain_s + HANG_UP_S + 5.0)
         self._server = self._thread = None
         self._stopped = True
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        self._shutdown_executors()
 
     def serve_forever(self, announce: Callable[[str], None] | None = None) -> None:
         """Serve in this thread until SIGINT/SIGTERM (the CLI); ``announce(url)`` once bound."""
@@ -679,7 +709,11 @@ class EdgeServer:
         try:
             self._server.run(sockets=[sock])
         finally:
-            self.executor.shutdown(wait=False, cancel_futures=True)
+            self._shutdown_executors()
+
+    def _shutdown_executors(self) -> None:
+        for pool in (self.executor, self.preprocess_executor):
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def __enter__(self) -> EdgeServer:
         return self.start() if self._thread is None else self
