@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -60,6 +61,27 @@ def test_a_record_put_before_kill_9_is_on_disk(tmp_path):
     assert len(printed) == 50
     box = Outbox(tmp_path / "o.db")
     assert [r.id for r in box.pending(100)] == printed
+    box.close()
+
+
+def _fill_up(db) -> None:
+    """Let the database grow by two pages at most: SQLite's real "database or disk is full"
+    (SQLITE_FULL), which it rolls back by itself, as on a full disk."""
+    pages = db.execute("PRAGMA page_count").fetchone()[0]
+    db.execute(f"PRAGMA max_page_count={pages + 2}")
+
+
+def test_a_full_disk_is_reported_as_such_by_the_outbox(tmp_path):
+    """SQLite rolls a transaction back by itself when the disk is full: the caller must see
+    "database or disk is full", not a failed ROLLBACK's "no transaction is active"."""
+    box = Outbox(tmp_path / "o.db")
+    box.put("event", {"i": 0})
+    _fill_up(box._db)
+    with pytest.raises(sqlite3.OperationalError, match="database or disk is full"):
+        box.put("event", {"blob": "x" * 200_000})
+    assert not box._db.in_transaction
+    box.put("report", {"deployment": 1, "outcome": "installed"})  # a small record still fits
+    assert [r.kind for r in box.pending(10)] == ["event", "report"]
     box.close()
 
 
@@ -118,6 +140,20 @@ def test_registry_desired_state_follows_deployments_and_rollbacks(tmp_path):
         Registry.report_target(db, d2, "a", "installed", "", 1.0)
     assert {t.node: t.state for t in reg.deployment(d2).targets} == {"a": "rolled_back",
                                                                       "b": "pending"}  # fmt: skip
+    reg.close()
+
+
+def test_a_full_disk_is_reported_as_such_by_the_registry(tmp_path):
+    reg = Registry(tmp_path / "r.db")
+    _fill_up(reg._db)
+    big = [Record(id=f"r{i}", seq=i, kind="event", ts=1.0, body={"blob": "x" * 50_000})
+           for i in range(4)]  # fmt: skip
+    with pytest.raises(sqlite3.OperationalError, match="database or disk is full"), reg.tx() as db:
+        Registry.insert_records(db, "n1", big, now=1.0)
+    assert not reg._db.in_transaction and reg.records() == []
+    with reg.tx() as db:  # the registry goes on
+        Registry.upsert_status(db, _status("n1"), now=2.0)
+    assert reg.node("n1") is not None
     reg.close()
 
 

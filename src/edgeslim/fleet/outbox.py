@@ -124,11 +124,18 @@ class Outbox:
                     )
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise
         for cb in self._listeners:
             cb()
         return out
+
+    def _rollback(self) -> None:
+        """End a failed write transaction, if SQLite has not ended it already: on a full disk
+        or an I/O error it rolls back by itself, and a ROLLBACK then would raise "no
+        transaction is active" over the real error. Called with the lock held."""
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
 
     def pending(self, limit: int, after_seq: int = 0) -> list[Record]:
         """The oldest ``limit`` records with ``seq > after_seq``, in ``seq`` order."""
@@ -155,7 +162,7 @@ class Outbox:
                                           chunk).rowcount
                 self._db.execute("COMMIT")
             except BaseException:  # leave no transaction open for the next put
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise
         return n
 
@@ -176,7 +183,7 @@ class Outbox:
                 n = self._db.execute(f"DELETE FROM outbox WHERE id IN ({marks})", ids).rowcount
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise
         return int(n)
 
