@@ -273,6 +273,19 @@ class Node:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> Node:
+        """Serve, then follow the controller. On failure (a refused broker password, a port
+        in use, ...) everything started so far is stopped again before the error is raised:
+        no thread, port or open database is left behind."""
+        try:
+            return self._start()
+        except BaseException:
+            try:
+                self.stop()
+            except Exception:  # the start's own error is the one to raise
+                log.exception("%s: cleaning up after a failed start", self.id)
+            raise
+
+    def _start(self) -> Node:
         from edgeslim.bundle import load_public_key
         from edgeslim.fleet.serving import Serving
 
@@ -359,7 +372,10 @@ class Node:
             return
 
     def stop(self) -> None:
-        """Stop cleanly: goodbye status (offline), link, threads, server, outbox."""
+        """Stop cleanly: goodbye status (offline), link, threads, server, outbox. Stops
+        whatever part a failed ``start()`` got to; a second call does nothing."""
+        if self._state is NodeState.STOPPED:
+            return
         self._state = NodeState.STOPPING
         self._stop.set()
         self._work.set()
