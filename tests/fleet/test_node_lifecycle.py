@@ -64,3 +64,26 @@ def test_a_failed_start_stops_everything_it_started(broker, tmp_path, keys):
                                                                    broker=wrong, port=port)):
         pass  # pragma: no cover
     assert not _accepts(port)
+
+
+def test_a_node_starts_once(broker, tmp_path, keys):
+    """A second start() on a running node would open a second server and a second link
+    under the same id; on a stopped one it gave a node with no worker and no ticker (its stop
+    flag stays set) that served but never followed the controller. Both are refused."""
+    node = Node(_config(broker, tmp_path, keys)).start()
+    try:
+        url = node.url
+        with pytest.raises(ConfigError, match="runs once"):
+            node.start()
+        assert node.url == url and node.state is NodeState.EMPTY  # the running node goes on
+    finally:
+        node.stop()
+    with pytest.raises(ConfigError, match="runs once"):
+        node.start()
+    assert node.state is NodeState.STOPPED
+    fresh = Node(_config(broker, tmp_path, keys)).start()  # the same config, a new Node: fine
+    try:
+        assert fresh.state is NodeState.EMPTY
+        assert sorted(t.name for t in fresh._threads) == ["life-1-ticker", "life-1-worker"]
+    finally:
+        fresh.stop()

@@ -211,6 +211,7 @@ class Node:
         self._handled: tuple[int, str, bool] | None = None
         self._work = threading.Event()
         self._stop = threading.Event()
+        self._started = False  # start() was called (a node runs once)
         self._threads: list[threading.Thread] = []
         # answers waiting to be shared; bounded, so a results thread held up by a full disk
         # cannot make the node run out of memory (the overflow is counted and dropped)
@@ -275,7 +276,13 @@ class Node:
     def start(self) -> Node:
         """Serve, then follow the controller. On failure (a refused broker password, a port
         in use, ...) everything started so far is stopped again before the error is raised:
-        no thread, port or open database is left behind."""
+        no thread, port or open database is left behind. A node starts once."""
+        if self._started or self._stop.is_set():
+            raise ConfigError(
+                f"Node {self.id!r} is already started or was stopped; a Node runs once "
+                "(create a new one: Node(config).start())."
+            )
+        self._started = True
         try:
             return self._start()
         except BaseException:
