@@ -3,6 +3,7 @@ answers up to its stop is stored. Real broker, real HTTP, real SQLite."""
 
 from __future__ import annotations
 
+import json
 import socket
 import sqlite3
 import threading
@@ -87,3 +88,55 @@ def test_a_node_starts_once(broker, tmp_path, keys):
         assert sorted(t.name for t in fresh._threads) == ["life-1-ticker", "life-1-worker"]
     finally:
         fresh.stop()
+
+
+def test_every_answer_given_up_to_stop_is_stored(broker, tmp_path, keys, bundles):
+    """With share_results, each answer goes to the outbox, and docs/fleet.md promises no
+    record is lost: the answers still queued at stop(), and those the server gives while it
+    drains, must be stored before the outbox closes; so must the last telemetry window."""
+    import hashlib
+
+    import httpx
+
+    from edgeslim.fleet.store import BundleStore
+    from tests.fleet.helpers import NAME, infer_body
+
+    data = bundles["v1"].read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    store = BundleStore(tmp_path / "node")
+    store.path(sha).write_bytes(data)
+    store.set_current(sha, NAME)
+    node = Node(_config(broker, tmp_path, keys, share_results=True)).start()
+    assert node.model is not None and node.model.bundle == sha
+    answered: list[str] = []
+    halt = threading.Event()
+
+    def traffic(k: int) -> None:
+        body = infer_body()
+        with httpx.Client(base_url=node.url, timeout=10) as client:
+            for i in range(100_000):
+                if halt.is_set():
+                    return
+                body["id"] = f"{k}-{i}"
+                try:
+                    if client.post(f"/v2/models/{NAME}/infer", json=body).status_code == 200:
+                        answered.append(body["id"])
+                except httpx.HTTPError:  # the server has stopped
+                    return
+
+    clients = [threading.Thread(target=traffic, args=(k,)) for k in range(3)]
+    for t in clients:
+        t.start()
+    wait_until(lambda: len(answered) > 100, 20, 0.02, "some answers")
+    window = node.middleware.window
+    node.stop()
+    halt.set()
+    for t in clients:
+        t.join(10)
+    db = sqlite3.connect(tmp_path / "node" / "outbox.db")
+    rows = [(k, json.loads(b)) for k, b in db.execute("SELECT kind, body FROM outbox")]
+    db.close()
+    stored = [b["request_id"] for k, b in rows if k == "result"]
+    assert len(stored) == len(set(stored))
+    assert set(stored) == set(answered)
+    assert sum(b["requests"] for k, b in rows if k == "telemetry") == window.total_requests

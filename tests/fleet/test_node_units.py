@@ -258,7 +258,9 @@ def test_a_full_disk_does_not_stop_sharing_results_and_the_queue_stays_bounded(t
         assert loop.is_alive()
     finally:
         node._stop.set()
+        node._drained.set()  # what stop() says once the server has stopped: the loop ends
         loop.join(5)
+    assert not loop.is_alive()
 
 
 def test_a_failed_ack_leaves_no_transaction_open_for_the_next_record(tmp_path):

@@ -213,6 +213,8 @@ class Node:
         self._stop = threading.Event()
         self._started = False  # start() was called (a node runs once)
         self._threads: list[threading.Thread] = []
+        self._drained = threading.Event()  # set by stop() once the server has stopped
+        self._results_thread: threading.Thread | None = None
         # answers waiting to be shared; bounded, so a results thread held up by a full disk
         # cannot make the node run out of memory (the overflow is counted and dropped)
         self._results: queue.Queue[tuple[str | None, bytes]] = queue.Queue(self.RESULTS_QUEUE)
@@ -355,14 +357,15 @@ class Node:
         for target, name in ((self._worker, "worker"), (self._ticker, "ticker")):
             self._spawn(target, name)
         if self.cfg.share_results:
-            self._spawn(self._results_loop, "results")
+            self._results_thread = self._spawn(self._results_loop, "results")
         self.link.start(wait=self.cfg.connect_wait)
         return self
 
-    def _spawn(self, target: Any, name: str) -> None:
+    def _spawn(self, target: Any, name: str) -> threading.Thread:
         t = threading.Thread(target=target, name=f"{self.id}-{name}", daemon=True)
         t.start()
         self._threads.append(t)
+        return t
 
     def _restore(self) -> None:
         """Serve the last good bundle: ``current``, else the newest of its history that loads."""
@@ -379,22 +382,36 @@ class Node:
             return
 
     def stop(self) -> None:
-        """Stop cleanly: goodbye status (offline), link, threads, server, outbox. Stops
-        whatever part a failed ``start()`` got to; a second call does nothing."""
+        """Stop cleanly, losing no record: say goodbye (offline, so peers stop offloading
+        here), end the worker and the ticker, stop the server (the requests in flight are
+        answered), store every answer it gave (``share_results``) and the last telemetry
+        window, then stop the forwarder and the link and close the outbox. Stops whatever
+        part a failed ``start()`` got to; a second call does nothing."""
         if self._state is NodeState.STOPPED:
             return
         self._state = NodeState.STOPPING
         self._stop.set()
         self._work.set()
+        bye = Status(id=self.id, state="offline", labels=self.labels, ts=time.time())
+        goodbye = (topic("status", self.id), encode(bye), 1, True)
+        if self.link is not None:
+            self.link.publish(*goodbye)
         for t in self._threads:
-            t.join(5.0)
+            if t is not self._results_thread:
+                t.join(5.0)
+        if self.serving is not None:
+            self.serving.stop()
+        # the server has stopped: no answer comes after this one, so the results thread
+        # stores what is queued and ends
+        self._drained.set()
+        if self._results_thread is not None:
+            self._results_thread.join(10.0)
+        if self.outbox is not None:
+            self._telemetry(final=True)
         if self.forwarder is not None:
             self.forwarder.stop()
         if self.link is not None:
-            bye = Status(id=self.id, state="offline", labels=self.labels, ts=time.time())
-            self.link.stop(final=[(topic("status", self.id), encode(bye), 1, True)])
-        if self.serving is not None:
-            self.serving.stop()
+            self.link.stop(final=[goodbye])
         if self.outbox is not None:
             self.outbox.close()
         self._state = NodeState.STOPPED
@@ -591,10 +608,14 @@ class Node:
                 next_tel = now + self.cfg.telemetry_s
             self._stop.wait(max(0.01, min(next_beat, next_tel) - time.monotonic()))
 
-    def _telemetry(self) -> None:
+    def _telemetry(self, final: bool = False) -> None:
+        """Store the window of request stats that ends now (``final``: the one the node
+        stops in, stored only when it saw requests)."""
         if self.middleware is None or self.outbox is None:
             return
         body = self.middleware.window.snapshot()
+        if final and not body["requests"]:
+            return
         m = self.model
         body.update(
             model_sha=m.sha256 if m else None,
@@ -617,20 +638,30 @@ class Node:
                             self.id, self.RESULTS_QUEUE, self.results_dropped)  # fmt: skip
 
     def _results_loop(self) -> None:
+        """Store, then publish, the answers the server gives; ends once the server has
+        stopped (``stop()`` sets ``_drained``) and every answer it gave is stored."""
         backoff = Backoff(initial=self.cfg.backoff_initial, cap=self.cfg.backoff_cap)
         shared: list[tuple[str | None, Result]] = []  # read, not yet in the outbox
-        while not self._stop.is_set():
+        while True:
             if not shared:
                 shared = self._next_results()
                 if not shared:
+                    if self._drained.is_set() and self._results.empty():
+                        return
                     continue
             try:
                 if self.outbox is not None:
                     self.outbox.put_many([("result", r.to_dict()) for _, r in shared])
             except Exception as exc:  # a full disk: keep these, try again (the queue is bounded)
+                if self._drained.is_set():  # the node stops: the disk is not waited for
+                    lost = len(shared) + self._results.qsize()
+                    self.results_dropped += lost
+                    log.error("%s: could not store %d result(s) as the node stops: %s",
+                              self.id, lost, exc)  # fmt: skip
+                    return
                 log.error("%s: could not store %d result(s) (retrying): %s",
                           self.id, len(shared), exc)  # fmt: skip
-                self._stop.wait(backoff.next_delay())
+                self._drained.wait(backoff.next_delay())
                 continue
             backoff.reset()
             if self.link is not None:
