@@ -18,7 +18,7 @@ from edgeslim.errors import BundleError, ConfigError
 from edgeslim.fleet.outbox import Outbox
 from edgeslim.fleet.protocol import ModelRef, Record, Status
 from edgeslim.fleet.registry import Registry
-from edgeslim.fleet.store import BundleStore
+from edgeslim.fleet.store import BundleStore, NoSpace
 
 SHA = "c" * 64
 
@@ -249,3 +249,54 @@ def test_a_capped_download_grows_in_small_steps_and_never_beats_the_cap(tmp_path
     for n, t in seen[1:]:  # bytes got before this chunk stayed within the cap
         assert n - 10_000 <= 100_000 * t + 1
     assert store.path(sha).read_bytes() == data
+
+
+def test_a_bundle_larger_than_the_free_space_is_refused_before_a_byte_is_written(
+    tmp_path, file_server
+):
+    """The controller announces the size (Content-Length): one that does not fit, with room
+    kept for the node's records, fails at once with the reason, instead of filling the disk
+    (a full disk stops the outbox: reports, telemetry and results)."""
+    import shutil
+
+    url, root, _ = file_server
+    store = BundleStore(tmp_path / "node")
+    size = shutil.disk_usage(store.downloads).free + (1 << 30)
+    with open(root / "x", "wb") as f:  # sparse: as large as announced, using no disk
+        f.truncate(size)
+
+    def guard(n: int, total: int | None) -> None:  # should the check be missing: no full disk
+        raise AssertionError(f"{n} bytes written of a bundle that cannot fit")
+
+    with httpx.Client() as client, pytest.raises(NoSpace, match="Not enough disk space") as exc:
+        store.download(f"{url}/b/x", SHA, client=client, on_progress=guard)
+    assert str(size) in str(exc.value)
+    assert store.resume_offset(SHA) == 0 and not store.has(SHA)
+
+
+def test_a_disk_that_fills_up_mid_download_frees_the_partial_file(tmp_path, file_server):
+    """A write refused for want of space mid-download (here: a file-size limit, which
+    refuses a write past it as a full disk does; unprivileged, unlike a small filesystem)
+    deletes the partial file: kept, it would hold the disk full - and the node's outbox with
+    it - for resumes that can only fail the same way."""
+    url, root, _ = file_server
+    data, sha, store = _served(root, tmp_path, 600_000)
+    code = textwrap.dedent(
+        f"""
+        import resource, httpx
+        from edgeslim.fleet.store import BundleStore
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))  # Python ignores SIGXFSZ
+        store = BundleStore({str(store.root)!r})
+        try:
+            with httpx.Client() as client:
+                store.download({url + "/b/x"!r}, {sha!r}, client=client)
+        except Exception as exc:
+            print(type(exc).__name__, exc)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert proc.stdout.startswith("NoSpace The disk filled up"), proc.stdout + proc.stderr
+    assert store.resume_offset(sha) == 0 and not store.has(sha)
+    with httpx.Client() as client:  # with the room back, the bundle downloads whole
+        assert store.download(f"{url}/b/x", sha, client=client).read_bytes() == data

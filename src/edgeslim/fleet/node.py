@@ -55,7 +55,7 @@ from edgeslim.fleet.protocol import (
     node_from_topic,
     topic,
 )
-from edgeslim.fleet.store import BundleStore, Cancelled
+from edgeslim.fleet.store import BundleStore, Cancelled, NoSpace
 
 __all__ = ["Node", "NodeConfig", "NodeState", "auto_labels"]
 
@@ -584,6 +584,8 @@ class Node:
                     )
                 except Cancelled:
                     return None
+                except NoSpace:  # retrying cannot help (the partial file is deleted already)
+                    raise
                 except (httpx.HTTPError, OSError, BundleError) as exc:
                     last = exc
                     if self._stop.is_set():
@@ -591,6 +593,7 @@ class Node:
                     log.info("%s: download attempt %d failed: %s", self.id, attempt + 1, exc)
                     if self._stop.wait(backoff.next_delay()):
                         return None
+        self.store.discard_partial(d.sha256)  # given up: do not hold the disk for it
         raise BundleError(
             f"download of {d.sha256[:12]} failed {self.cfg.download_attempts} times: {last}"
         )

@@ -17,10 +17,12 @@ last bundle that passed its checks, which the node serves at once.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -31,16 +33,25 @@ from typing import Any
 from edgeslim.errors import BundleError
 from edgeslim.fleet.protocol import check_sha256
 
-__all__ = ["BundleStore", "Cancelled", "Pointer", "atomic_write"]
+__all__ = ["BundleStore", "Cancelled", "NoSpace", "Pointer", "atomic_write"]
 
 log = logging.getLogger("edgeslim.fleet.store")
 
 CHUNK = 64 * 1024
+#: bytes a download leaves free on the disk, for the outbox (the node's reports) and pointers
+RESERVE = 1 << 20
+#: write errors that mean the file cannot grow: a full disk, a quota, a file-size limit
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 class Cancelled(BundleError):
     """A download given up because it is no longer wanted (shutdown, or the desired state
     moved on); the partial file stays for a later resume."""
+
+
+class NoSpace(BundleError):
+    """The bundle does not fit on the node's disk (too large for the free space, or the disk
+    filled up during the download); the partial file is deleted, so the disk is freed."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -74,7 +85,9 @@ class Pointer:
 class BundleStore:
     """Content-addressed bundle files of one node (see the module docstring for the layout)."""
 
-    def __init__(self, root: str | os.PathLike[str], *, keep: int = 3) -> None:
+    def __init__(
+        self, root: str | os.PathLike[str], *, keep: int = 3, reserve: int = RESERVE
+    ) -> None:
         self.root = Path(root)
         self.bundles = self.root / "bundles"
         self.downloads = self.root / "downloads"
@@ -82,6 +95,7 @@ class BundleStore:
         for d in (self.bundles, self.downloads, self.rejected_dir):
             d.mkdir(parents=True, exist_ok=True)
         self.keep = keep
+        self.reserve = reserve
 
     # ------------------------------------------------------------------ recovery
     def recover(self) -> list[Path]:
@@ -175,9 +189,11 @@ class BundleStore:
 
         ``client`` is an ``httpx.Client``. ``max_rate`` caps bytes per second (constrained
         links). ``stop`` set or ``cancel()`` true, checked on every chunk, raises
-        ``Cancelled`` (the partial file is kept). The finished file must hash to ``sha`` or
-        it is deleted and ``BundleError`` raised; a matching file is fsynced and moved to
-        ``bundles/SHA.eslim`` atomically.
+        ``Cancelled`` (the partial file is kept). What is left to download (Content-Length)
+        must fit in the free space less ``reserve``, and the disk must not fill up on the
+        way, else the partial file is deleted and ``NoSpace`` raised. The finished file must
+        hash to ``sha`` or it is deleted and ``BundleError`` raised; a matching file is
+        fsynced and moved to ``bundles/SHA.eslim`` atomically.
         """
 
         def check() -> None:
@@ -207,22 +223,37 @@ class BundleStore:
                 mode, have = "wb", 0
             total = resp.headers.get("content-length")
             total_size = have + int(total) if total is not None else None
+            if total is not None:
+                self._check_space(sha, part, int(total), overwrite=mode == "wb")
             # under a cap, read about a tenth of a second's worth at a time, so the file (and
             # the link) grows smoothly instead of in 64 KiB bursts
             step = CHUNK if not max_rate else int(min(CHUNK, max(1024, max_rate / 10)))
-            with open(part, mode) as f:
-                for chunk in resp.iter_bytes(step):
-                    check()
-                    f.write(chunk)
-                    got += len(chunk)
-                    if on_progress is not None:
-                        on_progress(have + got, total_size)
-                    if max_rate:
-                        ahead = got / max_rate - (time.monotonic() - started)
-                        if ahead > 0 and (stop or threading.Event()).wait(ahead):
-                            raise Cancelled("download interrupted by shutdown")
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                with open(part, mode) as f:
+                    for chunk in resp.iter_bytes(step):
+                        check()
+                        f.write(chunk)
+                        got += len(chunk)
+                        if on_progress is not None:
+                            on_progress(have + got, total_size)
+                        if max_rate:
+                            ahead = got / max_rate - (time.monotonic() - started)
+                            if ahead > 0 and (stop or threading.Event()).wait(ahead):
+                                raise Cancelled("download interrupted by shutdown")
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as exc:
+                if exc.errno not in _NO_SPACE:
+                    raise
+                # Resuming cannot help: the partial file would only keep the disk full, and
+                # the node's reports and telemetry with it.
+                part.unlink(missing_ok=True)
+                raise NoSpace(
+                    f"The disk filled up while downloading bundle {sha[:12]} ({have + got} of "
+                    f"{total_size if total_size is not None else '?'} bytes; "
+                    f"{os.strerror(exc.errno)}); the partial file is deleted. Free space on the "
+                    "node or deploy a smaller bundle."
+                ) from exc
         digest = hashlib.sha256()
         with open(part, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
@@ -236,6 +267,23 @@ class BundleStore:
         os.replace(part, self.path(sha))
         _fsync_dir(self.bundles)
         return self.path(sha)
+
+    def _check_space(self, sha: str, part: Path, size: int, *, overwrite: bool) -> None:
+        """Raise ``NoSpace`` (deleting the partial file) unless ``size`` more bytes fit."""
+        reclaimed = part.stat().st_size if overwrite and part.exists() else 0
+        free = shutil.disk_usage(self.downloads).free + reclaimed
+        if size + self.reserve <= free:
+            return
+        part.unlink(missing_ok=True)
+        raise NoSpace(
+            f"Not enough disk space for bundle {sha[:12]}: {size} bytes to download, {free} "
+            f"free in {self.downloads} ({self.reserve} of them kept free for the node's "
+            "records). Free space on the node or deploy a smaller bundle."
+        )
+
+    def discard_partial(self, sha: str) -> None:
+        """Delete the partial download of ``sha``, if any (a download given up)."""
+        (self.downloads / f"{check_sha256(sha)}.part").unlink(missing_ok=True)
 
     def resume_offset(self, sha: str) -> int:
         """Bytes of ``sha`` already downloaded (0 when none)."""
