@@ -137,8 +137,34 @@ def test_a_download_rolled_back_midway_is_abandoned_and_never_installed(tmp_path
         node._on_message(topic("desired", "n1"), b"")  # the rollback of a first deployment
         wait_until(lambda: node.state is NodeState.EMPTY, 3, 0.02, "the download given up")
         assert node.model is None and node.installs == 0 and not node.store.has(sha)
-        assert node.store.resume_offset(sha) < len(data)  # kept for a later resume
+        # no longer wanted: its partial file goes, not to hold the disk for nothing
+        wait_until(lambda: node.store.resume_offset(sha) == 0, 3, 0.02, "the partial deleted")
         assert [r for r in node.outbox.pending(100) if r.kind == "report"] == []
+    finally:
+        node._stop.set()
+        node._work.set()
+        server.shutdown()
+
+
+def test_only_the_partial_download_of_the_wanted_bundle_is_kept(tmp_path):
+    """After a restart the node keeps its partial downloads until it hears its desired state
+    (one may be resumed); then the partials of other bundles go, and the wanted one resumes."""
+    data = os.urandom(300_000)
+    sha = hashlib.sha256(data).hexdigest()
+    stale = hashlib.sha256(b"rolled back while the node was away").hexdigest()
+    server, port = _serve_bytes(data)
+    node = _worker_node(tmp_path, port)
+    (node.store.downloads / f"{stale}.part").write_bytes(os.urandom(100_000))
+    (node.store.downloads / f"{sha}.part").write_bytes(data[:100_000])
+    try:
+        node._work.set()
+        time.sleep(0.3)  # the worker looked: no desired state heard yet, nothing deleted
+        assert node.store.describe()["partial"] == sorted([stale, sha])
+        node._on_message(topic("desired", "n1"),
+                         encode(Desired(deployment=1, sha256=sha, name="m", size=len(data))))
+        wait_until(lambda: node.model is not None, 5, 0.02, "the install")
+        assert node.model.bundle == sha and node.store.path(sha).read_bytes() == data
+        assert node.store.describe()["partial"] == []
     finally:
         node._stop.set()
         node._work.set()

@@ -182,6 +182,24 @@ def test_pointer_is_atomic_keeps_history_and_gc_keeps_only_what_it_names(tmp_pat
     assert store.rejected(shas[2]) == "bad signature" and store.rejected(shas[3]) is None
 
 
+def test_partial_downloads_that_will_never_resume_are_deleted(tmp_path):
+    """A partial download holds disk space: it stays only while it may still be resumed."""
+    store = BundleStore(tmp_path)
+    installed, refused, wanted, other = (hashlib.sha256(bytes([i])).hexdigest()
+                                         for i in range(4))  # fmt: skip
+    store.path(installed).write_bytes(b"whole")
+    store.reject(refused, "bad signature")
+    for sha in (installed, refused, wanted, other):
+        (store.downloads / f"{sha}.part").write_bytes(b"half")
+    removed = store.recover()  # at start: the desired state is not known yet
+    assert {p.name for p in removed} == {f"{installed}.part", f"{refused}.part"}
+    assert store.describe()["partial"] == sorted([wanted, other])
+    assert [p.stem for p in store.drop_partials(keep=wanted)] == [other]
+    assert store.describe()["partial"] == [wanted] and store.resume_offset(wanted) == 4
+    assert [p.stem for p in store.drop_partials()] == [wanted]  # none wanted: none kept
+    assert store.describe()["partial"] == []
+
+
 @pytest.fixture
 def file_server(tmp_path):
     """The controller's bundle route alone: starlette FileResponse behind uvicorn."""

@@ -208,6 +208,7 @@ class Node:
         self._state = NodeState.STARTING
         self._health_note = ""  # why the last install failed ("" when it did not)
         self._desired: Desired | None = None
+        self._desired_heard = False  # a desired state (or its clearing) has arrived
         self._handled: tuple[int, str, bool] | None = None
         self._work = threading.Event()
         self._stop = threading.Event()
@@ -453,20 +454,25 @@ class Node:
                 self.forwarder.on_ack(Ack.from_dict(decode(payload)).ids)
             elif kind == "desired":
                 self._desired = Desired.from_dict(decode(payload)) if payload else None
+                self._desired_heard = True
                 self._work.set()
         except (ProtocolError, ConfigError) as exc:
             log.warning("%s: dropped a message on %s: %s", self.id, name, exc)
 
     # ------------------------------------------------------------------ convergence
     def _worker(self) -> None:
+        swept: Any = ()  # the desired state whose unwanted partial downloads are gone
         while not self._stop.is_set():
             self._work.wait(1.0)
             self._work.clear()
+            if not self._desired_heard or self._stop.is_set():
+                continue  # (nothing known yet, as after a restart: keep what may resume)
             d = self._desired
-            if d is None or self._stop.is_set():
-                continue
             key = _desired_key(d)
-            if key == self._handled:
+            if key != swept:
+                self._drop_partials(d)
+                swept = key
+            if d is None or key == self._handled:
                 continue
             try:
                 finished = self._converge(d)
@@ -476,6 +482,14 @@ class Node:
                 finished = True
             if finished:
                 self._handled = key
+
+    def _drop_partials(self, d: Desired | None) -> None:
+        """Delete the partial downloads of every bundle but the one ``d`` wants: one rolled
+        back or replaced while it travelled is not resumed, and would only take disk."""
+        removed = self.store.drop_partials(keep=d.sha256 if d is not None else None)
+        if removed:
+            log.info("%s: deleted %d partial download(s) no longer wanted: %s", self.id,
+                     len(removed), ", ".join(p.stem[:12] for p in removed))  # fmt: skip
 
     def _report(self, d: Desired, outcome: str, reason: str, seconds: float) -> None:
         """Commit a deployment report; while the outbox cannot take it (a full disk), retry

@@ -3,7 +3,8 @@
 Layout under the node's data directory::
 
     bundles/SHA.eslim     installed bundles, named by their sha256 (immutable)
-    downloads/SHA.part    a download in progress (resumed with HTTP Range after a crash)
+    downloads/SHA.part    a download in progress (resumed with HTTP Range after a crash);
+                          only the bundle the node wants keeps one
     current               JSON {"sha256", "name", "history": [older good shas]}
     rejected/SHA          why a bundle was refused (so a retained desired state that names
                           it is not downloaded again and again)
@@ -46,7 +47,8 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 class Cancelled(BundleError):
     """A download given up because it is no longer wanted (shutdown, or the desired state
-    moved on); the partial file stays for a later resume."""
+    moved on); the partial file stays, for a resume (the node deletes it once it knows that
+    the bundle is no longer wanted)."""
 
 
 class NoSpace(BundleError):
@@ -99,10 +101,29 @@ class BundleStore:
 
     # ------------------------------------------------------------------ recovery
     def recover(self) -> list[Path]:
-        """Remove temporary files a crash left behind; returns what was removed."""
+        """Remove temporary files a crash left behind, and partial downloads of bundles that
+        are installed or were refused (never resumed); returns what was removed."""
         removed = []
         for d in (self.root, self.bundles, self.downloads, self.rejected_dir):
             for p in d.glob(".*.tmp"):
+                with contextlib.suppress(OSError):
+                    p.unlink()
+                    removed.append(p)
+        for p in self.downloads.glob("*.part"):
+            installed = (self.bundles / f"{p.stem}.eslim").exists()
+            if installed or (self.rejected_dir / p.stem).exists():
+                with contextlib.suppress(OSError):
+                    p.unlink()
+                    removed.append(p)
+        return removed
+
+    def drop_partials(self, keep: str | None = None) -> list[Path]:
+        """Delete every partial download but ``keep``'s (the bundle the node wants now, if
+        any): a bundle rolled back or replaced is not resumed, and its bytes would only take
+        disk space. Returns what was deleted."""
+        removed = []
+        for p in self.downloads.glob("*.part"):
+            if p.stem != keep:
                 with contextlib.suppress(OSError):
                     p.unlink()
                     removed.append(p)
