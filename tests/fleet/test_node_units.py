@@ -217,9 +217,8 @@ class _FullDisk(Outbox):
         return super().put_many(items, **kw)
 
 
-def test_a_full_disk_does_not_stop_the_worker_for_good(tmp_path):
-    """The install report cannot be stored while the disk is full: the worker retries it
-    instead of dying, reports once the disk is back, and installs the next bundle too."""
+def _serve_two_bundles() -> tuple[http.server.ThreadingHTTPServer, dict[int, str]]:
+    """A real HTTP server with two bundles (1 and 2) at /bundles/SHA; and their shas."""
     data = {v: f"bundle-{v}".encode() * 100 for v in (1, 2)}
     shas = {v: hashlib.sha256(b).hexdigest() for v, b in data.items()}
 
@@ -236,6 +235,13 @@ def test_a_full_disk_does_not_stop_the_worker_for_good(tmp_path):
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, shas
+
+
+def test_a_full_disk_does_not_stop_the_worker_for_good(tmp_path):
+    """The install report cannot be stored while the disk is full: the worker retries it
+    instead of dying, reports once the disk is back, and installs the next bundle too."""
+    server, shas = _serve_two_bundles()
     node = _worker_node(tmp_path, server.server_address[1])
     node.outbox = box = _FullDisk(tmp_path / "full.db")
 
@@ -254,6 +260,35 @@ def test_a_full_disk_does_not_stop_the_worker_for_good(tmp_path):
         wait_until(lambda: reports() == [(1, "installed"), (2, "installed")], 5, 0.05,
                    "the second install")
         assert node.model.bundle == shas[2] and node.installs == 2
+    finally:
+        node._stop.set()
+        node._work.set()
+        server.shutdown()
+
+
+def test_a_report_the_outbox_cannot_take_does_not_hold_up_the_next_desired_state(tmp_path):
+    """While the disk stays full, the controller moves on (a rollback, a newer deployment):
+    the worker must follow it, not retry the old report and nothing else; the reports are
+    stored, in order, once the disk has room again."""
+    server, shas = _serve_two_bundles()
+    node = _worker_node(tmp_path, server.server_address[1])
+    node.outbox = box = _FullDisk(tmp_path / "full.db")
+
+    def reports():
+        return [(r.body["deployment"], r.body["outcome"]) for r in box.pending(100)
+                if r.kind == "report"]  # fmt: skip
+
+    try:
+        box.full.set()
+        node._on_message(topic("desired", "n1"), encode(Desired(deployment=1, sha256=shas[1])))
+        wait_until(lambda: box.refused >= 2, 5, 0.02, "the first report refused, then retried")
+        node._on_message(topic("desired", "n1"), encode(Desired(deployment=2, sha256=shas[2])))
+        wait_until(lambda: node.model is not None and node.model.bundle == shas[2], 5, 0.02,
+                   "the second install, the disk still full")  # fmt: skip
+        assert node.installs == 2 and node.state is NodeState.SERVING and reports() == []
+        box.full.clear()
+        wait_until(lambda: reports() == [(1, "installed"), (2, "installed")], 5, 0.05,
+                   "both reports, in order")  # fmt: skip
     finally:
         node._stop.set()
         node._work.set()

@@ -20,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import enum
 import json
@@ -197,6 +198,7 @@ class Node:
     """A fleet node agent (see the module docstring). ``start()``, then ``stop()``."""
 
     RESULTS_QUEUE = 10_000  # answers waiting to be shared (--share-results) at most
+    REPORTS_WAITING = 100  # deployment reports waiting for the outbox (a full disk) at most
 
     def __init__(self, config: NodeConfig) -> None:
         self.cfg = config.validate()
@@ -220,6 +222,10 @@ class Node:
         # cannot make the node run out of memory (the overflow is counted and dropped)
         self._results: queue.Queue[tuple[str | None, bytes]] = queue.Queue(self.RESULTS_QUEUE)
         self.results_dropped = 0
+        # deployment reports the outbox could not take yet (a full disk), oldest first; the
+        # worker retries them while it goes on following the desired state
+        self._unsent: collections.deque[dict[str, Any]] = collections.deque()
+        self.reports_dropped = 0
         self.labels: dict[str, str] = {}
         self.peers = Peers(self.id, max_age=max(30.0, 3 * config.heartbeat_s))
         self.outbox: Outbox | None = None
@@ -409,6 +415,9 @@ class Node:
             self._results_thread.join(10.0)
         if self.outbox is not None:
             self._telemetry(final=True)
+            if self._unsent and not self._store_reports():
+                log.error("%s: %d deployment report(s) could not be stored before the stop",
+                          self.id, len(self._unsent))  # fmt: skip
         if self.forwarder is not None:
             self.forwarder.stop()
         if self.link is not None:
@@ -462,9 +471,12 @@ class Node:
     # ------------------------------------------------------------------ convergence
     def _worker(self) -> None:
         swept: Any = ()  # the desired state whose unwanted partial downloads are gone
+        retry = Backoff(initial=self.cfg.backoff_initial, cap=self.cfg.backoff_cap)
         while not self._stop.is_set():
-            self._work.wait(1.0)
+            self._work.wait(retry.next_delay() if self._unsent else 1.0)
             self._work.clear()
+            if self._unsent and self._store_reports():
+                retry.reset()
             if not self._desired_heard or self._stop.is_set():
                 continue  # (nothing known yet, as after a restart: keep what may resume)
             d = self._desired
@@ -492,8 +504,9 @@ class Node:
                      len(removed), ", ".join(p.stem[:12] for p in removed))  # fmt: skip
 
     def _report(self, d: Desired, outcome: str, reason: str, seconds: float) -> None:
-        """Commit a deployment report; while the outbox cannot take it (a full disk), retry
-        with backoff until it does or the node stops. Never raises: the worker lives on."""
+        """Commit a deployment report. While the outbox cannot take it (a full disk), it
+        waits in memory, after any older one, and the worker retries it with backoff as it
+        goes on following the desired state. Never raises: the worker lives on."""
         body = {
             "deployment": d.deployment,
             "bundle": d.sha256,
@@ -503,17 +516,29 @@ class Node:
             "seconds": round(seconds, 3),
             "serving": self.model.bundle if self.model else None,
         }
-        backoff = Backoff(initial=self.cfg.backoff_initial, cap=self.cfg.backoff_cap)
-        while True:
+        if len(self._unsent) >= self.REPORTS_WAITING:
+            old = self._unsent.popleft()
+            self.reports_dropped += 1
+            log.error("%s: dropped the unsaved %s report of deployment %s: %d reports wait "
+                      "for the outbox already", self.id, old["outcome"], old["deployment"],
+                      len(self._unsent))  # fmt: skip
+        self._unsent.append(body)
+        self._store_reports()
+        self.publish_status()
+
+    def _store_reports(self) -> bool:
+        """Commit the waiting reports, oldest first; False when the outbox refused one."""
+        while self._unsent:
+            body = self._unsent[0]
             try:
                 self.record("report", body)
-                break
             except Exception as exc:
-                log.error("%s: could not store the %s report of %s (retrying): %s",
-                          self.id, outcome, d.sha256[:12], exc)  # fmt: skip
-                if self._stop.wait(backoff.next_delay()):
-                    return
-        self.publish_status()
+                log.error("%s: could not store the %s report of deployment %s (%d waiting; "
+                          "retrying): %s", self.id, body["outcome"], body["deployment"],
+                          len(self._unsent), exc)  # fmt: skip
+                return False
+            self._unsent.popleft()
+        return True
 
     def _converge(self, d: Desired) -> bool:
         """Install (or refuse) ``d`` and report it: True. False when the download stopped
