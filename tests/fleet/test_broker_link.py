@@ -179,6 +179,7 @@ def test_a_live_result_over_the_packet_size_is_left_to_the_outbox(tmp_path):
         assert link.losses == 0 and link.connects == 1
     finally:
         node._stop.set()
+        node._drained.set()  # what stop() says once the server has stopped: the loop ends
         loop.join(5)
         link.stop()
         b.close()
