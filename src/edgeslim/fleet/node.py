@@ -217,6 +217,7 @@ class Node:
         self._started = False  # start() was called (a node runs once)
         self._threads: list[threading.Thread] = []
         self._drained = threading.Event()  # set by stop() once the server has stopped
+        self._worker_thread: threading.Thread | None = None
         self._results_thread: threading.Thread | None = None
         # answers waiting to be shared; bounded, so a results thread held up by a full disk
         # cannot make the node run out of memory (the overflow is counted and dropped)
@@ -269,7 +270,7 @@ class Node:
         )
 
     def publish_status(self) -> bool:
-        if self.link is None:
+        if self.link is None or self._stop.is_set():  # stopping: the goodbye is the last word
             return False
         return self.link.publish(
             topic("status", self.id), encode(self.status()), qos=1, retain=True
@@ -361,8 +362,8 @@ class Node:
             broker_limit=lambda: self.link.max_packet_size if self.link else None,
         )
         self.forwarder.start()
-        for target, name in ((self._worker, "worker"), (self._ticker, "ticker")):
-            self._spawn(target, name)
+        self._worker_thread = self._spawn(self._worker, "worker")
+        self._spawn(self._ticker, "ticker")
         if self.cfg.share_results:
             self._results_thread = self._spawn(self._results_loop, "results")
         self.link.start(wait=self.cfg.connect_wait)
@@ -399,13 +400,14 @@ class Node:
         self._state = NodeState.STOPPING
         self._stop.set()
         self._work.set()
+        for t in self._threads:
+            if t is not self._results_thread:
+                t.join(5.0)
+        # after the ticker: no heartbeat may follow it (publish_status is quiet from now on)
         bye = Status(id=self.id, state="offline", labels=self.labels, ts=time.time())
         goodbye = (topic("status", self.id), encode(bye), 1, True)
         if self.link is not None:
             self.link.publish(*goodbye)
-        for t in self._threads:
-            if t is not self._results_thread:
-                t.join(5.0)
         if self.serving is not None:
             self.serving.stop()
         # the server has stopped: no answer comes after this one, so the results thread
@@ -415,7 +417,8 @@ class Node:
             self._results_thread.join(10.0)
         if self.outbox is not None:
             self._telemetry(final=True)
-            if self._unsent and not self._store_reports():
+            worker = self._worker_thread
+            if self._unsent and not (worker and worker.is_alive()) and not self._store_reports():
                 log.error("%s: %d deployment report(s) could not be stored before the stop",
                           self.id, len(self._unsent))  # fmt: skip
         if self.forwarder is not None:
