@@ -70,3 +70,48 @@ def test_api_errors_name_the_problem(api, controller, bundles):
     assert api.post("/deployments/latest/rollback").status_code == 404
     assert api.post("/deployments/x1/rollback").status_code == 400
     assert api.get("/healthz").json()["broker"] == "connected"
+
+
+def _chunks(total: int, size: int = 1 << 16):
+    """``total`` bytes sent chunked (no Content-Length), from one reused buffer."""
+    block = b"\0" * size
+    for start in range(0, total, size):
+        yield block[: min(size, total - start)]
+
+
+def test_a_chunked_upload_over_the_limit_is_refused_as_it_streams(api, controller, bundles,
+                                                                 monkeypatch):  # fmt: skip
+    """The limit holds without a Content-Length: the upload stops at the limit (413) and its
+    temporary file is gone; uploads within the limit still work, chunked or not."""
+    import edgeslim.fleet.api as api_module
+
+    data = bundles["v1"].read_bytes()
+    monkeypatch.setattr(api_module, "MAX_UPLOAD", len(data) + 1000)
+    r = api.post("/bundles", content=_chunks(8 * len(data)))
+    assert r.status_code == 413, r.text
+    assert f"over the limit of {len(data) + 1000}" in r.json()["error"]
+    assert not list(controller.bundles_dir.iterdir())  # neither a temporary file nor a bundle
+    r = api.post("/bundles", content=b"\0" * (len(data) + 1001))  # declared: refused unread
+    assert r.status_code == 413
+    r = api.post("/bundles", content=(data[i:i + 4096] for i in range(0, len(data), 4096)))
+    assert r.status_code == 201 and r.json()["sha256"] == sha_of(bundles["v1"])
+    assert [p.name for p in controller.bundles_dir.iterdir()] == [f"{sha_of(bundles['v1'])}.eslim"]
+
+
+def test_an_upload_is_not_held_in_memory(api, controller):
+    """A large allowed upload streams to disk: the controller's peak allocation stays a
+    fraction of it (the body used to be buffered whole, then copied)."""
+    import tracemalloc
+
+    total = 48 << 20
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        r = api.post("/bundles", content=_chunks(total, 1 << 20))
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert r.status_code == 400, r.text  # not a bundle: read from disk, then removed
+    assert peak < total // 4, f"peak {peak >> 20} MiB for a {total >> 20} MiB upload"
+    assert not list(controller.bundles_dir.iterdir())

@@ -3,7 +3,7 @@
 | method | path                          | what                                                  |
 |--------|-------------------------------|-------------------------------------------------------|
 | GET    | ``/healthz``                  | ``{"ok": true, "broker": "connected" ...}``           |
-| POST   | ``/bundles[?force=1]``        | body = the ``.eslim`` bytes; stores it by sha256       |
+| POST   | ``/bundles[?force=1]``        | body = the ``.eslim`` bytes; stores it by sha256      |
 | GET    | ``/bundles``                  | stored bundles                                        |
 | GET    | ``/bundles/SHA``              | the bundle bytes; ``Range: bytes=N-`` resumes (206)    |
 | GET    | ``/nodes``                    | every node (``online`` computed from ``last_seen``)    |
@@ -12,9 +12,11 @@
 | POST   | ``/deployments/ID/rollback``  | roll back (``latest`` for the newest)                 |
 | GET    | ``/records?kind=&node=&since=``| stored outbox records (telemetry, reports, results)  |
 
-Errors are JSON ``{"error": MESSAGE}`` with 400 (bad input), 404, 409 (conflict) or 422
-(a bundle that does not verify). Bundles are immutable, so their responses carry a strong
-``ETag`` (the sha256) and ``Cache-Control: immutable``; Range handling is starlette's.
+Errors are JSON ``{"error": MESSAGE}`` with 400 (bad input), 404, 409 (conflict), 413 (an
+upload over ``MAX_UPLOAD``) or 422 (a bundle that does not verify). An upload is streamed to a
+file in the bundles folder, never held in memory. Bundles are immutable, so their responses
+carry a strong ``ETag`` (the sha256) and ``Cache-Control: immutable``; Range handling is
+starlette's.
 """
 
 from __future__ import annotations
@@ -30,13 +32,14 @@ if TYPE_CHECKING:
 
 __all__ = ["build_app"]
 
-MAX_UPLOAD = 2 << 30
+MAX_UPLOAD = 2 << 30  # bytes; an upload is refused (413) as soon as it passes this
+WRITE_BYTES = 1 << 20  # an upload is written to its file in pieces of about this size
 
 
 def build_app(c: Controller) -> Any:
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
-    from starlette.requests import Request
+    from starlette.requests import ClientDisconnect, Request
     from starlette.responses import FileResponse, JSONResponse, Response
     from starlette.routing import Route
 
@@ -52,19 +55,42 @@ def build_app(c: Controller) -> Any:
             status = 404
         return JSONResponse({"error": str(exc)}, status_code=status)
 
+    def too_large(size: int, limit: int, sent: str = "") -> JSONResponse:
+        return JSONResponse({"error": f"A bundle of {sent}{size} bytes is over the limit of "
+                                      f"{limit} bytes."}, status_code=413)  # fmt: skip
+
     async def healthz(request: Request) -> Response:
         return JSONResponse({"ok": True, "broker": c.link.state.value, "time": time.time()})
 
     async def upload(request: Request) -> Response:
-        size = int(request.headers.get("content-length") or 0)
-        if size > MAX_UPLOAD:
-            return JSONResponse({"error": f"bundle of {size} bytes over {MAX_UPLOAD}"}, 413)
-        data = await request.body()
+        limit = MAX_UPLOAD
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            return too_large(int(declared), limit)
         force = request.query_params.get("force", "0") in ("1", "true", "yes")
+        # Streamed to a file as it arrives, counted as it goes: a body sent chunked (no
+        # Content-Length) is held to the same limit, and nothing is kept in memory.
+        path = c.upload_path()
         try:
-            info = await run_in_threadpool(c.add_bundle, data, force=force)
+            size = 0
+            with open(path, "xb") as f:
+                pending = bytearray()
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        return too_large(size, limit, sent="at least ")
+                    pending += chunk
+                    if len(pending) >= WRITE_BYTES:
+                        await run_in_threadpool(f.write, pending)
+                        pending.clear()
+                await run_in_threadpool(f.write, pending)
+            info = await run_in_threadpool(c.add_bundle, path, force=force)
+        except ClientDisconnect:  # nobody is left to answer
+            return Response(status_code=400)
         except EdgeslimError as exc:
             return error(exc)
+        finally:  # add_bundle took it or removed it; anything else removes it here
+            path.unlink(missing_ok=True)
         return JSONResponse(info, status_code=201)
 
     def list_bundles(request: Request) -> Response:

@@ -16,6 +16,7 @@ import logging
 import os
 import queue
 import re
+import secrets
 import threading
 import time
 from collections import deque
@@ -50,7 +51,8 @@ __all__ = ["Conflict", "Controller", "NotFound"]
 
 log = logging.getLogger("edgeslim.fleet.controller")
 
-# an upload on its way to bundles/SHA.eslim (see Controller.add_bundle): .SHA.PID.tmp
+# an upload on its way to bundles/SHA.eslim (Controller.upload_path): .ID.PID.tmp, where ID is
+# 64 random hex digits (an older controller named it by the sha256)
 _UPLOAD_TMP = re.compile(r"\.([0-9a-f]{64})\.([0-9]+)\.tmp")
 
 
@@ -444,44 +446,74 @@ class Controller:
     def bundle_path(self, sha: str) -> Path:
         return self.bundles_dir / f"{check_sha256(sha)}.eslim"
 
-    def add_bundle(self, data: bytes, *, force: bool = False) -> dict[str, Any]:
+    def upload_path(self) -> Path:
+        """A new path for an upload on its way into the store: ``bundles/.ID.PID.tmp``, ID
+        64 random hex digits (the sha256 is known only once the upload is in), the name the
+        sweep at start recognises. ``add_bundle`` takes the file written there."""
+        return self.bundles_dir / f".{secrets.token_hex(32)}.{os.getpid()}.tmp"
+
+    def add_bundle(
+        self, data: bytes | str | os.PathLike[str], *, force: bool = False
+    ) -> dict[str, Any]:
         """Store a bundle under its sha256; verify it against the controller's public key.
 
-        A bundle whose signature does not verify is refused (``SignatureError``) unless
-        ``force``: then it is stored unverified, and every node will still refuse it.
+        ``data``: the bundle's bytes, or a file written at ``upload_path()`` (the HTTP API
+        streams uploads there), which this takes: renamed into the store when accepted,
+        deleted when refused. A bundle whose signature does not verify is refused
+        (``SignatureError``) unless ``force``: then it is stored unverified, and every node
+        will still refuse it.
         """
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            tmp = self.upload_path()
+            try:
+                with open(tmp, "xb") as f:
+                    f.write(data)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+        else:
+            tmp = Path(data)
+            if tmp.parent != self.bundles_dir or _UPLOAD_TMP.fullmatch(tmp.name) is None:
+                raise ConfigError(f"add_bundle takes a bundle's bytes or a file at "
+                                  f"Controller.upload_path(). Got {str(tmp)!r} instead.")
+        try:
+            return self._store(tmp, force)
+        finally:  # refused, or the disk failed: nothing is left behind
+            tmp.unlink(missing_ok=True)
+
+    def _store(self, tmp: Path, force: bool) -> dict[str, Any]:
+        """Hash, fsync and check the upload at ``tmp``, then rename it into the store."""
         from edgeslim.bundle import read_bundle
 
-        sha = hashlib.sha256(data).hexdigest()
+        digest = hashlib.sha256()
+        size = 0
+        with open(tmp, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+                size += len(chunk)
+            os.fsync(f.fileno())  # on disk before the rename makes it a bundle
+        sha = digest.hexdigest()
         verified = False
-        try:  # checked in memory: a refused upload never touches the disk, and errors name
-            # the upload, not a temporary file
-            b = read_bundle(
-                data, public_key=self.public_key, require_signature=self.public_key is not None
-            )
-            verified = bool(b.verified)
-            manifest, name, version = b.manifest, b.name, b.version
-        except SignatureError:
-            if not force:
-                raise
-            b = read_bundle(data)
-            manifest, name, version = b.manifest, b.name, b.version
-        except BundleError:
-            if not force:
-                raise
-            manifest, name, version = {}, "unreadable", "?"
-        tmp = self.bundles_dir / f".{sha}.{os.getpid()}.tmp"
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.bundle_path(sha))
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        self.registry.add_bundle(sha, name, version, len(data), verified, manifest)
-        return {"sha256": sha, "name": name, "version": version, "size": len(data),
+            try:
+                b = read_bundle(tmp, public_key=self.public_key,
+                                require_signature=self.public_key is not None)  # fmt: skip
+                verified = bool(b.verified)
+                manifest, name, version = b.manifest, b.name, b.version
+            except SignatureError:
+                if not force:
+                    raise
+                b = read_bundle(tmp)
+                manifest, name, version = b.manifest, b.name, b.version
+            except BundleError:
+                if not force:
+                    raise
+                manifest, name, version = {}, "unreadable", "?"
+        except BundleError as exc:  # (SignatureError too) name the upload, not a scratch file
+            raise type(exc)(str(exc).replace(str(tmp), "the upload")) from None
+        os.replace(tmp, self.bundle_path(sha))
+        self.registry.add_bundle(sha, name, version, size, verified, manifest)
+        return {"sha256": sha, "name": name, "version": version, "size": size,
                 "verified": verified}  # fmt: skip
 
     # ------------------------------------------------------------------ deployments
