@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from edgeslim.errors import ConfigError
+from edgeslim.fleet.api import TOKEN_ENV
 
 if TYPE_CHECKING:
     from edgeslim.fleet.client import FleetClient
@@ -102,12 +103,38 @@ def _http_url(value: str | None, flag: str) -> None:
                           f"Got {value!r} instead.")
 
 
-def _client(controller: str) -> FleetClient:
+def _token(token: str | None) -> str | None:
+    """``--token`` (or ``EDGESLIM_FLEET_TOKEN``) checked: an empty one is refused, not read as
+    no token (a secret that did not arrive must not turn auth off, nor go unsent)."""
+    import os
+
+    from edgeslim.fleet.api import check_token
+
+    if token is None and os.environ.get(TOKEN_ENV) == "":
+        token = ""  # click reads an empty variable as unset
+    if token is not None and not token.strip():
+        raise ConfigError(f"--token (or {TOKEN_ENV}) is empty; give the token, or set neither "
+                          "for a controller without auth.")
+    try:
+        return check_token(token, "--token")
+    except ConfigError:
+        raise ConfigError(f"--token (or {TOKEN_ENV}) must be printable ASCII characters."
+                          ) from None  # fmt: skip
+
+
+def _token_option(text: str) -> Any:
+    return typer.Option(None, "--token", envvar=TOKEN_ENV, show_envvar=True, help=text)
+
+
+_CLIENT_TOKEN_HELP = "The controller's bearer token, when it was started with one."
+
+
+def _client(controller: str, token: str | None) -> FleetClient:
     """A ``FleetClient`` of ``--controller`` (a bad URL is refused naming the flag)."""
     from edgeslim.fleet.client import FleetClient, check_url
 
     check_url(controller, "--controller")
-    return FleetClient(controller)
+    return FleetClient(controller, token=_token(token))
 
 
 # ---------------------------------------------------------------------- long-running verbs
@@ -127,10 +154,14 @@ def controller_cmd(
                   "once a minute, so 0 would keep none)."
     ),
     log_level: str = typer.Option("info", help="debug, info, warning or error."),
+    token: str | None = _token_option(
+        "Require 'Authorization: Bearer TOKEN' on the HTTP API (health and bundle downloads "
+        "stay open: nodes fetch signed bundles without it)."),
 ) -> None:
     """Run the fleet controller until SIGINT/SIGTERM."""
     from edgeslim.fleet.controller import Controller
 
+    token = _token(token)
     _number(offline_after, "--offline-after", "a positive number of seconds")
     _number(retention_days, "--retention-days", "a number of days in (0, 36500]", hi=36500.0)
     _folder(data, "--data")
@@ -143,9 +174,11 @@ def controller_cmd(
         http_port=http_port,
         offline_after=offline_after,
         retention_s=retention_days * 86400.0,
+        token=token,
     )
     c.start()
-    print(f"controller: HTTP {c.url}, broker {c.broker}", file=sys.stderr, flush=True)
+    auth = "bearer token required" if token else "no auth"
+    print(f"controller: HTTP {c.url} ({auth}), broker {c.broker}", file=sys.stderr, flush=True)
     try:
         _wait_for_signal()
     finally:
@@ -285,6 +318,7 @@ def deploy_cmd(
     wait: bool = typer.Option(True, help="Wait for the deployment to finish."),
     timeout: float = typer.Option(600.0, help="Seconds to wait (> 0)."),
     as_json: bool = typer.Option(False, "--json", help="Print the deployment as JSON."),
+    token: str | None = _token_option(_CLIENT_TOKEN_HELP),
 ) -> None:
     """Roll BUNDLE out: canaries first, then the rest; automatic rollback on failure."""
     from edgeslim.fleet.protocol import parse_labels
@@ -301,7 +335,7 @@ def deploy_cmd(
     })  # fmt: skip
     _number(timeout, "--timeout", "a positive number of seconds")
     labels = parse_labels(selector)
-    with _client(controller) as client:
+    with _client(controller, token) as client:
         row = client.deploy(bundle, labels, **params)
         if wait:
             row = client.wait(int(row["id"]), timeout=timeout)
@@ -353,9 +387,10 @@ def status_table(nodes: list[dict[str, Any]], title: str = "fleet") -> Any:
 def status_cmd(
     controller: str = typer.Option(..., "--controller", help="Controller HTTP URL."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    token: str | None = _token_option(_CLIENT_TOKEN_HELP),
 ) -> None:
     """List every node: id, labels, model name and sha256, health, last seen."""
-    with _client(controller) as client:
+    with _client(controller, token) as client:
         nodes = client.nodes()
     if as_json:
         print(json.dumps(nodes, indent=2))
@@ -370,13 +405,14 @@ def rollback_cmd(
     wait: bool = typer.Option(True, help="Wait until the rollback is done."),
     timeout: float = typer.Option(120.0, help="Seconds to wait (> 0)."),
     as_json: bool = typer.Option(False, "--json", help="Print the deployment as JSON."),
+    token: str | None = _token_option(_CLIENT_TOKEN_HELP),
 ) -> None:
     """Roll a deployment back: every node it touched returns to its previous bundle."""
     from edgeslim.fleet.client import deployment_ref
 
     deployment_ref(deployment, "--deployment")
     _number(timeout, "--timeout", "a positive number of seconds")
-    with _client(controller) as client:
+    with _client(controller, token) as client:
         row = client.rollback(deployment)
         if wait:
             row = client.wait(int(row["id"]), timeout=timeout)

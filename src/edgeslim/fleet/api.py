@@ -12,15 +12,23 @@
 | POST   | ``/deployments/ID/rollback``  | roll back (``latest`` for the newest)                 |
 | GET    | ``/records?kind=&node=&since=``| stored outbox records (telemetry, reports, results)  |
 
-Errors are JSON ``{"error": MESSAGE}`` with 400 (bad input), 404, 409 (conflict), 413 (an
-upload over ``MAX_UPLOAD``) or 422 (a bundle that does not verify). An upload is streamed to a
-file in the bundles folder, never held in memory. Bundles are immutable, so their responses
-carry a strong ``ETag`` (the sha256) and ``Cache-Control: immutable``; Range handling is
-starlette's.
+With a token (``Controller(token=...)``, ``edgeslim fleet controller --token``) every request
+needs ``Authorization: Bearer TOKEN`` (else 401) but two: ``GET /healthz`` and ``GET``/``HEAD
+/bundles/SHA``, the download every node makes. Those stay open because nodes hold no API token
+and need none: a bundle is signed, and each node verifies it against its pinned key before
+using it; anyone who reaches the API can read a bundle whose sha256 they know, nothing more.
+
+Errors are JSON ``{"error": MESSAGE}`` with 400 (bad input), 401 (no or a wrong token), 404,
+409 (conflict), 413 (an upload over ``MAX_UPLOAD``) or 422 (a bundle that does not verify).
+An upload is streamed to a file in the bundles folder, never held in memory. Bundles are
+immutable, so their responses carry a strong ``ETag`` (the sha256) and ``Cache-Control:
+immutable``; Range handling is starlette's.
 """
 
 from __future__ import annotations
 
+import hmac
+import re
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -30,10 +38,60 @@ from edgeslim.fleet.rollout import RolloutParams
 if TYPE_CHECKING:
     from edgeslim.fleet.controller import Controller
 
-__all__ = ["build_app"]
+__all__ = ["TOKEN_ENV", "BearerAuth", "build_app", "check_token"]
+
+TOKEN_ENV = "EDGESLIM_FLEET_TOKEN"  # the token of the controller and of the operator verbs
 
 MAX_UPLOAD = 2 << 30  # bytes; an upload is refused (413) as soon as it passes this
 WRITE_BYTES = 1 << 20  # an upload is written to its file in pieces of about this size
+_DOWNLOAD = re.compile(r"/bundles/[^/]+")  # GET/HEAD: open, as are these
+OPEN_PATHS = frozenset({"/healthz"})
+
+
+def check_token(token: Any, func: str) -> str | None:
+    """``token`` when it can be a bearer token (printable ASCII, not blank) or None (no
+    auth); else a ``ConfigError`` that names the parameter of ``func``, never the value."""
+    if token is None:
+        return None
+    if not isinstance(token, str) or not token.strip() or not token.isascii() \
+            or not token.isprintable():
+        what = type(token).__name__ if not isinstance(token, str) else (
+            "an empty string" if not token.strip() else "a string with other characters")
+        raise ConfigError(f"The 'token' parameter of {func} must be a non-empty string of "
+                          f"printable ASCII characters, or None for no auth. Got {what}.")
+    return token
+
+
+class BearerAuth:
+    """``Authorization: Bearer TOKEN`` in front of the API (pure ASGI, constant-time
+    comparison); open: ``OPEN_PATHS`` and bundle downloads (``GET``/``HEAD /bundles/SHA``)."""
+
+    def __init__(self, app: Any, token: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {token}".encode()
+
+    @staticmethod
+    def is_open(scope: dict[str, Any]) -> bool:
+        path = scope["path"]
+        return path in OPEN_PATHS or (
+            scope["method"] in ("GET", "HEAD") and _DOWNLOAD.fullmatch(path) is not None
+        )
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and not self.is_open(scope):
+            given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+            if not hmac.compare_digest(given, self.expected):
+                from starlette.responses import JSONResponse
+
+                what = "invalid bearer token" if given else "missing bearer token"
+                resp = JSONResponse(
+                    {"error": f"{what}: send 'Authorization: Bearer TOKEN' with the token the "
+                              "controller was started with (--token)"},
+                    status_code=401, headers={"WWW-Authenticate": "Bearer"},
+                )  # fmt: skip
+                await resp(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def build_app(c: Controller) -> Any:
@@ -185,4 +243,5 @@ def build_app(c: Controller) -> Any:
         Route("/deployments/{dep}/rollback", rollback, methods=["POST"]),
         Route("/records", records),
     ]
-    return Starlette(routes=routes)
+    app = Starlette(routes=routes)
+    return app if c.token is None else BearerAuth(app, c.token)

@@ -15,7 +15,8 @@ Answers are the API's JSON, as plain dicts and lists. Errors are the project's o
 httpx exception: ``ConfigError`` for bad input, for a request the controller refused (its
 HTTP status and message quoted) and for a URL whose answers are not an edgeslim
 controller's; ``UnreachableError`` when the controller does not answer; ``StillRunningError``
-when ``wait`` runs out (the deployment goes on).
+when ``wait`` runs out (the deployment goes on). A controller started with a token needs
+``FleetClient(url, token=...)``: without it every call but ``health`` is refused (HTTP 401).
 """
 
 from __future__ import annotations
@@ -81,18 +82,25 @@ def deployment_ref(value: Any, name: str = "deployment") -> str:
 
 
 class FleetClient:
-    """The controller at ``url`` (``http(s)://HOST:PORT``); ``timeout``: seconds per request.
+    """The controller at ``url`` (``http(s)://HOST:PORT``); ``timeout``: seconds per request;
+    ``token``: the bearer token of a controller started with one (``--token`` or
+    ``EDGESLIM_FLEET_TOKEN``), sent as ``Authorization: Bearer TOKEN`` with every request.
 
     Use it as a context manager, or call ``close()``. The URL is checked here; nothing is
     sent until a method is called.
     """
 
-    def __init__(self, url: str, *, timeout: float = 30.0) -> None:
+    def __init__(self, url: str, *, timeout: float = 30.0, token: str | None = None) -> None:
         import httpx
+
+        from edgeslim.fleet.api import check_token
 
         self.url = check_url(url, "url")
         self.timeout = check_positive(timeout, "timeout", "FleetClient")
-        self._http = httpx.Client(base_url=self.url, timeout=self.timeout)
+        headers = {}
+        if check_token(token, "FleetClient") is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        self._http = httpx.Client(base_url=self.url, timeout=self.timeout, headers=headers)
 
     def __repr__(self) -> str:
         return f"FleetClient({self.url!r})"
@@ -265,7 +273,11 @@ class FleetClient:
             doc = None
         if r.status_code >= 400:
             msg = doc.get("error", r.text) if isinstance(doc, dict) else r.text
-            raise ConfigError(f"The controller answered {r.status_code}: {str(msg)[:500]}")
+            hint = ""
+            if r.status_code == 401:
+                hint = (" (give the controller's token: FleetClient(url, token=...), or --token "
+                        "or EDGESLIM_FLEET_TOKEN for the fleet verbs)")
+            raise ConfigError(f"The controller answered {r.status_code}: {str(msg)[:500]}{hint}")
 
         def fits(item: Any) -> bool:
             return isinstance(item, dict) and all(k in item for k in keys)

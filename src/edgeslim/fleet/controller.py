@@ -25,6 +25,7 @@ from typing import Any
 
 from edgeslim._validate import check_int_range, check_positive
 from edgeslim.errors import BundleError, ConfigError, SignatureError
+from edgeslim.fleet.api import check_token
 from edgeslim.fleet.backoff import Backoff
 from edgeslim.fleet.link import MqttLink
 from edgeslim.fleet.protocol import (
@@ -84,7 +85,8 @@ class Controller:
 
     ``offline_after`` (s): a node silent that long is shown stale and is not targeted.
     ``retention_s`` (s): stored records (telemetry, reports, results) older than this are
-    deleted, checked once a minute.
+    deleted, checked once a minute. ``token``: the HTTP API then requires ``Authorization:
+    Bearer TOKEN`` on every request but ``/healthz`` and the bundle downloads nodes make.
     """
 
     def __init__(
@@ -99,8 +101,10 @@ class Controller:
         retention_s: float = 7 * 86400.0,
         backoff: Backoff | None = None,
         client_id: str = "edgeslim-controller",
+        token: str | None = None,
     ) -> None:
         f = "Controller"
+        check_token(token, f)
         check_int_range(http_port, "http_port", f, 0, 65535)
         check_positive(offline_after, "offline_after", f)
         check_positive(retention_s, "retention_s", f)
@@ -118,6 +122,7 @@ class Controller:
             self.public_key = load_public_key(public_key)
         self.offline_after = offline_after
         self.retention_s = retention_s
+        self.token = token  # the HTTP API's bearer token (see fleet/api.py); None: no auth
         self.registry = Registry(self.data / "registry.db")
         self._queue: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self._changed = threading.Condition()
