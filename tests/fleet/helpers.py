@@ -79,6 +79,7 @@ def make_bundle(
     repeats: int = 0,
     pad_bytes: int = 0,
     batch: int | None = None,
+    name: str = NAME,
 ) -> Path:
     """A signed bundle; ``probe_seed`` != ``seed`` gives a probe that the model fails.
 
@@ -91,7 +92,7 @@ def make_bundle(
     pw = weights(seed if probe_seed is None else probe_seed, hidden)
     x = np.linspace(0.0, 1.0, 2 * 64, dtype=np.float32).reshape(2, 64)
     manifest = {
-        "name": NAME,
+        "name": name,
         "version": version,
         "task": "sensor-classification",
         "inputs": [{"name": "input", "dtype": "float32", "shape": [batch or "batch", 64]}],

@@ -315,6 +315,12 @@ def deploy_cmd(
     install_timeout: float = typer.Option(120.0, help="Seconds a node has to report."),
     parallel: int = typer.Option(100, min=1, max=10**6, help="Nodes installing at once."),
     force: bool = typer.Option(False, help="Deploy a bundle the controller cannot verify."),
+    allow_downgrade: bool = typer.Option(
+        False, help="Deploy even if the bundle's version is lower than what a target serves "
+                    "(a rollback to an older version on purpose)."),
+    allow_model_change: bool = typer.Option(
+        False, help="Deploy even if the bundle holds another model (by name) than a target "
+                    "serves: clients that call the old model's name stop being answered."),
     wait: bool = typer.Option(True, help="Wait for the deployment to finish."),
     timeout: float = typer.Option(600.0, help="Seconds to wait (> 0)."),
     as_json: bool = typer.Option(False, "--json", help="Print the deployment as JSON."),
@@ -332,6 +338,8 @@ def deploy_cmd(
         "install_timeout_s": install_timeout,
         "parallel": parallel,
         "force": force,
+        "allow_downgrade": allow_downgrade,
+        "allow_model_change": allow_model_change,
     })  # fmt: skip
     _number(timeout, "--timeout", "a positive number of seconds")
     labels = parse_labels(selector)

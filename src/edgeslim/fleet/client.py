@@ -179,8 +179,11 @@ class FleetClient:
         the controller stores. ``selector``: labels such as ``{"site": "lab"}`` (or
         ``"site=lab"``); none: every online node. ``params``: ``RolloutParams`` fields
         (``canary``, ``soak_s``, ``install_timeout_s``, ``max_error_rate``, ``max_p99_ratio``,
-        ``p99_slack_ms``, ``min_requests``, ``max_failures``, ``parallel``), checked as the
-        controller checks them, before anything is uploaded.
+        ``p99_slack_ms``, ``min_requests``, ``max_failures``, ``parallel``,
+        ``allow_downgrade``, ``allow_model_change``), checked as the controller checks them,
+        before anything is uploaded. The controller refuses (409) a bundle whose version is
+        lower than what a target serves unless ``allow_downgrade=True``, and one of another
+        model (by name) unless ``allow_model_change=True``.
         """
         from edgeslim.fleet.protocol import parse_labels
         from edgeslim.fleet.rollout import RolloutParams

@@ -48,7 +48,7 @@ from edgeslim.fleet.protocol import (
 from edgeslim.fleet.registry import Registry
 from edgeslim.fleet.rollout import FINAL_STATES, Rollout, RolloutParams, pick_canaries
 
-__all__ = ["Conflict", "Controller", "NotFound"]
+__all__ = ["Conflict", "Controller", "NotFound", "version_is_lower"]
 
 log = logging.getLogger("edgeslim.fleet.controller")
 
@@ -70,6 +70,21 @@ def _alive(pid: int) -> bool:
     except (OverflowError, ValueError):  # not a pid at all
         return False
     return True
+
+
+def version_is_lower(version: str, than: str | None) -> bool:
+    """Whether model ``version`` is clearly lower than ``than``: both read as PEP 440 versions
+    (``1``, ``1.10``, ``2.0rc1``, ``v2``; what the manifest's ``version`` strings usually are)
+    and ``version`` orders first. Versions that do not read so (``blue``, ``2024-05-01``) have
+    no order, so they are never lower."""
+    if than is None:
+        return False
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Version(version) < Version(than)
+    except InvalidVersion:
+        return False
 
 
 class NotFound(ConfigError):
@@ -554,6 +569,7 @@ class Controller:
             nodes = self.online_nodes(selector)
             if not nodes:
                 raise NotFound(f"No online node matches the selector {selector or {}}.")
+            self._check_succession(sha, bundle, nodes, p)
             ids = [n.id for n in nodes]
             canaries = set(pick_canaries(ids, p.canary, sha))
             targets = [
@@ -564,6 +580,37 @@ class Controller:
             )
             self._launch(dep, p)
         return dep
+
+    @staticmethod
+    def _check_succession(sha: str, bundle: dict[str, Any], nodes: list[Any],
+                          p: RolloutParams) -> None:  # fmt: skip
+        """Refuse (``Conflict``) a bundle of another model than a target serves, unless
+        ``allow_model_change``, and one of a lower version, unless ``allow_downgrade``: both
+        are legitimate (a rollback to an older version, a new model) but must be asked for,
+        so that a stale or mistaken deploy cannot undo newer work. What a node serves is what
+        its last status said (the registry's model_name, model_version)."""
+
+        def listed(rows: list[str]) -> str:
+            return ", ".join(rows[:5]) + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
+
+        name, version = str(bundle["name"]), str(bundle["version"])
+        serving = [n for n in nodes if n.model_name]  # a node serving nothing takes anything
+        others = [f"{n.id} serves {n.model_name!r}" for n in serving if n.model_name != name]
+        if others and not p.allow_model_change:
+            raise Conflict(
+                f"Bundle {sha[:12]} holds model {name!r}, but {listed(others)}: deploying it "
+                f"replaces that model on {len(others)} node(s). If that is what you want, "
+                "deploy with allow_model_change=True (--allow-model-change)."
+            )
+        older = [f"{n.id} (version {n.model_version})" for n in serving
+                 if n.model_name == name and version_is_lower(version, n.model_version)]
+        if older and not p.allow_downgrade:
+            raise Conflict(
+                f"Bundle {sha[:12]} of {name!r} version {version} is older than what "
+                f"{len(older)} target(s) serve: {listed(older)}. To roll back to it on "
+                "purpose, deploy with allow_downgrade=True (--allow-downgrade), or roll back "
+                "the deployment that installed the newer version."
+            )
 
     def _check_running(self) -> None:
         """Refuse to start a rollout once ``stop`` began (call under ``rollout_lock``)."""

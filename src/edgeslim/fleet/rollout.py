@@ -57,6 +57,8 @@ class RolloutParams:
     max_failures: float = 0.0  # fraction of second-phase nodes allowed to fail
     parallel: int = 100  # nodes installing at once
     force: bool = False  # deploy a bundle the controller could not verify (nodes still do)
+    allow_downgrade: bool = False  # deploy a version lower than a target serves (a rollback)
+    allow_model_change: bool = False  # deploy another model than a target serves (by name)
 
     def validate(self) -> RolloutParams:
         f = "deploy"
@@ -69,6 +71,12 @@ class RolloutParams:
         check_int_range(self.min_requests, "min_requests", f, 0, 10**9)
         check_fraction(self.max_failures, "max_failures", f, closed_right=True)
         check_int_range(self.parallel, "parallel", f, 1, 10**6)
+        for name in ("force", "allow_downgrade", "allow_model_change"):
+            if not isinstance(getattr(self, name), bool):
+                from edgeslim.errors import ConfigError
+
+                raise ConfigError(f"The '{name}' parameter of {f} must be true or false. Got "
+                                  f"{getattr(self, name)!r} instead.")
         return self
 
     @classmethod
