@@ -55,8 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     except EdgeslimError as exc:
         from rich.markup import escape
 
-        # escaped: messages quote shapes and lists in brackets, which are not style tags
-        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False,
+        from edgeslim._text import visible
+
+        # escaped: messages quote shapes and lists in brackets, which are not style tags, and
+        # text from elsewhere (a controller's answer, a file name) that could hold ESC codes
+        text = escape(visible(str(exc), keep="\n"))
+        Console(stderr=True).print(f"[bold red]error:[/] {text}", highlight=False,
                                    soft_wrap=True)
         return exc.exit_code
     except typer.Exit as exc:

@@ -291,16 +291,33 @@ def _rollout_params(params: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-def _print_deployment(row: dict[str, Any]) -> None:
+def _cell(value: Any, style: str = "") -> Any:
+    """A table cell showing ``value`` as plain text: what nodes and the controller send is
+    never read as rich markup (``[/]``, ``[link=...]``), and its control characters show
+    escaped instead of reaching the terminal."""
+    from rich.text import Text
+
+    from edgeslim._text import visible
+
+    return Text(visible(str(value)), style=style)
+
+
+def deployment_table(row: dict[str, Any]) -> Any:
+    """A rich table of a deployment row (``GET /deployments/ID``) and its targets."""
     from rich.table import Table
 
-    t = Table(title=f"deployment {row['id']}: {row['state']}  {row['reason']}".strip())
+    t = Table(title=_cell(f"deployment {row['id']}: {row['state']}  {row['reason']}".strip()))
     for col in ("node", "phase", "state", "previous", "detail"):
         t.add_column(col)
     for tg in row["targets"]:
         prev = (tg["previous_sha"] or "-")[:12]
-        t.add_row(tg["node"], tg["phase"], tg["state"], prev, tg["detail"][:80])
-    wide_console().print(t)
+        t.add_row(*(_cell(v) for v in (tg["node"], tg["phase"], tg["state"], prev,
+                                       str(tg["detail"])[:80])))  # fmt: skip
+    return t
+
+
+def _print_deployment(row: dict[str, Any]) -> None:
+    wide_console().print(deployment_table(row))
 
 
 @fleet_app.command("deploy")
@@ -364,7 +381,7 @@ def wide_console() -> Any:
 
 
 def status_table(nodes: list[dict[str, Any]], title: str = "fleet") -> Any:
-    """A rich table of ``GET /nodes`` rows."""
+    """A rich table of ``GET /nodes`` rows; every value shows as plain text (``_cell``)."""
     from rich.table import Table
 
     t = Table(title=title)
@@ -378,15 +395,15 @@ def status_table(nodes: list[dict[str, Any]], title: str = "fleet") -> Any:
         health = n["health"] if n.get("online", True) else "offline"
         style = {"ok": "green", "degraded": "yellow"}.get(health, "red")
         t.add_row(
-            n["id"],
-            labels,
-            n.get("model_name") or "-",
-            n.get("model_version") or "-",
-            (n.get("model_sha") or "-")[:12],
-            (n.get("bundle_sha") or "-")[:12],
-            f"[{style}]{health}[/]",
-            n["state"],
-            f"{n.get('age_s', 0):.1f} s ago",
+            _cell(n["id"]),
+            _cell(labels),
+            _cell(n.get("model_name") or "-"),
+            _cell(n.get("model_version") or "-"),
+            _cell(str(n.get("model_sha") or "-")[:12]),
+            _cell(str(n.get("bundle_sha") or "-")[:12]),
+            _cell(health, style),
+            _cell(n["state"]),
+            _cell(f"{n.get('age_s', 0):.1f} s ago"),
         )
     return t
 
@@ -429,8 +446,11 @@ def rollback_cmd(
     elif wait:
         _print_deployment(row)
     else:  # the row still shows the state before the rollback: do not print it as news
-        print(f"rollback requested for deployment {row['id']}; follow it with 'edgeslim fleet "
-              f"status --controller {controller}' or GET /deployments/{row['id']}")
+        from edgeslim._text import visible
+
+        dep = visible(str(row["id"]))  # what the controller answered: shown, never obeyed
+        print(f"rollback requested for deployment {dep}; follow it with 'edgeslim fleet "
+              f"status --controller {controller}' or GET /deployments/{dep}")
 
 
 DEMO_MAX_NODES = 32  # also enforced by run_demo

@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from edgeslim._text import visible
 from edgeslim._validate import check_choice, check_positive
 from edgeslim.errors import ConfigError, StillRunningError, UnreachableError
 from edgeslim.fleet.rollout import FINAL_STATES
@@ -280,7 +281,8 @@ class FleetClient:
             if r.status_code == 401:
                 hint = (" (give the controller's token: FleetClient(url, token=...), or --token "
                         "or EDGESLIM_FLEET_TOKEN for the fleet verbs)")
-            raise ConfigError(f"The controller answered {r.status_code}: {str(msg)[:500]}{hint}")
+            raise ConfigError(f"The controller answered {r.status_code}: "
+                              f"{visible(str(msg)[:500])}{hint}")  # fmt: skip
 
         def fits(item: Any) -> bool:
             return isinstance(item, dict) and all(k in item for k in keys)
