@@ -370,7 +370,13 @@ class Controller:
 
     def _apply_result(self, name: str, payload: bytes) -> None:
         """Keep a shared result that matches its topic (``results/MODEL_SHA``); anything else
-        is logged and dropped, never allowed to undo the rest of the ingest batch."""
+        is logged and dropped, never allowed to undo the rest of the ingest batch.
+
+        The topic names no sender, so a live result's ``node`` is only what its publisher
+        claims (any client the ACL lets use ``results/#``). The same result sent through the
+        node's outbox (``nodes/NODE/telemetry``) is stored under the node that sent it
+        (``_apply_records``); trust that copy, the one ``GET /records`` returns.
+        """
         try:
             sha = name[len(f"{PREFIX}/results/"):]
             result = Result.from_dict(decode(payload))
@@ -398,6 +404,13 @@ class Controller:
                     ids.append(rid)  # ack it, or the node would resend it forever
                 continue
             ids.append(rec.id)
+            if rec.kind == "result" and rec.body.get("node") != node:
+                # The topic names the sender (the ACL ties it to the client id); the body's
+                # 'node' is only what the sender wrote. Kept, attributed to the sender.
+                log.warning("node %s sent a result naming node %.80r; stored as its own",
+                            node, rec.body.get("node"))  # fmt: skip
+                rec = Record(id=rec.id, seq=rec.seq, kind=rec.kind, ts=rec.ts,
+                             body={**rec.body, "node": node})  # fmt: skip
             db.execute("SAVEPOINT record")  # a record SQLite cannot store undoes itself only
             try:
                 new = Registry.insert_records(db, node, [rec], now)
