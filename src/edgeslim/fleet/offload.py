@@ -39,8 +39,12 @@ log = logging.getLogger("edgeslim.fleet.offload")
 _INFER = re.compile(r"^/v2/models/([^/]+)(/versions/[^/]+)?/infer$")
 OFFLOAD_HEADER = "x-edgeslim-offloaded"
 _HOP_HEADERS = {"host", "content-length", "connection", "transfer-encoding", "keep-alive"}
-# not forwarded: the offload client asks for (and decodes) its own encodings
-_REQUEST_DROP = _HOP_HEADERS | {"accept-encoding"}
+# The only client headers a peer or the cloud tier gets: what the V2 request means, and
+# tracing. Never the client's credentials (Authorization, Cookie, API keys...): they were
+# given to this node, not to whichever host a status message names. (Accept-Encoding is not
+# forwarded either: the offload client asks for, and decodes, its own encodings.)
+_REQUEST_KEEP = {"content-type", "content-encoding", "inference-header-content-length",
+                 "accept", "x-request-id", "traceparent", "tracestate"}
 # not relayed: httpx hands over the body already decoded, and ``_send`` sets the length
 _RESPONSE_DROP = _HOP_HEADERS | {"content-encoding"}
 # A peer's answer that says the request itself is bad (any node serving that model would say
@@ -251,7 +255,7 @@ class FleetMiddleware:
                 targets.append((peer.id, peer.http.rstrip("/")))
         if self.cloud_url:
             targets.append(("cloud", self.cloud_url))
-        fwd = {k: v for k, v in headers.items() if k not in _REQUEST_DROP}
+        fwd = {k: v for k, v in headers.items() if k in _REQUEST_KEEP}
         fwd[OFFLOAD_HEADER] = self.node_id
         path = scope["path"] + (
             ("?" + scope["query_string"].decode()) if scope.get("query_string") else ""

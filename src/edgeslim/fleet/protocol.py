@@ -72,7 +72,10 @@ RECORD_KINDS = ("telemetry", "report", "result", "event")
 _NODE_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _LABEL_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-_HTTP_URL = re.compile(r"https?://[^/\s?#@]+(/\S*)?")
+# A peer's V2 base URL: scheme, host (a name, IPv4 or [IPv6]) and port, nothing else. A path,
+# query, fragment or userinfo would let a status message choose where offloaded requests
+# land beyond the host it names (".../steal?x=" swallows the V2 path into a query).
+_HTTP_BASE = re.compile(r"https?://(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?/?")
 
 
 class ProtocolError(ConfigError):
@@ -205,8 +208,9 @@ class Status:
     ``state`` is a ``NodeState`` value (or ``"offline"`` from the last will); ``health`` is
     ``"ok"``, ``"degraded"`` (last install failed, still serving) or ``"down"`` (no model);
     ``queue`` is the number of inference requests in flight (>= 0); ``http`` its V2 base URL
-    (http(s), or "" when it serves none); ``ts`` is Unix seconds; ``heartbeat_s`` the seconds
-    between its heartbeats (0: not said), so that peers know when its status is stale.
+    (``http(s)://HOST[:PORT]``, no path or query; "" when it serves none); ``ts`` is Unix
+    seconds; ``heartbeat_s`` the seconds between its heartbeats (0: not said), so that peers
+    know when its status is stale.
     """
 
     id: str
@@ -229,8 +233,9 @@ class Status:
         if not isinstance(labels, dict):
             raise ProtocolError(f"The status field 'labels' must be an object. Got {labels!r}")
         http = str(data.get("http", "") or "")
-        if http and not _HTTP_URL.fullmatch(http):
-            raise ProtocolError(f"The status field 'http' must be an http(s) URL. Got {http!r}")
+        if http and not (_HTTP_BASE.fullmatch(http) and _port_ok(http)):
+            raise ProtocolError("The status field 'http' must be a base URL, "
+                                f"http(s)://HOST[:PORT] (no path or query). Got {http!r}"[:300])
         queue = _number(data, "queue", int)
         if not 0 <= queue <= 2**31:
             raise ProtocolError(f"The status field 'queue' must be in [0, 2**31]. Got {queue!r}")
@@ -249,6 +254,14 @@ class Status:
             ts=_number(data, "ts", float),
             heartbeat_s=heartbeat,
         )
+
+
+def _port_ok(url: str) -> bool:
+    try:
+        urlsplit(url).port  # noqa: B018 - raises ValueError when out of range
+    except ValueError:
+        return False
+    return True
 
 
 def _number(data: dict[str, Any], key: str, kind: type) -> Any:
