@@ -36,7 +36,10 @@ def fake_peer():
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("content-length", 0)))
-            seen.append((self.path, {k.lower(): v for k, v in self.headers.items()}, body))
+            headers: dict[str, str] = {}
+            for k, v in self.headers.items():  # a repeated header shows as "first, second"
+                headers[k.lower()] = f"{headers[k.lower()]}, {v}" if k.lower() in headers else v
+            seen.append((self.path, headers, body))
             out = json.dumps(FORGED).encode()
             self.send_response(200)
             self.send_header("content-type", "application/json")
@@ -169,3 +172,122 @@ def test_a_peer_gets_neither_the_clients_credentials_nor_a_path_of_its_choosing(
                                retain=True).wait_for_publish(5)  # fmt: skip
     finally:
         node.stop()
+
+
+TOKEN = "fleet-node-token"
+
+
+def test_a_node_with_a_token_answers_only_requests_that_carry_it(broker, tmp_path, keys, bundles):
+    node = start_node(broker, tmp_path, keys, bundles["v1"], "node-t", token=TOKEN)
+    try:
+        infer = f"{node.url}/v2/models/{NAME}/infer"
+        for path in ("/v2/health/live", "/v2/health/ready"):  # open, as under edgeslim serve
+            assert httpx.get(node.url + path).status_code == 200
+        assert httpx.post(infer, json=infer_body(1)).status_code == 401
+        assert httpx.post(infer, json=infer_body(1),
+                          headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert httpx.get(f"{node.url}/v2/models/{NAME}").status_code == 401
+        r = httpx.post(infer, json=infer_body(1), headers={"Authorization": f"Bearer {TOKEN}"})
+        assert r.status_code == 200, r.text
+    finally:
+        node.stop()
+
+
+def test_token_protected_nodes_offload_to_each_other_with_the_node_token(
+    broker, tmp_path, keys, bundles
+):
+    """Two nodes sharing the fleet's token: the busy one offloads to the other, which accepts
+    it (the busy node authenticates with the node token it holds)."""
+    a = start_node(broker, tmp_path, keys, bundles["v1"], "node-a", token=TOKEN,
+                   offload_threshold=1)  # fmt: skip
+    b = start_node(broker, tmp_path, keys, bundles["v1"], "node-b", token=TOKEN)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    try:
+        wait_until(lambda: a.peers.pick(a.model.sha256) is not None, 10, what="a to learn of b")
+        with one_request_held(a.url, a.middleware, auth):
+            r = httpx.post(f"{a.url}/v2/models/{NAME}/infer", json=infer_body(1),
+                           headers={**auth, "Cookie": "session=abc"})  # fmt: skip
+        assert r.status_code == 200, r.text
+        assert r.headers.get("x-edgeslim-served-by") == "node-b"
+        assert b.middleware.window.total_requests == 1
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_a_busy_node_with_a_token_sends_its_own_and_never_offloads_a_refused_request(
+    broker, tmp_path, keys, bundles
+):
+    """What the peer gets is the node's Authorization (one header, the fleet token) and no
+    Cookie; a request without the right token is refused here (401), never offloaded, so a
+    client without the token cannot be served by a peer on the node's credential."""
+    node = start_node(broker, tmp_path, keys, bundles["v1"], "node-t", token=TOKEN,
+                      offload_threshold=1)  # fmt: skip
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    try:
+        with fake_peer() as (peer_url, seen), mqtt_as(broker, "node", "peer") as peer:
+            advertise(peer, "peer", node.model, peer_url)
+            wait_until(lambda: node.peers.pick(node.model.sha256) is not None, 10,
+                       what="the node to learn of the peer")  # fmt: skip
+            with one_request_held(node.url, node.middleware, auth):
+                url = f"{node.url}/v2/models/{NAME}/infer"
+                for bad in ({}, {"Authorization": "Bearer client-guess"}):
+                    r = httpx.post(url, json=infer_body(1), headers=bad)
+                    assert r.status_code == 401 and not seen, r.text
+                r = httpx.post(url, json=infer_body(1), headers={**auth, "Cookie": "s=1"})
+            assert r.headers.get("x-edgeslim-served-by") == "peer", r.text
+            assert len(seen) == 1
+            headers = seen[0][1]
+            assert headers["authorization"] == f"Bearer {TOKEN}"
+            assert "cookie" not in headers
+            peer.publish(topic("status", "peer"), b"", qos=1, retain=True).wait_for_publish(5)
+    finally:
+        node.stop()
+
+
+def test_fleet_node_takes_its_token_from_the_flag_or_the_environment(
+    broker, tmp_path, keys, monkeypatch, capsys
+):
+    """``fleet node`` reads ``--token`` / ``EDGESLIM_TOKEN`` as ``edgeslim serve`` does: the
+    V2 API then needs it, the health checks stay open, and an empty token is refused."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from edgeslim.cli import main
+    from edgeslim.fleet.broker import free_port
+
+    args = ["--id", "n-cli", "--controller", "http://127.0.0.1:9", "--public-key",
+            str(keys[1]), "--no-measure"]  # fmt: skip
+    monkeypatch.setenv("EDGESLIM_TOKEN", "")
+    # (a broker URL that is refused too, so that a node that ignored the token never starts)
+    assert main(["fleet", "node", "--broker", "http://127.0.0.1:1", *args, "--data",
+                 str(tmp_path / "empty")]) == 2  # fmt: skip
+    assert "EDGESLIM_TOKEN" in capsys.readouterr().err and not (tmp_path / "empty").exists()
+    args = ["fleet", "node", "--broker", broker.url("node"), *args]
+
+    port = free_port()
+    env = {**os.environ, "EDGESLIM_TOKEN": TOKEN}
+    proc = subprocess.Popen([sys.executable, "-m", "edgeslim.cli", *args, "--port", str(port),
+                             "--data", str(tmp_path / "n")], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def live() -> bool:
+            try:
+                return httpx.get(f"{url}/v2/health/live").status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(live, 60, 0.2, "the node's V2 server")
+        assert httpx.get(f"{url}/v2").status_code == 401
+        assert httpx.get(f"{url}/v2", headers={"Authorization": f"Bearer {TOKEN}"}).status_code \
+            == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)

@@ -218,10 +218,23 @@ def node_cmd(
     ),
     measure: bool = typer.Option(True, help="Measure the reference model for the labels."),
     log_level: str = typer.Option("info", help="debug, info, warning or error."),
+    token: str | None = typer.Option(
+        None, "--token", envvar="EDGESLIM_TOKEN", show_envvar=True,  # as edgeslim serve
+        help="Require 'Authorization: Bearer TOKEN' on the V2 API (health checks stay open); "
+             "the fleet's nodes share it and send it to the peers they offload to."),
 ) -> None:
     """Run a node agent until SIGINT/SIGTERM: serve V2, follow the controller."""
+    import os
+
+    from edgeslim.commands.serve import TOKEN_ENV
     from edgeslim.fleet.node import Node, NodeConfig
     from edgeslim.fleet.protocol import parse_labels
+
+    if token is None and os.environ.get(TOKEN_ENV) == "":
+        token = ""  # click reads an empty variable as unset: a secret that did not arrive
+    if token is not None and not token.strip():
+        raise ConfigError(f"--token (or {TOKEN_ENV}) is empty; give a token, or set neither "
+                          "to serve without auth")
 
     _number(heartbeat, "--heartbeat", "a number of seconds in (0, 86400]", hi=86400.0)
     _number(telemetry, "--telemetry", "a number of seconds in (0, 86400]", hi=86400.0)
@@ -250,6 +263,7 @@ def node_cmd(
         share_results=share_results,
         max_message_bytes=max_message_bytes,
         measure_reference=measure,
+        token=token,
     )
     node = Node(cfg).start()
     model = node.model

@@ -108,6 +108,9 @@ class NodeConfig:
     # the largest MQTT packet the node sends (a broker that names a smaller Maximum Packet
     # Size in its CONNACK lowers it); MQTT's own limit by default, 131072 for AWS IoT Core
     max_message_bytes: int = MAX_MESSAGE_BYTES
+    # bearer token of the node's V2 API (health checks stay open), shared by the nodes of a
+    # fleet: a node sends it to the peers it offloads to
+    token: str | None = field(default=None, repr=False)
 
     def validate(self) -> NodeConfig:
         f = "fleet node"
@@ -121,6 +124,11 @@ class NodeConfig:
         check_int_range(self.download_attempts, "download_attempts", f, 1, 1000)
         check_int_range(self.offload_threshold, "offload_threshold", f, 0, 10**6)
         check_int_range(self.max_message_bytes, "max_message_bytes", f, 4096, 268_435_455)
+        tok = self.token
+        if tok is not None and (not isinstance(tok, str) or not tok.strip()
+                                or not tok.isprintable()):
+            raise ConfigError(f"The 'token' parameter of {f} must be a non-empty printable "
+                              "string (or None: no auth).")
         rate = self.max_download_rate
         if rate is not None and check_positive(rate, "max_download_rate", f) < 1.0:
             raise ConfigError(f"The 'max_download_rate' parameter of {f} must be at least 1 "
@@ -321,6 +329,7 @@ class Node:
                 threshold=self.cfg.offload_threshold,
                 cloud_url=self.cfg.cloud_url,
                 on_result=self._on_result if self.cfg.share_results else None,
+                token=self.cfg.token,
             )
             return self.middleware
 
@@ -330,6 +339,7 @@ class Node:
             public_key=pub,
             threads=self.cfg.threads,
             wrap=wrap,
+            token=self.cfg.token,
         )
         self._restore()
         self.serving.start()

@@ -12,6 +12,10 @@ Wrapped around the edge server's app, it sees every V2 infer request
   forwarded again, and a peer that fails or cannot serve the request (5xx, or a 4xx other
   than 400/422, such as 404 from a peer serving the same model under another name or
   version) is skipped and the request served here;
+- with a ``token`` (the fleet's node token: the node's own, which its peers share), offloads
+  only requests that carry it (the others go to the wrapped app, which refuses them) and
+  sends it to the peer or cloud tier as ``Authorization: Bearer TOKEN``: what the peer sees
+  is the node's credential, never one the client sent;
 - hands each successful JSON answer to ``on_result`` (the node shares the outputs - never
   the inputs - on ``edgeslim/results/SHA``).
 
@@ -21,6 +25,7 @@ Everything else (metadata, health, /metrics) goes straight to the wrapped app.
 from __future__ import annotations
 
 import bisect
+import hmac
 import logging
 import random
 import re
@@ -172,6 +177,7 @@ class FleetMiddleware:
         cloud_url: str | None = None,
         on_result: Callable[[str | None, bytes], None] | None = None,
         timeout: float = 10.0,
+        token: str | None = None,
     ) -> None:
         self.app = app
         self.node_id = node_id
@@ -181,6 +187,7 @@ class FleetMiddleware:
         self.cloud_url = cloud_url.rstrip("/") if cloud_url else None
         self.on_result = on_result
         self.timeout = timeout
+        self._bearer = f"Bearer {token}" if token else None
         self.window = WindowCounter()
         self.inflight = 0
         self.offloaded_total = 0
@@ -203,7 +210,12 @@ class FleetMiddleware:
         offloaded = False
         try:
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-            if self.threshold and self.inflight > self.threshold and OFFLOAD_HEADER not in headers:
+            if (
+                self.threshold
+                and self.inflight > self.threshold
+                and OFFLOAD_HEADER not in headers
+                and self._authorized(scope)
+            ):
                 body = await _read_body(receive)
                 answer = await self._offload(scope, headers, body)
                 if answer is not None:
@@ -219,6 +231,16 @@ class FleetMiddleware:
         finally:
             self.inflight -= 1
             self.window.observe(time.perf_counter() - t0, status, offloaded)
+
+    def _authorized(self, scope: dict[str, Any]) -> bool:
+        """True without a token, else when the request carries it (as the edge server checks:
+        the first Authorization header, compared in constant time)."""
+        if self._bearer is None:
+            return True
+        for key, value in scope["headers"]:
+            if key == b"authorization":
+                return hmac.compare_digest(value, self._bearer.encode("latin-1"))
+        return False
 
     async def _local(
         self, scope: dict[str, Any], receive: Any, send: Any
@@ -257,6 +279,8 @@ class FleetMiddleware:
             targets.append(("cloud", self.cloud_url))
         fwd = {k: v for k, v in headers.items() if k in _REQUEST_KEEP}
         fwd[OFFLOAD_HEADER] = self.node_id
+        if self._bearer is not None:
+            fwd["authorization"] = self._bearer
         path = scope["path"] + (
             ("?" + scope["query_string"].decode()) if scope.get("query_string") else ""
         )

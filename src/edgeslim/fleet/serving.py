@@ -22,7 +22,10 @@ log = logging.getLogger("edgeslim.fleet.serving")
 
 
 class Serving:
-    """``EdgeServer`` on ``host:port`` whose ASGI app is wrapped by ``wrap(app)``."""
+    """``EdgeServer`` on ``host:port`` whose ASGI app is wrapped by ``wrap(app)``.
+
+    ``token`` turns on the edge server's bearer auth (health checks stay open);
+    ``max_body_mb`` is its request body limit."""
 
     def __init__(
         self,
@@ -33,11 +36,14 @@ class Serving:
         threads: int = 1,
         wrap: Callable[[Any], Any] | None = None,
         max_batch: int = 8,
+        token: str | None = None,
+        max_body_mb: float = 16.0,
     ) -> None:
         from edgeslim.edge.server import EdgeServer
 
         self.server = EdgeServer(
-            host=host, port=port, public_key=public_key, threads=threads, max_batch=max_batch
+            host=host, port=port, public_key=public_key, threads=threads, max_batch=max_batch,
+            token=token, max_body_mb=max_body_mb,
         )
         if wrap is not None:
             # EdgeServer serves whatever ``app`` holds when it starts: put the middleware there.
