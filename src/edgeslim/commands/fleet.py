@@ -222,6 +222,9 @@ def node_cmd(
         None, "--token", envvar="EDGESLIM_TOKEN", show_envvar=True,  # as edgeslim serve
         help="Require 'Authorization: Bearer TOKEN' on the V2 API (health checks stay open); "
              "the fleet's nodes share it and send it to the peers they offload to."),
+    max_body_mb: float = typer.Option(
+        16.0, "--max-body-mb", min=0.001,
+        help="Largest request body (MB, at least 0.001), offloaded or not."),
 ) -> None:
     """Run a node agent until SIGINT/SIGTERM: serve V2, follow the controller."""
     import os
@@ -264,6 +267,7 @@ def node_cmd(
         max_message_bytes=max_message_bytes,
         measure_reference=measure,
         token=token,
+        max_body_mb=max_body_mb,
     )
     node = Node(cfg).start()
     model = node.model

@@ -157,6 +157,30 @@ async def receive_body(receive: Any, headers: Any, limit: int) -> bytes:
 
     ``headers``: a mapping with lower-case keys (starlette's ``Headers`` or a plain dict).
     """
+    body = await receive_raw(receive, headers, limit)
+    encoding = (headers.get("content-encoding") or "identity").strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise V2Error(f"Content-Encoding {encoding!r} is not supported; use gzip, deflate "
+                      f"or none"[:200], 415)
+    d = zlib.decompressobj(31 if encoding == "gzip" else 15)
+    try:
+        out = d.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise V2Error(f"the {encoding} body does not decompress: {exc}") from None
+    if len(out) > limit or d.unconsumed_tail:
+        raise V2Error(f"the body decompresses to over {limit} bytes", 413)
+    if not d.eof or d.unused_data:  # cut short, or more after the end (a second member)
+        what = "cut short" if not d.eof else f"followed by {len(d.unused_data)} more bytes"
+        raise V2Error(f"the {encoding} body is {what}; send one complete {encoding} stream")
+    return out
+
+
+async def receive_raw(receive: Any, headers: Any, limit: int) -> bytes:
+    """The body of an ASGI request as sent (still encoded), at most ``limit`` bytes: a
+    Content-Length over it is refused before anything is read, a stream as soon as it passes
+    it (``V2Error`` 413); ``ClientGone`` when the client leaves first."""
     declared = headers.get("content-length")
     if declared is not None:
         try:
@@ -180,24 +204,7 @@ async def receive_body(receive: Any, headers: Any, limit: int) -> bytes:
             chunks.append(chunk)
         if not message.get("more_body", False):
             break
-    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-    encoding = (headers.get("content-encoding") or "identity").strip().lower()
-    if encoding in ("", "identity"):
-        return body
-    if encoding not in ("gzip", "deflate"):
-        raise V2Error(f"Content-Encoding {encoding!r} is not supported; use gzip, deflate "
-                      f"or none"[:200], 415)
-    d = zlib.decompressobj(31 if encoding == "gzip" else 15)
-    try:
-        out = d.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise V2Error(f"the {encoding} body does not decompress: {exc}") from None
-    if len(out) > limit or d.unconsumed_tail:
-        raise V2Error(f"the body decompresses to over {limit} bytes", 413)
-    if not d.eof or d.unused_data:  # cut short, or more after the end (a second member)
-        what = "cut short" if not d.eof else f"followed by {len(d.unused_data)} more bytes"
-        raise V2Error(f"the {encoding} body is {what}; send one complete {encoding} stream")
-    return out
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def preprocess_workers() -> int:

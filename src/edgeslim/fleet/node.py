@@ -111,6 +111,7 @@ class NodeConfig:
     # bearer token of the node's V2 API (health checks stay open), shared by the nodes of a
     # fleet: a node sends it to the peers it offloads to
     token: str | None = field(default=None, repr=False)
+    max_body_mb: float = 16.0  # largest request body, offloaded or not (MB)
 
     def validate(self) -> NodeConfig:
         f = "fleet node"
@@ -124,6 +125,7 @@ class NodeConfig:
         check_int_range(self.download_attempts, "download_attempts", f, 1, 1000)
         check_int_range(self.offload_threshold, "offload_threshold", f, 0, 10**6)
         check_int_range(self.max_message_bytes, "max_message_bytes", f, 4096, 268_435_455)
+        check_positive(self.max_body_mb, "max_body_mb", f)
         tok = self.token
         if tok is not None and (not isinstance(tok, str) or not tok.strip()
                                 or not tok.isprintable()):
@@ -330,6 +332,7 @@ class Node:
                 cloud_url=self.cfg.cloud_url,
                 on_result=self._on_result if self.cfg.share_results else None,
                 token=self.cfg.token,
+                max_body_bytes=int(self.cfg.max_body_mb * (1 << 20)),  # as the edge server
             )
             return self.middleware
 
@@ -340,6 +343,7 @@ class Node:
             threads=self.cfg.threads,
             wrap=wrap,
             token=self.cfg.token,
+            max_body_mb=self.cfg.max_body_mb,
         )
         self._restore()
         self.serving.start()

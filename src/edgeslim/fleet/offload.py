@@ -7,7 +7,9 @@ Wrapped around the edge server's app, it sees every V2 infer request
   node sends to the controller (the rollout's canary judge reads them);
 - when more than ``threshold`` infer requests are in flight here, forwards the request to a
   peer serving the same model sha256 (learnt from the peers' retained status messages; the
-  least loaded first) or else to the configured cloud-tier V2 endpoint, and relays its
+  least loaded first) or else to the configured cloud-tier V2 endpoint (the body is read
+  here only when there is one to send it to, under the edge server's ``max_body_bytes``
+  limit: 413 past it), and relays its
   answer; a request that was already offloaded once (``x-edgeslim-offloaded``) is never
   forwarded again, and a peer that fails or cannot serve the request (5xx, or a 4xx other
   than 400/422, such as 404 from a peer serving the same model under another name or
@@ -28,20 +30,19 @@ import bisect
 import hmac
 import logging
 import random
-import re
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from edgeslim.edge.server import INFER_PATH, ClientGone, error, error_status, receive_raw
 from edgeslim.fleet.protocol import Status
 
 __all__ = ["FleetMiddleware", "Peers", "WindowCounter"]
 
 log = logging.getLogger("edgeslim.fleet.offload")
 
-_INFER = re.compile(r"^/v2/models/([^/]+)(/versions/[^/]+)?/infer$")
 OFFLOAD_HEADER = "x-edgeslim-offloaded"
 _HOP_HEADERS = {"host", "content-length", "connection", "transfer-encoding", "keep-alive"}
 # The only client headers a peer or the cloud tier gets: what the V2 request means, and
@@ -178,6 +179,7 @@ class FleetMiddleware:
         on_result: Callable[[str | None, bytes], None] | None = None,
         timeout: float = 10.0,
         token: str | None = None,
+        max_body_bytes: int = 16 << 20,
     ) -> None:
         self.app = app
         self.node_id = node_id
@@ -188,6 +190,7 @@ class FleetMiddleware:
         self.on_result = on_result
         self.timeout = timeout
         self._bearer = f"Bearer {token}" if token else None
+        self.max_body = max_body_bytes
         self.window = WindowCounter()
         self.inflight = 0
         self.offloaded_total = 0
@@ -201,23 +204,41 @@ class FleetMiddleware:
         return self._client
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or not _INFER.match(scope["path"]):
+        if (
+            scope["type"] != "http"
+            or scope["method"] != "POST"
+            or not INFER_PATH.fullmatch(scope["path"])
+        ):
             await self.app(scope, receive, send)
             return
         self.inflight += 1
         t0 = time.perf_counter()
         status = 500
         offloaded = False
+        gone = False
         try:
-            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-            if (
-                self.threshold
+            headers: dict[str, str] = {}
+            for k, v in scope["headers"]:  # a repeated header: the first counts, as in the app
+                headers.setdefault(k.decode("latin-1"), v.decode("latin-1"))
+            targets = (
+                self._targets()
+                if self.threshold
                 and self.inflight > self.threshold
                 and OFFLOAD_HEADER not in headers
                 and self._authorized(scope)
-            ):
-                body = await _read_body(receive)
-                answer = await self._offload(scope, headers, body)
+                else []
+            )
+            if targets:  # only then is the body read here, under the server's own limit
+                try:
+                    body = await receive_raw(receive, headers, self.max_body)
+                except ClientGone:
+                    gone = True
+                    return
+                except Exception as exc:  # over the limit, a bad Content-Length
+                    status, message = error_status(exc, "infer")
+                    await error(status, message)(scope, receive, send)
+                    return
+                answer = await self._offload(scope, headers, body, targets)
                 if answer is not None:
                     status, resp_headers, content = answer
                     offloaded = True
@@ -230,7 +251,8 @@ class FleetMiddleware:
                 self.on_result(self.model_sha(), captured)
         finally:
             self.inflight -= 1
-            self.window.observe(time.perf_counter() - t0, status, offloaded)
+            if not gone:
+                self.window.observe(time.perf_counter() - t0, status, offloaded)
 
     def _authorized(self, scope: dict[str, Any]) -> bool:
         """True without a token, else when the request carries it (as the edge server checks:
@@ -262,9 +284,8 @@ class FleetMiddleware:
         body = b"".join(state["body"]) if capture and state["json"] else None
         return state["status"], body
 
-    async def _offload(
-        self, scope: dict[str, Any], headers: dict[str, str], body: bytes
-    ) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
+    def _targets(self) -> list[tuple[str, str]]:
+        """(who, base URL) to try, in order: up to two peers, then the cloud tier."""
         sha = self.model_sha()
         tried: set[str] = set()
         targets: list[tuple[str, str]] = []
@@ -277,6 +298,12 @@ class FleetMiddleware:
                 targets.append((peer.id, peer.http.rstrip("/")))
         if self.cloud_url:
             targets.append(("cloud", self.cloud_url))
+        return targets
+
+    async def _offload(
+        self, scope: dict[str, Any], headers: dict[str, str], body: bytes,
+        targets: list[tuple[str, str]],
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
         fwd = {k: v for k, v in headers.items() if k in _REQUEST_KEEP}
         fwd[OFFLOAD_HEADER] = self.node_id
         if self._bearer is not None:
@@ -298,19 +325,6 @@ class FleetMiddleware:
             out.append((b"x-edgeslim-served-by", who.encode()))
             return r.status_code, out, r.content
         return None
-
-
-async def _read_body(receive: Any) -> bytes:
-    chunks = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.request":
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        elif message["type"] == "http.disconnect":
-            break
-    return b"".join(chunks)
 
 
 def _replay(body: bytes, original: Any) -> Callable[[], Any]:
