@@ -56,7 +56,7 @@ from edgeslim.fleet.protocol import (
     node_from_topic,
     topic,
 )
-from edgeslim.fleet.store import BundleStore, Cancelled, NoSpace
+from edgeslim.fleet.store import BundleStore, Cancelled, NoSpace, TooLarge
 
 __all__ = ["Node", "NodeConfig", "NodeState", "auto_labels"]
 
@@ -98,6 +98,9 @@ class NodeConfig:
     threads: int = 1  # onnxruntime intra-op threads
     max_download_rate: float | None = None
     download_attempts: int = 5
+    # the most one download attempt may take (a later attempt resumes); under
+    # max_download_rate at least twice the time the announced size needs at that rate
+    download_deadline_s: float = 3600.0
     offload_threshold: int = 0  # in-flight infer requests before offloading; 0 = never
     cloud_url: str | None = None
     share_results: bool = False
@@ -126,6 +129,7 @@ class NodeConfig:
         check_int_range(self.offload_threshold, "offload_threshold", f, 0, 10**6)
         check_int_range(self.max_message_bytes, "max_message_bytes", f, 4096, 268_435_455)
         check_positive(self.max_body_mb, "max_body_mb", f)
+        check_positive(self.download_deadline_s, "download_deadline_s", f)
         tok = self.token
         if tok is not None and (not isinstance(tok, str) or not tok.strip()
                                 or not tok.isprintable()):
@@ -621,6 +625,9 @@ class Node:
         self._set_state(NodeState.DOWNLOADING)
         backoff = Backoff(initial=self.cfg.backoff_initial, cap=self.cfg.backoff_cap)
         url = f"{self.controller}/bundles/{d.sha256}"
+        deadline = self.cfg.download_deadline_s
+        if self.cfg.max_download_rate and d.size:
+            deadline = max(deadline, 2.0 * d.size / self.cfg.max_download_rate)
         last: Exception | None = None
         with httpx.Client(timeout=httpx.Timeout(30.0, connect=5.0)) as client:
             for attempt in range(self.cfg.download_attempts):
@@ -637,10 +644,12 @@ class Node:
                         max_rate=self.cfg.max_download_rate,
                         stop=self._stop,
                         cancel=lambda: self._unwanted(d),  # on every chunk
+                        max_bytes=d.size or None,  # the announced size, else the bundle limit
+                        deadline_s=deadline,
                     )
                 except Cancelled:
                     return None
-                except NoSpace:  # retrying cannot help (the partial file is deleted already)
+                except (NoSpace, TooLarge):  # retrying cannot help (the partial file is gone)
                     raise
                 except (httpx.HTTPError, OSError, BundleError) as exc:
                     last = exc

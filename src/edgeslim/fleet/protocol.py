@@ -281,7 +281,8 @@ class Desired:
     """What the controller wants a node to serve.
 
     ``sha256`` is the bundle to serve (fetched from ``GET /bundles/SHA`` on the controller),
-    ``deployment`` the id of the deployment that set it, ``size`` the bundle's byte size.
+    ``deployment`` the id of the deployment that set it, ``size`` the bundle's byte size (0:
+    not said); a node downloads no more than that.
     """
 
     deployment: int
@@ -297,11 +298,15 @@ class Desired:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Desired:
+        size = data.get("size", 0) or 0
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ProtocolError(f"The desired field 'size' must be a byte count >= 0 (0: not "
+                                f"said). Got {size!r}"[:200])
         return cls(
             deployment=_get(data, "deployment", int, "desired"),
             sha256=check_sha256(_get(data, "sha256", str, "desired")),
             name=str(data.get("name", "")),
-            size=int(data.get("size", 0) or 0),
+            size=size,
             rollback=bool(data.get("rollback", False)),
             ts=float(data.get("ts", 0.0) or 0.0),
         )

@@ -31,16 +31,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgeslim.bundle import Limits
 from edgeslim.errors import BundleError
 from edgeslim.fleet.protocol import check_sha256
 
-__all__ = ["BundleStore", "Cancelled", "NoSpace", "Pointer", "atomic_write"]
+__all__ = ["MAX_BUNDLE_BYTES", "BundleStore", "Cancelled", "NoSpace", "Pointer", "TooLarge",
+           "atomic_write"]
 
 log = logging.getLogger("edgeslim.fleet.store")
 
 CHUNK = 64 * 1024
 #: bytes a download leaves free on the disk, for the outbox (the node's reports) and pointers
 RESERVE = 1 << 20
+#: the most a download may bring when its size was not announced: what a bundle reader
+#: accepts at most (``edgeslim.bundle.Limits.max_total_bytes``), plus room for the zip's own
+#: headers
+MAX_BUNDLE_BYTES = Limits().max_total_bytes + (1 << 20)
 #: write errors that mean the file cannot grow: a full disk, a quota, a file-size limit
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -49,6 +55,11 @@ class Cancelled(BundleError):
     """A download given up because it is no longer wanted (shutdown, or the desired state
     moved on); the partial file stays, for a resume (the node deletes it once it knows that
     the bundle is no longer wanted)."""
+
+
+class TooLarge(BundleError):
+    """The server sent (or announced) more bytes than the bundle may have; the partial file
+    is deleted. Retrying the same server cannot help."""
 
 
 class NoSpace(BundleError):
@@ -82,6 +93,15 @@ class Pointer:
     sha256: str
     name: str = ""
     history: list[str] = field(default_factory=list)
+
+
+def _pieces(resp: Any, step: int) -> Any:
+    """The body as it arrives, cut into pieces of at most ``step`` bytes. (``iter_bytes(step)``
+    would hold bytes back until ``step`` of them came, so a server that drips could keep the
+    download from ever seeing its deadline.)"""
+    for data in resp.iter_bytes():
+        for i in range(0, len(data), step):
+            yield data[i:i + step]
 
 
 class BundleStore:
@@ -205,12 +225,19 @@ class BundleStore:
         stop: threading.Event | None = None,
         cancel: Callable[[], bool] | None = None,
         on_progress: Callable[[int, int | None], None] | None = None,
+        max_bytes: int | None = None,
+        deadline_s: float | None = None,
     ) -> Path:
         """Fetch ``url`` into ``downloads/SHA.part``, resuming with ``Range``; install it.
 
         ``client`` is an ``httpx.Client``. ``max_rate`` caps bytes per second (constrained
         links). ``stop`` set or ``cancel()`` true, checked on every chunk, raises
-        ``Cancelled`` (the partial file is kept). What is left to download (Content-Length)
+        ``Cancelled`` (the partial file is kept). ``max_bytes`` (the announced size of the
+        bundle; ``MAX_BUNDLE_BYTES`` when None) bounds the file: a Content-Length that would
+        pass it is refused before anything is written, and a server that sends more is cut
+        off at once; either way the partial file is deleted and ``TooLarge`` raised.
+        ``deadline_s`` bounds the time this call takes (``BundleError``; the partial file is
+        kept, for a resume). What is left to download (Content-Length)
         must fit in the free space less ``reserve``, and the disk must not fill up on the
         way, else the partial file is deleted and ``NoSpace`` raised. The finished file must
         hash to ``sha`` or it is deleted and ``BundleError`` raised; a matching file is
@@ -226,11 +253,24 @@ class BundleStore:
         check_sha256(sha)
         if self.has(sha):
             return self.path(sha)
+        limit = MAX_BUNDLE_BYTES if max_bytes is None else int(max_bytes)
         part = self.downloads / f"{sha}.part"
         have = part.stat().st_size if part.exists() else 0
+        if have > limit:  # left by a server that sent too much: not worth resuming
+            part.unlink(missing_ok=True)
+            have = 0
         headers = {"Range": f"bytes={have}-"} if have else {}
         started = time.monotonic()
         got = 0
+
+        def too_large(size: int, how: str) -> TooLarge:
+            part.unlink(missing_ok=True)
+            bound = "its announced size" if max_bytes is not None else "the bundle size limit"
+            return TooLarge(
+                f"The server {how} {size} bytes for bundle {sha[:12]}, which has at most "
+                f"{limit} ({bound}); the partial file is deleted. Check what serves "
+                f"{url.split('?')[0][:200]}."
+            )
         with client.stream("GET", url, headers=headers) as resp:
             if resp.status_code == 416:  # we already have every byte (or more): start over
                 part.unlink(missing_ok=True)
@@ -246,13 +286,23 @@ class BundleStore:
             total_size = have + int(total) if total is not None else None
             if total is not None:
                 self._check_space(sha, part, int(total), overwrite=mode == "wb")
+                if have + int(total) > limit:
+                    raise too_large(have + int(total), "announced")
             # under a cap, read about a tenth of a second's worth at a time, so the file (and
             # the link) grows smoothly instead of in 64 KiB bursts
             step = CHUNK if not max_rate else int(min(CHUNK, max(1024, max_rate / 10)))
             try:
                 with open(part, mode) as f:
-                    for chunk in resp.iter_bytes(step):
+                    for chunk in _pieces(resp, step):
                         check()
+                        if have + got + len(chunk) > limit:
+                            f.close()
+                            raise too_large(have + got + len(chunk), "sent at least")
+                        if deadline_s is not None and time.monotonic() - started > deadline_s:
+                            raise BundleError(
+                                f"Downloading bundle {sha[:12]} took over {deadline_s:g} s "
+                                f"({have + got} bytes so far); the partial file is kept "
+                                "for a resume.")
                         f.write(chunk)
                         got += len(chunk)
                         if on_progress is not None:
