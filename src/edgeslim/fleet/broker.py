@@ -6,6 +6,13 @@ password appears on a command line) and an ACL into a directory, then runs ``mos
 be the node id, a node may publish only its own status and telemetry and read only its own
 desired state and acks, plus every status (peer discovery) and the shared results topics.
 
+The ACL keys on the client id, which a client chooses: with one user shared by the nodes,
+any of them can connect under another node's id (or the controller's, knocking it off) and
+speak for it. ``Broker.for_fleet(node_ids)`` gives each node its own user, named by its id,
+and sets ``use_username_as_clientid``, so the broker takes the client id from the login and
+a node can be no one but itself; the demo runs that way. The tests and the scale bench keep
+one shared node user (``Broker(users)``; option off by default).
+
 A production fleet runs its own broker (or a cluster); this class is for one machine.
 """
 
@@ -80,6 +87,8 @@ class Broker:
 
     ``users`` maps user name -> password; ``controller_user`` names the one user allowed on
     every topic; ``options`` are extra ``mosquitto.conf`` lines (``"max_packet_size 65536"``).
+    ``use_username_as_clientid`` makes every client's id its user name (then a node's user
+    must be named by its node id; see ``for_fleet``).
     ``start()`` blocks until the port accepts connections; ``kill()`` sends SIGKILL (an
     outage), ``start()`` again reuses the same port and files.
 
@@ -96,6 +105,7 @@ class Broker:
         workdir: str | os.PathLike[str] | None = None,
         acl: bool = True,
         options: Sequence[str] = (),
+        use_username_as_clientid: bool = False,
     ) -> None:
         if controller_user not in users:
             raise ConfigError(
@@ -118,8 +128,29 @@ class Broker:
         for line in self.options:
             if "\n" in line or "\r" in line:
                 raise ConfigError(f"A broker option must be one line. Got {line!r} instead.")
+        self.use_username_as_clientid = bool(use_username_as_clientid)
         self._proc: subprocess.Popen[bytes] | None = None
         self._written = False
+
+    @classmethod
+    def for_fleet(
+        cls, node_ids: Sequence[str], *, controller_user: str = "controller", **kw: object
+    ) -> Broker:
+        """A broker with one user per node, named by its id, and one for the controller (random
+        passwords), with ``use_username_as_clientid`` on: a node's login fixes its identity.
+        ``kw`` goes to ``Broker`` (``port``, ``workdir``, ``options``...)."""
+        from edgeslim.fleet.protocol import check_node_id
+
+        for node in node_ids:
+            check_node_id(node, "Broker.for_fleet")
+        if controller_user in node_ids or len(set(node_ids)) != len(node_ids):
+            raise ConfigError(f"The 'node_ids' parameter of Broker.for_fleet must be distinct "
+                              f"and hold no {controller_user!r} (the controller's user). Got "
+                              f"{list(node_ids)!r} instead."[:300])
+        users = {controller_user: os.urandom(12).hex(), **{n: os.urandom(12).hex()
+                                                           for n in node_ids}}  # fmt: skip
+        return cls(users, controller_user=controller_user, use_username_as_clientid=True,
+                   **kw)  # type: ignore[arg-type]
 
     # ---------------------------------------------------------------- files
     def _write_files(self) -> None:
@@ -143,6 +174,7 @@ class Broker:
             "log_type error",
             "log_type warning",
             "log_type notice",
+            *(["use_username_as_clientid true"] if self.use_username_as_clientid else []),
             *self.options,
         ]
         if self.acl:

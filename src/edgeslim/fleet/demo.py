@@ -254,8 +254,9 @@ def run_demo(
             key, pub = generate_keypair(work / "keys")
             v1, v2 = _make_bundles(work, Path(key), console)
             manifest = read_bundle(v1).manifest
-        broker = Broker({"controller": os.urandom(8).hex(), "node": os.urandom(8).hex()},
-                        workdir=work / "broker").start()  # fmt: skip
+        # one user per node, named by its id: a node's login fixes who it is (docs/fleet.md)
+        node_ids = [f"edge-{i + 1}" for i in range(nodes)]
+        broker = Broker.for_fleet(node_ids, workdir=work / "broker").start()
         console.print(f"broker: mosquitto on 127.0.0.1:{broker.port}")
         controller = Controller(broker.url("controller"), work / "controller", public_key=pub,
                                 offline_after=15.0).start()  # fmt: skip
@@ -263,7 +264,7 @@ def run_demo(
         ports = [free_port() for _ in range(nodes)]
         for i, port in enumerate(ports):
             procs.append(spawn_node(
-                f"edge-{i + 1}", broker=broker.url("node"), controller=controller.url,
+                node_ids[i], broker=broker.url(node_ids[i]), controller=controller.url,
                 data=work / f"node-{i + 1}", public_key=Path(pub), port=port,
                 labels=f"site=demo,tier={'a' if i % 2 == 0 else 'b'}",
                 extra=["--heartbeat", "1", "--telemetry", "1"], log=work / f"node-{i + 1}.log",
