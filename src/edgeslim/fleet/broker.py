@@ -30,6 +30,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from edgeslim.errors import ConfigError, MissingDependencyError
 
@@ -134,7 +135,7 @@ class Broker:
 
     @classmethod
     def for_fleet(
-        cls, node_ids: Sequence[str], *, controller_user: str = "controller", **kw: object
+        cls, node_ids: Sequence[str], *, controller_user: str = "controller", **kw: Any
     ) -> Broker:
         """A broker with one user per node, named by its id, and one for the controller (random
         passwords), with ``use_username_as_clientid`` on: a node's login fixes its identity.
@@ -149,8 +150,7 @@ class Broker:
                               f"{list(node_ids)!r} instead."[:300])
         users = {controller_user: os.urandom(12).hex(), **{n: os.urandom(12).hex()
                                                            for n in node_ids}}  # fmt: skip
-        return cls(users, controller_user=controller_user, use_username_as_clientid=True,
-                   **kw)  # type: ignore[arg-type]
+        return cls(users, controller_user=controller_user, use_username_as_clientid=True, **kw)
 
     # ---------------------------------------------------------------- files
     def _write_files(self) -> None:
