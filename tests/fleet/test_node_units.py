@@ -283,7 +283,9 @@ def test_a_report_the_outbox_cannot_take_does_not_hold_up_the_next_desired_state
         node._on_message(topic("desired", "n1"), encode(Desired(deployment=1, sha256=shas[1])))
         wait_until(lambda: box.refused >= 2, 5, 0.02, "the first report refused, then retried")
         node._on_message(topic("desired", "n1"), encode(Desired(deployment=2, sha256=shas[2])))
-        wait_until(lambda: node.model is not None and node.model.bundle == shas[2], 5, 0.02,
+        # the model switches before the install is counted and the state set: wait for all
+        wait_until(lambda: node.model is not None and node.model.bundle == shas[2]
+                   and node.installs == 2 and node.state is NodeState.SERVING, 5, 0.02,
                    "the second install, the disk still full")  # fmt: skip
         assert node.installs == 2 and node.state is NodeState.SERVING and reports() == []
         box.full.clear()
