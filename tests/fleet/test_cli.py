@@ -324,6 +324,30 @@ def test_demo_refuses_bundles_its_key_does_not_verify(monkeypatch, keys, bundles
              "holds no signing.pub")  # fmt: skip
 
 
+def test_demo_refuses_bundles_it_cannot_roll_from_one_to_the_other(
+    monkeypatch, tmp_path, keys, bundles, capsys
+):
+    """Two different models, or v2 older than v1, were refused by the controller (409) only
+    after the broker, controller and nodes had started; now before anything starts."""
+    import edgeslim.fleet.broker as broker_mod
+    from edgeslim.errors import ConfigError, MissingDependencyError
+    from edgeslim.fleet.demo import run_demo
+    from tests.fleet.helpers import make_bundle
+
+    def missing() -> str:
+        raise MissingDependencyError("mosquitto is missing (test)")
+
+    monkeypatch.setattr(broker_mod, "mosquitto_path", missing)  # nothing starts if unchecked
+    other = make_bundle(tmp_path / "other.eslim", keys[0], seed=11, version="3", name="other")
+    key_dir = keys[1].parent
+    for pair, what in (((bundles["v1"], other), "holds model"),
+                       ((bundles["v2"], bundles["v1"]), "is older than")):  # fmt: skip
+        with pytest.raises(ConfigError, match=what):
+            run_demo(nodes=1, bundles=list(pair), key_dir=key_dir)
+        _refused(capsys, ["fleet", "demo", "--bundle", str(pair[0]), "--bundle", str(pair[1]),
+                          "--key-dir", str(key_dir)], what)  # fmt: skip
+
+
 def test_deploy_checks_every_parameter_before_uploading(tmp_path, capsys):
     bundle = tmp_path / "b.eslim"
     bundle.write_bytes(b"PK not really")

@@ -181,6 +181,28 @@ def _reversion(src: Path, out: Path, key: Path, version: str) -> Path:
     )
 
 
+def _check_succession(m1: dict[str, Any], m2: dict[str, Any], paths: list[Path]) -> None:
+    """Refuse, before anything starts, two bundles the demo cannot roll from one to the
+    other: it shows one model moving from v1 to v2 under traffic sent to that model's name,
+    so the controller's succession rule (same model, no lower version) must hold; the demo
+    does not override it, as a mistaken pair of files is likelier than a wish to swap models.
+    """
+    from edgeslim._text import visible
+    from edgeslim.fleet.controller import version_is_lower
+
+    n1, n2 = str(m1.get("name")), str(m2.get("name"))
+    v1, v2 = str(m1.get("version")), str(m2.get("version"))
+    b1, b2 = (visible(str(p)) for p in paths)
+    if n1 != n2:
+        raise ConfigError(f"--bundle {b1!r} holds model {visible(n1)!r} but --bundle {b2!r} "
+                          f"holds {visible(n2)!r}: the demo rolls one model from v1 to v2, so "
+                          "give two versions of the same model.")  # fmt: skip
+    if version_is_lower(v2, v1):
+        raise ConfigError(f"--bundle {b2!r} (version {visible(v2)}) is older than --bundle "
+                          f"{b1!r} (version {visible(v1)}): give the older bundle first, the "
+                          "newer second.")  # fmt: skip
+
+
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -230,6 +252,7 @@ def run_demo(
             raise ConfigError(f"--key-dir {str(key_dir)!r} holds no {PUBLIC_KEY_FILE}.")
         # SignatureError / BundleError: one line
         checked = [read_bundle(b, public_key=pub_key) for b in bundles]
+        _check_succession(*(c.manifest for c in checked), bundles)
     _folder(Path(workdir) if workdir is not None else None, "--workdir")
     console = wide_console()
     mosquitto_path()  # a clear message on how to install it, before any work
