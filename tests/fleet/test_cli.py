@@ -255,6 +255,32 @@ def test_node_verb_refuses_bad_numbers_urls_and_folders(tmp_path, keys, capsys):
     assert not (tmp_path / "n1").exists()
 
 
+BAD_URLS = ["http://h:99999", "http://h?x=1", "http://:80", "http://h#frag", "http://h h:1"]
+
+
+def test_node_urls_are_checked_as_the_operator_verbs_check_theirs(tmp_path, keys, capsys):
+    """``fleet node --controller/--cloud`` (and NodeConfig) took URLs that the operator verbs'
+    --controller (FleetClient's check_url) refuses: one check for all of them now."""
+    from edgeslim.errors import ConfigError
+    from edgeslim.fleet.client import check_url
+    from edgeslim.fleet.node import NodeConfig
+
+    base = ["fleet", "node", *BAD_BROKER, "--id", "n1", "--public-key", str(keys[1]),
+            "--data", str(tmp_path / "n1")]  # fmt: skip
+    cfg = dict(node_id="n1", broker="mqtt://u:p@127.0.0.1:1", controller="http://h:1",
+               data_dir=tmp_path / "n1", public_key=keys[1])  # fmt: skip
+    for bad in BAD_URLS:
+        with pytest.raises(ConfigError):
+            check_url(bad, "--controller")
+        _refused(capsys, ["fleet", "status", "--controller", bad], "--controller")
+        _refused(capsys, [*base, "--controller", bad], "--controller")
+        _refused(capsys, [*base, "--controller", "http://h:1", "--cloud", bad], "--cloud")
+        for key in ("controller", "cloud_url"):
+            with pytest.raises(ConfigError):
+                NodeConfig(**{**cfg, key: bad}).validate()
+    assert not (tmp_path / "n1").exists()
+
+
 def test_controller_and_node_config_refuse_what_the_cli_refuses(tmp_path):
     from edgeslim.errors import ConfigError
     from edgeslim.fleet.controller import Controller

@@ -141,3 +141,26 @@ def test_the_controller_verb_takes_its_token_from_the_environment(broker, tmp_pa
     finally:
         proc.terminate()
         proc.wait(15)
+
+
+def test_every_server_and_client_takes_the_same_tokens(broker, tmp_path, keys, bundles):
+    """The controller, FleetClient, the edge server and a node checked tokens four ways; a
+    token with non-ASCII characters passed some (curl could send it, httpx and the node's
+    offload relay could not). One check now, and the same middleware on every server."""
+    from edgeslim.edge.server import EdgeServer
+    from edgeslim.fleet.controller import Controller
+    from edgeslim.fleet.node import NodeConfig
+
+    cfg = dict(node_id="n1", broker=broker.url("node"), controller="http://h:1",
+               data_dir=tmp_path / "n1", public_key=keys[1])  # fmt: skip
+    for bad in ("", " ", "pässword", "a\x1bb", "two\nlines", 7):
+        for func, make in (
+            ("Controller", lambda t: Controller(broker.url("controller"), tmp_path / "c",
+                                                token=t)),
+            ("FleetClient", lambda t: FleetClient("http://h:1", token=t)),
+            ("EdgeServer", lambda t: EdgeServer([bundles["v1"]], token=t)),
+            ("fleet node", lambda t: NodeConfig(**cfg, token=t).validate()),
+        ):  # fmt: skip
+            with pytest.raises(ConfigError, match=f"'token' parameter of {func} must be a "
+                                                  "non-empty string of printable ASCII"):
+                make(bad)

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
+from edgeslim.commands._token import read_token, token_option
+from edgeslim.commands.serve import TOKEN_ENV as SERVE_TOKEN_ENV
 from edgeslim.errors import ConfigError
 from edgeslim.fleet.api import TOKEN_ENV
 
@@ -97,33 +99,13 @@ def _folder(path: Path | None, flag: str) -> None:
         raise ConfigError(f"{flag} {str(path)!r} cannot be used: {problem}.")
 
 
-def _http_url(value: str | None, flag: str) -> None:
-    if value is not None and not re.match(r"https?://[^/\s]+", value):
-        raise ConfigError(f"{flag} must be an http(s) URL (http://HOST:PORT). "
-                          f"Got {value!r} instead.")
-
-
 def _token(token: str | None) -> str | None:
-    """``--token`` (or ``EDGESLIM_FLEET_TOKEN``) checked: an empty one is refused, not read as
-    no token (a secret that did not arrive must not turn auth off, nor go unsent)."""
-    import os
-
-    from edgeslim.fleet.api import check_token
-
-    if token is None and os.environ.get(TOKEN_ENV) == "":
-        token = ""  # click reads an empty variable as unset
-    if token is not None and not token.strip():
-        raise ConfigError(f"--token (or {TOKEN_ENV}) is empty; give the token, or set neither "
-                          "for a controller without auth.")
-    try:
-        return check_token(token, "--token")
-    except ConfigError:
-        raise ConfigError(f"--token (or {TOKEN_ENV}) must be printable ASCII characters."
-                          ) from None  # fmt: skip
+    """``--token`` (or ``EDGESLIM_FLEET_TOKEN``) checked (``read_token``)."""
+    return read_token(token, TOKEN_ENV, "for a controller without auth")
 
 
 def _token_option(text: str) -> Any:
-    return typer.Option(None, "--token", envvar=TOKEN_ENV, show_envvar=True, help=text)
+    return token_option(TOKEN_ENV, text)
 
 
 _CLIENT_TOKEN_HELP = "The controller's bearer token, when it was started with one."
@@ -218,34 +200,28 @@ def node_cmd(
     ),
     measure: bool = typer.Option(True, help="Measure the reference model for the labels."),
     log_level: str = typer.Option("info", help="debug, info, warning or error."),
-    token: str | None = typer.Option(
-        None, "--token", envvar="EDGESLIM_TOKEN", show_envvar=True,  # as edgeslim serve
-        help="Require 'Authorization: Bearer TOKEN' on the V2 API (health checks stay open); "
-             "the fleet's nodes share it and send it to the peers they offload to."),
+    token: str | None = token_option(
+        SERVE_TOKEN_ENV,  # as edgeslim serve
+        "Require 'Authorization: Bearer TOKEN' on the V2 API (health checks stay open); "
+        "the fleet's nodes share it and send it to the peers they offload to."),
     max_body_mb: float = typer.Option(
         16.0, "--max-body-mb", min=0.001,
         help="Largest request body (MB, at least 0.001), offloaded or not."),
 ) -> None:
     """Run a node agent until SIGINT/SIGTERM: serve V2, follow the controller."""
-    import os
-
-    from edgeslim.commands.serve import TOKEN_ENV
+    from edgeslim.fleet.client import check_url
     from edgeslim.fleet.node import Node, NodeConfig
     from edgeslim.fleet.protocol import parse_labels
 
-    if token is None and os.environ.get(TOKEN_ENV) == "":
-        token = ""  # click reads an empty variable as unset: a secret that did not arrive
-    if token is not None and not token.strip():
-        raise ConfigError(f"--token (or {TOKEN_ENV}) is empty; give a token, or set neither "
-                          "to serve without auth")
-
+    token = read_token(token, SERVE_TOKEN_ENV, "to serve without auth")
     _number(heartbeat, "--heartbeat", "a number of seconds in (0, 86400]", hi=86400.0)
     _number(telemetry, "--telemetry", "a number of seconds in (0, 86400]", hi=86400.0)
     if max_download_rate is not None:
         _number(max_download_rate, "--max-download-rate", "a number of bytes/s >= 1", lo=1.0,
                 allow_lo=True)
-    _http_url(controller, "--controller")
-    _http_url(cloud, "--cloud")
+    check_url(controller, "--controller")
+    if cloud is not None:
+        check_url(cloud, "--cloud")
     _folder(data, "--data")
     _logging(log_level)
     cfg = NodeConfig(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import typer
 
+from edgeslim.commands._token import read_token, token_option
 from edgeslim.edge import DRAIN_S, MIN_BODY_MB
 
 TOKEN_ENV = "EDGESLIM_TOKEN"
@@ -23,9 +24,8 @@ def register(app: typer.Typer) -> None:
         port: int = typer.Option(8000, "--port", "-p", min=0, max=65535,
                                  help="TCP port (0: any free port)."),
         host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
-        token: str = typer.Option(
-            None, "--token", envvar=TOKEN_ENV, show_envvar=True,
-            help="Require 'Authorization: Bearer TOKEN' (health checks stay open)."),
+        token: str | None = token_option(
+            TOKEN_ENV, "Require 'Authorization: Bearer TOKEN' (health checks stay open)."),
         max_batch: int = typer.Option(
             32, "--max-batch", min=1, max=65536,
             help="Most rows per batched model run (1: no batching)."),
@@ -57,13 +57,8 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
 
         from edgeslim.edge.server import EdgeServer
-        from edgeslim.errors import ConfigError
 
-        if token is None and os.environ.get(TOKEN_ENV) == "":
-            token = ""  # click reads an empty variable as unset: a secret that did not arrive
-        if token is not None and not token.strip():
-            raise ConfigError(f"--token (or {TOKEN_ENV}) is empty; give a token, or set neither "
-                              f"to serve without auth (load and unload off)")
+        token = read_token(token, TOKEN_ENV, "to serve without auth (load and unload off)")
         server = EdgeServer(  # a SignatureError exits 4 (its exit_code)
             [str(b) for b in bundles], host=host, port=port, token=token,
             public_key=str(public_key) if public_key is not None else None,

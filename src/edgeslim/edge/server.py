@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import os
@@ -55,6 +54,7 @@ from edgeslim.edge._http import (
     edge_protocol,
     tune_malloc,
 )
+from edgeslim.edge.auth import BearerAuth, check_token
 from edgeslim.edge.metrics import CONTENT_TYPE, Metrics
 from edgeslim.edge.model_store import ModelStore, ServedModel
 from edgeslim.edge.v2 import (
@@ -107,40 +107,6 @@ def _version() -> str:
         return version("edgeslim")
     except Exception:
         return "0"
-
-
-class _Auth:
-    """Bearer-token check in front of the app (pure ASGI, constant-time comparison).
-
-    Refused requests are counted in ``metrics`` under the endpoint ``auth``.
-    """
-
-    def __init__(self, app: Any, token: str | None, metrics: Metrics | None = None) -> None:
-        self.app = app
-        self.expected = f"Bearer {token}".encode() if token else None
-        self.metrics = metrics
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if (
-            self.expected is not None
-            and scope["type"] == "http"
-            and scope["path"] not in OPEN_PATHS
-        ):
-            t0 = time.perf_counter()
-            given = b""
-            for key, value in scope["headers"]:
-                if key == b"authorization":
-                    given = value
-                    break
-            if not hmac.compare_digest(given, self.expected):
-                msg = "missing bearer token" if not given else "invalid bearer token"
-                resp = error(401, f"{msg}: send 'Authorization: Bearer TOKEN'",
-                             {"WWW-Authenticate": "Bearer"})
-                await resp(scope, receive, send)
-                if self.metrics is not None:
-                    self.metrics.observe("auth", "", 401, time.perf_counter() - t0)
-                return
-        await self.app(scope, receive, send)
 
 
 class ClientGone(Exception):
@@ -274,7 +240,9 @@ class EdgeApp:
             Exception: self._crash,
         })
         self.starlette = starlette
-        self.asgi = _Auth(self._dispatch, token, metrics)
+        self.asgi = BearerAuth(
+            self._dispatch, token, is_open=lambda scope: scope["path"] in OPEN_PATHS,
+            on_refused=lambda seconds: metrics.observe("auth", "", 401, seconds))
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         await self.asgi(scope, receive, send)
@@ -577,10 +545,7 @@ class EdgeServer:
         if not isinstance(spin, bool):
             raise ConfigError(f"The 'spin' parameter of EdgeServer must be True or False. "
                               f"Got {spin!r} instead.")
-        if token is not None and (not isinstance(token, str) or not token.strip()
-                                  or not token.isprintable()):
-            raise ConfigError("The 'token' parameter of EdgeServer must be a non-empty "
-                              "printable string.")
+        check_token(token, "EdgeServer")
         self.host = host
         self._port = port
         self.drain_s = float(drain_s)

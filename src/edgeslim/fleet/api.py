@@ -27,18 +27,18 @@ immutable``; Range handling is starlette's.
 
 from __future__ import annotations
 
-import hmac
 import re
 import time
 from typing import TYPE_CHECKING, Any
 
+from edgeslim.edge.auth import BearerAuth
 from edgeslim.errors import ConfigError, EdgeslimError, SignatureError
 from edgeslim.fleet.rollout import RolloutParams
 
 if TYPE_CHECKING:
     from edgeslim.fleet.controller import Controller
 
-__all__ = ["TOKEN_ENV", "BearerAuth", "build_app", "check_token"]
+__all__ = ["TOKEN_ENV", "build_app", "is_open"]
 
 TOKEN_ENV = "EDGESLIM_FLEET_TOKEN"  # the token of the controller and of the operator verbs
 
@@ -48,50 +48,12 @@ _DOWNLOAD = re.compile(r"/bundles/[^/]+")  # GET/HEAD: open, as are these
 OPEN_PATHS = frozenset({"/healthz"})
 
 
-def check_token(token: Any, func: str) -> str | None:
-    """``token`` when it can be a bearer token (printable ASCII, not blank) or None (no
-    auth); else a ``ConfigError`` that names the parameter of ``func``, never the value."""
-    if token is None:
-        return None
-    if not isinstance(token, str) or not token.strip() or not token.isascii() \
-            or not token.isprintable():
-        what = type(token).__name__ if not isinstance(token, str) else (
-            "an empty string" if not token.strip() else "a string with other characters")
-        raise ConfigError(f"The 'token' parameter of {func} must be a non-empty string of "
-                          f"printable ASCII characters, or None for no auth. Got {what}.")
-    return token
-
-
-class BearerAuth:
-    """``Authorization: Bearer TOKEN`` in front of the API (pure ASGI, constant-time
-    comparison); open: ``OPEN_PATHS`` and bundle downloads (``GET``/``HEAD /bundles/SHA``)."""
-
-    def __init__(self, app: Any, token: str) -> None:
-        self.app = app
-        self.expected = f"Bearer {token}".encode()
-
-    @staticmethod
-    def is_open(scope: dict[str, Any]) -> bool:
-        path = scope["path"]
-        return path in OPEN_PATHS or (
-            scope["method"] in ("GET", "HEAD") and _DOWNLOAD.fullmatch(path) is not None
-        )
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and not self.is_open(scope):
-            given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
-            if not hmac.compare_digest(given, self.expected):
-                from starlette.responses import JSONResponse
-
-                what = "invalid bearer token" if given else "missing bearer token"
-                resp = JSONResponse(
-                    {"error": f"{what}: send 'Authorization: Bearer TOKEN' with the token the "
-                              "controller was started with (--token)"},
-                    status_code=401, headers={"WWW-Authenticate": "Bearer"},
-                )  # fmt: skip
-                await resp(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+def is_open(scope: dict[str, Any]) -> bool:
+    """Whether a request needs no token: ``OPEN_PATHS`` and bundle downloads."""
+    path = scope["path"]
+    return path in OPEN_PATHS or (
+        scope["method"] in ("GET", "HEAD") and _DOWNLOAD.fullmatch(path) is not None
+    )
 
 
 def build_app(c: Controller) -> Any:
@@ -244,4 +206,5 @@ def build_app(c: Controller) -> Any:
         Route("/records", records),
     ]
     app = Starlette(routes=routes)
-    return app if c.token is None else BearerAuth(app, c.token)
+    return BearerAuth(app, c.token, is_open=is_open,
+                      hint=" with the token the controller was started with (--token)")

@@ -94,7 +94,7 @@ class FleetClient:
     def __init__(self, url: str, *, timeout: float = 30.0, token: str | None = None) -> None:
         import httpx
 
-        from edgeslim.fleet.api import check_token
+        from edgeslim.edge.auth import check_token
 
         self.url = check_url(url, "url")
         self.timeout = check_positive(timeout, "timeout", "FleetClient")

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from edgeslim._validate import check_int_range, check_positive
+from edgeslim.edge.auth import check_token
 from edgeslim.errors import BundleError, ConfigError, SignatureError
-from edgeslim.fleet.api import check_token
 from edgeslim.fleet.backoff import Backoff
 from edgeslim.fleet.link import MqttLink
 from edgeslim.fleet.protocol import (

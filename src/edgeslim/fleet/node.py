@@ -35,8 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from edgeslim._validate import check_int_range, check_positive
+from edgeslim.edge.auth import check_token
 from edgeslim.errors import BundleError, ConfigError, EdgeslimError
 from edgeslim.fleet.backoff import Backoff
+from edgeslim.fleet.client import check_url
 from edgeslim.fleet.link import MqttLink
 from edgeslim.fleet.offload import FleetMiddleware, Peers
 from edgeslim.fleet.outbox import MAX_MESSAGE_BYTES, Forwarder, Outbox
@@ -130,26 +132,14 @@ class NodeConfig:
         check_int_range(self.max_message_bytes, "max_message_bytes", f, 4096, 268_435_455)
         check_positive(self.max_body_mb, "max_body_mb", f)
         check_positive(self.download_deadline_s, "download_deadline_s", f)
-        tok = self.token
-        if tok is not None and (not isinstance(tok, str) or not tok.strip()
-                                or not tok.isprintable()):
-            raise ConfigError(f"The 'token' parameter of {f} must be a non-empty printable "
-                              "string (or None: no auth).")
+        check_token(self.token, f)
         rate = self.max_download_rate
         if rate is not None and check_positive(rate, "max_download_rate", f) < 1.0:
             raise ConfigError(f"The 'max_download_rate' parameter of {f} must be at least 1 "
                               f"(bytes/s). Got {rate!r} instead.")
-        if not str(self.controller).startswith(("http://", "https://")):
-            raise ConfigError(
-                "The '--controller' option must be an http(s) URL. "
-                f"Got {self.controller!r} instead."
-            )
-        if self.cloud_url is not None and not str(self.cloud_url).startswith(
-            ("http://", "https://")
-        ):
-            raise ConfigError(
-                f"The '--cloud' option must be an http(s) URL. Got {self.cloud_url!r} instead."
-            )
+        check_url(self.controller, "--controller")
+        if self.cloud_url is not None:
+            check_url(self.cloud_url, "--cloud")
         if Path(self.data_dir).exists() and not Path(self.data_dir).is_dir():
             raise ConfigError(f"The '--data' option {str(self.data_dir)!r} is a file, not a "
                               "folder.")

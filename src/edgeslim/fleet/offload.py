@@ -27,7 +27,6 @@ Everything else (metadata, health, /metrics) goes straight to the wrapped app.
 from __future__ import annotations
 
 import bisect
-import hmac
 import logging
 import random
 import threading
@@ -36,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from edgeslim.edge.auth import authorized, bearer
 from edgeslim.edge.server import INFER_PATH, ClientGone, error, error_status, receive_raw
 from edgeslim.fleet.protocol import Status
 
@@ -190,6 +190,7 @@ class FleetMiddleware:
         self.on_result = on_result
         self.timeout = timeout
         self._bearer = f"Bearer {token}" if token else None
+        self._expected = bearer(token) if token else None
         self.max_body = max_body_bytes
         self.window = WindowCounter()
         self.inflight = 0
@@ -255,14 +256,8 @@ class FleetMiddleware:
                 self.window.observe(time.perf_counter() - t0, status, offloaded)
 
     def _authorized(self, scope: dict[str, Any]) -> bool:
-        """True without a token, else when the request carries it (as the edge server checks:
-        the first Authorization header, compared in constant time)."""
-        if self._bearer is None:
-            return True
-        for key, value in scope["headers"]:
-            if key == b"authorization":
-                return hmac.compare_digest(value, self._bearer.encode("latin-1"))
-        return False
+        """True without a token, else when the request carries it (the edge server's check)."""
+        return authorized(scope["headers"], self._expected)
 
     async def _local(
         self, scope: dict[str, Any], receive: Any, send: Any
