@@ -164,3 +164,45 @@ def test_every_server_and_client_takes_the_same_tokens(broker, tmp_path, keys, b
             with pytest.raises(ConfigError, match=f"'token' parameter of {func} must be a "
                                                   "non-empty string of printable ASCII"):
                 make(bad)
+
+
+def test_a_token_with_a_space_at_either_end_is_refused_where_it_is_given(
+    guarded, broker, tmp_path, keys, bundles, capsys, monkeypatch
+):
+    """'tok ' was taken, but httpx cannot send 'Bearer tok ' (an illegal header value): every
+    call failed as if the controller were down (UnreachableError, exit 5)."""
+    from edgeslim.edge.server import EdgeServer
+    from edgeslim.fleet.controller import Controller
+    from edgeslim.fleet.node import NodeConfig
+
+    cfg = dict(node_id="n1", broker=broker.url("node"), controller="http://h:1",
+               data_dir=tmp_path / "n1", public_key=keys[1])  # fmt: skip
+    monkeypatch.delenv(ENV, raising=False)
+    for bad in ("tok ", " tok", "tok\t", "\ttok"):
+        for func, make in (
+            ("Controller", lambda t: Controller(broker.url("controller"), tmp_path / "c",
+                                                token=t)),
+            ("FleetClient", lambda t: FleetClient(guarded.url, token=t)),
+            ("EdgeServer", lambda t: EdgeServer([bundles["v1"]], token=t)),
+            ("fleet node", lambda t: NodeConfig(**cfg, token=t).validate()),
+        ):  # fmt: skip
+            with pytest.raises(ConfigError, match=f"'token' parameter of {func}.*no space at "
+                                                  "either end"):
+                make(bad)
+        assert main(["fleet", "status", "--controller", guarded.url, "--token", bad]) == 2
+        assert f"--token (or {ENV}) must be printable ASCII characters with no space at " \
+               "either end" in capsys.readouterr().err
+    # a space inside is a legal header value: sent, and refused as the wrong token
+    with FleetClient(guarded.url, token="a b") as fleet, pytest.raises(ConfigError,
+                                                                       match="401"):
+        fleet.nodes()
+
+
+def test_a_request_httpx_refuses_to_send_is_a_config_error_that_shows_no_secret(guarded):
+    """httpx's LocalProtocolError (refused before sending) was reported as an unreachable
+    controller, quoting the header, token included."""
+    with FleetClient(guarded.url, token=TOKEN) as fleet:
+        fleet._http.headers["Authorization"] = f"Bearer {TOKEN}\x00"  # past every check
+        with pytest.raises(ConfigError, match="httpx refused the request") as info:
+            fleet.nodes()
+    assert TOKEN not in str(info.value)

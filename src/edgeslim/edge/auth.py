@@ -15,18 +15,22 @@ from typing import Any
 __all__ = ["TOKEN_RULE", "BearerAuth", "authorized", "bearer", "check_token", "token_problem"]
 
 #: what ``check_token`` asks of a token, in the words of its error messages
-TOKEN_RULE = "printable ASCII characters"
+TOKEN_RULE = "printable ASCII characters with no space at either end"
 
 
 def token_problem(token: str) -> str | None:
     """What keeps ``token`` from being sent as ``Authorization: Bearer TOKEN`` (None: nothing).
 
     HTTP clients (httpx, the node's offload relay) send header values as ASCII and refuse
-    control characters, so such a token would be accepted here and then never be sent."""
+    control characters and a value that ends in a space, so such a token would be accepted
+    here and then never be sent; a space at the start is kept out too, as it cannot be told
+    apart from the separator after ``Bearer``."""
     if not token.strip():
         return "an empty string"
     if not token.isascii() or not token.isprintable():
         return "a string with characters other than printable ASCII"
+    if token != token.strip():
+        return "a string with a space at the start or the end"
     return None
 
 

@@ -266,6 +266,12 @@ class FleetClient:
 
         try:
             r = self._http.request(method, path, **kw)
+        except (httpx.LocalProtocolError, httpx.UnsupportedProtocol) as exc:
+            # refused here, before anything was sent: no retry or other network helps. The
+            # message can quote a header, the token's included: its type is named instead.
+            raise ConfigError(f"Cannot send {method} {path} to {self.url}: httpx refused the "
+                              f"request ({type(exc).__name__}); check the URL and the token."
+                              ) from None  # fmt: skip
         except httpx.HTTPError as exc:
             raise UnreachableError(f"Cannot reach the controller at {self.url}: {exc}"
                                    ) from None  # fmt: skip
