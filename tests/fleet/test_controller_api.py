@@ -115,3 +115,56 @@ def test_an_upload_is_not_held_in_memory(api, controller):
     assert r.status_code == 400, r.text  # not a bundle: read from disk, then removed
     assert peak < total // 4, f"peak {peak >> 20} MiB for a {total >> 20} MiB upload"
     assert not list(controller.bundles_dir.iterdir())
+
+
+def _small_files(limit: int) -> None:
+    """In the child: no file may grow past ``limit`` bytes (a write past it fails with EFBIG,
+    as on a full disk; SIGXFSZ, which would kill the process instead, is ignored)."""
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+def test_an_upload_the_disk_cannot_take_is_a_507_and_leaves_nothing(broker, tmp_path, keys):
+    """A full disk made the upload a 500 with a uvicorn traceback."""
+    import functools
+    import os
+    import subprocess
+    import sys
+
+    from edgeslim.errors import ConfigError
+    from edgeslim.fleet.broker import free_port
+    from edgeslim.fleet.client import FleetClient
+    from edgeslim.fleet.demo import stop_process, wait_until
+
+    port = free_port()
+    data = tmp_path / "ctl"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgeslim.cli", "fleet", "controller", "--broker",
+         broker.url("controller"), "--http-port", str(port), "--data", str(data),
+         "--public-key", str(keys[1])],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        preexec_fn=functools.partial(_small_files, 256 << 10),
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def up() -> bool:
+            try:
+                return httpx.get(f"{url}/healthz").status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(up, 30, what="the controller process")
+        r = httpx.post(f"{url}/bundles", content=os.urandom(600_000), timeout=30)
+        assert r.status_code == 507, r.text
+        assert "cannot store the bundle" in r.json()["error"]
+        with FleetClient(url) as fleet, pytest.raises(ConfigError, match="507"):
+            fleet.upload(os.urandom(600_000))
+        assert [p.name for p in (data / "bundles").iterdir()] == []
+        assert httpx.get(f"{url}/bundles").json() == []
+    finally:
+        stop_process(proc)
+    log = proc.stdout.read().decode() if proc.stdout else ""
+    assert "Traceback" not in log, log

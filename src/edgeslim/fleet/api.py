@@ -19,7 +19,8 @@ and need none: a bundle is signed, and each node verifies it against its pinned 
 using it; anyone who reaches the API can read a bundle whose sha256 they know, nothing more.
 
 Errors are JSON ``{"error": MESSAGE}`` with 400 (bad input), 401 (no or a wrong token), 404,
-409 (conflict), 413 (an upload over ``MAX_UPLOAD``) or 422 (a bundle that does not verify).
+409 (conflict), 413 (an upload over ``MAX_UPLOAD``), 422 (a bundle that does not verify) or
+507 (the controller could not store an upload: its disk is full, say; nothing is kept).
 An upload is streamed to a file in the bundles folder, never held in memory. Bundles are
 immutable, so their responses carry a strong ``ETag`` (the sha256) and ``Cache-Control:
 immutable``; Range handling is starlette's.
@@ -27,6 +28,7 @@ immutable``; Range handling is starlette's.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from typing import TYPE_CHECKING, Any
@@ -39,6 +41,8 @@ if TYPE_CHECKING:
     from edgeslim.fleet.controller import Controller
 
 __all__ = ["TOKEN_ENV", "build_app", "is_open"]
+
+log = logging.getLogger(__name__)
 
 TOKEN_ENV = "EDGESLIM_FLEET_TOKEN"  # the token of the controller and of the operator verbs
 
@@ -109,6 +113,12 @@ def build_app(c: Controller) -> Any:
             return Response(status_code=400)
         except EdgeslimError as exc:
             return error(exc)
+        except OSError as exc:  # a full disk, a file size limit, an I/O error: not the client's
+            log.error("cannot store an upload: %s", exc)
+            cause = exc.strerror or type(exc).__name__
+            return JSONResponse({"error": f"The controller cannot store the bundle: {cause} "
+                                          f"(errno {exc.errno}); free space on its disk, then "
+                                          "upload again."}, status_code=507)  # fmt: skip
         finally:  # add_bundle took it or removed it; anything else removes it here
             path.unlink(missing_ok=True)
         return JSONResponse(info, status_code=201)
