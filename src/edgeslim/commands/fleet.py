@@ -1,8 +1,9 @@
-"""``edgeslim fleet``: controller, node, deploy, status, rollback, demo.
+"""``edgeslim fleet``: controller, node, deploy, status, rollback, demo (and, in
+``fleet_data.py``, upload, bundles, deployments, records, health).
 
 The long-running verbs (``controller``, ``node``) log to standard error and stop cleanly on
-SIGINT or SIGTERM. ``deploy``, ``status`` and ``rollback`` talk to the controller's HTTP API
-through ``edgeslim.fleet.client.FleetClient``, which Python users call directly.
+SIGINT or SIGTERM. The operator verbs talk to the controller's HTTP API through
+``edgeslim.fleet.client.FleetClient``, which Python users call directly.
 Exit codes: 0 success, 1 a deployment that was rolled back (or failed to), 2 bad input, 3 a
 deployment still running when --timeout ran out (it goes on), 5 the controller did not answer.
 """
@@ -36,6 +37,8 @@ _BROKER_HELP = "MQTT broker URL: mqtt://USER:PASS@HOST:PORT"
 
 
 def register(app: typer.Typer) -> None:
+    import edgeslim.commands.fleet_data  # noqa: F401 - its verbs join fleet_app
+
     app.add_typer(fleet_app, name="fleet")
 
 
