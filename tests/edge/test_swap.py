@@ -138,6 +138,27 @@ def test_failed_swap_from_python_raises_and_keeps_serving(signed):
         assert old() is None  # the old session is freed at once, not at the next GC cycle
 
 
+def test_admin_false_keeps_load_and_unload_off_with_a_token(signed):
+    import httpx
+
+    from edgeslim.edge.server import EdgeServer
+    from edgeslim.errors import ConfigError
+
+    paths, pub = signed
+    with pytest.raises(ConfigError, match="'admin' parameter of EdgeServer"):
+        EdgeServer(admin="yes")
+    auth = {"Authorization": "Bearer s3cret"}
+    with EdgeServer([paths["v1"]], public_key=pub, threads=1, token="s3cret",
+                    admin=False) as server:  # fmt: skip
+        with httpx.Client(base_url=server.url, headers=auth) as c:
+            r = c.post("/v2/repository/models/linear/load",
+                       json={"parameters": {"bundle": str(paths["v2"])}})
+            assert r.status_code == 403 and "off on this server" in r.json()["error"]
+            assert c.post("/v2/repository/models/linear/unload").status_code == 403
+            assert c.get("/v2/models/linear").json()["versions"] == ["1"]
+        assert server.swap(paths["v2"])["version"] == "2"  # the owner's Python call still works
+
+
 def _slow_bundle(path, n=2048, matmuls=4):
     """A model whose warm-up takes about a second: ``x @ x @ x ...`` on an (n, n) input."""
     from onnx import TensorProto, helper

@@ -291,3 +291,26 @@ def test_fleet_node_takes_its_token_from_the_flag_or_the_environment(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+
+
+def test_a_node_with_a_token_never_opens_the_repository_endpoints(keys, bundles):
+    """The fleet's node token is shared by every client and peer: holding it must not let
+    anyone load another bundle from the node's disk (a downgrade behind the controller's
+    back) or unload its model; only the controller changes what a node serves."""
+    from edgeslim.bundle import load_public_key
+    from edgeslim.fleet.serving import Serving
+
+    serving = Serving(host="127.0.0.1", port=0, public_key=load_public_key(keys[1]),
+                      token=TOKEN).start()  # fmt: skip
+    try:
+        serving.swap(bundles["v2"], sha_of(bundles["v2"]))
+        with httpx.Client(base_url=serving.url,
+                          headers={"Authorization": f"Bearer {TOKEN}"}) as c:  # fmt: skip
+            r = c.post(f"/v2/repository/models/{NAME}/load",
+                       json={"parameters": {"bundle": str(bundles["v1"])}})
+            assert r.status_code == 403 and "controller" in r.json()["error"], r.text
+            assert c.post(f"/v2/repository/models/{NAME}/unload").status_code == 403
+            assert c.get(f"/v2/models/{NAME}").json()["versions"] == ["2"]
+            assert c.post(f"/v2/models/{NAME}/infer", json=infer_body(1)).status_code == 200
+    finally:
+        serving.stop()

@@ -20,6 +20,8 @@ Endpoints (``{name}`` is a model name; ``/versions/{version}`` may follow it in 
 With a token configured every endpoint but the two health checks needs
 ``Authorization: Bearer TOKEN``; without one, ``load`` and ``unload`` are refused (403), so
 only a server with a token can be re-pointed over HTTP (``EdgeServer.swap`` always works).
+``admin=False`` keeps them off with a token too (a fleet node: its controller decides what it
+serves, and its token is shared by every client and peer).
 Every error is ``{"error": "..."}`` with a 4xx status naming the
 problem; a 500 only for a bug, and the node keeps serving either way.
 """
@@ -191,7 +193,8 @@ class EdgeApp:
     """The starlette application over a ``ModelStore`` (see the module docstring).
 
     ``preprocess`` runs the ``/raw`` preprocessing (by default a pool of
-    ``preprocess_workers()`` threads, which the app owns).
+    ``preprocess_workers()`` threads, which the app owns). ``admin`` turns on the ``load`` and
+    ``unload`` endpoints; None (the default): on when there is a token.
     """
 
     def __init__(
@@ -200,6 +203,7 @@ class EdgeApp:
         metrics: Metrics,
         *,
         token: str | None = None,
+        admin: bool | None = None,
         max_body_bytes: int = 16 << 20,
         preprocess: Executor | None = None,
     ) -> None:
@@ -209,7 +213,7 @@ class EdgeApp:
                                             thread_name_prefix="edgeslim-pre")
         self.preprocess = preprocess
         self.metrics = metrics
-        self.admin = bool(token)
+        self.admin = bool(token) if admin is None else admin
         self.max_body = max_body_bytes
         self.max_elements = max(1, max_body_bytes)  # a tensor cannot hold more than the body
         ep = self._endpoint
@@ -435,9 +439,14 @@ class EdgeApp:
         return JSONResponse(self.store.index())
 
     def _check_admin(self) -> None:
-        if not self.admin:
-            raise V2Error("the model repository endpoints (load, unload) are off: start the "
-                          "server with a token (--token or EDGESLIM_TOKEN) to use them", 403)
+        if self.admin:
+            return
+        if self.asgi.expected is not None:  # a token, but admin=False (a fleet node)
+            raise V2Error("the model repository endpoints (load, unload) are off on this "
+                          "server: what it serves is changed by its owner (a fleet node: "
+                          "the controller's deployments)", 403)
+        raise V2Error("the model repository endpoints (load, unload) are off: start the "
+                      "server with a token (--token or EDGESLIM_TOKEN) to use them", 403)
 
     async def load(self, request: Request) -> Response:
         self._check_admin()
@@ -476,15 +485,17 @@ class EdgeServer:
     """An edge node's inference server, for the CLI and for embedding in a node agent.
 
     ``bundles`` are loaded before serving. ``port=0`` picks a free port (see ``port`` after
-    ``start()``). ``token`` turns on bearer auth; ``public_key`` makes every load verify the
-    bundle's signature. ``max_batch`` > 1 batches concurrent requests for models with a dynamic
-    batch axis (``batch_window_ms`` is the most a request waits for company); model runs expected
-    to take at most ``inline_ms`` run on the event loop, slower ones in a worker, except that a
-    lone request of the only connected client runs on the loop for up to 50 ms (see
-    ``Batcher``); ``threads`` are onnxruntime intra-op threads per model and ``spin`` whether
-    idle ones spin-wait for the next run (see ``Runner``); ``workers`` run model
-    calls. ``/raw`` preprocessing runs on its own pool of ``preprocess_workers()`` threads
-    (one per CPU), so at most that many payloads are decoded at once.
+    ``start()``). ``token`` turns on bearer auth and, unless ``admin=False``, the ``load`` and
+    ``unload`` endpoints (``admin=True`` without a token opens them to anyone who reaches the
+    port); ``public_key`` makes every load verify the bundle's signature. ``max_batch`` > 1
+    batches concurrent requests for models with a dynamic batch axis (``batch_window_ms`` is the
+    most a request waits for company); model runs expected to take at most ``inline_ms`` run on
+    the event loop, slower ones in a worker, except that a lone request of the only connected
+    client runs on the loop for up to 50 ms (see ``Batcher``); ``threads`` are onnxruntime
+    intra-op threads per model and ``spin`` whether idle ones spin-wait for the next run (see
+    ``Runner``); ``workers`` run model calls. ``/raw`` preprocessing runs on its own pool of
+    ``preprocess_workers()`` threads (one per CPU), so at most that many payloads are decoded at
+    once.
     ``connections.open`` counts the open HTTP connections.
 
     Shutdown (SIGINT/SIGTERM under ``serve_forever``, or ``stop()``) stops accepting, lets the
@@ -510,6 +521,7 @@ class EdgeServer:
         host: str = "127.0.0.1",
         port: int = 0,
         token: str | None = None,
+        admin: bool | None = None,
         public_key: Any = None,
         max_batch: int = 32,
         batch_window_ms: float = 2.0,
@@ -546,6 +558,9 @@ class EdgeServer:
             raise ConfigError(f"The 'spin' parameter of EdgeServer must be True or False. "
                               f"Got {spin!r} instead.")
         check_token(token, "EdgeServer")
+        if admin is not None and not isinstance(admin, bool):
+            raise ConfigError(f"The 'admin' parameter of EdgeServer must be True, False or None "
+                              f"(on with a token). Got {admin!r} instead.")
         self.host = host
         self._port = port
         self.drain_s = float(drain_s)
@@ -569,7 +584,7 @@ class EdgeServer:
                     f"of each model name, and 'load' swaps it)")
             sources[served.name] = served.source or bundle
         self.max_body_bytes = int(max_body_mb * (1 << 20))
-        self.app = EdgeApp(self.store, self.metrics, token=token,
+        self.app = EdgeApp(self.store, self.metrics, token=token, admin=admin,
                            max_body_bytes=self.max_body_bytes,
                            preprocess=self.preprocess_executor)
         self._server: Any = None

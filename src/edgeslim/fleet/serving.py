@@ -24,8 +24,9 @@ log = logging.getLogger("edgeslim.fleet.serving")
 class Serving:
     """``EdgeServer`` on ``host:port`` whose ASGI app is wrapped by ``wrap(app)``.
 
-    ``token`` turns on the edge server's bearer auth (health checks stay open);
-    ``max_body_mb`` is its request body limit."""
+    ``token`` turns on the edge server's bearer auth (health checks stay open), never its
+    ``load``/``unload`` endpoints: the controller decides what a node serves, and the token is
+    the fleet's, shared by every client and peer; ``max_body_mb`` is its request body limit."""
 
     def __init__(
         self,
@@ -43,7 +44,7 @@ class Serving:
 
         self.server = EdgeServer(
             host=host, port=port, public_key=public_key, threads=threads, max_batch=max_batch,
-            token=token, max_body_mb=max_body_mb,
+            token=token, admin=False, max_body_mb=max_body_mb,
         )
         if wrap is not None:
             # EdgeServer serves whatever ``app`` holds when it starts: put the middleware there.
