@@ -108,3 +108,40 @@ def test_the_nodes_body_limit_holds_for_the_server_and_the_offload_path(
         assert r.status_code == 413
     finally:
         node.stop()
+
+
+def test_requests_without_the_token_are_not_counted_in_the_telemetry_or_the_load():
+    """The canary judge sums the window's errors: 401s for requests without the node token
+    were counted there (and as in-flight load), so anyone reaching a canary could force a
+    rollback. They now go straight to the edge app, which refuses them, and count nowhere."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from edgeslim.edge.metrics import Metrics
+    from edgeslim.edge.model_store import ModelStore
+    from edgeslim.edge.server import EdgeApp
+
+    app = EdgeApp(ModelStore(ThreadPoolExecutor(1)), Metrics(), token="s3cret")
+    inflight: list[int] = []
+
+    async def spy(scope, receive, send):  # what the middleware counts while the app runs
+        inflight.append(mw.inflight)
+        await app(scope, receive, send)
+
+    mw = FleetMiddleware(spy, node_id="n", model_sha=lambda: None, token="s3cret")
+
+    async def main():
+        transport = httpx.ASGITransport(app=mw)
+        async with httpx.AsyncClient(transport=transport, base_url="http://n") as c:
+            for headers in ({}, {"Authorization": "Bearer wrong"}) * 5:
+                r = await c.post(f"/v2/models/{NAME}/infer", json=infer_body(1),
+                                 headers=headers)  # fmt: skip
+                assert r.status_code == 401, r.text
+            r = await c.post(f"/v2/models/{NAME}/infer", json=infer_body(1),
+                             headers={"Authorization": "Bearer s3cret"})  # fmt: skip
+            assert r.status_code == 404, r.text  # authorised: no model loaded here
+
+    asyncio.run(main())
+    assert inflight == [0] * 10 + [1]
+    window = mw.window.snapshot()
+    assert window["requests"] == 1 and window["errors"] == 1, window
+    app.preprocess.shutdown()

@@ -4,7 +4,10 @@ Wrapped around the edge server's app, it sees every V2 infer request
 (``POST /v2/models/NAME[/versions/V]/infer``) and:
 
 - counts requests, errors (HTTP >= 400) and latencies over the telemetry window, which the
-  node sends to the controller (the rollout's canary judge reads them);
+  node sends to the controller (the rollout's canary judge reads them); with a ``token``, a
+  request without it goes straight to the wrapped app (which refuses it, 401) and is counted
+  nowhere here: neither in the window nor as load, so whoever can reach a canary without the
+  token cannot make it look broken or busy;
 - when more than ``threshold`` infer requests are in flight here, forwards the request to a
   peer serving the same model sha256 (learnt from the peers' retained status messages; the
   least loaded first) or else to the configured cloud-tier V2 endpoint (the body is read
@@ -35,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from edgeslim.edge.auth import authorized, bearer
+from edgeslim.edge.auth import authorized, bearer, check_token
 from edgeslim.edge.server import INFER_PATH, ClientGone, error, error_status, receive_raw
 from edgeslim.fleet.protocol import Status
 
@@ -189,8 +192,7 @@ class FleetMiddleware:
         self.cloud_url = cloud_url.rstrip("/") if cloud_url else None
         self.on_result = on_result
         self.timeout = timeout
-        self._bearer = f"Bearer {token}" if token else None
-        self._expected = bearer(token) if token else None
+        self._expected = bearer(token) if check_token(token, "FleetMiddleware") else None
         self.max_body = max_body_bytes
         self.window = WindowCounter()
         self.inflight = 0
@@ -212,6 +214,9 @@ class FleetMiddleware:
         ):
             await self.app(scope, receive, send)
             return
+        if not authorized(scope["headers"], self._expected):
+            await self.app(scope, receive, send)  # its 401, before anything is counted here
+            return
         self.inflight += 1
         t0 = time.perf_counter()
         status = 500
@@ -226,7 +231,6 @@ class FleetMiddleware:
                 if self.threshold
                 and self.inflight > self.threshold
                 and OFFLOAD_HEADER not in headers
-                and self._authorized(scope)
                 else []
             )
             if targets:  # only then is the body read here, under the server's own limit
@@ -254,10 +258,6 @@ class FleetMiddleware:
             self.inflight -= 1
             if not gone:
                 self.window.observe(time.perf_counter() - t0, status, offloaded)
-
-    def _authorized(self, scope: dict[str, Any]) -> bool:
-        """True without a token, else when the request carries it (the edge server's check)."""
-        return authorized(scope["headers"], self._expected)
 
     async def _local(
         self, scope: dict[str, Any], receive: Any, send: Any
@@ -301,8 +301,8 @@ class FleetMiddleware:
     ) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
         fwd = {k: v for k, v in headers.items() if k in _REQUEST_KEEP}
         fwd[OFFLOAD_HEADER] = self.node_id
-        if self._bearer is not None:
-            fwd["authorization"] = self._bearer
+        if self._expected is not None:
+            fwd["authorization"] = self._expected.decode("ascii")
         path = scope["path"] + (
             ("?" + scope["query_string"].decode()) if scope.get("query_string") else ""
         )
