@@ -120,6 +120,25 @@ def test_an_announced_length_over_the_size_is_refused_before_writing(tmp_path):
     assert not (store.downloads / f"{SHA}.part").exists()
 
 
+def test_an_announced_length_over_the_size_and_the_free_space_is_too_large_not_no_space(
+    tmp_path,
+):
+    """A server announcing a petabyte was reported as a full disk (the space check ran
+    first), pointing the operator at the node's disk rather than at what serves the bundle."""
+    from edgeslim.fleet.store import TooLarge
+
+    def handler(request):
+        return httpx.Response(200, headers={"content-length": str(1 << 50)}, content=b"")
+
+    store = BundleStore(tmp_path / "node")
+    with (
+        httpx.Client(transport=httpx.MockTransport(handler)) as client,
+        pytest.raises(TooLarge, match="announced 1125899906842624 bytes"),
+    ):
+        store.download(f"http://c/bundles/{SHA}", SHA, client=client, max_bytes=len(DATA))
+    assert not (store.downloads / f"{SHA}.part").exists()
+
+
 def test_without_an_announced_size_the_bundle_limit_bounds_the_download(tmp_path):
     from edgeslim.fleet.store import MAX_BUNDLE_BYTES, TooLarge
 

@@ -285,9 +285,9 @@ class BundleStore:
             total = resp.headers.get("content-length")
             total_size = have + int(total) if total is not None else None
             if total is not None:
-                self._check_space(sha, part, int(total), overwrite=mode == "wb")
-                if have + int(total) > limit:
+                if have + int(total) > limit:  # first: a bad server, not a full disk
                     raise too_large(have + int(total), "announced")
+                self._check_space(sha, part, int(total), overwrite=mode == "wb")
             # under a cap, read about a tenth of a second's worth at a time, so the file (and
             # the link) grows smoothly instead of in 64 KiB bursts
             step = CHUNK if not max_rate else int(min(CHUNK, max(1024, max_rate / 10)))
