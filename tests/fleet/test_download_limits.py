@@ -25,9 +25,11 @@ MiB = 1 << 20
 
 
 @contextlib.contextmanager
-def mirror(*, endless: bool = False, length: int | None = None, drip: float = 0.0):
+def mirror(*, endless: bool = False, length: int | None = None, drip: float = 0.0,
+           cut: int | None = None):
     """GET answers: ``endless`` chunked zeros (up to 256 MiB) or ``DATA`` (with
-    ``Content-Length: length`` when given), one byte every ``drip`` seconds when set.
+    ``Content-Length: length`` when given), one byte every ``drip`` seconds when set, only
+    its first ``cut`` bytes (then the connection closes) when set; Range is ignored.
     Yields (url, stats) where stats["sent"] is what the mirror managed to send."""
     stats = {"sent": 0, "gets": 0}
 
@@ -57,8 +59,9 @@ def mirror(*, endless: bool = False, length: int | None = None, drip: float = 0.
                         stats["sent"] += 1
                         time.sleep(drip)
                 else:
-                    self.wfile.write(DATA)
-                    stats["sent"] += len(DATA)
+                    self.wfile.write(DATA[:cut])
+                    stats["sent"] += len(DATA[:cut])
+                    self.close_connection = cut is not None
 
         def log_message(self, *args: object) -> None:
             pass
@@ -191,3 +194,77 @@ def test_a_node_fails_an_oversize_download_at_once_and_frees_the_disk(tmp_path):
         finally:
             node._stop.set()
             node._work.set()
+
+
+@contextlib.contextmanager
+def slow_resuming_mirror(data: bytes, bytes_per_s: float):
+    """GET answers ``data`` from the ``Range: bytes=N-`` offset (206), 100 bytes at a time at
+    about ``bytes_per_s``; yields (url, offsets asked for)."""
+    import re
+
+    offsets: list[int] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            m = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
+            start = int(m[1]) if m else 0
+            offsets.append(start)
+            self.send_response(206 if m else 200)
+            self.send_header("Content-Length", str(len(data) - start))
+            self.end_headers()
+            with contextlib.suppress(OSError):
+                for i in range(start, len(data), 100):
+                    self.wfile.write(data[i:i + 100])
+                    self.wfile.flush()
+                    time.sleep(100 / bytes_per_s)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", offsets
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_slow_link_that_progresses_on_every_attempt_is_not_given_up(tmp_path):
+    """Each attempt was cut by the deadline and counted against the retries even when it
+    resumed further, so a bundle larger than about deadline x link rate could never install
+    (the partial was deleted after the last attempt). Only attempts that get no further
+    count: here each gets a fifth of the way, with 2 attempts allowed."""
+    with slow_resuming_mirror(DATA, bytes_per_s=4000) as (url, offsets):
+        node = _worker_node(tmp_path, int(url.rsplit(":", 1)[1]), download_attempts=2,
+                            download_deadline_s=0.25)  # fmt: skip
+        try:
+            d = Desired(deployment=1, sha256=SHA, name="m", size=len(DATA))
+            node._desired = d
+            assert node._download(d) == node.store.path(SHA)
+        finally:
+            node._stop.set()
+            node._work.set()
+    assert len(offsets) > 2 and offsets == sorted(set(offsets)), offsets
+    assert node.store.has(SHA)
+
+
+def test_attempts_that_get_no_further_still_give_the_download_up(tmp_path):
+    """A server that ignores Range and breaks off at the same byte starts over each time:
+    after the first attempt that is no progress, and the attempts run out (the partial file
+    is deleted)."""
+    with mirror(cut=1000) as (url, stats):
+        node = _worker_node(tmp_path, int(url.rsplit(":", 1)[1]), download_attempts=3)
+        try:
+            d = Desired(deployment=1, sha256=SHA, name="m", size=len(DATA))
+            node._desired = d
+            with pytest.raises(BundleError, match="3 times in a row without progress"):
+                node._download(d)
+        finally:
+            node._stop.set()
+            node._work.set()
+    assert stats["gets"] == 4, stats  # the first got somewhere, the next 3 no further
+    assert node.store.resume_offset(SHA) == 0

@@ -99,9 +99,11 @@ class NodeConfig:
     telemetry_s: float = 5.0
     threads: int = 1  # onnxruntime intra-op threads
     max_download_rate: float | None = None
+    # attempts in a row that get the download no further before it is given up
     download_attempts: int = 5
-    # the most one download attempt may take (a later attempt resumes); under
-    # max_download_rate at least twice the time the announced size needs at that rate
+    # the most one download attempt may take (a later attempt resumes, and an attempt that
+    # got further is not counted); under max_download_rate at least twice the time the
+    # announced size needs at that rate
     download_deadline_s: float = 3600.0
     offload_threshold: int = 0  # in-flight infer requests before offloading; 0 = never
     cloud_url: str | None = None
@@ -619,8 +621,16 @@ class Node:
         if self.cfg.max_download_rate and d.size:
             deadline = max(deadline, 2.0 * d.size / self.cfg.max_download_rate)
         last: Exception | None = None
+        # Attempts in a row that did not take the download further than it ever got. One
+        # that did (a slow link cut by the deadline, a dropped connection) resumes with a
+        # fresh count: such attempts are bounded all the same, as each leaves fewer bytes to
+        # go and the file never grows past the size cap, while a server that stalls (the
+        # read timeout), errs, ignores Range (starting over each time) or sends a bad file
+        # (deleted) uses the attempts up.
+        failures = 0
+        furthest = self._resume_offset(d.sha256)
         with httpx.Client(timeout=httpx.Timeout(30.0, connect=5.0)) as client:
-            for attempt in range(self.cfg.download_attempts):
+            while failures < self.cfg.download_attempts:
                 if self._unwanted(d):
                     return None
                 try:
@@ -645,13 +655,30 @@ class Node:
                     last = exc
                     if self._stop.is_set():
                         return None
-                    log.info("%s: download attempt %d failed: %s", self.id, attempt + 1, exc)
+                    reached = self._resume_offset(d.sha256)
+                    if reached > furthest:
+                        furthest, failures = reached, 0
+                        backoff.reset()
+                    else:
+                        failures += 1
+                        if reached == 0:  # the partial file was deleted (a bad file): anew
+                            furthest = 0
+                    log.info("%s: download attempt failed (%d in a row without progress): %s",
+                             self.id, failures, exc)  # fmt: skip
                     if self._stop.wait(backoff.next_delay()):
                         return None
         self.store.discard_partial(d.sha256)  # given up: do not hold the disk for it
         raise BundleError(
-            f"download of {d.sha256[:12]} failed {self.cfg.download_attempts} times: {last}"
+            f"download of {d.sha256[:12]} failed {self.cfg.download_attempts} times in a row "
+            f"without progress: {last}"
         )
+
+    def _resume_offset(self, sha: str) -> int:
+        """``store.resume_offset``, or -1 when the partial file cannot be looked at."""
+        try:
+            return self.store.resume_offset(sha)
+        except OSError:
+            return -1
 
     # ------------------------------------------------------------------ telemetry
     def _ticker(self) -> None:
