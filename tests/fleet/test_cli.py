@@ -206,6 +206,29 @@ def test_demo_without_mosquitto_says_how_to_install_it(monkeypatch, capsys):
     assert rc != 0 and "apt-get install mosquitto" in err
 
 
+def test_demo_nodes_do_not_inherit_the_operators_tokens(monkeypatch, tmp_path):
+    """`fleet node` reads EDGESLIM_TOKEN: a demo run from a shell that set it for `edgeslim
+    serve` started token-protected nodes that refused the demo's traffic (401s, then a
+    rollback), and an empty one made every node exit 2."""
+    import edgeslim.fleet.demo as demo
+
+    seen: list[dict] = []
+
+    def popen(cmd, **kw):
+        seen.append(kw["env"])
+        return None
+
+    monkeypatch.setattr(demo.subprocess, "Popen", popen)
+    monkeypatch.setenv("EDGESLIM_TOKEN", "operator-serve-token")
+    monkeypatch.setenv("EDGESLIM_FLEET_TOKEN", "operator-fleet-token")
+    monkeypatch.setenv("EDGESLIM_DEMO_TEST_KEPT", "1")
+    demo.spawn_node("edge-1", broker="mqtt://u:p@127.0.0.1:9", controller="http://127.0.0.1:9",
+                    data=tmp_path / "n", public_key=tmp_path / "k.pub", port=0)  # fmt: skip
+    (env,) = seen
+    assert "EDGESLIM_TOKEN" not in env and "EDGESLIM_FLEET_TOKEN" not in env
+    assert env["EDGESLIM_DEMO_TEST_KEPT"] == "1" and env["OMP_NUM_THREADS"] == "1"
+
+
 # ---------------------------------------------------------------------- bad input, refused early
 # An invalid --broker (or a Mosquitto said to be missing, or a controller that does not answer)
 # stands behind every case below: if a check were missing, the command would still stop at once,

@@ -38,6 +38,12 @@ def wait_until(predicate: Any, timeout: float, interval: float = 0.1, what: str 
         time.sleep(interval)
 
 
+#: environment variables a demo node does not inherit: `fleet node` would take the operator's
+#: EDGESLIM_TOKEN (set for `edgeslim serve`) as its own, refusing the demo's traffic, which
+#: sends none (an empty one stops the node); the controller's token is no concern of a node.
+DEMO_DROPPED_ENV = ("EDGESLIM_TOKEN", "EDGESLIM_FLEET_TOKEN")
+
+
 def spawn_node(
     node_id: str,
     *,
@@ -61,6 +67,8 @@ def spawn_node(
     cmd += extra or []
     out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - handed to the child
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    for name in DEMO_DROPPED_ENV:  # the operator's tokens are not the demo's: it runs open
+        env.pop(name, None)
     try:
         return subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
