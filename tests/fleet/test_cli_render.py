@@ -84,3 +84,20 @@ def test_errors_from_the_controller_show_control_characters_escaped(capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "bad [/] \\x1b]0;pwned\\x07 \\x1b[2J" in err, err
     assert "\x1b" not in err and "\x07" not in err
+
+
+def test_the_demo_shows_the_deployment_reason_and_the_answered_versions_as_text():
+    """The reason comes from the controller (quoting nodes) and the versions from the nodes'
+    answers: the demo printed both as rich markup."""
+    from edgeslim.fleet.demo import TrafficClient, deploy_line, traffic_line
+
+    row = {"state": "rolled_back", "reason": "canary [/] [link=http://evil.example]x[/link] "
+                                             "\x1b]0;pwned\x07"}  # fmt: skip
+    out = _render(deploy_line("v2", "a" * 64, row, 1.0))
+    _assert_inert(out)
+    assert "canary [/] [link=http://evil.example]x[/link]" in out
+    traffic = TrafficClient(["http://127.0.0.1:9"], "m", {})
+    traffic.ok, traffic.versions = 3, {"[link=http://evil.example]2[/link]": 3}
+    out = _render(traffic_line(traffic))
+    _assert_inert(out)
+    assert "[link=http://evil.example]2[/link]" in out

@@ -152,6 +152,28 @@ class TrafficClient(threading.Thread):
         self.join(15.0)
 
 
+def _plain(text: str) -> Any:
+    """``text`` as a rich ``Text``: never read as markup (``[/]``, ``[link=...]``), its control
+    characters shown escaped (what the controller and the nodes sent is shown, not obeyed)."""
+    from rich.text import Text
+
+    from edgeslim._text import visible
+
+    return Text(visible(text))
+
+
+def deploy_line(version: str, sha: str, row: dict[str, Any], seconds: float) -> Any:
+    """The demo's line for a deployment that ended (``row``: the controller's row)."""
+    return _plain(f"deploy {version} ({sha[:12]}): {row['state']} in {seconds:.1f} s "
+                  f"{row['reason'] or ''}")  # fmt: skip
+
+
+def traffic_line(traffic: TrafficClient) -> Any:
+    """The demo's traffic summary (the versions are what the nodes answered)."""
+    return _plain(f"traffic: {traffic.ok} answered, {len(traffic.failures)} failed, by model "
+                  f"version {traffic.versions}")  # fmt: skip
+
+
 def _make_bundles(work: Path, key: Path, console: Any) -> tuple[Path, Path]:
     from edgeslim.errors import MissingDependencyError, require
 
@@ -318,13 +340,11 @@ def run_demo(
                     row = fleet.wait(row["id"], timeout=180)
                 except StillRunningError:  # shown as it stands; the demo goes on
                     row = fleet.deployment(row["id"])
-                console.print(f"deploy {version} ({sha[:12]}): {row['state']} in "
-                              f"{time.monotonic() - t0:.1f} s {row['reason'] or ''}")  # fmt: skip
+                console.print(deploy_line(version, sha, row, time.monotonic() - t0))
             if traffic is not None:
                 time.sleep(1.0)
                 traffic.stop()
-                console.print(f"traffic: {traffic.ok} answered, {len(traffic.failures)} failed, "
-                              f"by model version {traffic.versions}")  # fmt: skip
+                console.print(traffic_line(traffic))
             console.print(status_table(fleet.nodes(), title="edgeslim fleet status"))
     except KeyboardInterrupt:
         with contextlib.suppress(Exception):
