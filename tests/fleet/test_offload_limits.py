@@ -145,3 +145,41 @@ def test_requests_without_the_token_are_not_counted_in_the_telemetry_or_the_load
     window = mw.window.snapshot()
     assert window["requests"] == 1 and window["errors"] == 1, window
     app.preprocess.shutdown()
+
+
+class _CountedHeaders(list):
+    """An ASGI header list that counts how often it is read through."""
+
+    reads = 0
+
+    def __iter__(self):
+        type(self).reads += 1
+        return super().__iter__()
+
+
+def test_a_request_that_is_not_offloaded_has_its_headers_decoded_once():
+    """The middleware decoded every infer request's headers into a dict, then the edge app
+    did it again; now the middleware does it only for a request it may offload."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from edgeslim.edge.metrics import Metrics
+    from edgeslim.edge.model_store import ModelStore
+    from edgeslim.edge.server import EdgeApp
+
+    app = EdgeApp(ModelStore(ThreadPoolExecutor(1)), Metrics())
+    mw = FleetMiddleware(app, node_id="n", model_sha=lambda: None, threshold=4)
+    sent: list[dict] = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    headers = _CountedHeaders([(b"content-type", b"application/json")])
+    scope = {"type": "http", "method": "POST", "path": f"/v2/models/{NAME}/infer",
+             "headers": headers, "query_string": b""}  # fmt: skip
+    asyncio.run(mw(scope, receive, send))
+    assert sent[0]["status"] == 404  # no model here: the app answered
+    assert _CountedHeaders.reads == 1
+    app.preprocess.shutdown()

@@ -145,6 +145,15 @@ async def receive_body(receive: Any, headers: Any, limit: int) -> bytes:
     return out
 
 
+def request_headers(scope: dict[str, Any]) -> dict[str, str]:
+    """An ASGI request's headers by lower-case name; of a repeated header the first counts,
+    as in starlette."""
+    headers: dict[str, str] = {}
+    for k, v in scope["headers"]:
+        headers.setdefault(k.decode("latin-1"), v.decode("latin-1"))
+    return headers
+
+
 async def receive_raw(receive: Any, headers: Any, limit: int) -> bytes:
     """The body of an ASGI request as sent (still encoded), at most ``limit`` bytes: a
     Content-Length over it is refused before anything is read, a stream as soon as it passes
@@ -267,10 +276,8 @@ class EdgeApp:
         t0 = time.perf_counter()
         self.metrics.enter()
         try:
-            headers: dict[str, str] = {}
-            for k, v in scope["headers"]:  # a repeated header: the first counts, as in starlette
-                headers.setdefault(k.decode("latin-1"), v.decode("latin-1"))
-            content, out_headers = await self._infer(name, version, headers, receive)
+            content, out_headers = await self._infer(name, version, request_headers(scope),
+                                                     receive)  # fmt: skip
             status = 200
         except ClientGone:
             return

@@ -39,7 +39,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from edgeslim.edge.auth import authorized, bearer, check_token
-from edgeslim.edge.server import INFER_PATH, ClientGone, error, error_status, receive_raw
+from edgeslim.edge.server import (
+    INFER_PATH,
+    ClientGone,
+    error,
+    error_status,
+    receive_raw,
+    request_headers,
+)
 from edgeslim.fleet.protocol import Status
 
 __all__ = ["FleetMiddleware", "Peers", "WindowCounter"]
@@ -224,15 +231,11 @@ class FleetMiddleware:
         gone = False
         try:
             headers: dict[str, str] = {}
-            for k, v in scope["headers"]:  # a repeated header: the first counts, as in the app
-                headers.setdefault(k.decode("latin-1"), v.decode("latin-1"))
-            targets = (
-                self._targets()
-                if self.threshold
-                and self.inflight > self.threshold
-                and OFFLOAD_HEADER not in headers
-                else []
-            )
+            targets: list[tuple[str, str]] = []
+            if self.threshold and self.inflight > self.threshold:  # else the app reads them
+                headers = request_headers(scope)
+                if OFFLOAD_HEADER not in headers:
+                    targets = self._targets()
             if targets:  # only then is the body read here, under the server's own limit
                 try:
                     body = await receive_raw(receive, headers, self.max_body)
