@@ -590,6 +590,26 @@ def test_a_cut_inside_an_added_token_is_not_trusted():
 
 
 @pytest.mark.parametrize("name", ["wordpiece", "minilm"])
+def test_a_normalized_added_token_cut_far_from_its_start_is_not_trusted(name):
+    """A normalized added token is matched in the normalized text: ``<ext`` + 200 combining
+    accents + ``ra>`` is ``<extra>`` once the BERT normalizer strips the accents. The first
+    head (128 characters) ends among the accents, 114 characters after the ``<``, which the
+    head makes a token of its own; the whole text has ``<extra>`` there."""
+    from tokenizers import AddedToken, Tokenizer
+
+    base = _word_piece_tokenizers().get(name) or pytest.skip(f"{name} is not installed")
+    tok = Tokenizer.from_str(base.decode())
+    tok.add_tokens([AddedToken("<extra>", normalized=True)])  # as add_tokens(["<extra>"])
+    data = tok.to_str().encode()
+    text = "a b c d e <ext" + "\u0301" * 200 + "ra> f g h"
+    pipe = Pipeline([{"op": "text.tokenize", "tokenizer": "t", "max_length": 8}],
+                    files={"t": data})
+    ids = _whole_text_encoding(data, text, 8)
+    assert ids[-2] == tok.token_to_id("<extra>")
+    assert pipe.apply(text)["input_ids"][0].tolist() == ids
+
+
+@pytest.mark.parametrize("name", ["wordpiece", "minilm"])
 def test_truncation_off_refuses_by_tokens_not_characters(name):
     """A fixed-width table of 2760 characters is 94 tokens: answered whole with max_length
     128, though longer than the first head; one over max_length is refused, by its index."""

@@ -9,8 +9,9 @@ batch), giving int64 ``input_ids``, ``attention_mask`` and ``token_type_ids`` of
 ``tokenizers`` truncates only after encoding the whole text (a 16 MB body took over a minute
 and gigabytes), so each text is encoded a head at a time (see ``encode_heads``): first
 ``max_length * CHARS_PER_TOKEN`` characters, then four times as many, up to the whole text,
-until the head gives all the tokens that are kept. The tokens are always those of the whole
-text; what is encoded is at most a few times the characters those tokens span.
+until the head gives all the tokens that are kept. The tokens are those of the whole text
+(for normalizers and pre-tokenizers that act on each character and its near neighbours, as
+all in use do); what is encoded is at most a few times the characters those tokens span.
 """
 
 from __future__ import annotations
@@ -87,29 +88,60 @@ def head(text: str, limit: int) -> str:
     return text[:limit]
 
 
-def known_tokens(enc: Any, cut: int, margin: int) -> int:
-    """How many leading tokens of ``enc``, the encoding of a head ``cut`` characters long,
-    the whole text gives too: those of every word (pre-token) but the head's last, ending at
-    least ``margin`` characters before the cut.
+def known_tokens(enc: Any, end: int) -> int:
+    """How many leading tokens of ``enc``, the encoding of a head, the whole text gives too:
+    those of every word (pre-token) but the head's last, ending at or before character
+    ``end`` of the head (see ``trusted_end``).
 
     Normalizers and pre-tokenizers work on each character and its neighbours, and the model
     on each word alone, so cutting a text changes at most its last word: a word cut in two,
     or a whitespace run cut short. Added tokens (``[MASK]``, ``<|endoftext|>``) are matched
-    before words are split, so a token closer to the cut than the longest of them (the
-    ``margin``) is not trusted either.
+    before words are split, so a token close enough to the cut to be part of one in the
+    whole text is not trusted either.
     """
     last = max((w for w in enc.word_ids if w is not None), default=None)
     if last is None:  # no tokens, or none known to belong to a word
         return 0
     n = enc.word_to_tokens(last)[0]
-    ends = [end for _, end in enc.offsets[:n]]
-    while n and ends[n - 1] > cut - margin:
+    ends = [e for _, e in enc.offsets[:n]]
+    while n and ends[n - 1] > end:
         n -= 1
     return n
 
 
+class Margins:
+    """How far before a head's cut its tokens can still be changed by an added token that
+    the cut split: ``raw``, the longest added token in characters of the text (those not
+    normalized are matched on the text itself), and ``normalized``, the longest normalized
+    one in characters of the normalized text, where it is matched."""
+
+    def __init__(self, tok: Any) -> None:
+        added = list(tok.get_added_tokens_decoder().values())
+        normalizer = tok.normalizer
+        self.raw = max((len(t.content) for t in added), default=0)
+        self.normalize = normalizer.normalize_str if normalizer is not None else None
+        self.normalized = 0
+        if self.normalize is not None:
+            self.normalized = max((max(len(t.content), len(self.normalize(t.content)))
+                                   for t in added if t.normalized), default=0)  # fmt: skip
+
+    def trusted_end(self, part: str) -> int:
+        """The character of ``part`` (a head) before which no added token of the whole text
+        can begin that the head does not hold whole: ``raw`` characters before the cut, and
+        before as many characters as normalize to at least ``normalized`` (a normalizer can
+        drop characters: accents, control characters), found in spans doubling in length,
+        so at most twice ``part`` is normalized."""
+        end = len(part) - self.raw
+        if self.normalize is None or not self.normalized:
+            return max(end, 0)
+        span = self.normalized
+        while span < len(part) and len(self.normalize(part[-span:])) < self.normalized:
+            span *= 2
+        return max(min(end, len(part) - span), 0)
+
+
 def encode_heads(tok: Any, texts: list[str], first: int,
-                 need: int, margin: int) -> list[tuple[Any, bool]]:
+                 need: int, margins: Margins) -> list[tuple[Any, bool]]:
     """Each text's encoding without special tokens, and whether it is the whole text's; if
     not, it is a head's, whose first ``need`` tokens (at least) the whole text gives too.
 
@@ -130,7 +162,7 @@ def encode_heads(tok: Any, texts: list[str], first: int,
         later = []
         for i, part, enc in zip(pending, parts, encs, strict=True):
             whole = len(part) == len(texts[i])
-            if whole or known_tokens(enc, len(part), margin) >= need:
+            if whole or known_tokens(enc, margins.trusted_end(part)) >= need:
                 out[i] = (enc, whole)
             else:
                 later.append(i)
@@ -180,13 +212,13 @@ def _tokenize(params: dict[str, Any], ctx: BuildContext) -> Any:
     n_special = tok.num_special_tokens_to_add(False) if special else 0  # [CLS] and [SEP]
     budget = max(max_length - n_special, 0)
     need = budget if truncate else budget + 1  # enough to fill max_length, or to overflow it
-    margin = max((len(t.content) for t in tok.get_added_tokens_decoder().values()), default=0)
+    margins = Margins(tok)
     first = max_length * CHARS_PER_TOKEN
 
     def step(raw: Any) -> dict[str, np.ndarray]:
         texts = _texts(raw)
         encs = []
-        for i, (enc, whole) in enumerate(encode_heads(tok, texts, first, need, margin)):
+        for i, (enc, whole) in enumerate(encode_heads(tok, texts, first, need, margins)):
             count = len(enc.ids) + n_special
             if not truncate and (count > max_length or not whole):  # a head: over max_length
                 has = f"{count} tokens, more than" if whole else "more tokens than"
