@@ -681,9 +681,46 @@ def test_a_text_of_megabytes_is_cut_before_it_is_encoded(monkeypatch):
         strict.apply(big)
     assert max(seen) <= bound
     seen.clear()
-    spaced = "the" + " " * 10_000 + "cat"  # 3 tokens, all of it encoded to find the last
+    spaced = "the" + " " * 5_000 + "cat"  # 3 tokens, all of it encoded to find the last
     assert strict.apply(spaced)["input_ids"][0].tolist() == [2, 4, 5, 3, 0, 0, 0, 0]
     assert sum(seen) < 7 / 3 * len(spaced) and seen[-1] == len(spaced)
+
+
+@pytest.mark.parametrize("truncation", [True, False])
+def test_a_text_needing_more_than_the_cap_is_refused_by_its_index(monkeypatch, truncation):
+    """Heads grow to MAX_GROWTH times the first and no further: a text whose tokens that many
+    characters do not settle (spaces, then a word) is refused with its index, its length and
+    the cap, and the tokenizer never sees more than the cap of one text."""
+    from edgeslim.edge.preprocess import text as text_mod
+
+    seen: list[int] = []
+
+    class Recording:
+        def __init__(self, tok):
+            self._tok = tok
+
+        def __getattr__(self, name):
+            return getattr(self._tok, name)
+
+        def encode_batch(self, texts, **kw):
+            seen.extend(len(t) for t in texts)
+            return self._tok.encode_batch(texts, **kw)
+
+    load = text_mod._load_tokenizer
+    monkeypatch.setattr(text_mod, "_load_tokenizer", lambda *a: Recording(load(*a)))
+    cap = 8 * text_mod.CHARS_PER_TOKEN * getattr(text_mod, "MAX_GROWTH", 64)
+    assert cap == 8192
+    pipe = Pipeline([{"op": "text.tokenize", "tokenizer": "t", "max_length": 8,
+                      "truncation": truncation}], files={"t": _word_piece_tokenizer_json()})
+    fits = "the" + " " * (cap - 6) + "cat"  # the cap's characters: encoded whole
+    assert pipe.apply(fits)["input_ids"][0].tolist()[:4] == [2, 4, 5, 3]
+    assert max(seen) == cap
+    seen.clear()
+    over = "the" + " " * 2_000_000 + "cat"
+    with pytest.raises(InferenceError, match=rf"text 1 has {len(over)} characters, more than "
+                                             rf"the cap of {cap} \(64 x max_length x 16\)"):
+        pipe.apply(["the cat", over])
+    assert max(seen) <= cap
 
 
 def test_text_with_a_lone_surrogate_is_an_inference_error():

@@ -8,10 +8,12 @@ batch), giving int64 ``input_ids``, ``attention_mask`` and ``token_type_ids`` of
 
 ``tokenizers`` truncates only after encoding the whole text (a 16 MB body took over a minute
 and gigabytes), so each text is encoded a head at a time (see ``encode_heads``): first
-``max_length * CHARS_PER_TOKEN`` characters, then four times as many, up to the whole text,
-until the head gives all the tokens that are kept. The tokens are those of the whole text
-(for normalizers and pre-tokenizers that act on each character and its near neighbours, as
-all in use do); what is encoded is at most a few times the characters those tokens span.
+``max_length * CHARS_PER_TOKEN`` characters, then four times as many, up to the whole text
+or ``MAX_GROWTH`` (64) times the first head, until the head gives all the tokens that are
+kept; a longer text that needs more is refused, so the cost is bounded by ``max_length``.
+The tokens are those of the whole text (for normalizers and pre-tokenizers that act on each
+character and its near neighbours, as all in use do); what is encoded is at most a few
+times the characters those tokens span.
 """
 
 from __future__ import annotations
@@ -46,6 +48,11 @@ CHARS_PER_TOKEN = 16
 
 #: How much longer each head is than the one before (see ``encode_heads``).
 GROWTH = 4
+
+#: How many times the first head the longest one is (see ``encode_heads``): a text whose
+#: kept tokens this many characters do not settle is refused, so what one text costs is
+#: bounded by ``max_length``, not by the size of the request.
+MAX_GROWTH = 64
 
 
 def _load_tokenizer(name: str, files: Any) -> Any:
@@ -147,7 +154,10 @@ def encode_heads(tok: Any, texts: list[str], first: int,
 
     A text is encoded ``first`` characters at a time (see ``head``); one whose head gives
     fewer than ``need`` known tokens (see ``known_tokens``) is encoded again with a window
-    ``GROWTH`` times as long, up to the whole text. A text's heads together hold less than
+    ``GROWTH`` times as long, up to the whole text or ``MAX_GROWTH * first`` characters (the
+    cap): a longer text whose cap-long head is not enough is refused (``InferenceError``
+    naming its index, its length and the cap), as its tokens would take encoding more than
+    ``max_length`` bounds. A text's heads together hold less than
     ``GROWTH / (GROWTH - 1)`` times its last window: less than 4/3 of ``first`` when the
     first head is enough; less than 7/3 of the text when it is encoded whole; else less than
     ``4/3 * 2 * GROWTH`` (11) times what the needed tokens span with the word after them,
@@ -155,7 +165,7 @@ def encode_heads(tok: Any, texts: list[str], first: int,
     """
     out: list[tuple[Any, bool]] = [(None, False)] * len(texts)
     pending = list(range(len(texts)))
-    size = first
+    size, cap = first, first * MAX_GROWTH
     while pending:
         parts = [head(texts[i], size) for i in pending]
         encs = tok.encode_batch(parts, add_special_tokens=False)
@@ -164,9 +174,16 @@ def encode_heads(tok: Any, texts: list[str], first: int,
             whole = len(part) == len(texts[i])
             if whole or known_tokens(enc, margins.trusted_end(part)) >= need:
                 out[i] = (enc, whole)
+            elif size >= cap:
+                raise InferenceError(
+                    f"text {i} has {len(texts[i])} characters, more than the cap of {cap} "
+                    f"({MAX_GROWTH} x max_length x {CHARS_PER_TOKEN}), and its first {cap} do "
+                    f"not settle the {need} tokens needed; send a shorter text, or one with "
+                    f"fewer characters a token (no long runs of spaces or of characters the "
+                    f"tokenizer drops)")
             else:
                 later.append(i)
-        pending, size = later, size * GROWTH
+        pending, size = later, min(size * GROWTH, cap)
     return out
 
 
