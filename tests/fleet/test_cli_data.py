@@ -3,7 +3,9 @@ FleetClient calls that had no CLI verb (after ``deploy --no-wait`` nothing could
 
 from __future__ import annotations
 
+import http.server
 import json
+import threading
 
 import pytest
 
@@ -113,3 +115,45 @@ def test_the_new_verbs_take_the_token(guarded, bundles, capsys, monkeypatch):
     monkeypatch.setenv("EDGESLIM_FLEET_TOKEN", "tok-1")
     rc, out, _ = _run(capsys, "fleet", "bundles", *ctl, "--json")
     assert rc == 0 and len(json.loads(out)) == 1
+
+
+@pytest.fixture
+def healthz():
+    """A stub of ``GET /healthz`` whose broker state the test sets (``state[0]``)."""
+    state = ["connected"]
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"ok": True, "broker": state[0], "time": 0}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", state
+    server.shutdown()
+    server.server_close()
+
+
+def test_health_exits_1_when_the_broker_link_is_not_up_and_reads_no_token(
+    healthz, capsys, monkeypatch
+):
+    url, state = healthz
+    monkeypatch.delenv("EDGESLIM_FLEET_TOKEN", raising=False)
+    rc, out, _ = _run(capsys, "fleet", "health", "--controller", url)
+    assert rc == 0 and "ok, broker connected" in out
+    state[0] = "backoff"
+    rc, out, _ = _run(capsys, "fleet", "health", "--controller", url)
+    assert rc == 1 and "answers, but its broker link is backoff" in out and ": ok" not in out
+    rc, out, _ = _run(capsys, "fleet", "health", "--controller", url, "--json")
+    assert rc == 1 and json.loads(out)["broker"] == "backoff"
+    state[0] = "connected"
+    for bad in ("", " tok "):  # GET /healthz needs no token: none is read, so none can fail
+        monkeypatch.setenv("EDGESLIM_FLEET_TOKEN", bad)
+        assert _run(capsys, "fleet", "health", "--controller", url)[0] == 0, repr(bad)

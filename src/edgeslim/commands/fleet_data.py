@@ -1,10 +1,12 @@
 """``edgeslim fleet upload | bundles | deployments | records | health``: what the controller
 stores, from the command line; each verb is one ``FleetClient`` call (``fleet/client.py``).
 
-They take ``--controller``, ``--token`` (or ``EDGESLIM_FLEET_TOKEN``) and ``--json``, print
-tables as plain text (nothing the controller or a node sent is read as markup) and exit as
-the other operator verbs: 0 success, 1 a deployment waited for that did not succeed, 2 bad
-input or a refusal, 3 still running when ``--timeout`` ran out, 5 no answer.
+They take ``--controller``, ``--token`` (or ``EDGESLIM_FLEET_TOKEN``; not ``health``, whose
+``GET /healthz`` needs none) and ``--json``, print tables as plain text (nothing the
+controller or a node sent is read as markup) and exit as the other operator verbs: 0
+success, 1 a deployment waited for that did not succeed (``health``: a controller whose
+broker link is not up), 2 bad input or a refusal, 3 still running when ``--timeout`` ran
+out, 5 no answer.
 """
 
 from __future__ import annotations
@@ -175,14 +177,25 @@ def records_cmd(
 def health_cmd(
     controller: str = typer.Option(..., "--controller", help=_CONTROLLER_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the answer as JSON."),
-    token: str | None = _token_option(_CLIENT_TOKEN_HELP),
 ) -> None:
-    """Whether the controller answers and its broker link is up (needs no token)."""
-    from edgeslim._text import visible
+    """Whether the controller answers and its broker link is up (exit 1 when it is not).
 
-    with _client(controller, token) as client:
+    Takes no token: ``GET /healthz`` needs none, so a token that is unset, empty or bad
+    (``EDGESLIM_FLEET_TOKEN``) cannot make a probe fail."""
+    from edgeslim._text import visible
+    from edgeslim.fleet.backoff import LinkState
+    from edgeslim.fleet.client import FleetClient, check_url
+
+    check_url(controller, "--controller")
+    with FleetClient(controller) as client:  # no _client: it would read EDGESLIM_FLEET_TOKEN
         doc = client.health()
+    up = doc["broker"] == LinkState.CONNECTED.value
     if as_json:
         print(json.dumps(doc, indent=2))
+    elif up:
+        print(f"controller {client.url}: ok, broker {doc['broker']}")
     else:
-        print(f"controller {client.url}: ok, broker {visible(str(doc['broker']))}")
+        print(f"controller {client.url}: answers, but its broker link is "
+              f"{visible(str(doc['broker']))}")  # fmt: skip
+    if not up:
+        raise typer.Exit(1)
