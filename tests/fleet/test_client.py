@@ -228,3 +228,43 @@ def test_a_server_that_is_not_a_controller_gives_config_error(impostor, bundles)
             fleet.deploy(bundles["v1"])
         with pytest.raises(ConfigError, match="POST /deployments/latest/rollback answered"):
             fleet.rollback()
+
+
+def test_wait_latest_follows_the_deployment_latest_named_first(monkeypatch):
+    """Deployment 7 is the latest when ``wait`` starts; 8 starts (and ends) before the next
+    poll: ``wait('latest')`` follows 7 to its end, not 8."""
+    import edgeslim.fleet.client as client_mod
+
+    monkeypatch.setattr(client_mod, "POLL_S", 0.01)
+    polls: list[str] = []
+
+    def row(i: int, state: str) -> dict:
+        return {"id": i, "state": state, "reason": "", "targets": []}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            polls.append(self.path)
+            if self.path == "/deployments/latest":
+                doc = row(7, "canary") if len(polls) == 1 else row(8, "succeeded")
+            else:
+                doc = row(7, "canary") if len(polls) < 4 else row(7, "rolled_back")
+            body = json.dumps(doc).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with FleetClient(f"http://127.0.0.1:{server.server_address[1]}") as fleet:
+            done = fleet.wait("latest", timeout=10)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert done["id"] == 7 and done["state"] == "rolled_back", done
+    assert polls == ["/deployments/latest"] + ["/deployments/7"] * 3

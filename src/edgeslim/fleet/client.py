@@ -217,12 +217,15 @@ class FleetClient:
     def wait(self, deployment: int | str = "latest", *, timeout: float = 600.0
              ) -> dict[str, Any]:  # fmt: skip
         """The deployment's row once it is final: ``succeeded``, ``rolled_back`` or
-        ``failed``. ``StillRunningError`` when ``timeout`` seconds pass first (it goes on)."""
+        ``failed``. ``StillRunningError`` when ``timeout`` seconds pass first (it goes on).
+        ``'latest'`` is the newest deployment when ``wait`` is called: the one followed, even
+        if a newer one starts meanwhile."""
         ref = deployment_ref(deployment)
         check_positive(timeout, "timeout", "wait")
         deadline = time.monotonic() + timeout
         while True:
             row = self._request("GET", f"/deployments/{ref}", keys=DEPLOYMENT_KEYS)
+            ref = deployment_ref(row["id"])  # 'latest' resolved once, by the first answer
             if row["state"] in FINAL_STATES:
                 return dict(row)
             if time.monotonic() > deadline:
