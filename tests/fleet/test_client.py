@@ -268,3 +268,13 @@ def test_wait_latest_follows_the_deployment_latest_named_first(monkeypatch):
         server.server_close()
     assert done["id"] == 7 and done["state"] == "rolled_back", done
     assert polls == ["/deployments/latest"] + ["/deployments/7"] * 3
+
+
+def test_the_token_is_sent_as_the_servers_compare_it():
+    """``FleetClient(token=...)`` sends the header value ``BearerAuth`` expects (``bearer``)."""
+    from edgeslim.edge.auth import authorized, bearer
+
+    with FleetClient(DEAD, token="tok-1") as fleet:
+        request = fleet._http.build_request("GET", "/nodes")
+    headers = [(k.lower(), v) for k, v in request.headers.raw]
+    assert authorized(headers, bearer("tok-1")) and not authorized(headers, bearer("tok-2"))

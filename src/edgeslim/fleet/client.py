@@ -94,13 +94,13 @@ class FleetClient:
     def __init__(self, url: str, *, timeout: float = 30.0, token: str | None = None) -> None:
         import httpx
 
-        from edgeslim.edge.auth import check_token
+        from edgeslim.edge.auth import bearer, check_token
 
         self.url = check_url(url, "url")
         self.timeout = check_positive(timeout, "timeout", "FleetClient")
         headers = {}
         if check_token(token, "FleetClient") is not None:
-            headers["Authorization"] = f"Bearer {token}"
+            headers["Authorization"] = bearer(token)  # the value BearerAuth compares with
         self._http = httpx.Client(base_url=self.url, timeout=self.timeout, headers=headers)
 
     def __repr__(self) -> str:
