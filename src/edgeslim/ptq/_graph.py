@@ -82,8 +82,19 @@ def at_least_opset(model: Any, minimum: int, why: str) -> Any:
 
 
 def make_session(model: Any, *, threads: int = 2, optimize: bool = True) -> Any:
-    """An onnxruntime CPU session for ``model`` (ModelProto, bytes or path)."""
-    return ort_session(model, threads=threads, optimize=optimize)
+    """An onnxruntime CPU session for ``model`` (ModelProto, bytes or path), run with its
+    integer kernels in the form exact on every CPU (``exact.unsaturated``, on a copy)."""
+    import onnx
+
+    from edgeslim.ptq.exact import unsaturated
+
+    if isinstance(model, (str, Path)):
+        model = onnx.load(str(model))
+    elif isinstance(model, bytes):
+        model = onnx.load_from_string(model)
+    else:
+        model = copy.deepcopy(model)
+    return ort_session(unsaturated(model), threads=threads, optimize=optimize)
 
 
 def add_outputs(model: Any, names: Sequence[str]) -> Any:

@@ -7,7 +7,7 @@ of the 8 bits on the other tokens; the range also spans the whole batch, so a se
 embedding changes with the sentences batched beside it. ``rowwise_dynamic`` (edgeslim's own
 rewrite) quantizes each row (token) of a MatMul input with its own scale, symmetric around the
 fixed zero point 128, and multiplies by per-output-channel int8 weights with onnxruntime's
-``MatMulIntegerToFloat`` kernel (u8 x s8, fast on x86 with or without VNNI):
+``MatMulIntegerToFloat`` kernel (u8 x u8 in model.onnx, exact on every x86 CPU: see exact.py):
 
     s_r = max_j |x_rj|;  q = round(127 x / s_r) + 128 (uint8);  y = (q - 128) @ Wq * s_w * s_r / 127
 

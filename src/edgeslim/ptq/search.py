@@ -9,6 +9,7 @@ the JSON report (sensitivity ranking, every configuration tried) even when the g
 
 from __future__ import annotations
 
+import copy
 import json
 import tempfile
 import time
@@ -472,8 +473,11 @@ def quantize(
                 )
                 if kept:
                     best_model, best = q, m
+    from edgeslim.ptq.exact import unsaturated
+
     result = QuantizationResult(
-        model=best_model,
+        # what model.onnx holds: integer kernels exact on every CPU (ptq/exact.py)
+        model=unsaturated(copy.deepcopy(best_model)),
         metrics=best,
         drop=float(best["drop"]),
         max_drop=float(max_drop),

