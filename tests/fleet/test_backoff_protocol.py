@@ -204,3 +204,12 @@ def test_ids_shas_and_urls_with_a_trailing_newline_are_refused():
         Status.from_dict({"id": "n1", "state": "s", "http": "http://127.0.0.1:8001\n"})
     with pytest.raises(ConfigError, match="sha256"):
         Desired.from_dict({"deployment": 1, "sha256": SHA_A + "\n"})
+
+
+def test_a_slow_factor_keeps_growing_past_64_attempts_up_to_the_cap():
+    b = Backoff(initial=1.0, cap=100.0, factor=1.05, jitter=False)
+    delays = [b.next_delay() for _ in range(100)]
+    assert delays[80] == pytest.approx(1.05**80)  # not stuck at 1.05**64
+    assert delays[-1] == 100.0 or delays[-1] == pytest.approx(1.05**99)
+    b.attempts = 10**9
+    assert b.next_delay() == 100.0

@@ -14,6 +14,7 @@ learnt from long-running MQTT agents:
 from __future__ import annotations
 
 import enum
+import math
 import random
 import threading
 
@@ -68,9 +69,12 @@ class Backoff:
 
     def envelope(self, attempt: int) -> float:
         """The un-jittered delay before attempt ``attempt + 1`` (seconds)."""
-        # Cap the exponent first so large attempt counts never overflow a float.
-        exp = min(attempt, 64)
-        return min(self.cap, self.initial * self.factor**exp)
+        # Stop the exponent where the envelope reaches the cap, so large attempt counts never
+        # overflow a float (a fixed limit such as 64 stopped a slow factor short of the cap).
+        if self.factor == 1.0:
+            return min(self.cap, self.initial)
+        reach = math.ceil(math.log(self.cap / self.initial) / math.log(self.factor)) + 1
+        return min(self.cap, self.initial * self.factor ** min(attempt, reach))
 
     def next_delay(self) -> float:
         """Seconds to wait before the next attempt; counts the attempt."""
