@@ -521,7 +521,10 @@ def test_an_interrupted_compress_leaves_nothing_behind(tmp_path, sig):
     # re-raises a handled Ctrl-C at exit)
     exe = Path(sys.executable).with_name("edgeslim")
     proc = subprocess.Popen([exe, "compress", "digits-mlp", "--preset", "deep-compression",
-                             "-o", str(out), "-q"], env=env, stderr=subprocess.PIPE, text=True)
+                             "-o", str(out), "-q"], env=env, stderr=subprocess.PIPE, text=True,
+                            # SIGINT as a terminal delivers it: a job started in the background
+                            # of a script (as CI runners start jobs) inherits it ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob("edgeslim-*")) and time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()[1]

@@ -126,12 +126,18 @@ def _done(store: Path) -> dict[str, int]:
         return {}
 
 
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_sigint_then_rerun_resumes_without_redoing(tmp_path):
     store = tmp_path / "run" / "search.sqlite"
     cmd = _cli("optimize", "digits-mlp", "--max-drop", "0.01", "--time-budget", "40s",
                "-o", str(tmp_path / "best.eslim"), "--report", str(tmp_path / "run"))
+    # SIGINT as a terminal delivers it: a job started in the background of a script (as CI
+    # runners start jobs) inherits SIGINT ignored and would never see this Ctrl-C
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=_sigint_default)
     deadline = time.monotonic() + 120
     while len(_done(store)) < 2 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
