@@ -361,11 +361,17 @@ def deploy_cmd(
         row = client.deploy(bundle, labels, **params)
         if wait:
             row = client.wait(int(row["id"]), timeout=timeout)
+    finish_deployment(row, as_json, wait)
+
+
+def finish_deployment(row: dict[str, Any], as_json: bool, waited: bool) -> None:
+    """Print a deployment row (JSON or a table); exit 1 when it was waited for and did not
+    succeed."""
     if as_json:
         print(json.dumps(row, indent=2))
     else:
         _print_deployment(row)
-    if wait and row["state"] != "succeeded":
+    if waited and row["state"] != "succeeded":
         raise typer.Exit(1)
 
 

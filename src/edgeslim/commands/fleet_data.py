@@ -23,8 +23,8 @@ from edgeslim.commands.fleet import (
     _cell,
     _client,
     _number,
-    _print_deployment,
     _token_option,
+    finish_deployment,
     fleet_app,
     wide_console,
 )
@@ -139,12 +139,7 @@ def deployments_cmd(
     _number(timeout, "--timeout", "a positive number of seconds")
     with _client(controller, token) as client:
         row = client.wait(deployment, timeout=timeout) if wait else client.deployment(deployment)
-    if as_json:
-        print(json.dumps(row, indent=2))
-    else:
-        _print_deployment(row)
-    if wait and row["state"] != "succeeded":
-        raise typer.Exit(1)
+    finish_deployment(row, as_json, wait)
 
 
 @fleet_app.command("records")

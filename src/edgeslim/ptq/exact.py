@@ -38,6 +38,9 @@ _KERNELS: dict[str, tuple[int, int, int]] = {
     "QLinearMatMul": (0, 3, 5),
     "QGemm": (0, 3, 5),
 }
+# op type -> its activation zero-point input
+_ACTIVATION_ZP = {"QLinearConv": 2, "QLinearMatMul": 2, "QGemm": 2,
+                  "MatMulInteger": 2, "ConvInteger": 2, "MatMulIntegerToFloat": 4}
 
 
 def unsaturated(model: Any) -> Any:
@@ -51,9 +54,12 @@ def unsaturated(model: Any) -> Any:
     elem = {name: t.data_type for name, t in inits.items()}
     producers = {o: n for n in model.graph.node for o in n.output}
     consumers: dict[str, int] = {}
+    weight_users: dict[str, Any] = {}  # tensor -> the first Conv/MatMul/Gemm reading it as B
     for n in model.graph.node:
         for i in n.input:
             consumers[i] = consumers.get(i, 0) + 1
+        if n.op_type in ("Conv", "MatMul", "Gemm") and len(n.input) > 1:
+            weight_users.setdefault(n.input[1], n)
 
     def activation_is_u8(node: Any, index: int) -> bool:
         if index < 0:
@@ -68,9 +74,7 @@ def unsaturated(model: Any) -> Any:
                 zp in elem and elem[zp] == TensorProto.UINT8)
         # a QLinear* output keeps its input's type: uint8 in edgeslim's and onnxruntime's
         # QOperator models (activation_type uint8); the zero point of the kernel says so
-        zp_index = {"QLinearConv": 2, "QLinearMatMul": 2, "QGemm": 2,
-                    "MatMulInteger": 2, "ConvInteger": 2, "MatMulIntegerToFloat": 4}
-        k = zp_index.get(node.op_type)
+        k = _ACTIVATION_ZP.get(node.op_type)
         if k is not None and len(node.input) > k and node.input[k] in elem:
             return elem[node.input[k]] == TensorProto.UINT8
         return False
@@ -110,19 +114,18 @@ def unsaturated(model: Any) -> Any:
             # QDQ weight: rewrite when it feeds a Conv/MatMul/Gemm whose other operand comes
             # from a uint8 DequantizeLinear (what onnxruntime fuses into u8 x s8 kernels)
             zero = node.input[2] if len(node.input) > 2 and node.input[2] else None
-            if _qdq_beside_u8(model, node, producers, elem):
+            if _qdq_beside_u8(weight_users.get(node.output[0]), producers, elem):
                 rewrite(node.input[0], zero, node, 2)
     return model
 
 
-def _qdq_beside_u8(model: Any, dq: Any, producers: dict[str, Any], elem: dict[str, int]) -> bool:
-    out = dq.output[0]
-    for n in model.graph.node:
-        if n.op_type not in ("Conv", "MatMul", "Gemm") or out not in n.input[1:2]:
-            continue
-        prod = producers.get(n.input[0])
-        if prod is None or prod.op_type != "DequantizeLinear":
-            return False
-        zp = prod.input[2] if len(prod.input) > 2 else ""
-        return zp in elem and elem[zp] == TensorProto.UINT8
-    return False
+def _qdq_beside_u8(user: Any, producers: dict[str, Any], elem: dict[str, int]) -> bool:
+    """Whether the Conv/MatMul/Gemm ``user`` of a dequantized weight reads a uint8
+    ``DequantizeLinear`` output as its other operand."""
+    if user is None:
+        return False
+    prod = producers.get(user.input[0])
+    if prod is None or prod.op_type != "DequantizeLinear":
+        return False
+    zp = prod.input[2] if len(prod.input) > 2 else ""
+    return zp in elem and elem[zp] == TensorProto.UINT8
