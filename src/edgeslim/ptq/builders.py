@@ -232,6 +232,10 @@ class Builder:
             model = quantize_weight_only(model, bits=cfg["bits"], exclude=exclude)
         if cfg["quantize_embeddings"]:
             quantize_embeddings(model, exclude=exclude)
+        if self.scheme == "dynamic" and cfg["fuse_attention"]:
+            from edgeslim.ptq.attention import fuse_attention
+
+            fuse_attention(model, self.feeds, threads=cfg["threads"])
         return model
 
     def _restore(self, model: Any, exclude: Sequence[str]) -> None:

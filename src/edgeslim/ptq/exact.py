@@ -37,10 +37,12 @@ _KERNELS: dict[str, tuple[int, int, int]] = {
     "QLinearConv": (0, 3, 5),
     "QLinearMatMul": (0, 3, 5),
     "QGemm": (0, 3, 5),
+    "QAttention": (0, 1, 7),
 }
 # op type -> its activation zero-point input
 _ACTIVATION_ZP = {"QLinearConv": 2, "QLinearMatMul": 2, "QGemm": 2,
-                  "MatMulInteger": 2, "ConvInteger": 2, "MatMulIntegerToFloat": 4}
+                  "MatMulInteger": 2, "ConvInteger": 2, "MatMulIntegerToFloat": 4,
+                  "QAttention": 6}
 
 
 def unsaturated(model: Any) -> Any:

@@ -230,6 +230,7 @@ def quantize(
     smooth_alpha: float | None = 0.5,
     static_max_spread: float | None = None,
     quantize_embeddings: bool = True,
+    fuse_attention: bool = False,
     bits: int = 8,
     exclude: Sequence[str] = (),
     max_excluded: int | None = None,
@@ -276,7 +277,9 @@ def quantize(
     range and no run-time reduction (faster; None: every input row-wise).
     ``result.activations`` says which input got which. ``weight_rounding="gptq"`` (the
     default) rounds the MatMul weights error-compensating on the calibration data, as for the
-    static scheme.
+    static scheme. ``fuse_attention`` runs each self-attention block whose Q/K/V input got a
+    calibrated range as one onnxruntime ``QAttention`` kernel (``attention.fuse_attention``;
+    the same integers, checked against the unfused model on the calibration data).
 
     Static QOperator only: ``float_leading_units`` keeps the first activation units (a tensor
     with its producer and readers, in graph order) in float; ``float_logits`` lets the final
@@ -345,6 +348,7 @@ def quantize(
         "smooth_alpha": smooth_alpha,
         "static_max_spread": static_max_spread,
         "quantize_embeddings": quantize_embeddings,
+        "fuse_attention": bool(fuse_attention),
         "bits": bits,
         "exclude": list(exclude),
         "max_size_ratio": max_size_ratio,

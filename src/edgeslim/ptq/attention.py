@@ -1,0 +1,345 @@
+"""Self-attention blocks of an int8 encoder fused into onnxruntime's ``QAttention`` kernel.
+
+After ``rowwise_dynamic`` a BERT-like encoder layer runs its attention as about twenty nodes:
+three ``MatMulIntegerToFloat`` (Q, K and V read the same uint8 input), a ``Reshape`` and a
+``Transpose`` for each, the scores ``MatMul``, its scaling, the additive mask, ``Softmax``, the
+context ``MatMul``, a ``Transpose`` and a ``Reshape`` back, plus the ``Shape``/``Gather``/
+``Unsqueeze``/``Concat`` chains that compute the reshapes' targets at run time.
+onnxruntime's contrib op ``QAttention`` (com.microsoft, what its own quantizer emits for a
+fused ``Attention``) does all of it in one kernel, with one integer GEMM over the three
+projections side by side: the same integers (the weights concatenated column by column, each
+column keeping its scale), the same float math after it.
+
+``fuse_attention`` matches that pattern on the quantized graph by structure, not by names, and
+rewrites each match. It only applies where the rewrite means the same function:
+
+- Q, K and V read one input quantized with one fixed scale and zero point (a calibrated
+  range; an input quantized row by row at run time has no single scale);
+- each projection's output is reshaped to (batch, sequence, heads, head size) with constant
+  heads and head size, and the scores are scaled by 1/sqrt(head size);
+- the additive mask is computed from one integer graph input of rank 2 (the attention mask,
+  1 where a token is attended); ``QAttention`` reads that input itself.
+
+Given ``feeds``, the fused model is checked against the unfused one on some of them and on
+one whose attention mask hides half of its tokens (as padding does); when the outputs differ,
+nothing is fused (a mask computed another way than the kernel assumes, say).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from onnx import TensorProto, helper
+
+from edgeslim.ptq._graph import Graph, make_session
+
+__all__ = ["fuse_attention"]
+
+_INT_TYPES = {TensorProto.INT64, TensorProto.INT32}
+
+
+def _only_consumer(graph: Graph, tensor: str, op_type: str) -> Any | None:
+    users = graph.consumers.get(tensor, [])
+    if len(users) != 1 or users[0].op_type != op_type or tensor in graph.graph_outputs:
+        return None
+    return users[0]
+
+
+def _perm(graph: Graph, node: Any) -> list[int]:
+    return list(graph.attr(node, "perm", []) or [])
+
+
+def _constant(graph: Graph, name: str) -> np.ndarray | None:
+    value = graph.array(name)
+    if value is not None:
+        return value
+    prod = graph.producer.get(name)
+    if prod is not None and prod.op_type == "Constant" and prod.attribute:
+        from onnx import numpy_helper
+
+        attr = prod.attribute[0]
+        if attr.name == "value":
+            return numpy_helper.to_array(attr.t)
+    return None
+
+
+def _head_shape(graph: Graph, reshape: Any) -> tuple[int, int] | None:
+    """(heads, head size) when ``reshape``'s target has rank 4 and ends in two constants
+    (heads may be -1: inferred from the hidden size)."""
+    shape = reshape.input[1]
+    value = _constant(graph, shape)
+    if value is not None:
+        dims = [int(v) for v in np.asarray(value).reshape(-1)]
+    else:
+        concat = graph.producer.get(shape)
+        if concat is None or concat.op_type != "Concat":
+            return None
+        dims = []
+        for part in concat.input:
+            v = _constant(graph, part)
+            dims += [-2] if v is None else [int(x) for x in np.asarray(v).reshape(-1)]
+    if len(dims) != 4 or dims[3] <= 0 or (dims[2] <= 0 and dims[2] != -1):
+        return None
+    return dims[2], dims[3]
+
+
+def _mask_input(graph: Graph, tensor: str) -> str | None:
+    """The one rank-2 integer graph input whose values ``tensor`` is computed from (constants
+    and tensors read only for their shape aside)."""
+    inputs = {i.name: i for i in graph.model.graph.input}
+    found: set[str] = set()
+    seen: set[str] = set()
+    stack = [tensor]
+    while stack:
+        name = stack.pop()
+        if name in seen or name in graph.initializers:
+            continue
+        seen.add(name)
+        if name in inputs:
+            found.add(name)
+            continue
+        prod = graph.producer.get(name)
+        if prod is None:
+            return None
+        if prod.op_type != "Shape":  # a Shape reads no values
+            stack.extend(i for i in prod.input if i)
+    if len(found) != 1:
+        return None
+    name = found.pop()
+    t = inputs[name].type.tensor_type
+    if t.elem_type not in _INT_TYPES or len(t.shape.dim) != 2:
+        return None
+    return name
+
+
+def _match(graph: Graph, q_in: str, kernels: list[Any]) -> dict[str, Any] | None:
+    """The attention block whose Q/K/V projections are ``kernels`` (read ``q_in``), or None."""
+    if len(kernels) != 3:
+        return None
+    first = kernels[0]
+    for k in kernels:
+        if (
+            len(k.input) < 7
+            or not k.input[6]
+            or k.input[2] != first.input[2]
+            or k.input[4] != first.input[4]
+            or graph.array(k.input[1]) is None
+            or graph.array(k.input[3]) is None
+            or graph.array(k.input[6]) is None
+        ):
+            return None
+        if len(k.input) > 5 and k.input[5] and graph.array(k.input[5]) is None:
+            return None
+    if graph.array(first.input[2]) is None or graph.array(first.input[4]) is None:
+        return None
+    arms = {}
+    for k in kernels:
+        reshape = _only_consumer(graph, k.output[0], "Reshape")
+        if reshape is None:
+            return None
+        transpose = _only_consumer(graph, reshape.output[0], "Transpose")
+        if transpose is None:
+            return None
+        arms[k.name] = (reshape, transpose)
+    # the scores MatMul reads Q (perm 0,2,1,3) and K (perm 0,2,3,1)
+    scores = None
+    for name, (_, tq) in arms.items():
+        if _perm(graph, tq) != [0, 2, 1, 3]:
+            continue
+        users = graph.consumers.get(tq.output[0], [])
+        if len(users) == 1 and users[0].op_type == "MatMul" and users[0].input[0] == tq.output[0]:
+            scores = users[0]
+            q_name = name
+    if scores is None:
+        return None
+    k_name = next((n for n, (_, t) in arms.items() if t.output[0] == scores.input[1]), None)
+    if k_name is None or _perm(graph, arms[k_name][1]) != [0, 2, 3, 1]:
+        return None
+    v_name = next(n for n in arms if n not in (q_name, k_name))
+    if _perm(graph, arms[v_name][1]) != [0, 2, 1, 3]:
+        return None
+    for name in (q_name, k_name, v_name):  # nothing else reads what the kernel replaces
+        tensor = arms[name][1].output[0]
+        if len(graph.consumers.get(tensor, [])) != 1 or tensor in graph.graph_outputs:
+            return None
+    shapes = {_head_shape(graph, arms[n][0]) for n in arms}
+    if len(shapes) != 1 or None in shapes:
+        return None
+    heads, size = shapes.pop()
+    hidden = graph.array(first.input[1]).shape
+    if len({graph.array(k.input[1]).dtype for k in kernels}) != 1:
+        return None
+    if heads == -1 and hidden[1] % size == 0:
+        heads = hidden[1] // size
+    if any(graph.array(k.input[1]).shape != hidden for k in kernels) or hidden[1] != heads * size:
+        return None
+    scale_node = _only_consumer(graph, scores.output[0], "Mul") or _only_consumer(
+        graph, scores.output[0], "Div")
+    if scale_node is None:
+        return None
+    c = _constant(graph, scale_node.input[1])
+    if c is None or np.asarray(c).size != 1:
+        return None
+    c = float(np.asarray(c).reshape(-1)[0])
+    factor = c if scale_node.op_type == "Mul" else 1.0 / c
+    if abs(factor * np.sqrt(size) - 1.0) > 1e-4:
+        return None
+    add = _only_consumer(graph, scale_node.output[0], "Add")
+    if add is None:
+        return None
+    mask = add.input[1] if add.input[0] == scale_node.output[0] else add.input[0]
+    softmax = _only_consumer(graph, add.output[0], "Softmax")
+    if softmax is None or graph.attr(softmax, "axis", -1) not in (-1, 3):
+        return None
+    context = _only_consumer(graph, softmax.output[0], "MatMul")
+    if (
+        context is None
+        or context.input[0] != softmax.output[0]
+        or context.input[1] != arms[v_name][1].output[0]
+    ):
+        return None
+    back = _only_consumer(graph, context.output[0], "Transpose")
+    if back is None or _perm(graph, back) != [0, 2, 1, 3]:
+        return None
+    out = _only_consumer(graph, back.output[0], "Reshape")
+    if out is None:
+        return None
+    mask_input = _mask_input(graph, mask)
+    if mask_input is None:
+        return None
+    order = {n: k for n, k in ((k.name, k) for k in kernels)}
+    return {
+        "kernels": [order[q_name], order[k_name], order[v_name]],
+        "heads": heads,
+        "mask_input": mask_input,
+        "output": out.output[0],
+        "input": q_in,
+        "removed": [scores, scale_node, add, softmax, context, back, out]
+        + [x for n in arms for x in arms[n]]
+        + list(kernels),
+    }
+
+
+def _fuse(model: Any) -> tuple[int, set[str]]:
+    """Fuse every match in place: how many, and the mask inputs the kernels read."""
+    graph = Graph(model)
+    groups: dict[str, list[Any]] = {}
+    for node in model.graph.node:
+        if node.op_type == "MatMulIntegerToFloat":
+            groups.setdefault(node.input[0], []).append(node)
+    matches = [m for x, ks in groups.items() if (m := _match(graph, x, ks)) is not None]
+    if not matches:
+        return 0, set()
+    removed: set[str] = set()
+    new_nodes: dict[str, list[Any]] = {}
+    casts: dict[str, str] = {}
+    for m in matches:
+        q, k, v = m["kernels"]
+        base = q.name + "_qattention"
+        weights = [graph.array(n.input[1]) for n in (q, k, v)]
+        columns = weights[0].shape[1:]
+        w_scales = [np.broadcast_to(graph.array(n.input[3]), columns) for n in (q, k, v)]
+        zps = []
+        for n, w in zip((q, k, v), weights, strict=True):
+            has_zp = len(n.input) > 5 and n.input[5]
+            zp = graph.array(n.input[5]) if has_zp else np.zeros((), w.dtype)
+            zps.append(np.broadcast_to(zp, columns).astype(w.dtype))
+        weight = graph.fresh_name(base + "_weight")
+        graph.set_array(weight, np.concatenate(weights, axis=1))
+        scale = graph.fresh_name(base + "_weight_scale")
+        graph.set_array(scale, np.concatenate(w_scales).astype(np.float32))
+        bias = graph.fresh_name(base + "_bias")
+        graph.set_array(bias, np.concatenate([graph.array(n.input[6]) for n in (q, k, v)]))
+        zp_all = np.concatenate(zps)
+        zero = graph.fresh_name(base + "_weight_zero")
+        graph.set_array(zero, zp_all[:1].reshape(()) if np.all(zp_all == zp_all[0]) else zp_all)
+        mask = casts.get(m["mask_input"])
+        if mask is None:
+            mask = graph.fresh_name(m["mask_input"] + "_int32")
+            casts[m["mask_input"]] = mask
+            new_nodes.setdefault(q.name, []).append(
+                helper.make_node("Cast", [m["mask_input"]], [mask], name=mask + "_cast",
+                                 to=TensorProto.INT32))
+        new_nodes.setdefault(q.name, []).append(
+            helper.make_node(
+                "QAttention",
+                [m["input"], weight, bias, q.input[2], scale, mask, q.input[4], zero],
+                [m["output"]],
+                name=base,
+                domain="com.microsoft",
+                num_heads=int(m["heads"]),
+            )
+        )
+        removed |= {n.name for n in m["removed"]}
+    nodes = []
+    for node in model.graph.node:
+        nodes.extend(new_nodes.get(node.name, []))
+        if node.name not in removed:
+            nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    _prune(model)
+    return len(matches), set(casts)
+
+
+def _prune(model: Any) -> None:
+    """Drop nodes and initializers nothing reads any more (the reshapes' shape chains)."""
+    outputs = {o.name for o in model.graph.output}
+    while True:
+        used = {i for n in model.graph.node for i in n.input} | outputs
+        keep = [n for n in model.graph.node if any(o in used for o in n.output)]
+        if len(keep) == len(model.graph.node):
+            break
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+    used = {i for n in model.graph.node for i in n.input}
+    used |= {i.name for i in model.graph.input}  # an initializer listed as an input stays
+    inits = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(inits)
+
+
+def _masked(feeds: Sequence[dict], mask_input: str) -> dict | None:
+    """A feed whose first row attends only to the first half of its tokens (mask 0 on the
+    rest, as padding is), or None when no feed has a mask of two tokens or more."""
+    for feed in feeds:
+        mask = np.asarray(feed.get(mask_input, np.zeros((0, 0))))
+        if mask.ndim == 2 and mask.shape[1] >= 2:
+            mask = mask.copy()
+            mask[0, (mask.shape[1] + 1) // 2 :] = 0
+            return {**feed, mask_input: mask}
+    return None
+
+
+def fuse_attention(
+    model: Any, feeds: Sequence[dict] | None = None, *, threads: int = 2, rtol: float = 1e-3
+) -> tuple[Any, int]:
+    """``model`` with its int8 attention blocks fused into ``QAttention`` (module docstring)
+    and how many were fused. In place, unless the check on ``feeds`` fails: then the model
+    is returned unchanged with 0. Without ``feeds`` nothing is checked: the structure alone
+    decides (the quantizer always passes its calibration feeds)."""
+    before = copy.deepcopy(model) if feeds else None
+    count, masks = _fuse(model)
+    if not count or not feeds:
+        return model, count
+    checks = list(feeds[:8])
+    for name in masks:  # the kernel must read the mask as the graph did: padding included
+        masked = _masked(feeds, name)
+        if masked is None:
+            model.CopyFrom(before)
+            return model, 0
+        checks.append(masked)
+    fused, plain = make_session(model, threads=threads), make_session(before, threads=threads)
+    names = [o.name for o in plain.get_inputs()]
+    for feed in checks:
+        f = {k: v for k, v in feed.items() if k in names}
+        a, b = fused.run(None, f), plain.run(None, f)
+        for x, y in zip(a, b, strict=True):
+            scale = max(float(np.abs(y).max()), 1e-6)
+            if float(np.abs(x - y).max()) > rtol * scale:
+                model.CopyFrom(before)
+                return model, 0
+    return model, count
