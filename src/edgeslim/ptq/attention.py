@@ -80,10 +80,39 @@ def _head_shape(graph: Graph, reshape: Any) -> tuple[int, int] | None:
         dims = []
         for part in concat.input:
             v = _constant(graph, part)
-            dims += [-2] if v is None else [int(x) for x in np.asarray(v).reshape(-1)]
+            if v is None:  # a run-time dim: one value, unsqueezed from a scalar
+                prod = graph.producer.get(part)
+                if prod is None or prod.op_type != "Unsqueeze":
+                    return None
+                dims.append(-2)
+            else:
+                dims += [int(x) for x in np.asarray(v).reshape(-1)]
     if len(dims) != 4 or dims[3] <= 0 or (dims[2] <= 0 and dims[2] != -1):
         return None
     return dims[2], dims[3]
+
+
+def _merged_width(graph: Graph, reshape: Any) -> int | None:
+    """The last dim of ``reshape``'s rank-3 target when it is a constant (None otherwise)."""
+    value = _constant(graph, reshape.input[1])
+    if value is not None:
+        dims = [int(v) for v in np.asarray(value).reshape(-1)]
+        return dims[2] if len(dims) == 3 else None
+    concat = graph.producer.get(reshape.input[1])
+    if concat is None or concat.op_type != "Concat":
+        return None
+    sizes, last = 0, None
+    for part in concat.input:
+        v = _constant(graph, part)
+        if v is None:  # a run-time dim: one value, unsqueezed from a scalar
+            prod = graph.producer.get(part)
+            if prod is None or prod.op_type != "Unsqueeze":
+                return None
+            sizes, last = sizes + 1, None
+        else:
+            flat = [int(x) for x in np.asarray(v).reshape(-1)]
+            sizes, last = sizes + len(flat), (flat[-1] if flat else last)
+    return last if sizes == 3 else None
 
 
 def _mask_input(graph: Graph, tensor: str) -> str | None:
@@ -133,8 +162,9 @@ def _match(graph: Graph, q_in: str, kernels: list[Any]) -> dict[str, Any] | None
             return None
         if len(k.input) > 5 and k.input[5] and graph.array(k.input[5]) is None:
             return None
-    if graph.array(first.input[2]) is None or graph.array(first.input[4]) is None:
-        return None
+    zero = graph.array(first.input[4])
+    if graph.array(first.input[2]) is None or zero is None or zero.dtype != np.uint8:
+        return None  # QAttention reads uint8 activations only
     arms = {}
     for k in kernels:
         reshape = _only_consumer(graph, k.output[0], "Reshape")
@@ -181,7 +211,7 @@ def _match(graph: Graph, q_in: str, kernels: list[Any]) -> dict[str, Any] | None
     if scale_node is None:
         return None
     c = _constant(graph, scale_node.input[1])
-    if c is None or np.asarray(c).size != 1:
+    if c is None or np.asarray(c).size != 1 or float(np.asarray(c).reshape(-1)[0]) == 0.0:
         return None
     c = float(np.asarray(c).reshape(-1)[0])
     factor = c if scale_node.op_type == "Mul" else 1.0 / c
@@ -205,7 +235,7 @@ def _match(graph: Graph, q_in: str, kernels: list[Any]) -> dict[str, Any] | None
     if back is None or _perm(graph, back) != [0, 2, 1, 3]:
         return None
     out = _only_consumer(graph, back.output[0], "Reshape")
-    if out is None:
+    if out is None or _merged_width(graph, out) not in (-1, hidden[1]):
         return None
     mask_input = _mask_input(graph, mask)
     if mask_input is None:
