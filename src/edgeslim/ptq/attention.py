@@ -66,53 +66,44 @@ def _constant(graph: Graph, name: str) -> np.ndarray | None:
     return None
 
 
+_RUN_TIME = -2  # a target dim computed at run time (one value, unsqueezed from a scalar)
+
+
+def _target_dims(graph: Graph, reshape: Any) -> list[int] | None:
+    """``reshape``'s target shape: constants as they are, each run-time dim as ``_RUN_TIME``;
+    None when it is neither a constant nor a Concat of constants and single run-time dims."""
+    value = _constant(graph, reshape.input[1])
+    if value is not None:
+        return [int(v) for v in np.asarray(value).reshape(-1)]
+    concat = graph.producer.get(reshape.input[1])
+    if concat is None or concat.op_type != "Concat":
+        return None
+    dims: list[int] = []
+    for part in concat.input:
+        v = _constant(graph, part)
+        if v is None:
+            prod = graph.producer.get(part)
+            if prod is None or prod.op_type != "Unsqueeze":
+                return None
+            dims.append(_RUN_TIME)
+        else:
+            dims += [int(x) for x in np.asarray(v).reshape(-1)]
+    return dims
+
+
 def _head_shape(graph: Graph, reshape: Any) -> tuple[int, int] | None:
     """(heads, head size) when ``reshape``'s target has rank 4 and ends in two constants
     (heads may be -1: inferred from the hidden size)."""
-    shape = reshape.input[1]
-    value = _constant(graph, shape)
-    if value is not None:
-        dims = [int(v) for v in np.asarray(value).reshape(-1)]
-    else:
-        concat = graph.producer.get(shape)
-        if concat is None or concat.op_type != "Concat":
-            return None
-        dims = []
-        for part in concat.input:
-            v = _constant(graph, part)
-            if v is None:  # a run-time dim: one value, unsqueezed from a scalar
-                prod = graph.producer.get(part)
-                if prod is None or prod.op_type != "Unsqueeze":
-                    return None
-                dims.append(-2)
-            else:
-                dims += [int(x) for x in np.asarray(v).reshape(-1)]
-    if len(dims) != 4 or dims[3] <= 0 or (dims[2] <= 0 and dims[2] != -1):
+    dims = _target_dims(graph, reshape)
+    if dims is None or len(dims) != 4 or dims[3] <= 0 or (dims[2] <= 0 and dims[2] != -1):
         return None
     return dims[2], dims[3]
 
 
 def _merged_width(graph: Graph, reshape: Any) -> int | None:
-    """The last dim of ``reshape``'s rank-3 target when it is a constant (None otherwise)."""
-    value = _constant(graph, reshape.input[1])
-    if value is not None:
-        dims = [int(v) for v in np.asarray(value).reshape(-1)]
-        return dims[2] if len(dims) == 3 else None
-    concat = graph.producer.get(reshape.input[1])
-    if concat is None or concat.op_type != "Concat":
-        return None
-    sizes, last = 0, None
-    for part in concat.input:
-        v = _constant(graph, part)
-        if v is None:  # a run-time dim: one value, unsqueezed from a scalar
-            prod = graph.producer.get(part)
-            if prod is None or prod.op_type != "Unsqueeze":
-                return None
-            sizes, last = sizes + 1, None
-        else:
-            flat = [int(x) for x in np.asarray(v).reshape(-1)]
-            sizes, last = sizes + len(flat), (flat[-1] if flat else last)
-    return last if sizes == 3 else None
+    """The last dim of ``reshape``'s target when it has rank 3 (None otherwise)."""
+    dims = _target_dims(graph, reshape)
+    return dims[2] if dims is not None and len(dims) == 3 else None
 
 
 def _mask_input(graph: Graph, tensor: str) -> str | None:
