@@ -273,3 +273,27 @@ def test_an_unknown_finetune_loss_is_a_config_error(setup):
         finetune_qoperator(q, lambda x: x, calib, steps=1, loss="hinge")
     with pytest.raises(ConfigError, match=r"finetune_loss.*'ce'"):
         quantize(model, calib, finetune_loss="ce", progress=False)
+
+
+def _weights(model):
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return {n.name: inits[n.input[3]] for n in model.graph.node
+            if n.op_type in ("QLinearConv", "QGemm")}
+
+
+def test_tuning_keeps_7_bit_weights_within_7_bits(setup):
+    """reduce_range weights span -64..64 (u8 x s8 stays exact without VNNI); a weight at the
+    edge tuned one step outward would leave that range."""
+    model, _, calib, _ = setup
+    feeds = [{"input": calib[i : i + 8]} for i in range(0, 64, 8)]
+    q7 = ort_quantize_static(model, feeds, quant_format="qoperator", reduce_range=True)
+    before = _weights(q7)
+    assert max(int(np.abs(w.astype(np.int16)).max()) for w in before.values()) == 64
+    ref = make_session(model)
+    # a target 3x louder than the float model: the tuning wants every weight larger
+    tuned = finetune_qoperator(q7, lambda x: 3.0 * ref.run(None, {"input": x})[0], calib,
+                               steps=40, batch_size=16, lr_weight=1.0)
+    after = _weights(tuned)
+    assert any(np.any(after[k] != before[k]) for k in before)
+    for k, w in after.items():
+        assert int(np.abs(w.astype(np.int16)).max()) <= 64, k

@@ -122,6 +122,9 @@ class QOperatorSimulator:
         self.input_name = model.graph.input[0].name
         self.output_name = model.graph.output[0].name
         self.offsets: dict[str, Any] = {}  # node -> rounding offset (weight steps)
+        # node -> the largest weight magnitude its grid allows: what its integers span (127,
+        # or 64 for 7-bit weights, which keep onnxruntime's u8 x s8 kernels exact without VNNI)
+        self.weight_bounds: dict[str, float] = {}
         self.bias_deltas: dict[str, Any] = {}  # node -> bias change (output steps)
         self.log_scales: dict[str, Any] = {}  # activation scale name -> log(scale / initial)
         self._const: dict[str, Any] = {}
@@ -132,6 +135,7 @@ class QOperatorSimulator:
             if node.op_type in ("QLinearConv", "QGemm"):
                 w = self.graph.array(node.input[3])
                 self.offsets[node.name] = torch.zeros(w.shape, dtype=torch.float32)
+                self.weight_bounds[node.name] = float(max(np.abs(w.astype(np.int16)).max(), 1))
                 rows = w.shape[0]
                 self.bias_deltas[node.name] = torch.zeros(rows, dtype=torch.float32)
 
@@ -171,7 +175,8 @@ class QOperatorSimulator:
         """(float weight, weight scale broadcastable to rows, int weight + offset)."""
         w_int = self._tensor(node.input[3])
         scale = self._tensor(node.input[4])
-        q = (_ste_round(w_int + self.offsets[node.name])).clamp(-127.0, 127.0)
+        bound = self.weight_bounds[node.name]
+        q = (_ste_round(w_int + self.offsets[node.name])).clamp(-bound, bound)
         shape = (-1,) + (1,) * (q.dim() - 1)
         ws = scale.reshape(shape) if scale.numel() > 1 else scale
         return q * ws, scale, q
