@@ -308,6 +308,8 @@ def _fuse(model: Any) -> tuple[int, set[str]]:
 
 def _prune(model: Any) -> None:
     """Drop nodes and initializers nothing reads any more (the reshapes' shape chains)."""
+    from edgeslim.ptq.dynamic import _drop_unused_initializers
+
     outputs = {o.name for o in model.graph.output}
     while True:
         used = {i for n in model.graph.node for i in n.input} | outputs
@@ -316,11 +318,7 @@ def _prune(model: Any) -> None:
             break
         del model.graph.node[:]
         model.graph.node.extend(keep)
-    used = {i for n in model.graph.node for i in n.input}
-    used |= {i.name for i in model.graph.input}  # an initializer listed as an input stays
-    inits = [t for t in model.graph.initializer if t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(inits)
+    _drop_unused_initializers(model)
 
 
 def _masked(feeds: Sequence[dict], mask_input: str) -> dict | None:
