@@ -16,7 +16,7 @@ from edgeslim.ptq.finetune import QOperatorSimulator, finetune_qoperator, float_
 from edgeslim.ptq.static import ort_quantize_static
 
 
-def small_cnn(seed: int = 0) -> onnx.ModelProto:
+def small_cnn(seed: int = 0, stem_pads: tuple[int, ...] = (1, 1, 1, 1)) -> onnx.ModelProto:
     """(N,3,12,12) -> Conv 3x3 s2 + Relu6 -> depthwise 3x3 + Relu6 -> Conv 1x1, + residual
     Add -> GlobalAveragePool -> Flatten -> Gemm (1000 logits): the ops of efficientnet-lite0."""
     rng = np.random.default_rng(seed)
@@ -35,7 +35,7 @@ def small_cnn(seed: int = 0) -> onnx.ModelProto:
     inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in arrays.items()]
     nodes = [
         helper.make_node(
-            "Conv", ["input", "w1", "b1"], ["c1"], name="stem", pads=[1, 1, 1, 1], strides=[2, 2]
+            "Conv", ["input", "w1", "b1"], ["c1"], name="stem", pads=list(stem_pads), strides=[2, 2]
         ),
         helper.make_node("Clip", ["c1", "lo", "hi"], ["a1"], name="act1"),
         helper.make_node("Conv", ["a1", "w2", "b2"], ["c2"], name="dw", group=8, pads=[1] * 4),
@@ -81,6 +81,25 @@ def test_simulator_replays_nodes_kept_in_float(setup, exclude):
     with torch.no_grad():
         sim = QOperatorSimulator(q)(torch.from_numpy(test)).numpy()
     assert rel(sim, outputs(q, test)) < 0.01
+
+
+@pytest.mark.parametrize("exclude", [[], ["stem", "act1", "dw"]])
+def test_simulator_replays_asymmetric_conv_pads(exclude):
+    """TF "same" padding of a stride-2 conv (none top/left, one bottom/right), as the export
+    merges it into the convolution, quantized and kept in float."""
+    import torch
+
+    rng = np.random.default_rng(2)
+    calib = rng.uniform(-1, 1, size=(32, 3, 12, 12)).astype(np.float32)
+    feeds = [{"input": calib[i : i + 8]} for i in range(0, 32, 8)]
+    q = ort_quantize_static(small_cnn(stem_pads=(0, 0, 1, 1)), feeds, quant_format="qoperator",
+                            exclude=exclude)  # fmt: skip
+    stem = next(n for n in q.graph.node if n.op_type in ("Conv", "QLinearConv"))
+    assert list(helper.get_attribute_value(
+        next(a for a in stem.attribute if a.name == "pads"))) == [0, 0, 1, 1]
+    with torch.no_grad():
+        sim = QOperatorSimulator(q)(torch.from_numpy(calib)).numpy()
+    assert rel(sim, outputs(q, calib)) < 0.01
 
 
 def outputs(model, x):
@@ -297,3 +316,4 @@ def test_tuning_keeps_7_bit_weights_within_7_bits(setup):
     assert any(np.any(after[k] != before[k]) for k in before)
     for k, w in after.items():
         assert int(np.abs(w.astype(np.int16)).max()) <= 64, k
+

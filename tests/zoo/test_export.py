@@ -20,7 +20,7 @@ from edgeslim.export import (
     onnx_param_bytes,
     zoo_io_spec,
 )
-from edgeslim.export.fold import fold_constants
+from edgeslim.export.fold import fold_constants, fold_pads
 
 ATOL = 1e-4
 
@@ -90,12 +90,11 @@ def test_efficientnet_matches_onnxruntime(lite0, lite0_onnx):
     assert "BatchNormalization" not in ops and "Constant" not in ops
     assert _dims(proto.graph.input[0]) == ["batch", 3, 224, 224]
     assert _dims(proto.graph.output[0]) == ["batch", 1000]
-    # the asymmetric TF padding is a Pad with constant pads
-    inits = _initializers(proto)
-    pads = [inits[n.input[1]] for n in proto.graph.node if n.op_type == "Pad"]
-    assert len(pads) == 5 and all(
-        p.tolist() in ([0, 0, 0, 0, 0, 0, 1, 1], [0, 0, 1, 1, 0, 0, 2, 2]) for p in pads
-    )
+    # the asymmetric TF padding of the five stride-2 convs is merged into them
+    assert "Pad" not in ops
+    pads = [next(list(a.ints) for a in n.attribute if a.name == "pads")
+            for n in proto.graph.node if n.op_type == "Conv"]  # fmt: skip
+    assert sorted(p for p in pads if p[:2] != p[2:]) == [[0, 0, 1, 1]] * 3 + [[1, 1, 2, 2]] * 2
     session = _session(lite0_onnx.path)
     for batch in (1, 2):
         x = photo_crops(batch, seed=7, split="evaluation")
@@ -239,6 +238,65 @@ def test_fold_constants_evaluates_constant_subgraphs():
     x = np.arange(6, dtype=np.float32).reshape(2, 3)
     out = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})[0]
     np.testing.assert_array_equal(out, x + 1.5)
+
+
+def test_export_merges_the_tf_same_pad_into_the_convolution(tmp_path):
+    from edgeslim.zoo.efficientnet import Conv2dSame
+
+    torch.manual_seed(0)
+    net = nn.Sequential(Conv2dSame(3, 8, 3, stride=2), nn.ReLU(), Conv2dSame(8, 8, 5, stride=2,
+                        groups=8), Conv2dSame(8, 4, 3)).eval()  # fmt: skip
+    result = export_onnx(net, torch.randn(1, 3, 32, 32), tmp_path / "same.onnx",
+                         input_names=["x"], output_names=["y"])
+    assert result.max_abs_diff < ATOL  # checked against torch at batch 1 and 2
+    proto = onnx.load(str(result.path))
+    assert [n.op_type for n in proto.graph.node] == ["Conv", "Relu", "Conv", "Conv"]
+    pads = [next(list(a.ints) for a in n.attribute if a.name == "pads")
+            for n in proto.graph.node if n.op_type == "Conv"]  # fmt: skip
+    assert pads == [[0, 0, 1, 1], [1, 1, 2, 2], [1, 1, 1, 1]]
+    assert not any(t.name.endswith("Cast_output_0") for t in proto.graph.initializer)
+
+
+def _pad_conv(pads, *, value=None, mode="constant", second_reader=False):
+    from onnx import TensorProto, helper
+
+    inits = [numpy_helper.from_array(np.array(pads, np.int64), "p"),
+             numpy_helper.from_array(np.ones((2, 2, 3, 3), np.float32), "w")]  # fmt: skip
+    pad_in = ["x", "p"]
+    if value is not None:
+        inits.append(numpy_helper.from_array(np.array(value, np.float32), "v"))
+        pad_in.append("v")
+    nodes = [helper.make_node("Pad", pad_in, ["xp"], mode=mode),
+             helper.make_node("Conv", ["xp", "w"], ["y"], pads=[1, 1, 1, 1])]  # fmt: skip
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    if second_reader:
+        nodes.append(helper.make_node("Relu", ["xp"], ["r"]))
+        outputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [1, 2, 6, 6])], outputs, inits)  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _run(proto, x):
+    return ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})[0]
+
+
+def test_fold_pads_keeps_the_numbers_and_leaves_other_pads_alone():
+    x = np.random.default_rng(0).normal(size=(1, 2, 6, 6)).astype(np.float32)
+    proto = _pad_conv([0, 0, 0, 1, 0, 0, 2, 3], value=0.0)
+    before = _run(proto, x)
+    assert fold_pads(proto) == 1
+    assert [n.op_type for n in proto.graph.node] == ["Conv"]
+    assert list(proto.graph.node[0].attribute[-1].ints) == [1, 2, 3, 4]
+    assert {t.name for t in proto.graph.initializer} == {"w"}
+    np.testing.assert_allclose(_run(proto, x), before, rtol=1e-6, atol=1e-6)
+    for kept in (_pad_conv([0, 0, 1, 1, 0, 0, 1, 1], value=0.5),  # not zero
+                 _pad_conv([0, 0, 1, 1, 0, 0, 1, 1], mode="reflect"),
+                 _pad_conv([0, 1, 1, 1, 0, 0, 1, 1]),  # a channel pad
+                 _pad_conv([0, 0, -1, 1, 0, 0, 1, 1]),  # a crop
+                 _pad_conv([0, 0, 1, 1, 0, 0, 1, 1], second_reader=True)):
+        ops = [n.op_type for n in kept.graph.node]
+        assert fold_pads(kept) == 0 and [n.op_type for n in kept.graph.node] == ops
 
 
 def test_zoo_specs_match_the_manifest_contract():

@@ -7,6 +7,8 @@ the project relies on downstream:
 - dynamic axes (batch, and sequence for text models) declared with symbolic names;
 - BatchNorm folded into the preceding convolution (the exporter's eval-mode peephole with
   constant folding does it; the result counts any BatchNormalization node left over);
+- constant subgraphs folded into initializers, and a zero ``Pad`` before a ``Conv`` merged
+  into the convolution's own (possibly asymmetric) pads (``edgeslim.export.fold``);
 - ``onnx.checker`` and strict shape inference on the written file;
 - a numerical check: torch and onnxruntime run the example inputs and the same inputs with one
   more row in the batch, and the outputs must agree within a tolerance, else ``ModelError``
@@ -30,7 +32,7 @@ import numpy as np
 from edgeslim._atomic import staged
 from edgeslim._validate import check_int_range, check_positive
 from edgeslim.errors import ConfigError, ModelError
-from edgeslim.export.fold import fold_constants
+from edgeslim.export.fold import fold_constants, fold_pads
 
 __all__ = [
     "MAX_OPSET",
@@ -226,7 +228,8 @@ def export_onnx(
     ``dynamic_axes``: ``{name: {axis: "symbol"}}`` as in ``torch.onnx.export``; None makes
     axis 0 of every input and output dynamic as ``"batch"``. ``fold_batchnorm=False`` keeps
     BatchNormalization nodes; ``fold_constant_nodes`` turns small constant subgraphs and
-    ``Constant`` nodes into initializers (``edgeslim.export.fold``). With ``check`` the model
+    ``Constant`` nodes into initializers and merges a zero ``Pad`` into the ``Conv`` after it
+    (``edgeslim.export.fold``). With ``check`` the model
     and the file are compared on the example inputs, on the example inputs with one more
     batch row, and on each extra input tuple in ``check_inputs``.
 
@@ -302,6 +305,7 @@ def export_onnx(
             changed = _declare_shapes(proto, out_names, out_shapes, axes)
             if fold_constant_nodes:
                 changed = fold_constants(proto) > 0 or changed
+                changed = fold_pads(proto) > 0 or changed
             if changed:
                 onnx.save(proto, str(work))
             try:

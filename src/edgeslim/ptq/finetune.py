@@ -193,6 +193,22 @@ class QOperatorSimulator:
         )
         return base + self.bias_deltas[node.name] * (y_scale if y_scale is not None else x_scale)
 
+    def _conv(self, node: Any, x: Any, w: Any, bias: Any) -> Any:
+        """A 2-D convolution as ``node``'s attributes say; asymmetric pads (a TF "same" pad
+        merged into the convolution) become an explicit zero pad first, which is what padding
+        with the zero point is in the quantized model."""
+        import torch.nn.functional as F
+
+        top, left, bottom, right = self.graph.attr(node, "pads", [0, 0, 0, 0])
+        if (top, left) != (bottom, right):
+            x = F.pad(x, [left, right, top, bottom])
+            top = left = 0
+        return F.conv2d(x, w, bias,
+                        stride=tuple(self.graph.attr(node, "strides", [1, 1])),
+                        padding=(top, left),
+                        dilation=tuple(self.graph.attr(node, "dilations", [1, 1])),
+                        groups=int(self.graph.attr(node, "group", 1)))
+
     def forward(self, x: Any) -> Any:
         import torch
         import torch.nn.functional as F
@@ -217,37 +233,15 @@ class QOperatorSimulator:
             elif op == "QLinearConv":
                 w, w_scale, _ = self._weight(node)
                 xs, ys = self._scalar(ins[1]), self._scale(ins[6])
-                pads = self.graph.attr(node, "pads", [0, 0, 0, 0])
-                if pads[0] != pads[2] or pads[1] != pads[3]:
-                    raise ModelError(f"Asymmetric conv pads {pads} in {node.name!r}.")
-                y = F.conv2d(
-                    env[ins[0]],
-                    w,
-                    self._bias(node, xs, w_scale, ys),
-                    stride=tuple(self.graph.attr(node, "strides", [1, 1])),
-                    padding=(pads[0], pads[1]),
-                    dilation=tuple(self.graph.attr(node, "dilations", [1, 1])),
-                    groups=int(self.graph.attr(node, "group", 1)),
-                )
+                y = self._conv(node, env[ins[0]], w, self._bias(node, xs, w_scale, ys))
                 out = self._fq(y, ins[6], ins[7])
             elif op == "QLinearAdd":
                 out = self._fq(env[ins[0]] + env[ins[3]], ins[6], ins[7])
             elif op == "QLinearGlobalAveragePool":
                 out = self._fq(env[ins[0]].mean(dim=(2, 3), keepdim=True), ins[3], ins[4])
             elif op == "Conv":  # a node kept in float
-                pads = self.graph.attr(node, "pads", [0, 0, 0, 0])
-                if pads[0] != pads[2] or pads[1] != pads[3]:
-                    raise ModelError(f"Asymmetric conv pads {pads} in {node.name!r}.")
                 bias = self._tensor(ins[2]) if len(ins) > 2 and ins[2] else None
-                out = F.conv2d(
-                    env[ins[0]],
-                    self._tensor(ins[1]),
-                    bias,
-                    stride=tuple(self.graph.attr(node, "strides", [1, 1])),
-                    padding=(pads[0], pads[1]),
-                    dilation=tuple(self.graph.attr(node, "dilations", [1, 1])),
-                    groups=int(self.graph.attr(node, "group", 1)),
-                )
+                out = self._conv(node, env[ins[0]], self._tensor(ins[1]), bias)
             elif op == "Clip":
                 lo = float(self.graph.array(ins[1])) if len(ins) > 1 and ins[1] else None
                 hi = float(self.graph.array(ins[2])) if len(ins) > 2 and ins[2] else None
