@@ -40,3 +40,10 @@ def test_a_missed_goal_names_the_size_when_that_is_what_broke():
                                  "over max_size_ratio 0.27")
     report["metrics"]["size_ratio"] = 0.26
     assert "size_ratio" not in _fidelity(report)
+
+
+@pytest.mark.parametrize("wl", [SENTENCES, PHOTOS], ids=["sentences", "photos"])
+def test_7_bit_weights_are_int8_kernels_on_the_reduced_range(wl):
+    overrides = ptq_overrides(wl, bits=7)
+    assert overrides["reduce_range"] is True and "bits" not in overrides
+    assert "reduce_range" not in ptq_overrides(wl)

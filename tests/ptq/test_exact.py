@@ -45,3 +45,21 @@ def test_a_product_that_saturates_16_bit_lanes_comes_out_exact():
         numpy_helper.to_array(weight).astype(np.int16) - 128, w.astype(np.int16))
     plain = ort_session(fixed.SerializeToString(), threads=1).run(None, {"x": x})[0]
     np.testing.assert_array_equal(plain, want)
+
+
+def test_7_bit_weights_stay_int8_and_exact():
+    rng = np.random.default_rng(1)
+    x = rng.choice(np.array([0, 255], np.uint8), size=(32, K))
+    w = rng.choice(np.array([-64, 64], np.int8), size=(K, N))
+    want = (x.astype(np.int64) - 128) @ w.astype(np.int64)
+    fixed = unsaturated(_matmul_integer(w))
+    weight = next(t for t in fixed.graph.initializer if t.name == "W")
+    assert weight.data_type == TensorProto.INT8  # u8 x s8: the fast kernels without VNNI
+    np.testing.assert_array_equal(numpy_helper.to_array(weight), w)
+    plain = ort_session(fixed.SerializeToString(), threads=1).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(plain, want)
+    # one weight past 64 and the tensor is rewritten to u8 x u8 as any other
+    w[0, 0] = 65
+    again = unsaturated(_matmul_integer(w))
+    assert next(t for t in again.graph.initializer if t.name == "W").data_type == \
+        TensorProto.UINT8

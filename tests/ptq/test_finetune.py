@@ -317,3 +317,20 @@ def test_tuning_keeps_7_bit_weights_within_7_bits(setup):
     for k, w in after.items():
         assert int(np.abs(w.astype(np.int16)).max()) <= 64, k
 
+
+def test_a_7_bit_model_keeps_its_fast_exact_kernels(setup, tmp_path):
+    """With reduce_range the tuned weights stay within +-64, so model.onnx keeps them int8
+    (u8 x s8, which no CPU saturates at that range) instead of the slower u8 x u8 form."""
+    model, _, calib, test = setup
+    res = quantize(model, calib, test, method="percentile", quant_format="qoperator",
+                   reduce_range=True, max_drop=0.0, finetune_share=0.5, finetune_steps=20,
+                   time_budget_s=40, progress=False)  # fmt: skip
+    weights = _weights(res.model)
+    assert weights and all(w.dtype == np.int8 and np.abs(w.astype(np.int16)).max() <= 64
+                           for w in weights.values())  # fmt: skip
+    path = tmp_path / "q7.onnx"
+    res.save(path)
+    from edgeslim._ort import ort_session
+
+    np.testing.assert_array_equal(
+        ort_session(str(path), threads=1).run(None, {"input": test})[0], outputs(res.model, test))

@@ -303,13 +303,18 @@ def _check_ptq(**p: Any) -> None:
                 f"scheme; the scheme {p['scheme']!r} calibrates none. Drop one of the two."
             )
     bits = p.get("bits", 8)
-    if isinstance(bits, bool) or bits not in (4, 8):
-        raise ConfigError(f"The 'bits' parameter of ptq must be 8 or 4 (4: int4 weights, with "
-                          f"scheme: weight_only). Got {bits!r} instead.")
+    if isinstance(bits, bool) or bits not in (4, 7, 8):
+        raise ConfigError(f"The 'bits' parameter of ptq must be 8, 7 or 4 (7: weights within "
+                          f"+-64, the fast exact kernels of CPUs without VNNI; 4: int4 weights, "
+                          f"with scheme: weight_only). Got {bits!r} instead.")
     if bits == 4 and p.get("scheme") != "weight_only":
         raise ConfigError("The 'bits' parameter of ptq is 4 only with scheme: weight_only (int4 "
                           "weights in MatMulNBits); the other schemes are int8. Add "
                           "scheme: weight_only, or drop bits.")
+    if bits == 7 and p.get("scheme") == "weight_only":
+        raise ConfigError("The 'bits' parameter of ptq is 7 only with the static or dynamic "
+                          "scheme (int8 kernels with 7-bit weights); scheme: weight_only takes "
+                          "8 or 4.")
 
 
 def ptq_overrides(wl: Any, scheme: str | None = None, calibration: str | None = None,
@@ -319,7 +324,9 @@ def ptq_overrides(wl: Any, scheme: str | None = None, calibration: str | None = 
     from edgeslim.ptq.presets import PRESET_SETTINGS
 
     overrides: dict[str, Any] = {"scheme": scheme} if scheme else {}
-    if bits != 8:
+    if bits == 7:  # int8 kernels, weights on onnxruntime's reduced range (ptq/exact.py)
+        overrides["reduce_range"] = True
+    elif bits != 8:
         overrides["bits"] = bits
     task = _PTQ_TASKS.get(wl.task, "classification")
     resolved = scheme or PRESET_SETTINGS[task]["scheme"]
