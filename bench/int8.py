@@ -14,6 +14,11 @@ For efficientnet-lite0 (crops of real photos) and minilm-l6 (real English senten
 
     .venv/bin/python bench/int8.py            # both models (~15-30 min on 2 shared cores)
     .venv/bin/python bench/int8.py --models minilm-l6 --no-write
+    .venv/bin/python bench/int8.py --models efficientnet-lite0 --seven-bit   # + a 7-bit row
+
+``--seven-bit`` also runs the preset with 7-bit weights (a recipe's ``ptq: {bits: 7}``,
+onnxruntime's ``reduce_range``), with the same budget, and adds its row: on x86 CPUs without
+VNNI those weights keep the fast u8 x s8 kernels exact (ptq/exact.py).
 """
 
 from __future__ import annotations
@@ -99,8 +104,12 @@ def ort_defaults(fp32: Path, calib_feeds: list[dict], tmp: Path) -> dict[str, Pa
     return out
 
 
+SEVEN = "edgeslim int8, 7-bit weights"
+
+
 def bench_model(
-    name: str, tmp: Path, budget: float, n_eval: int, reps: int, protocol: str
+    name: str, tmp: Path, budget: float, n_eval: int, reps: int, protocol: str,
+    seven_bit: bool = False,
 ) -> dict[str, Any]:
     import torch
 
@@ -152,6 +161,12 @@ def bench_model(
     )
     quant_seconds = time.perf_counter() - t
     models = {"edgeslim int8": tmp / f"{name}.int8.onnx"}
+    if seven_bit:
+        seven = quantize_int8_preset(fp32, calib_data, eval_data, task=task, time_budget_s=budget,
+                                     out_path=tmp / f"{name}.int8-7bit.onnx", progress=False,
+                                     reduce_range=True)  # fmt: skip
+        models[SEVEN] = tmp / f"{name}.int8-7bit.onnx"
+        print(f"{name}: 7-bit preset goal met: {seven.goal_met}", flush=True)
     models.update(ort_defaults(fp32, calib_feeds, tmp))
 
     spin = protocol == "rounds"
@@ -256,8 +271,9 @@ def table(res: dict[str, Any]) -> str:
         "ort quantize_dynamic (defaults)",
         "ort quantize_static (defaults)",
         "edgeslim int8",
+        SEVEN,
     ]
-    for label in order:
+    for label in (k for k in order if k in res["rows"]):
         r = res["rows"][label]
         m = r["metrics"]
         cells = (
@@ -266,7 +282,7 @@ def table(res: dict[str, Any]) -> str:
             else [f"{m['mean_cosine']:.4f}", f"{m['min_cosine']:.4f}", f"{m['top5_overlap']:.3f}"]
         )
         size = "-" if r.get("size_vs_params") is None else f"{r['size_vs_params']:.1%}"
-        name = f"**{label}**" if label == "edgeslim int8" else label
+        name = f"**{label}**" if label.startswith("edgeslim int8") else label
         lines.append(
             f"| {name} | " + " | ".join(cells) + f" | {r['latency_ms']:.2f} | "
             f"{r['vs_torch']:.2f}x | {r['vs_ort_fp32']:.2f}x | {size} |"
@@ -284,6 +300,8 @@ def main() -> None:
                         help="rounds: each model timed warm over all inputs, models in turn, "
                         "onnxruntime spinning within runs; interleaved: input by input, "
                         "spinning off (each run finds the previous model's caches)")
+    parser.add_argument("--seven-bit", action="store_true",
+                        help="also quantize with 7-bit weights (ptq bits: 7) and add its row")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--no-write", action="store_true", help="do not edit RESULTS.md")
     args = parser.parse_args()
@@ -293,7 +311,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="edgeslim-int8-") as tmp:
         for name in args.models.split(","):
             res = bench_model(
-                name.strip(), Path(tmp), args.budget, args.n_eval, args.reps, args.protocol
+                name.strip(), Path(tmp), args.budget, args.n_eval, args.reps, args.protocol,
+                seven_bit=args.seven_bit,
             )
             results.append(res)
             print(f"\n### {name}\n" + table(res), flush=True)
