@@ -18,9 +18,9 @@ everything upstream (rounding, bias correction, tuning, the simulator) keeps wor
 
 Weights within +-64 (7-bit weights, ``reduce_range``) stay int8: two products then sum to at
 most 2 x 255 x 64 = 32,640, so no pairing of them saturates, and u8 x s8 kernels are exact on
-every CPU. They are also the fast ones on AVX2 without VNNI: efficientnet-lite0's u8 x u8
-kernels ran at 0.55-0.65x the speed of the same model with 7-bit weights in u8 x s8 (bench/
-RESULTS.md, int8 section), which is what ``reduce_range`` buys for its lost bit.
+every CPU. They are also the fast ones on AVX2 without VNNI: efficientnet-lite0 ran 6.65 ms
+with 7-bit weights in u8 x s8 against 8.75 ms with 8-bit weights in u8 x u8 (bench/RESULTS.md,
+int8 section), which is what ``reduce_range`` buys for its lost bit.
 ``unsaturated`` rewrites a model in place; ``make_session`` applies it to the copy it runs, and
 ``quantize`` to the model it returns.
 """
