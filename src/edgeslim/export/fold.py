@@ -87,26 +87,8 @@ def fold_constants(model: Any, *, max_elements: int = 65_536) -> int:
             values[name] = np.asarray(out)
         folded.append(node)
 
-    if not folded:
-        return 0
-    folded_ids = {id(n) for n in folded}
-    kept = [n for n in graph.node if id(n) not in folded_ids]
-    used = _names_used(kept) | {o.name for o in graph.output}
-    new_inits = [
-        numpy_helper.from_array(values[out], name=out)
-        for node in folded
-        for out in node.output
-        if out in used
-    ]
-    keep_inits = [t for t in graph.initializer if t.name in used or t.name in graph_inputs]
-    del graph.node[:]
-    graph.node.extend(kept)
-    del graph.initializer[:]
-    graph.initializer.extend(keep_inits + new_inits)
-    folded_names = {out for node in folded for out in node.output}
-    stale = [v for v in graph.value_info if v.name in folded_names]
-    for v in stale:
-        graph.value_info.remove(v)
+    if folded:
+        _remove(graph, folded, {out: values[out] for node in folded for out in node.output})
     return len(folded)
 
 
@@ -169,20 +151,31 @@ def fold_pads(model: Any) -> int:
         conv.attribute.append(helper.make_attribute("pads", merged))
         conv.input[0] = pad.input[0]
         gone.append(pad)
-    if not gone:
-        return 0
+    if gone:
+        _remove(graph, gone)
+    return len(gone)
+
+
+def _remove(graph: Any, gone: list[Any], values: dict[str, np.ndarray] | None = None) -> None:
+    """Take the nodes ``gone`` out of ``graph`` with the initializers nothing reads any more
+    (one listed as a graph input stays) and the shape annotations of their outputs; each of
+    ``values`` (output name -> array) still read becomes an initializer."""
+    from onnx import numpy_helper
+
     gone_ids = {id(n) for n in gone}
     kept = [n for n in graph.node if id(n) not in gone_ids]
-    used = _names_used(kept) | outputs
+    used = _names_used(kept) | {o.name for o in graph.output}
+    inputs = {i.name for i in graph.input}
+    new_inits = [numpy_helper.from_array(v, name=k) for k, v in (values or {}).items()
+                 if k in used]  # fmt: skip
+    keep_inits = [t for t in graph.initializer if t.name in used or t.name in inputs]
     del graph.node[:]
     graph.node.extend(kept)
-    keep_inits = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
-    graph.initializer.extend(keep_inits)
-    removed = {pad.output[0] for pad in gone}
+    graph.initializer.extend(keep_inits + new_inits)
+    removed = {out for node in gone for out in node.output}
     for v in [v for v in graph.value_info if v.name in removed]:
         graph.value_info.remove(v)
-    return len(gone)
 
 
 def _names_used(nodes: Any) -> set[str]:
