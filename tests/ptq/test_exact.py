@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeslim._ort import ort_session
@@ -107,3 +108,113 @@ def test_depthwise_weights_stay_int8_and_exact():
                                                 size=(16, 16, 3, 3)), group=1))  # fmt: skip
     assert next(t for t in full.graph.initializer if t.name == "W").data_type == \
         TensorProto.UINT8
+
+
+def _pointwise_chain(w_expand: np.ndarray, w_dw: np.ndarray, w_project: np.ndarray,
+                     extra_output: bool = False) -> object:
+    """x -> 1x1 QLinearConv -> depthwise 3x3 QLinearConv -> 1x1 QLinearConv, int8 weights with
+    per-channel scales (the shape of an inverted-residual block in a QOperator model)."""
+    c_in, mid = w_expand.shape[1], w_expand.shape[0]
+    inits = [numpy_helper.from_array(np.array(1.0, np.float32), "s1"),
+             numpy_helper.from_array(np.array(0, np.uint8), "z0"),
+             numpy_helper.from_array(np.array(128, np.uint8), "z128")]
+    nodes = []
+    x_scale, x_zero = "s1", "z0"
+    for name, w, x, y, ys, group, pads in (
+            ("expand", w_expand, "x", "e", 3000.0, 1, [0, 0, 0, 0]),
+            ("dw", w_dw, "e", "d", 1200.0, mid, [1, 1, 1, 1]),
+            ("project", w_project, "d", "y", 6000.0, 1, [0, 0, 0, 0])):
+        rows = w.shape[0]
+        rng = np.random.default_rng(rows)
+        inits += [numpy_helper.from_array(w, f"{name}_w"),
+                  numpy_helper.from_array(rng.uniform(0.5, 1.5, rows).astype(np.float32),
+                                          f"{name}_ws"),
+                  numpy_helper.from_array(np.zeros(rows, np.int8), f"{name}_wz"),
+                  numpy_helper.from_array(np.array(ys, np.float32), f"{name}_ys"),
+                  numpy_helper.from_array(rng.integers(-999, 999, rows).astype(np.int32),
+                                          f"{name}_b")]
+        nodes.append(helper.make_node(
+            "QLinearConv", [x, x_scale, x_zero, f"{name}_w", f"{name}_ws", f"{name}_wz",
+                            f"{name}_ys", "z128", f"{name}_b"],
+            [y], name=name, group=group, kernel_shape=list(w.shape[2:]), pads=pads))
+        x_scale, x_zero = f"{name}_ys", "z128"  # the next node reads this one's output
+    outputs = [helper.make_tensor_value_info("y", TensorProto.UINT8, None)]
+    if extra_output:  # a second reader of the depthwise output: its channels must stay put
+        outputs.append(helper.make_tensor_value_info("d", TensorProto.UINT8, None))
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, c_in, 6, 6])],
+        outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _u8u8(model: object) -> object:
+    """Every int8 weight as uint8 + 128 with zero point 128, by hand: exact on every CPU."""
+    for t in model.graph.initializer:
+        if t.name.endswith(("_w", "_wz")):
+            shifted = numpy_helper.to_array(t).astype(np.int16) + 128
+            t.CopyFrom(numpy_helper.from_array(shifted.astype(np.uint8), t.name))
+    return model
+
+
+def _weight(model: object, name: str) -> object:
+    return next(t for t in model.graph.initializer if t.name == name)
+
+
+def test_pointwise_conv_keeps_int8_weights_when_its_channels_can_be_paired():
+    """Neighbouring input channels of the projection have weights of one sign near 127 (their
+    u8 x s8 sums saturate without VNNI); pairing each with a channel of the other sign makes the
+    kernel exact, and the reorder upstream keeps every output the same."""
+    rng = np.random.default_rng(3)
+    mid, c_out = 16, 8
+    signs = np.repeat([1, -1], mid // 2)  # channels 0..7 positive, 8..15 negative
+    w_project = (signs * rng.integers(100, 128, (c_out, mid))).astype(np.int8)
+    w_project = w_project.reshape(c_out, mid, 1, 1)
+    w_expand = rng.integers(-127, 128, (mid, 4, 1, 1)).astype(np.int8)
+    w_dw = rng.integers(-127, 128, (mid, 1, 3, 3)).astype(np.int8)
+    x = rng.choice(np.array([0, 255], np.uint8), size=(1, 4, 6, 6))
+    build = lambda **kw: _pointwise_chain(w_expand, w_dw, w_project, **kw)  # noqa: E731
+    run = lambda m: ort_session(m.SerializeToString(), threads=1).run(None, {"x": x})  # noqa: E731
+
+    fixed = unsaturated(build())
+    w = _weight(fixed, "project_w")
+    assert w.data_type == TensorProto.INT8
+    pairs = numpy_helper.to_array(w).astype(np.int16)[:, :, 0, 0].reshape(c_out, mid // 2, 2)
+    assert (np.maximum(pairs, 0).sum(-1) <= 128).all()
+    assert (np.minimum(pairs, 0).sum(-1) >= -128).all()
+    # the expansion and the depthwise convolution were reordered to match, not the input
+    order = [int(np.flatnonzero((w_project[:, :, 0, 0] == col[:, None]).all(0))[0])
+             for col in numpy_helper.to_array(w)[:, :, 0, 0].T]
+    assert sorted(order) == list(range(mid)) and order != list(range(mid))
+    np.testing.assert_array_equal(
+        numpy_helper.to_array(_weight(fixed, "dw_w")), w_dw[order])
+    np.testing.assert_array_equal(
+        numpy_helper.to_array(_weight(fixed, "expand_b")),
+        numpy_helper.to_array(_weight(build(), "expand_b"))[order])
+    got, want = run(fixed)[0], run(_u8u8(build()))[0]
+    assert np.ptp(want) > 100
+    np.testing.assert_array_equal(got, want)
+
+    # when the depthwise output has another reader, nothing is reordered: u8 x u8
+    shared = unsaturated(build(extra_output=True))
+    assert _weight(shared, "project_w").data_type == TensorProto.UINT8
+    np.testing.assert_array_equal(numpy_helper.to_array(_weight(shared, "dw_w")), w_dw)
+    np.testing.assert_array_equal(run(shared)[0], want)
+
+
+def test_pair_channels_finds_an_order_or_says_none():
+    from edgeslim.ptq.exact import pair_channels
+
+    rng = np.random.default_rng(4)
+    w = (np.repeat([1, -1], 6) * rng.integers(70, 128, (5, 12))).astype(np.int8)
+    order = pair_channels(w)
+    assert sorted(order.tolist()) == list(range(12))
+    # every pair it makes mixes the signs: two weights over 64 of one sign would clash
+    assert all(np.sign(w[0, a]) != np.sign(w[0, b]) for a, b in order.reshape(-1, 2))
+    # all of one sign and over 64: no order works
+    assert pair_channels(np.abs(w)) is None
+    # an odd column left over meets the kernel's zero padding
+    assert sorted(pair_channels(w[:, :11]).tolist()) == list(range(11))
+    with pytest.raises(ValueError, match="2-D int8"):
+        pair_channels(w.astype(np.int16))
