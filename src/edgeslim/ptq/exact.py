@@ -16,7 +16,7 @@ activations becomes the uint8 ``w + 128`` with zero point 128. The integers the 
 ``(x - zx)(w_u8 - 128) = (x - zx) w``, are the same numbers; only the encoding changes, so
 everything upstream (rounding, bias correction, tuning, the simulator) keeps working on int8.
 
-Two kinds of int8 weights stay as they are: their u8 x s8 kernels are exact already, and
+Three kinds of int8 weights stay int8: their u8 x s8 kernels are exact already, and
 faster than u8 x u8 without VNNI.
 
 - Depthwise ``QLinearConv`` (one input and one output channel per group): onnxruntime's
@@ -40,8 +40,9 @@ faster than u8 x u8 without VNNI.
   depthwise convolutions, clips and per-tensor quantizers), edgeslim reorders them and keeps
   the weights int8. Same integers, same outputs to the bit; efficientnet-lite0's projection
   convolutions (13 of its 16 qualify) ran about 18% faster on the AVX2 machine than in u8 x u8
-  (onnxruntime's profiler, 24 runs). Expansions do not qualify: with six times as many rows
-  as input channels, every pair of channels clashes in some row.
+  (onnxruntime's profiler, 24 runs), the whole model 4% (bench/RESULTS.md, int8 section).
+  Expansions do not qualify: with six times as many rows as input channels, every pair of
+  channels clashes in some row.
 
 ``unsaturated`` rewrites a model in place; ``make_session`` applies it to the copy it runs, and
 ``quantize`` to the model it returns.
