@@ -25,6 +25,7 @@ from edgeslim.fleet.protocol import (
     encode,
     node_from_topic,
     parse_labels,
+    result_from_topic,
     topic,
 )
 
@@ -161,11 +162,17 @@ def test_records_need_a_known_kind_and_an_object_body():
 
 def test_topics_and_their_parsing():
     assert topic("status", "n1") == "edgeslim/nodes/n1/status"
-    assert topic("results", SHA_A) == f"edgeslim/results/{SHA_A}"
+    assert topic("results", SHA_A, "n1") == f"edgeslim/results/{SHA_A}/n1"
+    assert topic("results", SHA_A, "#") == f"edgeslim/results/{SHA_A}/#"
     assert node_from_topic("edgeslim/nodes/n1/telemetry") == ("n1", "telemetry")
-    assert node_from_topic("edgeslim/results/abc") is None
+    assert node_from_topic(f"edgeslim/results/{SHA_A}/n1") is None
+    assert result_from_topic(f"edgeslim/results/{SHA_A}/n1") == (SHA_A, "n1")
+    assert result_from_topic(f"edgeslim/results/{SHA_A}") is None  # names no sender
+    assert result_from_topic("edgeslim/nodes/n1/status") is None
     with pytest.raises(ConfigError, match="'kind'"):
         topic("gossip", "n1")
+    with pytest.raises(ConfigError, match="'node'"):
+        topic("results", SHA_A)
 
 
 def test_broker_url_parsing_decodes_and_redacts_the_password():

@@ -145,7 +145,7 @@ def test_outbox_batches_fit_the_packet_size_the_broker_names(tmp_path):
 
 
 def test_a_live_result_over_the_packet_size_is_left_to_the_outbox(tmp_path):
-    """Shared results go out twice: live on edgeslim/results/SHA and through the outbox. A live
+    """Shared results go out twice: live on edgeslim/results/SHA/NODE and through the outbox. A live
     copy over the broker's Maximum Packet Size made the broker drop the node's link, once per
     large answer; it is now skipped, and the outbox (which fits its batches) sends it."""
     from edgeslim.bundle.signing import generate_keypair
@@ -161,7 +161,8 @@ def test_a_live_result_over_the_packet_size_is_left_to_the_outbox(tmp_path):
                            measure_reference=False, share_results=True))  # fmt: skip
     node.outbox = Outbox(tmp_path / "outbox.db")
     live: list[bytes] = []
-    node.link = link = _link(b.url("node"), "n1", subscriptions=[(topic("results", "#"), 0)],
+    node.link = link = _link(b.url("node"), "n1",
+                             subscriptions=[(topic("results", "c" * 64, "n1"), 0)],
                              on_message=lambda t, p: live.append(p))  # fmt: skip
     node.forwarder = Forwarder(node.outbox, "n1", topic("telemetry", "n1"), link.publish,
                                broker_limit=lambda: link.max_packet_size)  # fmt: skip

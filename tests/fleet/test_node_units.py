@@ -418,9 +418,10 @@ def test_one_malformed_status_does_not_drop_the_rest_of_an_ingest_batch(tmp_path
 
 
 def test_a_bad_result_message_does_not_drop_the_rest_of_an_ingest_batch(tmp_path):
-    """Any client the ACL allows may publish on edgeslim/results/#: a payload nested too deep
-    to parse, an integer too long to convert, or a result that does not match its topic is
-    dropped alone; the statuses and records of the same batch are stored and acked."""
+    """Any node may publish on its own edgeslim/results/SHA/NODE: a payload nested too deep to
+    parse, an integer too long to convert, or a result that does not match its topic (another
+    model, another node, no node at all) is dropped alone; the statuses and records of the
+    same batch are stored and acked."""
     from edgeslim.fleet.controller import Controller
     from edgeslim.fleet.protocol import Result
 
@@ -430,16 +431,19 @@ def test_a_bad_result_message_does_not_drop_the_rest_of_an_ingest_batch(tmp_path
     sha = "c" * 64
     good = Result(node="n1", model_sha=sha, request_id="q1", outputs=[1.0], ts=1.0)
     wrong_topic = Result(node="n1", model_sha="d" * 64, request_id="q2", outputs=[], ts=1.0)
+    other_node = Result(node="n2", model_sha=sha, request_id="q3", outputs=[], ts=1.0)
     bad = [b"[" * 100_000, b'{"n": ' + b"1" * 5000 + b"}", b"[1]", encode(wrong_topic),
+           encode(other_node),
            b'{"node": "n1", "model_sha": "' + sha.encode() + b'", "request_id": 7, "ts": 1}']
     for i, payload in enumerate(bad):
         report = Record(id=f"r{i}", seq=i + 1, kind="report", ts=1.0,
                         body={"deployment": 1, "outcome": "installed"})
         c._apply([(topic("status", "n1"),
                    json.dumps({"v": 1, "id": "n1", "state": "serving", "ts": 1.0}).encode()),
-                  (topic("results", sha), payload),
+                  (topic("results", sha, "n1"), payload),
                   (topic("telemetry", "n1"), encode(Batch(node="n1", records=[report])))])
-    c._apply([(topic("results", sha), encode(good))])
+    c._apply([(f"edgeslim/results/{sha}", encode(good))])  # the topic names no sender
+    c._apply([(topic("results", sha, "n1"), encode(good))])
     assert [n.id for n in c.registry.nodes()] == ["n1"]
     assert sorted(r["id"] for r in c.registry.records()) == [f"r{i}" for i in range(len(bad))]
     assert acks == [topic("ack", "n1")] * len(bad)

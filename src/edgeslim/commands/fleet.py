@@ -195,7 +195,7 @@ def node_cmd(
     cloud: str | None = typer.Option(
         None, help="Cloud-tier V2 base URL for offloading: http(s)://HOST:PORT."
     ),
-    share_results: bool = typer.Option(False, help="Publish outputs on edgeslim/results/SHA."),
+    share_results: bool = typer.Option(False, help="Publish outputs on edgeslim/results/SHA/NODE."),
     max_message_bytes: int = typer.Option(
         268_435_455, min=4096, max=268_435_455,
         help="Largest MQTT packet the node sends (default: MQTT's own limit; 131072 for AWS "

@@ -53,7 +53,8 @@ pattern read edgeslim/nodes/%c/desired
 pattern read edgeslim/nodes/%c/ack
 pattern read edgeslim/nodes/+/status
 pattern read edgeslim/controller/status
-pattern readwrite edgeslim/results/#
+pattern write edgeslim/results/+/%c
+pattern read edgeslim/results/#
 """
 
 

@@ -43,6 +43,7 @@ from edgeslim.fleet.protocol import (
     decode,
     encode,
     node_from_topic,
+    result_from_topic,
     topic,
 )
 from edgeslim.fleet.registry import Registry
@@ -369,20 +370,28 @@ class Controller:
             self.link.publish(topic("ack", node), encode(Ack(ids=ids)), qos=1)
 
     def _apply_result(self, name: str, payload: bytes) -> None:
-        """Keep a shared result that matches its topic (``results/MODEL_SHA``); anything else
-        is logged and dropped, never allowed to undo the rest of the ingest batch.
+        """Keep a shared result that matches its topic (``results/MODEL_SHA/NODE``): the model
+        and the node its body names must be the topic's. Anything else is logged and dropped,
+        never allowed to undo the rest of the ingest batch.
 
-        The topic names no sender, so a live result's ``node`` is only what its publisher
-        claims (any client the ACL lets use ``results/#``). The same result sent through the
-        node's outbox (``nodes/NODE/telemetry``) is stored under the node that sent it
-        (``_apply_records``); trust that copy, the one ``GET /records`` returns.
+        The broker's ACL lets a node publish only under its own id (``broker.py``), so on a
+        broker set up that way a kept result's ``node`` is its sender. The same result also
+        comes through the node's outbox (``nodes/NODE/telemetry``), durably, stored under the
+        node that sent it (``_apply_records``): the copy ``GET /records`` returns.
         """
         try:
-            sha = name[len(f"{PREFIX}/results/"):]
+            parsed = result_from_topic(name)
+            if parsed is None:
+                raise ProtocolError("not a results topic: results go to "
+                                    f"{PREFIX}/results/MODEL_SHA/NODE")
+            sha, node = parsed
             result = Result.from_dict(decode(payload))
             if result.model_sha != sha:
                 raise ProtocolError(f"a result of model {result.model_sha[:12]} on the topic "
                                     f"of {sha[:12]!r}")
+            if result.node != node:
+                raise ProtocolError(f"a result naming node {result.node!r} on the topic of "
+                                    f"{node!r}")
             self.results.append(result.to_dict())
         except Exception as exc:  # any client the ACL allows may publish here
             log.warning("dropped a message on %.120s: %.300s", name, exc)

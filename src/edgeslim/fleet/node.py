@@ -752,7 +752,7 @@ class Node:
             if self.link is not None:
                 for sha, r in shared:
                     if sha:
-                        payload, where = encode(r), topic("results", sha)
+                        payload, where = encode(r), topic("results", sha, self.id)
                         if (self.forwarder is not None
                                 and len(payload) > self.forwarder.payload_limit(where)):
                             continue  # the broker would drop the link; the outbox sends it

@@ -22,7 +22,7 @@ Wrapped around the edge server's app, it sees every V2 infer request
   sends it to the peer or cloud tier as ``Authorization: Bearer TOKEN``: what the peer sees
   is the node's credential, never one the client sent;
 - hands each successful JSON answer to ``on_result`` (the node shares the outputs - never
-  the inputs - on ``edgeslim/results/SHA``).
+  the inputs - on ``edgeslim/results/SHA/NODE``).
 
 Everything else (metadata, health, /metrics) goes straight to the wrapped app.
 """

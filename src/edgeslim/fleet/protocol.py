@@ -9,7 +9,7 @@ bundle's model.onnx.
 | ``edgeslim/nodes/NODE/telemetry``  | node -> controller    | 1   | no       | ``Batch``      |
 | ``edgeslim/nodes/NODE/ack``        | controller -> node    | 1   | no       | ``Ack``        |
 | ``edgeslim/nodes/NODE/desired``    | controller -> node    | 1   | yes      | ``Desired``    |
-| ``edgeslim/results/MODEL_SHA``     | node -> ctrl, any     | 0   | no       | ``Result``     |
+| ``edgeslim/results/MODEL_SHA/NODE`` | node -> ctrl, any    | 0   | no       | ``Result``     |
 | ``edgeslim/controller/status``     | controller -> nodes   | 1   | yes      | ``{"state"}``  |
 
 - ``status`` is the node's heartbeat and its registration: id, labels, model served, health,
@@ -25,8 +25,12 @@ bundle's model.onnx.
 - ``controller/status`` is ``{"state": "online"}`` while the controller is connected (its last
   will says ``"offline"``); a node that sees it come online resends its unacknowledged
   records at once instead of waiting for the ack timeout.
-- ``results/MODEL_SHA`` lets the controller (and any client the ACL allows) follow inference
-  results (outputs only; the raw inputs never leave the device).
+- ``results/MODEL_SHA/NODE`` lets the controller (and any client the ACL allows) follow
+  inference results (outputs only; the raw inputs never leave the device): subscribe to
+  ``edgeslim/results/MODEL_SHA/#`` for one model's, ``edgeslim/results/#`` for all. The topic
+  names the sender, so the broker's ACL (``pattern write edgeslim/results/+/%c``) lets a node
+  publish only its own results, and the controller keeps only results whose ``node`` is the
+  topic's.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ __all__ = [
     "encode",
     "node_from_topic",
     "parse_labels",
+    "result_from_topic",
     "topic",
 ]
 
@@ -105,16 +110,29 @@ def check_sha256(value: Any, name: str = "sha256", func: str = "fleet") -> str:
 CONTROLLER_TOPIC = f"{PREFIX}/controller/status"
 
 
-def topic(kind: str, key: str) -> str:
-    """The topic for ``kind`` in status/telemetry/ack/desired (key = node id) or results (sha)."""
+def topic(kind: str, key: str, node: str | None = None) -> str:
+    """The topic for ``kind`` in status/telemetry/ack/desired (key = node id) or results (key =
+    the model's sha256, ``node`` = the publishing node's id, or an MQTT wildcard ``+`` / ``#``
+    to subscribe)."""
     if kind == "results":
-        return f"{PREFIX}/results/{key}"
+        if node is None:
+            raise ConfigError("The 'node' parameter of topic is needed for results: the id of "
+                              "the node that publishes them, or '+' / '#' to subscribe.")
+        return f"{PREFIX}/results/{key}/{node}"
     if kind not in ("status", "telemetry", "ack", "desired"):
         raise ConfigError(
             f"The 'kind' parameter of topic must be one of 'ack', 'desired', 'results', "
             f"'status', 'telemetry'. Got {kind!r} instead."
         )
     return f"{PREFIX}/nodes/{key}/{kind}"
+
+
+def result_from_topic(name: str) -> tuple[str, str] | None:
+    """``edgeslim/results/SHA/NODE`` -> (SHA, NODE); None for any other topic."""
+    parts = name.split("/")
+    if len(parts) == 4 and parts[0] == PREFIX and parts[1] == "results":
+        return parts[2], parts[3]
+    return None
 
 
 def node_from_topic(name: str) -> tuple[str, str] | None:
@@ -380,7 +398,8 @@ class Ack:
 
 @dataclass(frozen=True)
 class Result:
-    """An inference result shared on ``edgeslim/results/SHA``: outputs only, never inputs."""
+    """An inference result shared on ``edgeslim/results/SHA/NODE``: outputs only, never
+    inputs."""
 
     node: str
     model_sha: str
