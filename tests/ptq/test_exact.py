@@ -218,3 +218,8 @@ def test_pair_channels_finds_an_order_or_says_none():
     assert sorted(pair_channels(w[:, :11]).tolist()) == list(range(11))
     with pytest.raises(ValueError, match="2-D int8"):
         pair_channels(w.astype(np.int16))
+    # past PAIR_MAX_CHANNELS columns it does not try (the pair table grows with their square)
+    from edgeslim.ptq.exact import PAIR_MAX_CHANNELS
+
+    assert pair_channels(np.zeros((2, PAIR_MAX_CHANNELS + 1), np.int8)) is None
+    assert pair_channels(np.zeros((2, 64), np.int8)) is not None

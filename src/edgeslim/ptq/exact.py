@@ -51,12 +51,13 @@ faster than u8 x u8 without VNNI.
 from __future__ import annotations
 
 import hashlib
+import threading
 from typing import Any
 
 import numpy as np
 from onnx import TensorProto, numpy_helper
 
-__all__ = ["SAFE_INT8", "pair_channels", "unsaturated"]
+__all__ = ["PAIR_MAX_CHANNELS", "SAFE_INT8", "pair_channels", "unsaturated"]
 
 # the largest int8 weight magnitude with which 255 * (|w0| + |w1|) fits a signed 16-bit lane
 SAFE_INT8 = 64
@@ -189,8 +190,11 @@ def _qdq_beside_u8(user: Any, producers: dict[str, Any], elem: dict[str, int]) -
 # ------------------------------------------------------------------ pairing input channels
 
 _PAIR_LIMIT = 128  # 255 x 128 = 32,640 fits a signed 16-bit lane; 255 x 129 does not
+#: Wider weights are not paired (the pair table alone would take over 16 MB): u8 x u8.
+PAIR_MAX_CHANNELS = 4096
 _pairings: dict[bytes, np.ndarray | None] = {}  # weight digest -> column order (a cache)
 _PAIRINGS_KEPT = 256
+_pairings_lock = threading.Lock()
 
 
 def pair_channels(weight: np.ndarray) -> np.ndarray | None:
@@ -203,18 +207,24 @@ def pair_channels(weight: np.ndarray) -> np.ndarray | None:
     perfect matching in the graph of such column pairs; this takes the greedy way (the column
     with the fewest partners first, matched to its partner with the fewest), which can miss an
     order that exists: the weight then simply goes to u8 x u8, exact as well. An odd last
-    column meets the zero padding of the kernel, which cannot saturate.
+    column meets the zero padding of the kernel, which cannot saturate. Matrices of more than
+    ``PAIR_MAX_CHANNELS`` columns are not tried (None). Results are cached by the matrix's
+    digest, since every session the quantization search opens rewrites the same weights.
     """
     w = np.asarray(weight)
     if w.ndim != 2 or w.dtype != np.int8:
         raise ValueError(f"pair_channels expects a 2-D int8 matrix, got {w.dtype} {w.shape}")
+    if w.shape[1] > PAIR_MAX_CHANNELS:
+        return None
     key = hashlib.sha1(w.tobytes() + str(w.shape).encode()).digest()
-    if key in _pairings:
-        return _pairings[key]
+    with _pairings_lock:
+        if key in _pairings:
+            return _pairings[key]
     order = _greedy_pairing(_compatible(w))
-    if len(_pairings) >= _PAIRINGS_KEPT:
-        _pairings.pop(next(iter(_pairings)))
-    _pairings[key] = order
+    with _pairings_lock:
+        while len(_pairings) >= _PAIRINGS_KEPT:
+            _pairings.pop(next(iter(_pairings)))
+        _pairings[key] = order
     return order
 
 
