@@ -16,9 +16,11 @@ For efficientnet-lite0 (crops of real photos) and minilm-l6 (real English senten
     .venv/bin/python bench/int8.py --models minilm-l6 --no-write
     .venv/bin/python bench/int8.py --models efficientnet-lite0 --seven-bit   # + a 7-bit row
 
-``--seven-bit`` also runs the preset with 7-bit weights (a recipe's ``ptq: {bits: 7}``,
-onnxruntime's ``reduce_range``), with the same budget, and adds its row: on x86 CPUs without
-VNNI those weights keep the fast u8 x s8 kernels exact (ptq/exact.py).
+``--seven-bit`` also runs the preset as a recipe's ``ptq: {bits: 7}`` does, with the same
+budget, and adds its row: 7-bit weights (onnxruntime's ``reduce_range``) wherever 8-bit ones
+would need the slower u8 x u8 kernels, so that on x86 CPUs without VNNI every kernel is the
+fast u8 x s8 one and exact (ptq/exact.py): every weight for the dynamic scheme, and for the
+static QOperator one all but the 1x1 convolutions whose input channels pair.
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ def ort_defaults(fp32: Path, calib_feeds: list[dict], tmp: Path) -> dict[str, Pa
     return out
 
 
-SEVEN = "edgeslim int8, 7-bit weights"
+SEVEN = "edgeslim int8, bits: 7"
 
 
 def bench_model(
@@ -162,9 +164,13 @@ def bench_model(
     quant_seconds = time.perf_counter() - t
     models = {"edgeslim int8": tmp / f"{name}.int8.onnx"}
     if seven_bit:
+        from edgeslim.ptq.presets import PRESET_SETTINGS
+
+        preset = PRESET_SETTINGS[task]
+        pairs = preset["scheme"] == "static" and preset.get("quant_format") == "qoperator"
         seven = quantize_int8_preset(fp32, calib_data, eval_data, task=task, time_budget_s=budget,
                                      out_path=tmp / f"{name}.int8-7bit.onnx", progress=False,
-                                     reduce_range=True)  # fmt: skip
+                                     reduce_range="unpaired" if pairs else True)  # fmt: skip
         models[SEVEN] = tmp / f"{name}.int8-7bit.onnx"
         print(f"{name}: 7-bit preset goal met: {seven.goal_met}", flush=True)
     models.update(ort_defaults(fp32, calib_feeds, tmp))

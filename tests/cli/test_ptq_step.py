@@ -42,8 +42,13 @@ def test_a_missed_goal_names_the_size_when_that_is_what_broke():
     assert "size_ratio" not in _fidelity(report)
 
 
-@pytest.mark.parametrize("wl", [SENTENCES, PHOTOS], ids=["sentences", "photos"])
-def test_7_bit_weights_are_int8_kernels_on_the_reduced_range(wl):
+@pytest.mark.parametrize(("wl", "mode"), [(SENTENCES, True), (PHOTOS, "unpaired")],
+                         ids=["sentences", "photos"])
+def test_7_bit_weights_are_int8_kernels_on_the_reduced_range(wl, mode):
+    """bits: 7 asks for int8 kernels that are exact and fast without VNNI: every weight on the
+    reduced range for the dynamic scheme, only those whose channels do not pair for the static
+    QOperator one (ptq/exact.py, narrow_unpaired)."""
     overrides = ptq_overrides(wl, bits=7)
-    assert overrides["reduce_range"] is True and "bits" not in overrides
+    assert overrides["reduce_range"] == mode and "bits" not in overrides
+    assert type(overrides["reduce_range"]) is type(mode)
     assert "reduce_range" not in ptq_overrides(wl)

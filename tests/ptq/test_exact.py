@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -223,3 +225,42 @@ def test_pair_channels_finds_an_order_or_says_none():
 
     assert pair_channels(np.zeros((2, PAIR_MAX_CHANNELS + 1), np.int8)) is None
     assert pair_channels(np.zeros((2, 64), np.int8)) is not None
+
+
+def test_narrow_unpaired_keeps_8_bits_only_where_the_channels_pair():
+    """The projection pairs (8 bits kept), the depthwise convolution cannot saturate (kept);
+    the expansion, whose input is the graph's, cannot be reordered: 7 bits, twice the scale,
+    half the bias. Every kernel is then u8 x s8 in model.onnx, and gives what the exact u8 x u8
+    form of the same integers gives."""
+    from edgeslim.ptq.exact import narrow_unpaired
+
+    rng = np.random.default_rng(5)
+    mid, c_out = 16, 8
+    signs = np.repeat([1, -1], mid // 2)
+    w_project = (signs * rng.integers(100, 128, (c_out, mid))).astype(np.int8)
+    w_project = w_project.reshape(c_out, mid, 1, 1)
+    w_expand = rng.integers(-127, 128, (mid, 4, 1, 1)).astype(np.int8)
+    w_dw = rng.integers(-127, 128, (mid, 1, 3, 3)).astype(np.int8)
+    model = _pointwise_chain(w_expand, w_dw, w_project)
+    scale = numpy_helper.to_array(_weight(model, "expand_ws")).copy()
+    bias = numpy_helper.to_array(_weight(model, "expand_b")).copy()
+
+    assert narrow_unpaired(model) == ["expand"]
+    got = numpy_helper.to_array(_weight(model, "expand_w"))
+    assert got.dtype == np.int8 and np.abs(got.astype(np.int16)).max() <= 64
+    assert np.abs(got.astype(np.int16) * 2 - w_expand).max() <= 1
+    np.testing.assert_allclose(numpy_helper.to_array(_weight(model, "expand_ws")), 2 * scale)
+    assert np.abs(numpy_helper.to_array(_weight(model, "expand_b")) * 2 - bias).max() <= 1
+    np.testing.assert_array_equal(numpy_helper.to_array(_weight(model, "dw_w")), w_dw)
+    np.testing.assert_array_equal(numpy_helper.to_array(_weight(model, "project_w")), w_project)
+    assert narrow_unpaired(model) == []  # nothing left to narrow
+
+    reference = _u8u8(copy.deepcopy(model))  # the narrowed model in the exact u8 x u8 form
+    fixed = unsaturated(model)
+    assert all(_weight(fixed, f"{n}_w").data_type == TensorProto.INT8
+               for n in ("expand", "dw", "project"))
+    x = rng.choice(np.array([0, 255], np.uint8), size=(1, 4, 6, 6))
+    run = lambda m: ort_session(m.SerializeToString(), threads=1).run(None, {"x": x})[0]  # noqa: E731
+    want = run(reference)
+    assert np.ptp(want) > 100
+    np.testing.assert_array_equal(run(fixed), want)  # u8 x s8 everywhere, and exact

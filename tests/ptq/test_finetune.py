@@ -334,3 +334,36 @@ def test_a_7_bit_model_keeps_its_fast_exact_kernels(setup, tmp_path):
 
     np.testing.assert_array_equal(
         ort_session(str(path), threads=1).run(None, {"input": test})[0], outputs(res.model, test))
+
+
+def test_unpaired_reduce_range_narrows_only_what_would_need_u8_x_u8(setup, tmp_path):
+    """reduce_range='unpaired': 7 bits for the weights that could saturate a u8 x s8 lane at 8
+    bits (here the stem, the projection, whose input also feeds the residual Add so its
+    channels cannot be reordered, and the classifier), 8 for the depthwise convolution, which
+    cannot saturate. model.onnx then has no u8 x u8 kernel left, and runs as simulated."""
+    model, _, calib, test = setup
+    res = quantize(model, calib, test, method="percentile", quant_format="qoperator",
+                   reduce_range="unpaired", max_drop=1.0, time_budget_s=40,
+                   progress=False)  # fmt: skip
+    weights = _weights(res.model)
+    assert sorted(weights) == ["dw_quant", "fc_quant", "project_quant", "stem_quant"]
+    assert all(w.dtype == np.int8 for w in weights.values()), {k: w.dtype for k, w in
+                                                               weights.items()}
+    peaks = {k: int(np.abs(w.astype(np.int16)).max()) for k, w in weights.items()}
+    dw = [k for k in peaks if k.startswith("dw")]
+    assert dw and peaks[dw[0]] > 64, peaks  # 8 bits kept
+    assert all(p <= 64 for k, p in peaks.items() if k not in dw), peaks
+    path = tmp_path / "q78.onnx"
+    res.save(path)
+    from edgeslim._ort import ort_session
+
+    np.testing.assert_array_equal(
+        ort_session(str(path), threads=1).run(None, {"input": test})[0], outputs(res.model, test))
+
+
+def test_reduce_range_takes_true_false_or_unpaired(setup):
+    model, _, calib, _ = setup
+    with pytest.raises(ConfigError, match=r"'reduce_range'.*'unpaired'.*'sometimes'"):
+        quantize(model, calib, reduce_range="sometimes", progress=False)
+    with pytest.raises(ConfigError, match=r"'unpaired' only with quant_format='qoperator'"):
+        quantize(model, calib, reduce_range="unpaired", quant_format="qdq", progress=False)

@@ -28,6 +28,10 @@ class Builder:
     def __init__(self, model: Any, feeds: list[dict], cfg: dict[str, Any], workdir: Path):
         self.cfg = cfg
         self.scheme = cfg["scheme"]
+        #: reduce_range="unpaired" (static): 8-bit weights, then ``exact.narrow_unpaired``
+        self.narrow = self.scheme == "static" and cfg["reduce_range"] == "unpaired"
+        #: the 7-bit grid for every weight: True, or "unpaired" where nothing pairs (dynamic)
+        self.reduce_range = bool(cfg["reduce_range"]) and not self.narrow
         self.feeds = feeds
         self.workdir = workdir
         self.cache = workdir / f"ranges-{cfg['method']}.json"
@@ -51,7 +55,7 @@ class Builder:
                     method=cfg["weight_rounding"],
                     bias_correction=cfg["bias_correction"],
                     per_channel=cfg["per_channel"],
-                    reduce_range=cfg["reduce_range"],
+                    reduce_range=self.reduce_range,
                     threads=cfg["threads"],
                 )
             if cfg["activation_bias_correction"]:
@@ -99,7 +103,7 @@ class Builder:
             method="gptq",
             bias_correction=False,  # a MatMul has no bias input (its Add is another node)
             per_channel=True,
-            reduce_range=cfg["reduce_range"],
+            reduce_range=self.reduce_range,
             threads=cfg["threads"],
         )
 
@@ -141,7 +145,7 @@ class Builder:
             self.feeds,
             method=cfg["method"],
             per_channel=cfg["per_channel"],
-            reduce_range=cfg["reduce_range"],
+            reduce_range=self.reduce_range,
             activation_type=cfg["activation_type"],
             quant_format=quant_format,
             exclude=exclude,
@@ -210,6 +214,10 @@ class Builder:
 
             self._restore(model, exclude)
             quantized = self._static(model, exclude, cfg["quant_format"])
+            if self.narrow:
+                from edgeslim.ptq.exact import narrow_unpaired
+
+                narrow_unpaired(quantized)
             if cfg.get("float_logits") and cfg["quant_format"] == "qoperator":
                 from edgeslim.ptq.finetune import float_logits
 
@@ -223,7 +231,7 @@ class Builder:
             rowwise_dynamic(
                 model,
                 exclude=exclude,
-                reduce_range=cfg["reduce_range"],
+                reduce_range=self.reduce_range,
                 static_ranges=self.static_ranges,
             )
         else:

@@ -207,6 +207,18 @@ def _validate(max_drop, time_budget_s, task, scheme, method, weight_rounding, bi
         )
 
 
+def _validate_reduce_range(reduce_range: Any, scheme: str, quant_format: str) -> None:
+    if not (isinstance(reduce_range, bool) or reduce_range == "unpaired"):
+        raise ConfigError(
+            "The 'reduce_range' parameter of quantize must be False, True or 'unpaired'. "
+            f"Got {reduce_range!r} instead.")
+    if reduce_range == "unpaired" and scheme == "static" and quant_format != "qoperator":
+        raise ConfigError(
+            "The 'reduce_range' parameter of quantize is 'unpaired' only with "
+            "quant_format='qoperator' for the static scheme (it narrows QLinearConv and QGemm "
+            f"weights). Got quant_format={quant_format!r}.")
+
+
 def quantize(
     model: Any,
     calibration_data: Any,
@@ -219,7 +231,7 @@ def quantize(
     time_budget_s: float = 600.0,
     method: str = "minmax",
     per_channel: bool = True,
-    reduce_range: bool = False,
+    reduce_range: bool | str = False,
     activation_type: str = "uint8",
     quant_format: str = "qdq",
     weight_rounding: str = "gptq",
@@ -281,6 +293,13 @@ def quantize(
     calibrated range as one onnxruntime ``QAttention`` kernel (``attention.fuse_attention``;
     the same integers, checked against the unfused model on the calibration data).
 
+    ``reduce_range``: True puts every weight on 7 bits (+-64), which no u8 x s8 kernel can
+    saturate, so model.onnx keeps the fast form on x86 CPUs without VNNI (``exact.py``);
+    ``"unpaired"`` (static QOperator) only those that would otherwise need the slower u8 x u8
+    form, keeping 8 bits where a 1x1 convolution's input channels pair (``exact.narrow_unpaired``:
+    on efficientnet-lite0 the speed of 7 bits at nearly the agreement of 8); for the dynamic
+    scheme it means True.
+
     Static QOperator only: ``float_leading_units`` keeps the first activation units (a tensor
     with its producer and readers, in graph order) in float; ``float_logits`` lets the final
     QGemm answer in float instead of requantized uint8; ``finetune_share`` reserves that
@@ -298,6 +317,7 @@ def quantize(
     >>> res.goal_met, res.excluded, res.metrics["top1_agreement"]  # doctest: +SKIP
     """
     _validate(max_drop, time_budget_s, task, scheme, method, weight_rounding, bits, eval_fn)
+    _validate_reduce_range(reduce_range, scheme, quant_format)
     check_int_range(sensitivity_samples, "sensitivity_samples", "quantize", 1, 1_000_000)
     check_int_range(float_leading_units, "float_leading_units", "quantize", 0, 1_000_000)
     check_fraction(finetune_share, "finetune_share", "quantize", closed_right=False)

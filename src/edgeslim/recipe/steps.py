@@ -324,12 +324,15 @@ def ptq_overrides(wl: Any, scheme: str | None = None, calibration: str | None = 
     from edgeslim.ptq.presets import PRESET_SETTINGS
 
     overrides: dict[str, Any] = {"scheme": scheme} if scheme else {}
-    if bits == 7:  # int8 kernels, weights on onnxruntime's reduced range (ptq/exact.py)
-        overrides["reduce_range"] = True
-    elif bits != 8:
-        overrides["bits"] = bits
     task = _PTQ_TASKS.get(wl.task, "classification")
     resolved = scheme or PRESET_SETTINGS[task]["scheme"]
+    if bits == 7:
+        # int8 kernels exact and fast without VNNI (ptq/exact.py): weights on onnxruntime's
+        # reduced range, except (static QOperator) those whose input channels pair at 8 bits
+        qoperator = PRESET_SETTINGS[task].get("quant_format") == "qoperator"
+        overrides["reduce_range"] = "unpaired" if resolved == "static" and qoperator else True
+    elif bits != 8:
+        overrides["bits"] = bits
     if resolved == "static" and "method" not in PRESET_SETTINGS[task]:
         # the documented default of the static scheme, whichever preset the task has
         overrides["method"] = "percentile"
