@@ -120,13 +120,6 @@ def unsaturated(model: Any) -> Any:
 
     done: set[str] = set()
 
-    def depthwise(node: Any) -> bool:
-        """A QLinearConv with one input and one output channel per group."""
-        w = inits.get(node.input[3]) if len(node.input) > 3 else None
-        group = next((a.i for a in node.attribute if a.name == "group"), 1)
-        return (node.op_type == "QLinearConv" and w is not None and len(w.dims) >= 2
-                and group > 1 and w.dims[0] == group and w.dims[1] == 1)
-
     def rewrite(weight: str, zero: str | None, owner: Any, zp_slot: int) -> None:
         w = inits.get(weight)
         if (w is None or w.data_type != TensorProto.INT8 or consumers.get(weight, 0) != 1
@@ -163,7 +156,7 @@ def unsaturated(model: Any) -> Any:
         slots = _KERNELS.get(node.op_type)
         if slots is not None:
             act, wi, zi = slots
-            if len(node.input) > wi and activation_is_u8(node, act) and not depthwise(node):
+            if len(node.input) > wi and activation_is_u8(node, act) and not _depthwise(node, inits):
                 zero = node.input[zi] if len(node.input) > zi and node.input[zi] else None
                 rewrite(node.input[wi], zero, node, zi)
         elif node.op_type == "DequantizeLinear" and node.input[0] in inits:
@@ -264,6 +257,14 @@ def _greedy_pairing(ok: np.ndarray) -> np.ndarray | None:
 
 def _group(node: Any) -> int:
     return next((a.i for a in node.attribute if a.name == "group"), 1)
+
+
+def _depthwise(node: Any, inits: dict[str, Any]) -> bool:
+    """A QLinearConv with one input and one output channel per group."""
+    w = inits.get(node.input[3]) if len(node.input) > 3 else None
+    group = _group(node)
+    return (node.op_type == "QLinearConv" and w is not None and len(w.dims) >= 2
+            and group > 1 and w.dims[0] == group and w.dims[1] == 1)
 
 
 def _pair_pointwise(node: Any, inits: dict[str, Any], consumers: dict[str, int],
@@ -392,10 +393,9 @@ def narrow_unpaired(model: Any) -> list[str]:
         values = numpy_helper.to_array(w).astype(np.int16)
         if values.size == 0 or np.abs(values).max() <= SAFE_INT8:
             continue
-        if node.op_type == "QLinearConv" and (
-                (_group(node) > 1 and w.dims[1] == 1)  # depthwise: exact at 8 bits
-                or _pairs(node, values, inits, consumers, producers, outputs)):
-            continue
+        if _depthwise(node, inits) or (node.op_type == "QLinearConv" and _pairs(
+                node, values, inits, consumers, producers, outputs)):
+            continue  # exact at 8 bits
         bias_name = node.input[bi] if len(node.input) > bi and node.input[bi] else ""
         bias = inits.get(bias_name) if bias_name else None
         if bias is not None and consumers.get(bias_name, 0) != 1:
