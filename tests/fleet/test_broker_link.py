@@ -263,3 +263,26 @@ def test_a_batch_still_going_out_on_a_slow_uplink_is_not_sent_again(broker, cont
         fw.stop()
         link.stop()
         proxy.close()
+
+
+def test_a_link_is_connected_only_once_the_broker_has_its_subscriptions(broker):
+    """MQTT delivers a message only to subscriptions that exist when it arrives. The link
+    said CONNECTED at the CONNACK, before its SUBSCRIBE had reached the broker: a message
+    published right after ``start(wait=...)`` returned could be lost (seen in CI). Here the
+    SUBSCRIBE crawls over a slow uplink, so that window is wide."""
+    ctl = _link(broker.url("controller"), "ctl").start(wait=5)
+    proxy = _SlowUplink(broker.host, broker.port, rate=100)  # a ~30-byte SUBSCRIBE: ~0.3 s
+    url = broker.url("node").replace(f":{broker.port}", f":{proxy.port}")
+    seen: list[bytes] = []
+    link = _link(url, "n1", subscriptions=[(topic("ack", "n1"), 1)],
+                 on_message=lambda t, p: seen.append(p))  # fmt: skip
+    try:
+        link.start(wait=10)
+        assert link.state is LinkState.CONNECTED
+        assert ctl.publish(topic("ack", "n1"), b'{"ids": [1]}')
+        wait_until(lambda: seen, 5, what="the message published once the link was up")
+        assert seen == [b'{"ids": [1]}']
+    finally:
+        link.stop()
+        ctl.stop()
+        proxy.close()

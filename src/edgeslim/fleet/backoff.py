@@ -28,8 +28,8 @@ class LinkState(enum.Enum):
     """Where a broker connection stands; exactly one at a time."""
 
     IDLE = "idle"  # created, not started
-    CONNECTING = "connecting"  # TCP connect + CONNECT sent, no CONNACK yet
-    CONNECTED = "connected"  # CONNACK accepted
+    CONNECTING = "connecting"  # TCP connect + CONNECT sent, no CONNACK (or SUBACK) yet
+    CONNECTED = "connected"  # CONNACK accepted and every subscription acknowledged
     BACKOFF = "backoff"  # lost or refused; waiting before the next attempt
     CLOSED = "closed"  # stopped on request; never leaves this state
 

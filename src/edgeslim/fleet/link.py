@@ -12,8 +12,11 @@ the reconnect loop is written here):
   that is merely unreachable, or refuses for a passing reason (0x89 server busy, 0x97 quota
   exceeded, ...), is retried in the background (an edge node must come up and serve while
   its broker is away);
-- subscriptions are renewed on every CONNACK (clean sessions), after which ``on_connected``
-  runs so the owner can republish its retained state and resume its outbox;
+- subscriptions are renewed on every CONNACK (clean sessions); the link is CONNECTED only
+  once the broker's SUBACK has come back (a message published before that would not reach
+  this client: MQTT delivers only to subscriptions that exist), after which ``on_connected``
+  runs so the owner can republish its retained state and resume its outbox. A broker that
+  does not answer the SUBSCRIBE within ``SUBACK_TIMEOUT_S`` is dropped and retried;
 - every wait is an ``Event.wait`` that ``stop()`` interrupts.
 
 Callbacks run on the link's network thread: they must not block.
@@ -46,6 +49,10 @@ CREDENTIAL_REFUSALS = {
     0x87: "not authorized",
     0x8C: "bad authentication method",
 }
+
+
+# How long a connection may wait for its SUBACK before the link drops it and reconnects.
+SUBACK_TIMEOUT_S = 10.0
 
 
 def _paho() -> Any:
@@ -102,6 +109,9 @@ class MqttLink:
         # the broker's Maximum Packet Size from the last CONNACK (None: it named none)
         self.max_packet_size: int | None = None
         self.losses = 0  # connections lost after being accepted
+        # the SUBSCRIBE of this connection awaiting its SUBACK, and since when (monotonic)
+        self._sub_mid: int | None = None
+        self._sub_since = 0.0
 
         c = mqtt.Client(
             callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
@@ -114,6 +124,7 @@ class MqttLink:
             c.will_set(will[0], will[1], qos=will[2], retain=will[3])
         c.on_connect = self._handle_connect
         c.on_disconnect = self._handle_disconnect
+        c.on_subscribe = self._handle_subscribe
         c.on_message = self._handle_message
         c.connect_timeout = 5.0
         self._client = c
@@ -161,7 +172,28 @@ class MqttLink:
         self.connects += 1
         self.max_packet_size = getattr(props, "MaximumPacketSize", None)
         if self.subscriptions:
-            client.subscribe([(t, q) for t, q in self.subscriptions])
+            err, mid = client.subscribe([(t, q) for t, q in self.subscriptions])
+            if err == 0:
+                self._sub_mid, self._sub_since = mid, time.monotonic()
+                return  # CONNECTED once the SUBACK is in (_handle_subscribe)
+            log.warning("%s: subscribing failed (%s); reconnecting", self.name, err)
+            self._refused = f"subscribe failed ({err})"
+            return
+        self._up()
+
+    def _handle_subscribe(
+        self, client: Any, userdata: Any, mid: int, reason_codes: Any, props: Any
+    ) -> None:
+        if mid != self._sub_mid:
+            return
+        self._sub_mid = None
+        for (t, _), code in zip(self.subscriptions, reason_codes, strict=False):
+            if getattr(code, "is_failure", False):  # e.g. 0x87: the broker's ACL denies it
+                log.error("%s: the broker refused the subscription to %s: %s", self.name, t,
+                          code)  # fmt: skip
+        self._up()
+
+    def _up(self) -> None:
         self._set_state(LinkState.CONNECTED)
         if self._on_connected is not None:
             try:
@@ -236,9 +268,15 @@ class MqttLink:
             except OSError as exc:
                 log.debug("%s: connect to %s failed: %s", self.name, self.broker, exc)
             else:
+                self._sub_mid = None
                 while not self._stop.is_set():
                     rc = c.loop(timeout=0.2)
                     if rc != mqtt.MQTT_ERR_SUCCESS or self._refused is not None:
+                        break
+                    waited = time.monotonic() - self._sub_since
+                    if self._sub_mid is not None and waited > SUBACK_TIMEOUT_S:
+                        log.warning("%s: no SUBACK from %s within %g s; reconnecting",
+                                    self.name, self.broker, SUBACK_TIMEOUT_S)  # fmt: skip
                         break
                 if self._stop.is_set():
                     break
