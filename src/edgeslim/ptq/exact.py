@@ -57,6 +57,8 @@ from typing import Any
 import numpy as np
 from onnx import TensorProto, numpy_helper
 
+from edgeslim.ptq._graph import Graph
+
 __all__ = ["PAIR_MAX_CHANNELS", "SAFE_INT8", "narrow_unpaired", "pair_channels", "unsaturated"]
 
 # the largest int8 weight magnitude with which 255 * (|w0| + |w1|) fits a signed 16-bit lane
@@ -89,14 +91,11 @@ def unsaturated(model: Any) -> Any:
     Weights read through ``DequantizeLinear`` (QDQ format), which onnxruntime fuses into the
     same kernels, are rewritten the same way when the activation beside them is uint8.
     """
-    inits = {t.name: t for t in model.graph.initializer}
+    g = Graph(model)
+    inits, producers = g.initializers, g.producer
     elem = {name: t.data_type for name, t in inits.items()}
-    producers = {o: n for n in model.graph.node for o in n.output}
-    consumers: dict[str, int] = {}
     weight_users: dict[str, Any] = {}  # tensor -> the first Conv/MatMul/Gemm reading it as B
     for n in model.graph.node:
-        for i in n.input:
-            consumers[i] = consumers.get(i, 0) + 1
         if n.op_type in ("Conv", "MatMul", "Gemm") and len(n.input) > 1:
             weight_users.setdefault(n.input[1], n)
 
@@ -122,11 +121,11 @@ def unsaturated(model: Any) -> Any:
 
     def rewrite(weight: str, zero: str | None, owner: Any, zp_slot: int) -> None:
         w = inits.get(weight)
-        if (w is None or w.data_type != TensorProto.INT8 or consumers.get(weight, 0) != 1
+        if (w is None or w.data_type != TensorProto.INT8 or _readers(g, weight) != 1
                 or weight in paired):
             return
         zp = inits.get(zero) if zero else None
-        if zp is not None and (zp.data_type != TensorProto.INT8 or consumers.get(zero, 0) != 1
+        if zp is not None and (zp.data_type != TensorProto.INT8 or _readers(g, zero) != 1
                                or np.any(numpy_helper.to_array(zp) != 0)):
             return  # an asymmetric or shared int8 zero point: leave the kernel as it is
         values = numpy_helper.to_array(w).astype(np.int16)
@@ -147,16 +146,15 @@ def unsaturated(model: Any) -> Any:
         done.add(weight)
 
     paired: set[str] = set()
-    outputs = {o.name for o in model.graph.output}
     for node in model.graph.node:
         if node.op_type == "QLinearConv" and activation_is_u8(node, 0):
-            _pair_pointwise(node, inits, consumers, producers, outputs, paired)
+            _pair_pointwise(node, g, paired)
 
     for node in model.graph.node:
         slots = _KERNELS.get(node.op_type)
         if slots is not None:
             act, wi, zi = slots
-            if len(node.input) > wi and activation_is_u8(node, act) and not _depthwise(node, inits):
+            if len(node.input) > wi and activation_is_u8(node, act) and not _depthwise(node, g):
                 zero = node.input[zi] if len(node.input) > zi and node.input[zi] else None
                 rewrite(node.input[wi], zero, node, zi)
         elif node.op_type == "DequantizeLinear" and node.input[0] in inits:
@@ -255,53 +253,66 @@ def _greedy_pairing(ok: np.ndarray) -> np.ndarray | None:
     return np.asarray(order, dtype=np.int64)
 
 
-def _group(node: Any) -> int:
-    return next((a.i for a in node.attribute if a.name == "group"), 1)
+def _readers(g: Graph, tensor: str) -> int:
+    """How many node inputs read ``tensor``."""
+    return len(g.consumers.get(tensor, ()))
 
 
-def _depthwise(node: Any, inits: dict[str, Any]) -> bool:
+def _group(g: Graph, node: Any) -> int:
+    return int(g.attr(node, "group", 1))
+
+
+def _depthwise(node: Any, g: Graph) -> bool:
     """A QLinearConv with one input and one output channel per group."""
-    w = inits.get(node.input[3]) if len(node.input) > 3 else None
-    group = _group(node)
+    w = g.initializers.get(node.input[3]) if len(node.input) > 3 else None
+    group = _group(g, node)
     return (node.op_type == "QLinearConv" and w is not None and len(w.dims) >= 2
             and group > 1 and w.dims[0] == group and w.dims[1] == 1)
 
 
-def _pair_pointwise(node: Any, inits: dict[str, Any], consumers: dict[str, int],
-                    producers: dict[str, Any], outputs: set[str], paired: set[str]) -> None:
-    """Keep the int8 weights of the 1x1 ``QLinearConv`` ``node`` (adding them to ``paired``)
-    when its input channels can be paired and reordered upstream; else change nothing."""
-    w = inits.get(node.input[3])
+def _pointwise_pairing(node: Any, g: Graph) -> tuple[np.ndarray, list[str]] | None:
+    """For the 1x1 ``QLinearConv`` ``node`` with full-range int8 weights read by it alone:
+    the order of its input channels that pairs them and the initializers upstream to reorder
+    with it (``_reorderable``); None when there is no such order or it cannot be applied."""
+    w = g.initializers.get(node.input[3])
     if (w is None or w.data_type != TensorProto.INT8 or len(w.dims) != 4
-            or any(d != 1 for d in w.dims[2:]) or _group(node) != 1
-            or consumers.get(node.input[3], 0) != 1):
-        return
-    zp = inits.get(node.input[5]) if len(node.input) > 5 and node.input[5] else None
+            or any(d != 1 for d in w.dims[2:]) or _group(g, node) != 1
+            or _readers(g, node.input[3]) != 1):
+        return None
+    zp = g.initializers.get(node.input[5]) if len(node.input) > 5 and node.input[5] else None
     if zp is not None and (zp.data_type != TensorProto.INT8
                            or np.any(numpy_helper.to_array(zp) != 0)):
-        return
+        return None
     values = numpy_helper.to_array(w)
     if values.size == 0 or np.abs(values.astype(np.int16)).max() <= SAFE_INT8:
-        return  # exact in any order
+        return None  # exact in any order: nothing to pair
     order = pair_channels(values[:, :, 0, 0])
     if order is None:
+        return None
+    edits = _reorderable(node.input[0], len(order), g)
+    return None if edits is None else (order, edits)
+
+
+def _pair_pointwise(node: Any, g: Graph, paired: set[str]) -> None:
+    """Keep the int8 weights of the 1x1 ``QLinearConv`` ``node`` (adding them to ``paired``)
+    when its input channels can be paired and reordered upstream; else change nothing."""
+    found = _pointwise_pairing(node, g)
+    if found is None:
         return
-    edits = _reorderable(node.input[0], len(order), inits, consumers, producers, outputs)
-    if edits is None:
-        return
-    for name in edits:
-        t = inits[name]
-        t.CopyFrom(numpy_helper.from_array(np.take(numpy_helper.to_array(t), order, axis=0),
-                                           name))
-    w.CopyFrom(numpy_helper.from_array(np.take(values, order, axis=1), node.input[3]))
+    order, edits = found
+    for name in [*edits, node.input[3]]:
+        t = g.initializers[name]
+        axis = 1 if name == node.input[3] else 0
+        t.CopyFrom(numpy_helper.from_array(
+            np.take(numpy_helper.to_array(t), order, axis=axis), name))
     paired.add(node.input[3])
 
 
-def _reorderable(tensor: str, channels: int, inits: dict[str, Any], consumers: dict[str, int],
-                 producers: dict[str, Any], outputs: set[str]) -> list[str] | None:
+def _reorderable(tensor: str, channels: int, g: Graph) -> list[str] | None:
     """The initializers to reorder along axis 0 so that ``tensor``'s channels come out in a
     new order, walking up through channel-wise nodes to the convolution that makes them; None
     when that is not possible without changing another reader of the same values."""
+    inits = g.initializers
     edits: list[str] = []
 
     def per_channel(names: list[str]) -> bool:
@@ -313,14 +324,14 @@ def _reorderable(tensor: str, channels: int, inits: dict[str, Any], consumers: d
                 return False
             if int(np.prod(t.dims)) == 1:
                 continue  # per tensor: the same for every channel
-            if t.dims[0] != channels or consumers.get(name, 0) != 1:
+            if t.dims[0] != channels or _readers(g, name) != 1:
                 return False
             edits.append(name)
         return True
 
     while True:
-        node = producers.get(tensor)
-        if node is None or tensor in outputs or consumers.get(tensor, 0) != 1:
+        node = g.producer.get(tensor)
+        if node is None or tensor in g.graph_outputs or _readers(g, tensor) != 1:
             return None
         op = node.op_type
         if op in ("QLinearConv", "Conv"):
@@ -331,7 +342,7 @@ def _reorderable(tensor: str, channels: int, inits: dict[str, Any], consumers: d
             slots = (3, 4, 5, 8) if op == "QLinearConv" else (1, 2)
             if not per_channel([node.input[i] for i in slots if i < len(node.input)]):
                 return None
-            group = _group(node)
+            group = _group(g, node)
             if group == 1:
                 return edits
             if group != channels or w.dims[1] != 1:
@@ -368,13 +379,8 @@ def narrow_unpaired(model: Any) -> list[str]:
     and 96.3% for 8 bits (u8 x u8 where they do not pair), at the speed of 7 bits everywhere
     (bench/RESULTS.md, int8 section).
     """
-    inits = {t.name: t for t in model.graph.initializer}
-    producers = {o: n for n in model.graph.node for o in n.output}
-    consumers: dict[str, int] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            consumers[i] = consumers.get(i, 0) + 1
-    outputs = {o.name for o in model.graph.output}
+    g = Graph(model)
+    inits = g.initializers
     narrowed: list[str] = []
     for node in model.graph.node:
         slots = _NARROWED.get(node.op_type)
@@ -384,7 +390,7 @@ def narrow_unpaired(model: Any) -> list[str]:
         w = inits.get(node.input[wi]) if len(node.input) > wi else None
         scale = inits.get(node.input[si]) if len(node.input) > si else None
         if (w is None or scale is None or w.data_type != TensorProto.INT8
-                or consumers.get(w.name, 0) != 1 or consumers.get(scale.name, 0) != 1):
+                or _readers(g, w.name) != 1 or _readers(g, scale.name) != 1):
             continue
         zero = node.input[wi + 2] if len(node.input) > wi + 2 else ""
         zp = inits.get(zero) if zero else None
@@ -393,12 +399,12 @@ def narrow_unpaired(model: Any) -> list[str]:
         values = numpy_helper.to_array(w).astype(np.int16)
         if values.size == 0 or np.abs(values).max() <= SAFE_INT8:
             continue
-        if _depthwise(node, inits) or (node.op_type == "QLinearConv" and _pairs(
-                node, values, inits, consumers, producers, outputs)):
+        if _depthwise(node, g) or (node.op_type == "QLinearConv"
+                                   and _pointwise_pairing(node, g) is not None):
             continue  # exact at 8 bits
         bias_name = node.input[bi] if len(node.input) > bi and node.input[bi] else ""
         bias = inits.get(bias_name) if bias_name else None
-        if bias is not None and consumers.get(bias_name, 0) != 1:
+        if bias is not None and _readers(g, bias_name) != 1:
             continue
         w.CopyFrom(numpy_helper.from_array(
             np.clip(np.round(values / 2), -SAFE_INT8, SAFE_INT8).astype(np.int8), w.name))
@@ -410,12 +416,3 @@ def narrow_unpaired(model: Any) -> list[str]:
         narrowed.append(node.name)
     return narrowed
 
-
-def _pairs(node: Any, values: np.ndarray, inits: dict[str, Any], consumers: dict[str, int],
-           producers: dict[str, Any], outputs: set[str]) -> bool:
-    """Whether ``unsaturated`` would keep the 1x1 convolution ``node``'s 8-bit weights."""
-    if values.ndim != 4 or values.shape[2:] != (1, 1) or _group(node) != 1:
-        return False
-    order = pair_channels(values[:, :, 0, 0].astype(np.int8))
-    return order is not None and _reorderable(
-        node.input[0], len(order), inits, consumers, producers, outputs) is not None
