@@ -517,10 +517,15 @@ def test_an_interrupted_compress_leaves_nothing_behind(tmp_path, sig):
 
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     out = tmp_path / "x.eslim"
+    # deep-compression with 100x its epochs: long enough that the signal always lands in the
+    # middle of the work, however busy the machine (the preset itself once finished first)
+    recipe = tmp_path / "long.yaml"
+    recipe.write_text("steps:\n  - prune: {sparsity: 0.96, scope: global, schedule: gradual, "
+                      "steps: 5, epochs: 2000}\n  - pack: {bits: 5}\n")
     # the installed command, as users run it (under 'python -m', CPython itself sometimes
     # re-raises a handled Ctrl-C at exit)
     exe = Path(sys.executable).with_name("edgeslim")
-    proc = subprocess.Popen([exe, "compress", "digits-mlp", "--preset", "deep-compression",
+    proc = subprocess.Popen([exe, "compress", "digits-mlp", "--recipe", str(recipe),
                              "-o", str(out), "-q"], env=env, stderr=subprocess.PIPE, text=True,
                             # SIGINT as a terminal delivers it: a job started in the background
                             # of a script (as CI runners start jobs) inherits it ignored
@@ -530,6 +535,7 @@ def test_an_interrupted_compress_leaves_nothing_behind(tmp_path, sig):
         assert proc.poll() is None, proc.communicate()[1]
         time.sleep(0.05)
     assert list(tmp_path.glob("edgeslim-*")), "the compression never started"
+    assert proc.poll() is None, "the compression ended before the signal"
     proc.send_signal(getattr(signal, sig))
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, (proc.returncode, err)
