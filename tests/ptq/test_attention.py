@@ -19,21 +19,23 @@ transformers = pytest.importorskip("transformers")
 LAYERS, HEADS, HIDDEN = 2, 4, 64
 
 
-@pytest.fixture(scope="module")
-def encoder_onnx(tmp_path_factory):
-    """A 2-layer BERT sentence embedder (random weights), exported as the zoo's minilm is."""
+@pytest.fixture(scope="module", params=["eager", "sdpa"])
+def encoder_onnx(tmp_path_factory, request):
+    """A 2-layer BERT sentence embedder (random weights), exported as the zoo's minilm is
+    (eager attention) and as transformers exports it by default (scaled_dot_product_attention:
+    Q and K scaled before the scores, a NaN guard after the Softmax)."""
     from edgeslim.export.onnx import export_onnx
     from edgeslim.zoo.minilm import SentenceEmbedder
 
     cfg = transformers.BertConfig(
         vocab_size=200, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
         num_attention_heads=HEADS, intermediate_size=128, max_position_embeddings=64,
-        attn_implementation="eager",  # as the zoo's minilm-l6
+        attn_implementation=request.param,
     )
     torch.manual_seed(0)
     model = SentenceEmbedder(transformers.BertModel(cfg, add_pooling_layer=False)).eval()
     ids = torch.randint(1, 200, (2, 12))
-    path = tmp_path_factory.mktemp("attention") / "encoder.onnx"
+    path = tmp_path_factory.mktemp("attention") / f"encoder-{request.param}.onnx"
     axes = {"input_ids": {0: "batch", 1: "sequence"},
             "attention_mask": {0: "batch", 1: "sequence"}, "embedding": {0: "batch"}}
     export_onnx(model, (ids, torch.ones_like(ids)), path, input_names=["input_ids",
@@ -74,7 +76,7 @@ def test_each_layer_runs_as_one_qattention_with_the_same_outputs(encoder_onnx):
     # Q, K and V went into the QAttention kernels; the output and FFN projections remain
     assert ops.count("MatMulIntegerToFloat") == 3 * LAYERS
     assert [n.op_type for n in plain.graph.node].count("MatMulIntegerToFloat") == 6 * LAYERS
-    assert "Softmax" not in ops and "Transpose" not in ops
+    assert "Softmax" not in ops and "Transpose" not in ops and "IsNaN" not in ops
     # the weights are the same integers, stored in the exact u8 form (ptq/exact.py)
     inits = {t.name: t for t in fused.graph.initializer}
     for node in (n for n in fused.graph.node if n.op_type == "QAttention"):
@@ -151,6 +153,25 @@ def test_a_mask_not_read_from_an_integer_input_is_not_matched(encoder_onnx):
     model, count = fuse_attention(_with_mask(plain, constant_bias), _feeds(4, 3))
     assert count == 0
     assert not any(n.op_type == "QAttention" for n in model.graph.node)
+
+
+def test_a_shape_read_by_a_node_that_stays_keeps_the_block_unfused(encoder_onnx):
+    """A Shape of Q is what the exporters use for reshape targets inside the block, and it
+    goes with the block; one whose result the graph still needs keeps the block as it is."""
+    plain = _quantize(encoder_onnx, False)
+    q = next(n for n in plain.graph.node if n.op_type == "Transpose"
+             and list(n.attribute[0].ints) == [0, 2, 1, 3])  # the first Q (or V) transpose
+    model = copy.deepcopy(plain)
+    model.graph.node.append(helper.make_node("Shape", [q.output[0]], ["q_shape"]))
+    model.graph.output.append(helper.make_tensor_value_info("q_shape", TensorProto.INT64, [4]))
+    before = model.SerializeToString()
+    model, count = fuse_attention(model, None)
+    assert count == 0 and model.SerializeToString() == before
+    # the same Shape read by nothing is dropped with the block
+    dangling = copy.deepcopy(plain)
+    dangling.graph.node.append(helper.make_node("Shape", [q.output[0]], ["q_shape"]))
+    _, count = fuse_attention(dangling, _feeds(4, 3))
+    assert count == LAYERS
 
 
 def test_unsaturated_stores_qattention_weights_as_uint8(encoder_onnx):

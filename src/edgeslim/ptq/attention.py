@@ -16,9 +16,14 @@ rewrites each match. It only applies where the rewrite means the same function:
 - Q, K and V read one input quantized with one fixed scale and zero point (a calibrated
   range; an input quantized row by row at run time has no single scale);
 - each projection's output is reshaped to (batch, sequence, heads, head size) with constant
-  heads and head size, and the scores are scaled by 1/sqrt(head size);
+  heads and head size, and the scores are scaled by 1/sqrt(head size): after the scores
+  ``MatMul`` (eager attention), or split between Q and K before it (what
+  ``scaled_dot_product_attention`` exports to, each scaled by head size ** -0.25);
 - the additive mask is computed from one integer graph input of rank 2 (the attention mask,
-  1 where a token is attended); ``QAttention`` reads that input itself.
+  1 where a token is attended); ``QAttention`` reads that input itself. The guard that
+  ``scaled_dot_product_attention`` exports after the ``Softmax`` (``IsNaN`` -> ``Where``: a row
+  whose every key is masked gives zeros instead of NaN) is removed with the rest: no row is
+  all masked while a sequence attends to at least one of its own tokens.
 
 Given ``feeds``, the fused model is checked against the unfused one on some of them and on
 one whose attention mask hides half of its tokens (as padding does); when the outputs differ,
@@ -41,8 +46,56 @@ __all__ = ["fuse_attention"]
 _INT_TYPES = {TensorProto.INT64, TensorProto.INT32}
 
 
+def _scalar(graph: Graph, name: str) -> float | None:
+    c = _constant(graph, name)
+    if c is None or np.asarray(c).size != 1:
+        return None
+    return float(np.asarray(c).reshape(-1)[0])
+
+
+def _prescaled(graph: Graph, tensor: str) -> tuple[str, float, list[Any]]:
+    """``tensor`` or, when its one reader is a ``Mul`` by a scalar constant, that product:
+    (what the scores read, the factor, the ``Mul`` nodes passed)."""
+    mul = _only_consumer(graph, tensor, "Mul")
+    if mul is not None:
+        other = mul.input[1] if mul.input[0] == tensor else mul.input[0]
+        c = _scalar(graph, other)
+        if c is not None:
+            return mul.output[0], c, [mul]
+    return tensor, 1.0, []
+
+
+def _nan_guard(graph: Graph, softmax: Any) -> tuple[str, list[Any]] | None:
+    """What the context ``MatMul`` reads after ``softmax``: its output, or the output of the
+    ``Where(IsNaN(p), 0, p)`` that follows it (``scaled_dot_product_attention``'s guard for
+    rows with every key masked), with the guard's nodes; None for anything else."""
+    p = softmax.output[0]
+    users = _readers(graph, p)
+    if len(users) == 1:
+        return p, []
+    if len(users) != 2 or p in graph.graph_outputs:
+        return None
+    isnan = next((u for u in users if u.op_type == "IsNaN"), None)
+    where = next((u for u in users if u.op_type == "Where"), None)
+    if isnan is None or where is None:
+        return None
+    if _only_consumer(graph, isnan.output[0], "Where") is not where:
+        return None
+    if list(where.input) != [isnan.output[0], where.input[1], p] or _scalar(
+            graph, where.input[1]) != 0.0:
+        return None
+    return where.output[0], [isnan, where]
+
+
+def _readers(graph: Graph, tensor: str) -> list[Any]:
+    """The nodes that read ``tensor``'s values: a ``Shape`` reads only its shape, which the
+    exporters use to compute reshape targets (``_fuse`` checks that none is left reading a
+    tensor it removed)."""
+    return [u for u in graph.consumers.get(tensor, []) if u.op_type != "Shape"]
+
+
 def _only_consumer(graph: Graph, tensor: str, op_type: str) -> Any | None:
-    users = graph.consumers.get(tensor, [])
+    users = _readers(graph, tensor)
     if len(users) != 1 or users[0].op_type != op_type or tensor in graph.graph_outputs:
         return None
     return users[0]
@@ -165,27 +218,29 @@ def _match(graph: Graph, q_in: str, kernels: list[Any]) -> dict[str, Any] | None
         if transpose is None:
             return None
         arms[k.name] = (reshape, transpose)
-    # the scores MatMul reads Q (perm 0,2,1,3) and K (perm 0,2,3,1)
+    # the scores MatMul reads Q (perm 0,2,1,3) and K (perm 0,2,3,1), each maybe pre-scaled
+    scaled = {name: _prescaled(graph, t.output[0]) for name, (_, t) in arms.items()}
     scores = None
     for name, (_, tq) in arms.items():
         if _perm(graph, tq) != [0, 2, 1, 3]:
             continue
-        users = graph.consumers.get(tq.output[0], [])
-        if len(users) == 1 and users[0].op_type == "MatMul" and users[0].input[0] == tq.output[0]:
+        q_out = scaled[name][0]
+        users = _readers(graph, q_out)
+        if len(users) == 1 and users[0].op_type == "MatMul" and users[0].input[0] == q_out:
             scores = users[0]
             q_name = name
     if scores is None:
         return None
-    k_name = next((n for n, (_, t) in arms.items() if t.output[0] == scores.input[1]), None)
+    k_name = next((n for n in arms if scaled[n][0] == scores.input[1]), None)
     if k_name is None or _perm(graph, arms[k_name][1]) != [0, 2, 3, 1]:
         return None
     v_name = next(n for n in arms if n not in (q_name, k_name))
-    if _perm(graph, arms[v_name][1]) != [0, 2, 1, 3]:
+    if _perm(graph, arms[v_name][1]) != [0, 2, 1, 3] or scaled[v_name][2]:
         return None
     for name in (q_name, k_name, v_name):  # nothing else reads what the kernel replaces
-        tensor = arms[name][1].output[0]
-        if len(graph.consumers.get(tensor, [])) != 1 or tensor in graph.graph_outputs:
-            return None
+        for tensor in (arms[name][1].output[0], scaled[name][0]):
+            if len(_readers(graph, tensor)) != 1 or tensor in graph.graph_outputs:
+                return None
     shapes = {_head_shape(graph, arms[n][0]) for n in arms}
     if len(shapes) != 1 or None in shapes:
         return None
@@ -197,32 +252,49 @@ def _match(graph: Graph, q_in: str, kernels: list[Any]) -> dict[str, Any] | None
         heads = hidden[1] // size
     if any(graph.array(k.input[1]).shape != hidden for k in kernels) or hidden[1] != heads * size:
         return None
-    scale_node = _only_consumer(graph, scores.output[0], "Mul") or _only_consumer(
-        graph, scores.output[0], "Div")
-    if scale_node is None:
-        return None
-    c = _constant(graph, scale_node.input[1])
-    if c is None or np.asarray(c).size != 1 or float(np.asarray(c).reshape(-1)[0]) == 0.0:
-        return None
-    c = float(np.asarray(c).reshape(-1)[0])
-    factor = c if scale_node.op_type == "Mul" else 1.0 / c
+    # the scale: on the scores (eager), or split between Q and K before them (SDPA)
+    factor = scaled[q_name][1] * scaled[k_name][1]
+    scaled_scores = scores.output[0]
+    scale_nodes = scaled[q_name][2] + scaled[k_name][2]
+    post = _only_consumer(graph, scaled_scores, "Mul") or _only_consumer(
+        graph, scaled_scores, "Div")
+    if post is not None and post.input[0] == scaled_scores:
+        c = _scalar(graph, post.input[1])
+        if c is None or c == 0.0:
+            return None
+        factor *= c if post.op_type == "Mul" else 1.0 / c
+        scaled_scores = post.output[0]
+        scale_nodes.append(post)
     if abs(factor * np.sqrt(size) - 1.0) > 1e-4:
         return None
-    add = _only_consumer(graph, scale_node.output[0], "Add")
+    add = _only_consumer(graph, scaled_scores, "Add")
     if add is None:
         return None
-    mask = add.input[1] if add.input[0] == scale_node.output[0] else add.input[0]
+    mask = add.input[1] if add.input[0] == scaled_scores else add.input[0]
     softmax = _only_consumer(graph, add.output[0], "Softmax")
     if softmax is None or graph.attr(softmax, "axis", -1) not in (-1, 3):
         return None
-    context = _only_consumer(graph, softmax.output[0], "MatMul")
+    guarded = _nan_guard(graph, softmax)
+    if guarded is None:
+        return None
+    probs, guard = guarded
+    context = _only_consumer(graph, probs, "MatMul")
     if (
         context is None
-        or context.input[0] != softmax.output[0]
+        or context.input[0] != probs
         or context.input[1] != arms[v_name][1].output[0]
     ):
         return None
-    back = _only_consumer(graph, context.output[0], "Transpose")
+    # SDPA exports a reshape of the context to its own shape, (batch, -1, sequence, size)
+    between: list[Any] = []
+    same = _only_consumer(graph, context.output[0], "Reshape")
+    if same is not None:
+        dims = _target_dims(graph, same)
+        if (dims is None or len(dims) != 4 or dims[0] != _RUN_TIME or dims[1] not in (-1, heads)
+                or dims[2] != _RUN_TIME or dims[3] not in (_RUN_TIME, size)):
+            return None
+        between.append(same)
+    back = _only_consumer(graph, (between or [context])[-1].output[0], "Transpose")
     if back is None or _perm(graph, back) != [0, 2, 1, 3]:
         return None
     out = _only_consumer(graph, back.output[0], "Reshape")
@@ -238,7 +310,7 @@ def _match(graph: Graph, q_in: str, kernels: list[Any]) -> dict[str, Any] | None
         "mask_input": mask_input,
         "output": out.output[0],
         "input": q_in,
-        "removed": [scores, scale_node, add, softmax, context, back, out]
+        "removed": [scores, *scale_nodes, add, softmax, *guard, context, *between, back, out]
         + [x for n in arms for x in arms[n]]
         + list(kernels),
     }
@@ -321,6 +393,14 @@ def _prune(model: Any) -> None:
     _drop_unused_initializers(model)
 
 
+def _closed(model: Any) -> bool:
+    """Whether every tensor a node reads is still made by something (no reader of a removed
+    tensor is left: a ``Shape`` whose result fed a node that stays, say)."""
+    made = {t.name for t in model.graph.initializer} | {i.name for i in model.graph.input}
+    made |= {o for n in model.graph.node for o in n.output}
+    return all(i in made for n in model.graph.node for i in n.input if i)
+
+
 def _masked(feeds: Sequence[dict], mask_input: str) -> dict | None:
     """A feed whose first row attends only to the first half of its tokens (mask 0 on the
     rest, as padding is), or None when no feed has a mask of two tokens or more."""
@@ -337,11 +417,15 @@ def fuse_attention(
     model: Any, feeds: Sequence[dict] | None = None, *, threads: int = 2, rtol: float = 1e-3
 ) -> tuple[Any, int]:
     """``model`` with its int8 attention blocks fused into ``QAttention`` (module docstring)
-    and how many were fused. In place, unless the check on ``feeds`` fails: then the model
-    is returned unchanged with 0. Without ``feeds`` nothing is checked: the structure alone
-    decides (the quantizer always passes its calibration feeds)."""
-    before = copy.deepcopy(model) if feeds else None
+    and how many were fused. In place, unless a node outside the fused blocks would be left
+    reading a tensor they removed, or the check on ``feeds`` fails: then the model is
+    returned unchanged with 0. Without ``feeds`` the outputs are not checked: the structure
+    alone decides (the quantizer always passes its calibration feeds)."""
+    before = copy.deepcopy(model)
     count, masks = _fuse(model)
+    if count and not _closed(model):
+        model.CopyFrom(before)
+        return model, 0
     if not count or not feeds:
         return model, count
     checks = list(feeds[:8])
