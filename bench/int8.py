@@ -15,12 +15,17 @@ For efficientnet-lite0 (crops of real photos) and minilm-l6 (real English senten
     .venv/bin/python bench/int8.py            # both models (~15-30 min on 2 shared cores)
     .venv/bin/python bench/int8.py --models minilm-l6 --no-write
     .venv/bin/python bench/int8.py --models efficientnet-lite0 --seven-bit   # + a 7-bit row
+    .venv/bin/python bench/int8.py --models minilm-l6 --attention sdpa --no-write
 
 ``--seven-bit`` also runs the preset as a recipe's ``ptq: {bits: 7}`` does, with the same
 budget, and adds its row: 7-bit weights (onnxruntime's ``reduce_range``) wherever 8-bit ones
 would need the slower u8 x u8 kernels, so that on x86 CPUs without VNNI every kernel is the
 fast u8 x s8 one and exact (ptq/exact.py): every weight for the dynamic scheme, and for the
 static QOperator one all but the 1x1 convolutions whose input channels pair.
+
+``--attention sdpa`` exports minilm-l6 as transformers does by default (through
+``scaled_dot_product_attention``, a different attention graph) instead of the zoo's eager
+attention.
 """
 
 from __future__ import annotations
@@ -111,7 +116,7 @@ SEVEN = "edgeslim int8, bits: 7"
 
 def bench_model(
     name: str, tmp: Path, budget: float, n_eval: int, reps: int, protocol: str,
-    seven_bit: bool = False,
+    seven_bit: bool = False, attention: str = "eager",
 ) -> dict[str, Any]:
     import torch
 
@@ -121,7 +126,12 @@ def bench_model(
     from edgeslim.zoo import load_model
 
     torch.set_num_threads(THREADS)
-    module = load_model(name).eval()
+    if name == "minilm-l6" and attention != "eager":
+        from edgeslim.zoo.minilm import minilm_l6
+
+        module = minilm_l6(attn_implementation=attention).eval()
+    else:
+        module = load_model(name).eval()
     fp32 = tmp / f"{name}.onnx"
     export_zoo_model(name, fp32, model=module)
     param_bytes = onnx_param_bytes(fp32)
@@ -308,6 +318,9 @@ def main() -> None:
                         "spinning off (each run finds the previous model's caches)")
     parser.add_argument("--seven-bit", action="store_true",
                         help="also quantize with 7-bit weights (ptq bits: 7) and add its row")
+    parser.add_argument("--attention", choices=["eager", "sdpa"], default="eager",
+                        help="minilm-l6's attention as exported: eager (the zoo's) or sdpa "
+                        "(scaled_dot_product_attention, transformers' default)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--no-write", action="store_true", help="do not edit RESULTS.md")
     args = parser.parse_args()
@@ -318,7 +331,7 @@ def main() -> None:
         for name in args.models.split(","):
             res = bench_model(
                 name.strip(), Path(tmp), args.budget, args.n_eval, args.reps, args.protocol,
-                seven_bit=args.seven_bit,
+                seven_bit=args.seven_bit, attention=args.attention,
             )
             results.append(res)
             print(f"\n### {name}\n" + table(res), flush=True)

@@ -50,6 +50,17 @@ def test_unit_norm_and_padding_invariance(minilm):
     np.testing.assert_allclose(batch, alone, rtol=0, atol=1e-5)
 
 
+def test_the_sdpa_attention_gives_the_same_embeddings(minilm):
+    sentences = [*english_sentences(5, split="calibration"), "Hi."]
+    sdpa = minilm_l6(attn_implementation="sdpa")
+    np.testing.assert_allclose(_embed(sdpa, sentences), _embed(minilm, sentences), atol=1e-5)
+
+
+def test_an_unknown_attention_implementation_is_refused():
+    with pytest.raises(ConfigError, match=r"'flash' is not one of: eager, sdpa"):
+        minilm_l6(attn_implementation="flash")
+
+
 def test_similar_sentences_are_closer(minilm):
     e = _embed(
         minilm,

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeslim._validate import check_int_range
-from edgeslim.errors import MissingDependencyError
+from edgeslim.errors import ConfigError, MissingDependencyError
 
 __all__ = [
     "EMBEDDING_DIM",
@@ -123,8 +123,19 @@ class SentenceEmbedder(nn.Module):
         return F.normalize(summed / count, p=2.0, dim=1)
 
 
-def minilm_l6() -> SentenceEmbedder:
-    """The pretrained all-MiniLM-L6-v2 sentence embedder (22.6M parameters) in eval mode."""
+ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
+
+
+def minilm_l6(attn_implementation: str = "eager") -> SentenceEmbedder:
+    """The pretrained all-MiniLM-L6-v2 sentence embedder (22.6M parameters) in eval mode.
+
+    ``attn_implementation``: ``"eager"`` (plain matmul-softmax, the zoo's export) or
+    ``"sdpa"`` (``scaled_dot_product_attention``, transformers' own default), which exports
+    to a different attention graph; edgeslim's int8 fuses both (ptq/attention.py).
+    """
+    if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ConfigError(f"attn_implementation {attn_implementation!r} is not one of: "
+                          f"{', '.join(ATTENTION_IMPLEMENTATIONS)}.")
     try:
         from transformers import BertModel
         from transformers.utils import logging as hf_logging
@@ -142,7 +153,7 @@ def minilm_l6() -> SentenceEmbedder:
             str(minilm_model_dir()),
             local_files_only=True,
             add_pooling_layer=False,
-            attn_implementation="eager",  # plain matmul-softmax: traces and exports cleanly
+            attn_implementation=attn_implementation,
         )
     finally:
         hf_logging.set_verbosity(verbosity)
