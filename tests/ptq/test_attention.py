@@ -19,23 +19,35 @@ transformers = pytest.importorskip("transformers")
 LAYERS, HEADS, HIDDEN = 2, 4, 64
 
 
-@pytest.fixture(scope="module", params=["eager", "sdpa"])
+@pytest.fixture(scope="module", params=["eager", "sdpa", "dynamo"])
 def encoder_onnx(tmp_path_factory, request):
     """A 2-layer BERT sentence embedder (random weights), exported as the zoo's minilm is
-    (eager attention) and as transformers exports it by default (scaled_dot_product_attention:
-    Q and K scaled before the scores, a NaN guard after the Softmax)."""
+    (eager attention), as transformers exports it by default (scaled_dot_product_attention:
+    Q and K scaled before the scores, a NaN guard after the Softmax), and as torch.onnx.export
+    does by default (the dynamo exporter: K transposed through 3-D reshapes, shapes computed
+    by Shape and Slice)."""
     from edgeslim.export.onnx import export_onnx
     from edgeslim.zoo.minilm import SentenceEmbedder
 
     cfg = transformers.BertConfig(
         vocab_size=200, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
         num_attention_heads=HEADS, intermediate_size=128, max_position_embeddings=64,
-        attn_implementation=request.param,
+        attn_implementation="eager" if request.param == "eager" else "sdpa",
     )
     torch.manual_seed(0)
     model = SentenceEmbedder(transformers.BertModel(cfg, add_pooling_layer=False)).eval()
     ids = torch.randint(1, 200, (2, 12))
     path = tmp_path_factory.mktemp("attention") / f"encoder-{request.param}.onnx"
+    if request.param == "dynamo":
+        pytest.importorskip("onnxscript")
+        batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence", min=2, max=64)
+        # (its weights in a file beside the model, as that exporter writes them by default)
+        torch.onnx.export(model, (ids, torch.ones_like(ids)), str(path), dynamo=True,
+                          input_names=["input_ids", "attention_mask"],
+                          output_names=["sentence"],  # "embedding" names a node's output there
+                          dynamic_shapes={"input_ids": {0: batch, 1: seq},
+                                          "attention_mask": {0: batch, 1: seq}})  # fmt: skip
+        return path
     axes = {"input_ids": {0: "batch", 1: "sequence"},
             "attention_mask": {0: "batch", 1: "sequence"}, "embedding": {0: "batch"}}
     export_onnx(model, (ids, torch.ones_like(ids)), path, input_names=["input_ids",
