@@ -15,7 +15,7 @@ For efficientnet-lite0 (crops of real photos) and minilm-l6 (real English senten
     .venv/bin/python bench/int8.py            # both models (~15-30 min on 2 shared cores)
     .venv/bin/python bench/int8.py --models minilm-l6 --no-write
     .venv/bin/python bench/int8.py --models efficientnet-lite0 --seven-bit   # + a 7-bit row
-    .venv/bin/python bench/int8.py --models minilm-l6 --attention sdpa --no-write
+    .venv/bin/python bench/int8.py --models minilm-l6 --export dynamo --no-write
 
 ``--seven-bit`` also runs the preset as a recipe's ``ptq: {bits: 7}`` does, with the same
 budget, and adds its row: 7-bit weights (onnxruntime's ``reduce_range``) wherever 8-bit ones
@@ -23,9 +23,11 @@ would need the slower u8 x u8 kernels, so that on x86 CPUs without VNNI every ke
 fast u8 x s8 one and exact (ptq/exact.py): every weight for the dynamic scheme, and for the
 static QOperator one all but the 1x1 convolutions whose input channels pair.
 
-``--attention sdpa`` exports minilm-l6 as transformers does by default (through
-``scaled_dot_product_attention``, a different attention graph) instead of the zoo's eager
-attention.
+``--export`` says how minilm-l6 reaches ONNX: ``eager`` (the zoo's: eager attention,
+TorchScript exporter), ``sdpa`` (transformers' default attention,
+``scaled_dot_product_attention``, TorchScript exporter) or ``dynamo`` (that attention through
+``torch.onnx.export``'s default exporter, which needs onnxscript): what a user's own export
+of a BERT model looks like.
 """
 
 from __future__ import annotations
@@ -114,9 +116,24 @@ def ort_defaults(fp32: Path, calib_feeds: list[dict], tmp: Path) -> dict[str, Pa
 SEVEN = "edgeslim int8, bits: 7"
 
 
+def dynamo_export(module: Any, path: Path) -> None:
+    """``module`` (minilm-l6) to ``path`` through torch.onnx.export's default exporter, with a
+    dynamic batch and sequence, as a user would export it."""
+    import torch
+
+    ids = torch.randint(1000, 2000, (1, 16))
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence", min=2, max=256)
+    torch.onnx.export(module, (ids, torch.ones_like(ids)), str(path), dynamo=True,
+                      external_data=False,  # one file: the size column reads its bytes
+                      input_names=["input_ids", "attention_mask"],
+                      output_names=["sentence"],  # "embedding" already names a node's output
+                      dynamic_shapes={"input_ids": {0: batch, 1: seq},
+                                      "attention_mask": {0: batch, 1: seq}})  # fmt: skip
+
+
 def bench_model(
     name: str, tmp: Path, budget: float, n_eval: int, reps: int, protocol: str,
-    seven_bit: bool = False, attention: str = "eager",
+    seven_bit: bool = False, export: str = "eager",
 ) -> dict[str, Any]:
     import torch
 
@@ -126,14 +143,17 @@ def bench_model(
     from edgeslim.zoo import load_model
 
     torch.set_num_threads(THREADS)
-    if name == "minilm-l6" and attention != "eager":
+    if name == "minilm-l6" and export != "eager":
         from edgeslim.zoo.minilm import minilm_l6
 
-        module = minilm_l6(attn_implementation=attention).eval()
+        module = minilm_l6(attn_implementation="sdpa").eval()
     else:
         module = load_model(name).eval()
     fp32 = tmp / f"{name}.onnx"
-    export_zoo_model(name, fp32, model=module)
+    if name == "minilm-l6" and export == "dynamo":
+        dynamo_export(module, fp32)
+    else:
+        export_zoo_model(name, fp32, model=module)
     param_bytes = onnx_param_bytes(fp32)
     if name == "efficientnet-lite0":
         from edgeslim.datasets import photo_crops
@@ -318,9 +338,10 @@ def main() -> None:
                         "spinning off (each run finds the previous model's caches)")
     parser.add_argument("--seven-bit", action="store_true",
                         help="also quantize with 7-bit weights (ptq bits: 7) and add its row")
-    parser.add_argument("--attention", choices=["eager", "sdpa"], default="eager",
-                        help="minilm-l6's attention as exported: eager (the zoo's) or sdpa "
-                        "(scaled_dot_product_attention, transformers' default)")
+    parser.add_argument("--export", choices=["eager", "sdpa", "dynamo"], default="eager",
+                        help="how minilm-l6 is exported: eager (the zoo's), sdpa "
+                        "(transformers' default attention) or dynamo (that attention through "
+                        "torch.onnx.export's default exporter)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--no-write", action="store_true", help="do not edit RESULTS.md")
     args = parser.parse_args()
@@ -331,7 +352,7 @@ def main() -> None:
         for name in args.models.split(","):
             res = bench_model(
                 name.strip(), Path(tmp), args.budget, args.n_eval, args.reps, args.protocol,
-                seven_bit=args.seven_bit, attention=args.attention,
+                seven_bit=args.seven_bit, export=args.export,
             )
             results.append(res)
             print(f"\n### {name}\n" + table(res), flush=True)
