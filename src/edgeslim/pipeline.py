@@ -143,7 +143,8 @@ def compress(
                     f"The model {str(resolved)!r} is an ONNX file; the recipe's torch steps "
                     f"({names}) need a torch model. Use ONNX steps only (ptq, pack)."
                 )
-            original_bytes = resolved.stat().st_size
+            # the model as one file: its weights may sit beside it (external data)
+            original_bytes = proto.ByteSize()
         else:
             from edgeslim.export import export_onnx
             from edgeslim.recipe.run import run_recipe
@@ -276,11 +277,41 @@ def _load_onnx(path: Path) -> Any:
     try:
         proto = onnx.load(str(path))
     except Exception as exc:  # protobuf's DecodeError and kin: not an ONNX file
+        missing = _missing_external_data(path)
+        if missing:
+            raise ModelError(
+                f"{str(path)!r} keeps its weights in external data files that are not beside "
+                f"it: {', '.join(repr(m) for m in missing)}. Copy them into "
+                f"{str(path.parent)!r} (ONNX looks for them next to the model)."
+            ) from None
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"{str(path)!r} is not an ONNX model: {reason[:200]}") from None
     if proto.ir_version <= 0 or not proto.graph.node:  # e.g. an empty file parses as nothing
         raise ModelError(f"{str(path)!r} is not an ONNX model: it holds no graph.")
+    for t in proto.graph.initializer:  # weights read from beside the model are inline now:
+        if t.HasField("data_location") and t.data_location == onnx.TensorProto.DEFAULT:
+            t.ClearField("data_location")  # the field onnx.load leaves set says so twice
     return proto
+
+
+def _missing_external_data(path: Path) -> list[str]:
+    """The external data files the ONNX model at ``path`` names that are not beside it (what
+    torch.onnx.export's default exporter writes as ``MODEL.onnx.data``); [] when it names
+    none or is not an ONNX model at all."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return []
+    places = {
+        entry.value
+        for t in proto.graph.initializer
+        if t.data_location == onnx.TensorProto.EXTERNAL
+        for entry in t.external_data
+        if entry.key == "location"
+    }
+    return sorted(p for p in places if not (path.parent / p).is_file())
 
 
 def _run_onnx_steps(

@@ -369,6 +369,39 @@ def test_a_recipe_quantizes_weights_to_int4(tmp_path):
     assert all(a.i == 4 for n in packed for a in n.attribute if a.name == "bits")
 
 
+def test_a_model_with_its_weights_beside_it_is_compressed_and_sized_whole(tmp_path, capsys):
+    """torch.onnx.export's default exporter writes the weights to MODEL.onnx.data beside the
+    graph. The bundle's 'original fp32' size is the whole model's, not the graph file's; with
+    the data file gone, the error names it."""
+    import onnx
+
+    (tmp_path / "src").mkdir()
+    model = _matmul_mlp(tmp_path / "src" / "mlp.onnx")
+    whole = model.stat().st_size
+    onnx.save(onnx.load(str(model)), str(model), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="mlp.onnx.data", size_threshold=0)
+    assert model.stat().st_size < 1000 < (tmp_path / "src" / "mlp.onnx.data").stat().st_size
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data: digits\nsteps: []\n")
+    out = tmp_path / "mlp.eslim"
+    assert main(["compress", str(model), "--recipe", str(recipe), "-o", str(out), "-q"]) == 0
+    bundle = zipfile.ZipFile(out)
+    metrics = json.loads(bundle.read("manifest.json"))["metrics"]
+    assert metrics["fp32_onnx_bytes"] == whole
+    inside = {t.name: onnx.numpy_helper.to_array(t)
+              for t in onnx.load_from_string(bundle.read("model.onnx")).graph.initializer}
+    for t in onnx.load(str(model)).graph.initializer:  # the weights travel in the bundle
+        np.testing.assert_array_equal(inside[t.name], onnx.numpy_helper.to_array(t))
+
+    (tmp_path / "src" / "mlp.onnx.data").rename(tmp_path / "elsewhere.data")
+    capsys.readouterr()
+    assert main(["compress", str(model), "--recipe", str(recipe), "-o",
+                 str(tmp_path / "again.eslim"), "-q"]) != 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "external data files that are not beside it: 'mlp.onnx.data'" in err
+    assert not (tmp_path / "again.eslim").exists()
+
+
 def test_pack_after_ptq_shares_what_ptq_left_in_float_and_says_when_nothing(tmp_path, capsys):
     """After weight-only int4 a conv's weights are still float for pack to share; with none
     left (an MLP of MatMuls only), pack runs and says so instead of being listed silently."""
