@@ -288,9 +288,11 @@ def _load_onnx(path: Path) -> Any:
         raise ModelError(f"{str(path)!r} is not an ONNX model: {reason[:200]}") from None
     if proto.ir_version <= 0 or not proto.graph.node:  # e.g. an empty file parses as nothing
         raise ModelError(f"{str(path)!r} is not an ONNX model: it holds no graph.")
-    for t in proto.graph.initializer:  # weights read from beside the model are inline now:
+    # onnx.load leaves data_location set (to DEFAULT) on the weights it read from beside the
+    # model; cleared, the proto is byte for byte the model saved as one file
+    for t in proto.graph.initializer:
         if t.HasField("data_location") and t.data_location == onnx.TensorProto.DEFAULT:
-            t.ClearField("data_location")  # the field onnx.load leaves set says so twice
+            t.ClearField("data_location")
     return proto
 
 

@@ -180,8 +180,10 @@ def _shape_expr(graph: Graph, tensor: str) -> list[_Dim] | None:
     if op == "Slice" and len(prod.input) >= 3:
         data = _shape_expr(graph, prod.input[0])
         bounds = [_constant(graph, n) if n else None for n in prod.input[1:5]]
-        if data is None or any(b is None or b.size != 1 for b in bounds[:2]):
-            return None
+        given = [bool(n) for n in prod.input[1:5]]
+        if data is None or any(g and (b is None or b.size != 1)
+                               for g, b in zip(given, bounds, strict=True)):
+            return None  # a bound computed at run time, or more than one axis
         for extra, ok in zip(bounds[2:], (0, 1), strict=False):  # axes 0, steps 1 only
             if extra is not None and int(extra.reshape(-1)[0]) != ok:
                 return None
