@@ -154,6 +154,38 @@ def test_a_mask_the_kernel_would_not_compute_leaves_the_model_unfused(encoder_on
     assert unchecked == LAYERS
 
 
+def test_a_mask_taken_from_the_first_row_only_leaves_the_model_unfused(encoder_onnx):
+    """A graph that masks every row of a batch with the first row's mask is the same function
+    as QAttention on any one sentence; only a batch whose rows are padded differently (what
+    the edge node's dynamic batching sends) tells them apart."""
+    plain = _quantize(encoder_onnx, False)
+
+    def first_row_mask(model):
+        model.graph.initializer.extend([
+            numpy_helper.from_array(np.array([0], np.int64), "zero1"),
+            numpy_helper.from_array(np.array([1], np.int64), "one1"),
+            numpy_helper.from_array(np.array([1, 2], np.int64), "axes12"),
+            numpy_helper.from_array(np.array(1.0, np.float32), "onef"),
+            numpy_helper.from_array(np.array(-10000.0, np.float32), "big")])
+        return [
+            helper.make_node("Slice", ["attention_mask", "zero1", "one1", "zero1"], ["m0"]),
+            helper.make_node("Cast", ["m0"], ["m0f"], to=TensorProto.FLOAT),
+            helper.make_node("Unsqueeze", ["m0f", "axes12"], ["m0u"]),
+            helper.make_node("Sub", ["onef", "m0u"], ["m0i"]),
+            helper.make_node("Mul", ["m0i", "big"], ["new_mask"]),
+        ]
+
+    changed = _with_mask(plain, first_row_mask)
+    one = make_session(changed)
+    for feed in _feeds(3, 4):  # one sentence at a time it is the usual padding mask
+        np.testing.assert_allclose(one.run(None, feed)[0], make_session(plain).run(None, feed)[0],
+                                   atol=1e-6)
+    before = changed.SerializeToString()
+    model, count = fuse_attention(changed, _feeds(8, 3))
+    assert count == 0
+    assert model.SerializeToString() == before
+
+
 def test_a_mask_not_read_from_an_integer_input_is_not_matched(encoder_onnx):
     plain = _quantize(encoder_onnx, False)
 

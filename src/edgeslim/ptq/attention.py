@@ -25,8 +25,9 @@ rewrites each match. It only applies where the rewrite means the same function:
   whose every key is masked gives zeros instead of NaN) is removed with the rest: no row is
   all masked while a sequence attends to at least one of its own tokens.
 
-Given ``feeds``, each fused block is checked against the unfused graph on some of them and on
-one whose attention mask hides half of its tokens (as padding does): fed the int8 input and
+Given ``feeds``, each fused block is checked against the unfused graph on some of them, on
+one whose attention mask hides half of its tokens (as padding does) and on a batch of that
+one and its unmasked self (two rows, two masks): fed the int8 input and
 the mask that the unfused graph gives that attention, the kernel must compute what the graph
 computes there. When a block differs, nothing is fused (a mask computed another way than the
 kernel assumes, say). Block by block, because through the whole model a float difference in
@@ -490,16 +491,24 @@ def _closed(model: Any) -> bool:
     return all(i in made for n in model.graph.node for i in n.input if i)
 
 
-def _masked(feeds: Sequence[dict], mask_input: str) -> dict | None:
-    """A feed whose first row attends only to the first half of its tokens (mask 0 on the
-    rest, as padding is), or None when no feed has a mask of two tokens or more."""
+def _masked(feeds: Sequence[dict], mask_input: str) -> list[dict]:
+    """Two checks of how the mask is read: a feed whose first row attends only to the first
+    half of its tokens (mask 0 on the rest, as padding is), and, when every input of that
+    feed has a batch axis, a batch of it and the feed as it was (rows with different masks in
+    one batch, as the edge node's dynamic batching runs them). [] when no feed has a mask of
+    two tokens or more."""
     for feed in feeds:
         mask = np.asarray(feed.get(mask_input, np.zeros((0, 0))))
         if mask.ndim == 2 and mask.shape[1] >= 2:
-            mask = mask.copy()
-            mask[0, (mask.shape[1] + 1) // 2 :] = 0
-            return {**feed, mask_input: mask}
-    return None
+            half = mask.copy()
+            half[0, (mask.shape[1] + 1) // 2 :] = 0
+            out = [{**feed, mask_input: half}]
+            rows = mask.shape[0]
+            if all(np.ndim(v) >= 1 and np.shape(v)[0] == rows for v in feed.values()):
+                out.append({k: np.concatenate([half, mask]) if k == mask_input
+                            else np.concatenate([v, v]) for k, v in feed.items()})
+            return out
+    return []
 
 
 def _alone(model: Any, kernel: Any, mask_input: str) -> Any:
@@ -558,11 +567,11 @@ def fuse_attention(
         return model, len(made)
     checks = list(feeds[:8])
     for name in sorted(set(made.values())):  # the kernel must read the mask as the graph
-        masked = _masked(feeds, name)  # did: padding included
-        if masked is None:
+        masked = _masked(feeds, name)  # did: padding included, row by row
+        if not masked:
             model.CopyFrom(before)
             return model, 0
-        checks.append(masked)
+        checks += masked
     if not _blocks_agree(model, before, made, checks, threads, rtol):
         model.CopyFrom(before)
         return model, 0
