@@ -15,6 +15,7 @@ from edgeslim.errors import ConfigError, ModelError
 from edgeslim.pipeline import compress
 from edgeslim.recipe import Recipe
 from edgeslim.zoo.digits import load_digits_split
+from tests._signals import as_from_a_terminal, signal_state
 
 
 def _accuracy(bundle) -> float:
@@ -560,18 +561,17 @@ def test_an_interrupted_compress_leaves_nothing_behind(tmp_path, sig):
     exe = Path(sys.executable).with_name("edgeslim")
     proc = subprocess.Popen([exe, "compress", "digits-mlp", "--recipe", str(recipe),
                              "-o", str(out), "-q"], env=env, stderr=subprocess.PIPE, text=True,
-                            # SIGINT as a terminal delivers it: a job started in the background
-                            # of a script (as CI runners start jobs) inherits it ignored
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=as_from_a_terminal)  # tests/_signals.py
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob("edgeslim-*")) and time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()[1]
         time.sleep(0.05)
     assert list(tmp_path.glob("edgeslim-*")), "the compression never started"
     assert proc.poll() is None, "the compression ended before the signal"
+    state = signal_state(proc.pid, getattr(signal, sig))
     proc.send_signal(getattr(signal, sig))
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, (proc.returncode, err)
+    assert proc.returncode == 130, (proc.returncode, f"{sig}: {state}", err)
     assert "interrupted: nothing was written" in err and "Traceback" not in err
     assert not list(tmp_path.glob("edgeslim-*")) and not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

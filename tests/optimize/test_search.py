@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests._signals import as_from_a_terminal, signal_state
+
 pytestmark = pytest.mark.slow
 
 BUDGET_S = 45
@@ -126,25 +128,21 @@ def _done(store: Path) -> dict[str, int]:
         return {}
 
 
-def _sigint_default() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def test_sigint_then_rerun_resumes_without_redoing(tmp_path):
     store = tmp_path / "run" / "search.sqlite"
     cmd = _cli("optimize", "digits-mlp", "--max-drop", "0.01", "--time-budget", "40s",
                "-o", str(tmp_path / "best.eslim"), "--report", str(tmp_path / "run"))
-    # SIGINT as a terminal delivers it: a job started in the background of a script (as CI
-    # runners start jobs) inherits SIGINT ignored and would never see this Ctrl-C
+    # SIGINT as a terminal delivers it (tests/_signals.py)
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=_sigint_default)
+                            text=True, preexec_fn=as_from_a_terminal)
     deadline = time.monotonic() + 120
     while len(_done(store)) < 2 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     assert proc.poll() is None, proc.communicate()[1][-3000:]
+    state = signal_state(proc.pid)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err[-3000:]
+    assert proc.returncode == 130, f"SIGINT: {state}; done then: {len(_done(store))}\n{err[-3000:]}"
     assert "interrupted" in err
     before = _done(store)
     assert len(before) >= 2 and all(n == 1 for n in before.values())
