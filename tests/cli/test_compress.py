@@ -577,6 +577,22 @@ def test_an_interrupted_compress_leaves_nothing_behind(tmp_path, sig):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_a_ctrl_c_that_python_wrapped_is_still_an_interrupt():
+    """A Ctrl-C landing while a class body runs __set_name__ (a dataclass imported lazily
+    mid-compress, seen in a test run) reaches compress as a RuntimeError caused by it."""
+    from edgeslim.commands.compress import interrupted
+
+    class Field:
+        def __set_name__(self, owner, name):
+            raise KeyboardInterrupt
+
+    with pytest.raises(RuntimeError) as wrapped:
+        type("Result", (), {"config": Field()})
+    assert interrupted(wrapped.value) and interrupted(KeyboardInterrupt())
+    assert not interrupted(RuntimeError("a real error"))
+    assert not interrupted(ValueError("bad")) and not interrupted(SystemExit(2))
+
+
 def test_a_ptq_step_that_misses_its_goal_says_so(tmp_path, capsys):
     """One loud channel squashes the 8-bit range of the others; with no time to fall back,
     the search keeps what it has and the run says the goal was missed (also under -q, which

@@ -43,7 +43,9 @@ def register(app: typer.Typer) -> None:
         try:
             result = compress(model, out=out, recipe=rec, preset=preset, name=name,
                               version=version, sign_key=sign_key, progress=not quiet)
-        except KeyboardInterrupt:
+        except BaseException as exc:
+            if not interrupted(exc):
+                raise
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut this
             Console(stderr=True).print(f"interrupted: nothing was written to {out}")
             raise typer.Exit(130) from None
@@ -54,6 +56,19 @@ def register(app: typer.Typer) -> None:
         if result.rows:
             console.print(render_table(result.rows, metric_name))
         print_bundle_summary(console, result)
+
+
+def interrupted(exc: BaseException) -> bool:
+    """Whether ``exc`` is a Ctrl-C (or the SIGTERM made one), also when Python wrapped it:
+    one that lands while a class body runs ``__set_name__`` (a lazily imported dataclass,
+    say) comes out as a RuntimeError caused by the KeyboardInterrupt."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return False
 
 
 def _cleanup_on_sigterm() -> Any:
