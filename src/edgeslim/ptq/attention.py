@@ -511,10 +511,10 @@ def _masked(feeds: Sequence[dict], mask_input: str) -> list[dict]:
     return []
 
 
-def _alone(model: Any, kernel: Any, mask_input: str) -> Any:
-    """A model of the ``QAttention`` node ``kernel`` of ``model`` alone: its quantized input
-    and the graph's mask input in, the block's output out."""
-    inits = {t.name: t for t in model.graph.initializer}
+def _alone(graph: Graph, kernel: Any, mask_input: str) -> Any:
+    """A model of the ``QAttention`` node ``kernel`` of ``graph``'s model alone: its quantized
+    input and the graph's mask input in, the block's output out."""
+    model, inits = graph.model, graph.initializers
     mask_info = next(i for i in model.graph.input if i.name == mask_input)
     cast = helper.make_node("Cast", [mask_input], [kernel.input[5]], to=TensorProto.INT32)
     graph = helper.make_graph(
@@ -537,7 +537,8 @@ def _blocks_agree(model: Any, before: Any, made: dict[str, str], checks: list[di
     watch = sorted({k.input[0] for k in kernels} | {k.output[0] for k in kernels})
     plain = make_session(add_outputs(before, watch), threads=threads)
     names = [i.name for i in plain.get_inputs()]
-    alone = [(k, made[k.name], make_session(_alone(model, k, made[k.name]), threads=threads))
+    index = Graph(model)  # one index of the fused model for every block's own model
+    alone = [(k, made[k.name], make_session(_alone(index, k, made[k.name]), threads=threads))
              for k in kernels]
     for feed in checks:
         got = dict(zip(watch, plain.run(watch, {k: feed[k] for k in names}), strict=True))
